@@ -1,0 +1,48 @@
+# Sluice: `make demo` runs the main job, `make test` installs what is missing, builds and runs every test.
+SHELL := /bin/bash
+SWIFT ?= swift
+# Debian packages the build, the tests, the demo and the benchmarks need.
+DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev bpftool python3 curl iproute2 \
+                procps
+BENCH_PACKAGES := haproxy iperf3 wrk nginx-light
+RELEASE_FLAGS := -c release
+
+.PHONY: all deps bench-deps build build-release test test-unit test-integration demo bench clean
+
+all: build
+
+# Installs only what is missing, so a machine that has everything does no network work.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+bench-deps: deps
+	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+build: deps
+	$(SWIFT) build
+
+build-release: deps
+	$(SWIFT) build $(RELEASE_FLAGS)
+
+# All tiers: pure unit tests, loopback integration tests (in-process and the sluice binary).
+test: deps
+	$(SWIFT) build
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build
+
+demo: build
+	@bash examples/demo.sh
+
+bench: bench-deps build-release
+	@bash Benchmarks/bench.sh
+
+clean:
+	rm -rf .build

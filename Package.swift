@@ -1,0 +1,58 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Data-plane modules (SluiceRing, SluiceProxy, SluiceTelemetry) stay free of NIO: they run on io_uring
+// worker threads. NIO serves only control-path HTTP (metrics, readiness, admin) in SluiceAgent.
+let package = Package(
+    name: "sluice",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "sluice", targets: ["sluice"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
+    ],
+    targets: [
+        .target(
+            name: "CSluiceLinux",
+            linkerSettings: [
+                .linkedLibrary("uring"),
+                .linkedLibrary("bpf"),
+                .linkedLibrary("ssl"),
+                .linkedLibrary("crypto"),
+                .linkedLibrary("nghttp2"),
+            ]
+        ),
+        .target(name: "SluiceModel", dependencies: [.product(name: "Yams", package: "Yams")]),
+        .target(name: "SluiceTelemetry", dependencies: ["CSluiceLinux"]),
+        .target(name: "SluiceRing", dependencies: ["CSluiceLinux"]),
+        .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "CSluiceLinux"]),
+        .target(
+            name: "SluiceAgent",
+            dependencies: [
+                "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(
+            name: "sluice",
+            dependencies: [
+                "SluiceAgent", "SluiceModel",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
+        .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
+        .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing"]),
+        .testTarget(
+            name: "SluiceIntegrationTests",
+            dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent"]
+        ),
+    ]
+)

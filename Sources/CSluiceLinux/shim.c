@@ -1,0 +1,56 @@
+#define _GNU_SOURCE
+#include "CSluiceLinux.h"
+#include <errno.h>
+#include <stdlib.h>
+#include <pthread.h>
+
+struct io_uring_buf_ring *sl_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, int *err) {
+    size_t len = (size_t)entries * sizeof(struct io_uring_buf);
+    void *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (mem == MAP_FAILED) { *err = -errno; return NULL; }
+    struct io_uring_buf_reg reg = { .ring_addr = (unsigned long)mem, .ring_entries = entries, .bgid = (unsigned short)bgid };
+    int ret = io_uring_register_buf_ring(ring, &reg, 0);
+    if (ret < 0) { munmap(mem, len); *err = ret; return NULL; }
+    struct io_uring_buf_ring *br = mem;
+    io_uring_buf_ring_init(br);
+    *err = 0;
+    return br;
+}
+
+void sl_free_buf_ring(struct io_uring *ring, struct io_uring_buf_ring *br, unsigned entries, int bgid) {
+    io_uring_unregister_buf_ring(ring, bgid);
+    munmap(br, (size_t)entries * sizeof(struct io_uring_buf));
+}
+
+uint32_t sl_setup_single_issuer(void) {
+#ifdef IORING_SETUP_SINGLE_ISSUER
+    return IORING_SETUP_SINGLE_ISSUER;
+#else
+    return 1U << 12;
+#endif
+}
+uint32_t sl_setup_coop_taskrun(void) {
+#ifdef IORING_SETUP_COOP_TASKRUN
+    return IORING_SETUP_COOP_TASKRUN;
+#else
+    return 1U << 8;
+#endif
+}
+uint32_t sl_setup_defer_taskrun(void) {
+#ifdef IORING_SETUP_DEFER_TASKRUN
+    return IORING_SETUP_DEFER_TASKRUN;
+#else
+    return 1U << 13;
+#endif
+}
+uint32_t sl_setup_submit_all(void) {
+#ifdef IORING_SETUP_SUBMIT_ALL
+    return IORING_SETUP_SUBMIT_ALL;
+#else
+    return 1U << 7;
+#endif
+}
+
+int sl_errno(void) { return errno; }
+
+void sl_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }

@@ -1,0 +1,170 @@
+import Foundation
+import Logging
+import SluiceModel
+import SluiceProxy
+import SluiceRing
+import SluiceTelemetry
+import Synchronization
+
+/// The node agent: loads the mesh config, runs the data-plane workers, health checks, metrics and readiness,
+/// and drains on SIGTERM.
+public final class Agent: @unchecked Sendable {
+    public struct Options: Sendable {
+        public var localConfig: String
+        public var node: String?
+        public var workers: Int
+        public var metricsAddress: String
+        public var readinessAddress: String
+        public var adminAddress: String
+        public var drainTimeout: Duration
+        public var connectionLimit: Int
+        public var bufferCount: UInt16
+        public var bufferSize: Int
+
+        public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
+                    metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
+                    adminAddress: String = "127.0.0.1:15000", drainTimeout: Duration = .seconds(5),
+                    connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256, bufferSize: Int = 64 << 10) {
+            self.localConfig = localConfig
+            self.node = node
+            self.workers = workers
+            self.metricsAddress = metricsAddress
+            self.readinessAddress = readinessAddress
+            self.adminAddress = adminAddress
+            self.drainTimeout = drainTimeout
+            self.connectionLimit = connectionLimit
+            self.bufferCount = bufferCount
+            self.bufferSize = bufferSize
+        }
+    }
+
+    /// One worker per core.
+    public static var defaultWorkers: Int { max(1, ProcessInfo.processInfo.activeProcessorCount) }
+
+    public struct StartError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public let options: Options
+    public let registry = MetricsRegistry()
+    let logger: Logger
+    private var server: L4Server?
+    private let health = HealthChecker()
+    private let http = HTTPEndpoints()
+    private let ready = Atomic<Bool>(false)
+    private let current = Mutex<ProxyRuntime?>(nil)
+    /// Ports actually bound: listeners in config order, then metrics, readiness, admin.
+    public private(set) var listenerPorts: [UInt16] = []
+    public private(set) var metricsPort = 0
+    public private(set) var readinessPort = 0
+
+    public init(options: Options, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    /// Loads and compiles the configuration directory. Throws a message that lists every error.
+    public static func loadSnapshot(_ path: String, logger: Logger?) throws -> NodeSnapshot {
+        let loaded = ConfigLoader.load(path: path)
+        for d in loaded.diagnostics where d.severity == .warning { logger?.warning("\(d)") }
+        if !loaded.errors.isEmpty {
+            throw StartError(description: "invalid configuration in \(path):\n" + loaded.errors.map(\.description).joined(separator: "\n"))
+        }
+        do {
+            return try SnapshotCompiler().compile(loaded.resources)
+        } catch {
+            for d in error.diagnostics where d.severity == .warning { logger?.warning("\(d)") }
+            throw StartError(description: "invalid configuration in \(path):\n"
+                             + error.diagnostics.filter { $0.severity == .error }.map(\.description).joined(separator: "\n"))
+        }
+    }
+
+    public func start() throws {
+        let snapshot = try Self.loadSnapshot(options.localConfig, logger: logger)
+        if snapshot.listeners.isEmpty {
+            logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig)"])
+        }
+        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry)
+        current.withLock { $0 = runtime }
+        let server = L4Server(options: .init(workers: options.workers, connectionLimit: options.connectionLimit,
+                                             bufferCount: options.bufferCount, bufferSize: options.bufferSize),
+                              registry: registry)
+        do {
+            try server.start(runtime)
+        } catch {
+            throw StartError(description: error.description)
+        }
+        self.server = server
+        listenerPorts = server.boundPorts
+        health.update(runtime)
+        health.start()
+        do {
+            metricsPort = try http.serve(options.metricsAddress) { [registry] method, path in
+                path == "/metrics" || path == "/stats/prometheus"
+                    ? (200, "text/plain; version=0.0.4; charset=utf-8", registry.render()) : nil
+            }
+            readinessPort = try http.serve(options.readinessAddress) { [weak self] _, path in
+                guard path == "/healthz/ready" else { return nil }
+                return self?.ready.load(ordering: .relaxed) == true ? (200, "text/plain", "ready\n")
+                    : (503, "text/plain", "not ready\n")
+            }
+            _ = try http.serve(options.adminAddress) { [weak self] _, path in
+                guard let self else { return nil }
+                switch path {
+                case "/config_dump":
+                    return (200, "text/plain", self.current.withLock { "\($0?.snapshot as Any)" } + "\n")
+                case "/ready":
+                    return (200, "text/plain", self.ready.load(ordering: .relaxed) ? "LIVE\n" : "DRAINING\n")
+                default: return nil
+                }
+            }
+        } catch {
+            server.drain(timeout: .zero)
+            server.wait()
+            health.stop()
+            throw StartError(description: "\(error)")
+        }
+        ready.store(true, ordering: .relaxed)
+        for (l, port) in zip(snapshot.listeners, listenerPorts) {
+            logger.info("listening", metadata: ["listener": "\(l.name)", "address": "\(l.address.ip):\(port)",
+                                                "routes": "\(l.routes.map { snapshot.clusters[$0.cluster].name })"])
+        }
+        logger.info("agent ready", metadata: ["workers": "\(options.workers)", "metrics": "\(options.metricsAddress)",
+                                              "readiness": "\(options.readinessAddress)"])
+    }
+
+    /// Stops accepting, waits up to the drain timeout for open connections, then stops everything.
+    public func drainAndStop() {
+        ready.store(false, ordering: .relaxed)
+        logger.info("draining", metadata: ["timeout": "\(options.drainTimeout)"])
+        server?.drain(timeout: options.drainTimeout)
+        server?.wait()
+        health.stop()
+        http.shutdown()
+        logger.info("stopped")
+    }
+
+    /// Blocks the calling thread until SIGTERM or SIGINT, then drains. Signals must already be blocked in every
+    /// thread (``blockTerminationSignals()`` before any thread starts).
+    public func runUntilSignal() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGTERM)
+        sigaddset(&set, SIGINT)
+        var sig: Int32 = 0
+        sigwait(&set, &sig)
+        logger.info("signal received", metadata: ["signal": sig == SIGTERM ? "SIGTERM" : "SIGINT"])
+        drainAndStop()
+    }
+
+    /// Blocks SIGTERM/SIGINT/SIGPIPE in the calling thread (and the threads it starts later), so that
+    /// ``runUntilSignal()`` receives them with sigwait.
+    public static func blockTerminationSignals() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGTERM)
+        sigaddset(&set, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        signal(SIGPIPE, SIG_IGN)
+    }
+}

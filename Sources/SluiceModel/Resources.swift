@@ -1,0 +1,269 @@
+/// Mesh configuration resources, as Istio users write them. Wire decoding lives in `*+Decoding.swift`.
+
+public struct ObjectMeta: Sendable, Hashable {
+    public var name: String
+    public var namespace: String
+    public var labels: [String: String]
+    public var annotations: [String: String]
+
+    public init(name: String, namespace: String = "default", labels: [String: String] = [:],
+                annotations: [String: String] = [:]) {
+        self.name = name
+        self.namespace = namespace
+        self.labels = labels
+        self.annotations = annotations
+    }
+}
+
+/// Where a resource was read from, for diagnostics.
+public struct SourceLocation: Sendable, Hashable {
+    public var file: String
+    public var line: Int?
+    public init(file: String, line: Int?) {
+        self.file = file
+        self.line = line
+    }
+}
+
+public enum ResourceKind: String, Sendable, CaseIterable {
+    case gateway = "Gateway"
+    case virtualService = "VirtualService"
+    case destinationRule = "DestinationRule"
+    case serviceEntry = "ServiceEntry"
+    case workloadEntry = "WorkloadEntry"
+    case healthCheck = "HealthCheck"
+}
+
+public struct Resource: Sendable, Hashable {
+    public enum Spec: Sendable, Hashable {
+        case gateway(Gateway)
+        case virtualService(VirtualService)
+        case destinationRule(DestinationRule)
+        case serviceEntry(ServiceEntry)
+        case workloadEntry(WorkloadEntry)
+        case healthCheck(HealthCheck)
+    }
+
+    public var metadata: ObjectMeta
+    public var spec: Spec
+    public var source: SourceLocation
+
+    public init(metadata: ObjectMeta, spec: Spec, source: SourceLocation) {
+        self.metadata = metadata
+        self.spec = spec
+        self.source = source
+    }
+
+    public var kind: ResourceKind {
+        switch spec {
+        case .gateway: .gateway
+        case .virtualService: .virtualService
+        case .destinationRule: .destinationRule
+        case .serviceEntry: .serviceEntry
+        case .workloadEntry: .workloadEntry
+        case .healthCheck: .healthCheck
+        }
+    }
+
+    /// `Kind namespace/name`, as diagnostics print it.
+    public var reference: String { "\(kind.rawValue) \(metadata.namespace)/\(metadata.name)" }
+}
+
+// MARK: - networking.istio.io/v1 Gateway
+
+public struct Gateway: Sendable, Hashable {
+    public var selector: [String: String]
+    public var servers: [Server]
+
+    public struct Server: Sendable, Hashable {
+        public var port: Port
+        /// Address to bind; Istio's `bind`. Default: all addresses.
+        public var bind: String?
+        public var hosts: [String]
+        public var name: String?
+    }
+
+    public struct Port: Sendable, Hashable {
+        public var number: UInt16
+        public var `protocol`: PortProtocol
+        public var name: String
+    }
+}
+
+public enum PortProtocol: String, Sendable, Hashable, CaseIterable {
+    case http = "HTTP", https = "HTTPS", grpc = "GRPC", http2 = "HTTP2", mongo = "MONGO", tcp = "TCP", tls = "TLS"
+    case udp = "UDP"
+
+    /// Istio decides a port's protocol from its declared protocol, case-insensitively.
+    public init?(istio text: String) {
+        guard let p = PortProtocol(rawValue: text.uppercased()) else { return nil }
+        self = p
+    }
+
+    public var isL4: Bool { self == .tcp || self == .tls || self == .mongo }
+}
+
+// MARK: - VirtualService
+
+public struct VirtualService: Sendable, Hashable {
+    public var hosts: [String]
+    public var gateways: [String]
+    public var tcp: [TCPRoute]
+
+    public struct TCPRoute: Sendable, Hashable {
+        public var match: [L4Match]
+        public var route: [RouteDestination]
+    }
+
+    public struct L4Match: Sendable, Hashable {
+        public var port: UInt16?
+        public var destinationSubnets: [String]
+        public var sourceLabels: [String: String]
+        public var gateways: [String]
+    }
+
+    public struct RouteDestination: Sendable, Hashable {
+        public var destination: Destination
+        public var weight: Int?
+    }
+
+    public struct Destination: Sendable, Hashable {
+        public var host: String
+        public var subset: String?
+        public var port: UInt16?
+    }
+}
+
+// MARK: - DestinationRule
+
+public struct DestinationRule: Sendable, Hashable {
+    public var host: String
+    public var trafficPolicy: TrafficPolicy?
+    public var subsets: [Subset]
+
+    public struct Subset: Sendable, Hashable {
+        public var name: String
+        public var labels: [String: String]
+        public var trafficPolicy: TrafficPolicy?
+    }
+}
+
+public struct TrafficPolicy: Sendable, Hashable {
+    public var loadBalancer: LoadBalancerSettings?
+    public var connectionPool: ConnectionPoolSettings?
+    public var outlierDetection: OutlierDetection?
+
+    public init(loadBalancer: LoadBalancerSettings? = nil, connectionPool: ConnectionPoolSettings? = nil,
+                outlierDetection: OutlierDetection? = nil) {
+        self.loadBalancer = loadBalancer
+        self.connectionPool = connectionPool
+        self.outlierDetection = outlierDetection
+    }
+
+    /// Field-wise merge: a subset's policy overrides the top-level one where it sets a field.
+    public func overlaid(by other: TrafficPolicy?) -> TrafficPolicy {
+        guard let other else { return self }
+        return TrafficPolicy(
+            loadBalancer: other.loadBalancer ?? loadBalancer,
+            connectionPool: other.connectionPool ?? connectionPool,
+            outlierDetection: other.outlierDetection ?? outlierDetection)
+    }
+}
+
+public enum LoadBalancerSettings: Sendable, Hashable {
+    public enum Simple: String, Sendable, Hashable {
+        case unspecified = "UNSPECIFIED", roundRobin = "ROUND_ROBIN", leastRequest = "LEAST_REQUEST"
+        case random = "RANDOM", passthrough = "PASSTHROUGH", leastConn = "LEAST_CONN"
+    }
+    public enum HashKey: Sendable, Hashable {
+        case sourceIP
+    }
+    case simple(Simple)
+    /// Istio's `consistentHash` with `maglev` (the default when no table kind is named).
+    case consistentHash(key: HashKey, tableSize: Int?)
+}
+
+public struct ConnectionPoolSettings: Sendable, Hashable {
+    public var maxConnections: Int?
+    public var connectTimeout: Duration?
+    public var idleTimeout: Duration?
+    public init(maxConnections: Int? = nil, connectTimeout: Duration? = nil, idleTimeout: Duration? = nil) {
+        self.maxConnections = maxConnections
+        self.connectTimeout = connectTimeout
+        self.idleTimeout = idleTimeout
+    }
+}
+
+public struct OutlierDetection: Sendable, Hashable {
+    /// Consecutive connect failures (Istio: `consecutiveGatewayErrors`/`consecutive5xxErrors`; for TCP both count
+    /// connect failures) before an endpoint is ejected.
+    public var consecutiveErrors: Int
+    public var interval: Duration
+    public var baseEjectionTime: Duration
+    public var maxEjectionPercent: Int
+
+    public init(consecutiveErrors: Int = 5, interval: Duration = .seconds(10), baseEjectionTime: Duration = .seconds(30),
+                maxEjectionPercent: Int = 10) {
+        self.consecutiveErrors = consecutiveErrors
+        self.interval = interval
+        self.baseEjectionTime = baseEjectionTime
+        self.maxEjectionPercent = maxEjectionPercent
+    }
+}
+
+// MARK: - ServiceEntry / WorkloadEntry
+
+public struct ServiceEntry: Sendable, Hashable {
+    public var hosts: [String]
+    public var addresses: [String]
+    public var ports: [ServicePort]
+    public var location: Location
+    public var resolution: Resolution
+    public var endpoints: [WorkloadEntry]
+    public var workloadSelector: [String: String]?
+
+    public enum Location: String, Sendable, Hashable { case meshExternal = "MESH_EXTERNAL", meshInternal = "MESH_INTERNAL" }
+    public enum Resolution: String, Sendable, Hashable {
+        case none = "NONE", `static` = "STATIC", dns = "DNS", dnsRoundRobin = "DNS_ROUND_ROBIN"
+    }
+}
+
+public struct ServicePort: Sendable, Hashable {
+    public var number: UInt16
+    public var `protocol`: PortProtocol
+    public var name: String
+    public var targetPort: UInt16?
+}
+
+public struct WorkloadEntry: Sendable, Hashable {
+    public var address: String
+    public var ports: [String: UInt16]
+    public var labels: [String: String]
+    public var weight: Int?
+    public var serviceAccount: String?
+    public var network: String?
+    public var locality: String?
+
+    public init(address: String, ports: [String: UInt16] = [:], labels: [String: String] = [:], weight: Int? = nil,
+                serviceAccount: String? = nil, network: String? = nil, locality: String? = nil) {
+        self.address = address
+        self.ports = ports
+        self.labels = labels
+        self.weight = weight
+        self.serviceAccount = serviceAccount
+        self.network = network
+        self.locality = locality
+    }
+}
+
+// MARK: - sluice.dev/v1 HealthCheck
+
+/// Active health checking of a service's endpoints. Istio has no such resource (Envoy does, per cluster), so
+/// Sluice adds one in Istio's shape: it selects a host like a DestinationRule does.
+public struct HealthCheck: Sendable, Hashable {
+    public var host: String
+    public var interval: Duration
+    public var timeout: Duration
+    public var unhealthyThreshold: Int
+    public var healthyThreshold: Int
+}

@@ -1,0 +1,168 @@
+import Yams
+
+/// Collects diagnostics while one resource is decoded.
+final class DiagnosticSink {
+    let file: String
+    var resource: String?
+    private(set) var diagnostics: [Diagnostic] = []
+
+    init(file: String) { self.file = file }
+
+    func error(_ path: String, _ line: Int?, _ message: String, hint: String? = nil) {
+        diagnostics.append(Diagnostic(.error, file: file, line: line, resource: resource, path: path, message: message,
+                                      hint: hint))
+    }
+
+    func warning(_ path: String, _ line: Int?, _ message: String, hint: String? = nil) {
+        diagnostics.append(Diagnostic(.warning, file: file, line: line, resource: resource, path: path,
+                                      message: message, hint: hint))
+    }
+
+    var hasErrors: Bool { diagnostics.contains { $0.severity == .error } }
+}
+
+/// A cursor into a YAML node that knows its field path and line, and reports type errors and unknown fields
+/// instead of throwing on the first one.
+struct YAMLReader {
+    let node: Node
+    let path: String
+    let sink: DiagnosticSink
+
+    var line: Int? { node.mark?.line }
+
+    func child(_ key: String) -> YAMLReader? {
+        guard case .mapping(let m) = node else { return nil }
+        for (k, v) in m where k.string == key {
+            return YAMLReader(node: v, path: path.isEmpty ? key : "\(path).\(key)", sink: sink)
+        }
+        return nil
+    }
+
+    /// Reports every key of this mapping not in `known` as a warning (Istio ignores nothing silently here).
+    func checkKeys(_ known: Set<String>) {
+        guard case .mapping(let m) = node else { return }
+        for (k, _) in m {
+            let name = k.string ?? "?"
+            if !known.contains(name) {
+                sink.warning(path.isEmpty ? name : "\(path).\(name)", k.mark?.line,
+                             "unknown field '\(name)' is ignored",
+                             hint: "check the spelling; known fields here: \(known.sorted().joined(separator: ", "))")
+            }
+        }
+    }
+
+    /// True when this node is a mapping; reports an error naming the expectation otherwise.
+    func expectMapping() -> Bool {
+        if case .mapping = node { return true }
+        if case .scalar(let s) = node, s.string == "" || s.string == "~" || s.string == "null" { return false }
+        sink.error(path, line, "expected a mapping")
+        return false
+    }
+
+    func string(_ key: String) -> String? {
+        guard let c = child(key) else { return nil }
+        return c.asString()
+    }
+
+    func asString() -> String? {
+        switch node {
+        case .scalar(let s): return s.string
+        default:
+            sink.error(path, line, "expected a string")
+            return nil
+        }
+    }
+
+    func requiredString(_ key: String, hint: String? = nil) -> String? {
+        guard let v = string(key), !v.isEmpty else {
+            sink.error(path.isEmpty ? key : "\(path).\(key)", line, "required field '\(key)' is missing", hint: hint)
+            return nil
+        }
+        return v
+    }
+
+    func int(_ key: String, in range: ClosedRange<Int>) -> Int? {
+        guard let c = child(key) else { return nil }
+        return c.asInt(in: range)
+    }
+
+    func asInt(in range: ClosedRange<Int>) -> Int? {
+        guard case .scalar(let s) = node, let v = Int(s.string) else {
+            sink.error(path, line, "expected an integer")
+            return nil
+        }
+        guard range.contains(v) else {
+            sink.error(path, line, "\(v) is out of range \(range.lowerBound)...\(range.upperBound)")
+            return nil
+        }
+        return v
+    }
+
+    func port(_ key: String) -> UInt16? {
+        guard let c = child(key) else { return nil }
+        return c.asPort()
+    }
+
+    func asPort() -> UInt16? { asInt(in: 1...65535).map { UInt16($0) } }
+
+    func bool(_ key: String) -> Bool? {
+        guard let c = child(key) else { return nil }
+        guard case .scalar(let s) = c.node else {
+            sink.error(c.path, c.line, "expected true or false")
+            return nil
+        }
+        switch s.string.lowercased() {
+        case "true", "yes", "on": return true
+        case "false", "no", "off": return false
+        default:
+            sink.error(c.path, c.line, "expected true or false, got '\(s.string)'")
+            return nil
+        }
+    }
+
+    func duration(_ key: String) -> Duration? {
+        guard let c = child(key), let text = c.asString() else { return nil }
+        guard let d = parseIstioDuration(text) else {
+            sink.error(c.path, c.line, "'\(text)' is not a duration", hint: "write it like 1s, 250ms or 1m30s")
+            return nil
+        }
+        return d
+    }
+
+    func array(_ key: String) -> [YAMLReader] {
+        guard let c = child(key) else { return [] }
+        switch c.node {
+        case .sequence(let seq):
+            return seq.enumerated().map { i, n in YAMLReader(node: n, path: "\(c.path)[\(i)]", sink: sink) }
+        case .scalar(let s) where s.string.isEmpty || s.string == "null" || s.string == "~":
+            return []
+        default:
+            sink.error(c.path, c.line, "expected a list")
+            return []
+        }
+    }
+
+    func strings(_ key: String) -> [String] { array(key).compactMap { $0.asString() } }
+
+    func stringMap(_ key: String) -> [String: String] {
+        guard let c = child(key), c.expectMapping(), case .mapping(let m) = c.node else { return [:] }
+        var out: [String: String] = [:]
+        for (k, v) in m {
+            guard let ks = k.string, case .scalar(let vs) = v else {
+                sink.error(c.path, k.mark?.line ?? c.line, "expected string keys and values")
+                continue
+            }
+            out[ks] = vs.string
+        }
+        return out
+    }
+
+    func enumValue<E: RawRepresentable>(_ key: String, _ type: E.Type) -> E? where E.RawValue == String {
+        guard let c = child(key), let text = c.asString() else { return nil }
+        guard let v = E(rawValue: text) else {
+            sink.error(c.path, c.line, "'\(text)' is not a valid value")
+            return nil
+        }
+        return v
+    }
+}

@@ -1,0 +1,504 @@
+import CSluiceLinux
+import Glibc
+import SluiceModel
+import SluiceRing
+import SluiceTelemetry
+import Synchronization
+
+/// Messages other threads post to a worker. Read between events, never while a request is in flight.
+public enum WorkerMessage: Sendable {
+    /// Serve this runtime from now on; connections already open finish on the one they started with.
+    case update(ProxyRuntime)
+    /// Stop accepting; close what is still open at `deadline` (monotonic nanoseconds).
+    case drain(deadline: UInt64)
+}
+
+/// A mailbox with a wake-up: the only way into a worker from outside.
+public final class WorkerMailbox: Sendable {
+    private let queue = Mutex<[WorkerMessage]>([])
+    private let wakeFD = Atomic<Int32>(-1)
+    public init() {}
+    func bind(fd: Int32) { wakeFD.store(fd, ordering: .releasing) }
+    public func post(_ m: WorkerMessage) {
+        queue.withLock { $0.append(m) }
+        let fd = wakeFD.load(ordering: .acquiring)
+        if fd >= 0 { EventLoop.wake(fd: fd) }
+    }
+    func take() -> [WorkerMessage] { queue.withLock { q in defer { q.removeAll() }; return q } }
+}
+
+/// Worker statistics readable from other threads (tests, admin): relaxed, single writer.
+public final class WorkerStats: @unchecked Sendable {
+    let shard: MetricShard
+    let buffersInUse: Int
+    let activeConnections: Int
+    init(registry: MetricsRegistry, shard: MetricShard, worker: Int) {
+        self.shard = shard
+        let l = [("worker", String(worker))]
+        buffersInUse = registry.gauge("sluice_worker_buffers_in_use", help: "Receive buffers held by connections",
+                                      labels: l)
+        activeConnections = registry.gauge("sluice_worker_active_connections", help: "Open proxied connections",
+                                           labels: l)
+    }
+}
+
+/// Proxies TCP on one io_uring: accepts on its own SO_REUSEPORT listeners, connects upstream, relays bytes.
+public final class L4Worker: RingHandler {
+    enum Op: UInt8 {
+        case accept = 0, connect, connectTimeout, recvDown, recvUp, sendDown, sendUp, ignore, errorDown, errorUp
+    }
+
+    enum Phase: UInt8 { case free, connecting, relaying, closing }
+
+    struct Conn {
+        var generation: UInt32 = 0
+        var phase: Phase = .free
+        var relay = TCPRelay()
+        var down: Int32 = -1
+        var up: Int32 = -1
+        var listener: Int32 = -1
+        var cluster: WorkerCluster?
+        var endpoint: Int32 = -1
+        var attempts: UInt8 = 0
+        var pending: Int32 = 0
+        var lastActive: UInt64 = 0
+        var connectStart: UInt64 = 0
+        var clientHash: UInt64 = 0
+        var upstreamFailed = false
+    }
+
+    struct Listening {
+        var fd: Int32
+        var runtimeIndex: Int
+        let limit: Int64
+        let counter: SharedCounter
+        let overflowSlot: Int
+    }
+
+    public let index: Int
+    let mailbox: WorkerMailbox
+    let registry: MetricsRegistry
+    let shard: MetricShard
+    let stats: WorkerStats
+    var loop: EventLoop!
+    var buffers: ProvidedBuffers!
+    var runtime: ProxyRuntime
+    var clusters: [ObjectIdentifier: WorkerCluster] = [:]
+    var listeners: [Listening]
+    var conns: ContiguousArray<Conn> = []
+    var freeSlots: [UInt32] = []
+    var openCount = 0
+    var stalled: [(slot: UInt32, generation: UInt32, side: TCPRelay.Side)] = []
+    var draining = false
+    var drainDeadline: UInt64 = 0
+    var lastIdleScan: UInt64 = 0
+    public private(set) var finished = false
+
+    /// - Parameters:
+    ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
+    ///   - listenerCounters: connection counters shared across workers, one per listener.
+    public init(index: Int, runtime: ProxyRuntime, listenFDs: [Int32], listenerCounters: [SharedCounter],
+                connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox) {
+        self.index = index
+        self.runtime = runtime
+        self.registry = registry
+        self.mailbox = mailbox
+        shard = registry.makeShard()
+        stats = WorkerStats(registry: registry, shard: shard, worker: index)
+        listeners = listenFDs.enumerated().map { i, fd in
+            Listening(fd: fd, runtimeIndex: i, limit: Int64(connectionLimit), counter: listenerCounters[i],
+                      overflowSlot: registry.counter("sluice_listener_overflow_total",
+                                                     help: "Connections refused by the listener's connection limit",
+                                                     labels: [("listener", runtime.listeners[i].config.name)]))
+        }
+    }
+
+    public func attach(_ loop: EventLoop) {
+        self.loop = loop
+        buffers = loop.buffers
+        mailbox.bind(fd: loop.wakeFD)
+        adopt(runtime)
+        for i in listeners.indices { armAccept(i) }
+    }
+
+    // MARK: - configuration
+
+    private func adopt(_ r: ProxyRuntime) {
+        runtime = r
+        var next: [ObjectIdentifier: WorkerCluster] = [:]
+        for c in r.clusters {
+            next[ObjectIdentifier(c)] = clusters[ObjectIdentifier(c)]
+                ?? WorkerCluster(runtime: c, seed: mix64(UInt64(index) &+ UInt64(UInt(bitPattern: ObjectIdentifier(c).hashValue))))
+        }
+        clusters = next
+    }
+
+    public func woken() {
+        for m in mailbox.take() {
+            switch m {
+            case .update(let r):
+                adopt(r)
+            case .drain(let deadline):
+                startDrain(deadline: deadline)
+            }
+        }
+    }
+
+    private func startDrain(deadline: UInt64) {
+        guard !draining else { return }
+        draining = true
+        drainDeadline = deadline
+        for i in listeners.indices where listeners[i].fd >= 0 {
+            let s = loop.uring.sqe()
+            io_uring_prep_cancel64(s, UserData(slot: UInt32(i), generation: 0, op: Op.accept.rawValue).raw, 0)
+            io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
+            close(listeners[i].fd)
+            listeners[i].fd = -1
+        }
+        checkDrained()
+    }
+
+    private func checkDrained() {
+        if draining && openCount == 0 { finished = true }
+    }
+
+    public func tick(now: UInt64) {
+        if draining && now >= drainDeadline {
+            for slot in conns.indices where conns[slot].phase == .connecting || conns[slot].phase == .relaying {
+                fail(UInt32(slot), reset: true)
+            }
+        }
+        if now - lastIdleScan >= 1_000_000_000 {
+            lastIdleScan = now
+            for slot in conns.indices where conns[slot].phase == .relaying {
+                let c = conns[slot]
+                if let cl = c.cluster, now - c.lastActive > cl.runtime.idleTimeoutNanos {
+                    fail(UInt32(slot), reset: false)
+                }
+            }
+        }
+    }
+
+    // MARK: - accept
+
+    private func armAccept(_ i: Int) {
+        guard listeners[i].fd >= 0 else { return }
+        let s = loop.uring.sqe()
+        io_uring_prep_multishot_accept(s, listeners[i].fd, nil, nil, Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue))
+        io_uring_sqe_set_data64(s, UserData(slot: UInt32(i), generation: 0, op: Op.accept.rawValue).raw)
+    }
+
+    private func accepted(listener li: Int, fd: Int32) {
+        let l = listeners[li]
+        if draining {
+            close(fd)
+            return
+        }
+        if l.counter.add(1) >= l.limit {
+            l.counter.add(-1)
+            shard.add(l.overflowSlot)
+            close(fd)
+            return
+        }
+        let lr = runtime.listeners[l.runtimeIndex]
+        let cr: ClusterRuntime
+        if lr.clusters.count == 1 {
+            cr = lr.clusters[0]
+        } else {
+            var x = clusters[ObjectIdentifier(lr.clusters[0])]!.rng.next(below: lr.totalWeight)
+            var chosen = lr.clusters.count - 1
+            for (i, w) in lr.weights.enumerated() {
+                if x < w { chosen = i; break }
+                x -= w
+            }
+            cr = lr.clusters[chosen]
+        }
+        guard let wc = clusters[ObjectIdentifier(cr)] else {
+            l.counter.add(-1)
+            close(fd)
+            return
+        }
+        let slot = allocate()
+        Socket.setNoDelay(fd)
+        conns[Int(slot)].down = fd
+        conns[Int(slot)].listener = Int32(li)
+        conns[Int(slot)].cluster = wc
+        conns[Int(slot)].phase = .connecting
+        conns[Int(slot)].lastActive = loop.now
+        openCount += 1
+        shard.addSigned(stats.activeConnections, 1)
+        if case .consistentHash = cr.config.loadBalancer {
+            conns[Int(slot)].clientHash = Socket.peerAddress(fd).ipHash
+        }
+        // Counted before the check so that teardown's decrement always matches.
+        let before = cr.active.add(1)
+        if let max = cr.config.maxConnections, before >= Int64(max) {
+            shard.add(cr.metrics.closedOverflow)
+            teardown(slot, reset: false)
+            return
+        }
+        connectUpstream(slot, excluding: -1)
+    }
+
+    private func allocate() -> UInt32 {
+        if let s = freeSlots.popLast() { return s }
+        conns.append(Conn())
+        return UInt32(conns.count - 1)
+    }
+
+    // MARK: - upstream connect
+
+    private func connectUpstream(_ slot: UInt32, excluding: Int) {
+        let i = Int(slot)
+        let wc = conns[i].cluster!
+        guard let e = wc.pick(now: loop.now, clientHash: conns[i].clientHash, excluding: excluding) else {
+            conns[i].upstreamFailed = true
+            shard.add(wc.runtime.metrics.closedUpstreamFailure)
+            teardown(slot, reset: false)
+            return
+        }
+        let addr = wc.runtime.addresses + e
+        let fd = Socket.stream(family: addr.pointee.family)
+        guard fd >= 0 else {
+            conns[i].upstreamFailed = true
+            shard.add(wc.runtime.metrics.closedUpstreamFailure)
+            teardown(slot, reset: false)
+            return
+        }
+        Socket.setNoDelay(fd)
+        conns[i].up = fd
+        conns[i].endpoint = Int32(e)
+        conns[i].attempts += 1
+        conns[i].connectStart = loop.now
+        let gen = conns[i].generation
+        let s = loop.uring.sqe()
+        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                io_uring_prep_connect(s, fd, sa, addr.pointee.length)
+            }
+        }
+        s.pointee.flags |= sl_iosqe_io_link()
+        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: gen, op: Op.connect.rawValue).raw)
+        let t = loop.uring.sqe()
+        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
+        io_uring_sqe_set_data64(t, UserData(slot: slot, generation: gen, op: Op.connectTimeout.rawValue).raw)
+        conns[i].pending += 2
+    }
+
+    private func connectCompleted(_ slot: UInt32, result: Int32) {
+        let i = Int(slot)
+        let wc = conns[i].cluster!
+        let e = Int(conns[i].endpoint)
+        if conns[i].phase == .closing { return }
+        if result == 0 {
+            wc.outlier?.recordSuccess(e)
+            wc.active[e] += 1
+            shard.add(wc.runtime.metrics.opened)
+            shard.observe(wc.runtime.metrics.connectDuration, Double(loop.now - conns[i].connectStart) / 1e6)
+            conns[i].phase = .relaying
+            conns[i].lastActive = loop.now
+            watchErrors(slot, .downstream)
+            watchErrors(slot, .upstream)
+            perform(slot, conns[i].relay.start())
+            return
+        }
+        shard.add(wc.runtime.metrics.connectFailures)
+        if wc.outlier?.recordFailure(e, now: loop.now) == true { shard.add(wc.runtime.metrics.ejections) }
+        close(conns[i].up)
+        conns[i].up = -1
+        conns[i].endpoint = -1
+        if Int(conns[i].attempts) < wc.connectAttempts && !draining {
+            connectUpstream(slot, excluding: e)
+        } else {
+            conns[i].upstreamFailed = true
+            shard.add(wc.runtime.metrics.closedUpstreamFailure)
+            teardown(slot, reset: false)
+        }
+    }
+
+    // MARK: - completions
+
+    public func complete(_ ud: UserData, result: Int32, flags: UInt32) {
+        guard let op = Op(rawValue: ud.op) else { return }
+        if op == .accept {
+            let li = Int(ud.slot)
+            if flags & sl_cqe_f_more() == 0 && !draining { armAccept(li) }
+            if result >= 0 {
+                accepted(listener: li, fd: result)
+            }
+            return
+        }
+        if op == .ignore { return }
+        let slot = ud.slot
+        let i = Int(slot)
+        // A completion always belongs to the slot's current incarnation: slots are reused only once no
+        // operation is pending, so the generation check guards against bugs, not races.
+        guard i < conns.count, conns[i].generation & 0xFF_FFFF == ud.generation else {
+            if flags & sl_cqe_f_buffer() != 0 {
+                buffers.taken()
+                buffers.recycle(UInt16(flags >> sl_cqe_buffer_shift()))
+            }
+            return
+        }
+        conns[i].pending -= 1
+        switch op {
+        case .connect:
+            connectCompleted(slot, result: result)
+        case .connectTimeout:
+            break
+        case .recvDown, .recvUp:
+            let side: TCPRelay.Side = op == .recvDown ? .downstream : .upstream
+            if flags & sl_cqe_f_buffer() != 0 {
+                let id = UInt16(flags >> sl_cqe_buffer_shift())
+                buffers.taken()
+                shard.addSigned(stats.buffersInUse, 1)
+                if result > 0 && conns[i].phase == .relaying {
+                    conns[i].lastActive = loop.now
+                    let m = conns[i].cluster!.runtime.metrics
+                    shard.add(side == .downstream ? m.receivedBytes : m.sentBytes, UInt64(result))
+                    perform(slot, conns[i].relay.received(from: side, .init(buffer: id, length: result)))
+                } else {
+                    release(id)
+                }
+            } else if conns[i].phase == .relaying {
+                if result == 0 {
+                    perform(slot, conns[i].relay.receivedEOF(from: side))
+                } else if result == -ENOBUFS {
+                    conns[i].relay.receiveStalled(side)
+                    stalled.append((slot, conns[i].generation, side))
+                } else {
+                    perform(slot, conns[i].relay.failed(reset: result == -ECONNRESET))
+                }
+            }
+        case .sendDown, .sendUp:
+            if conns[i].phase == .relaying {
+                let side: TCPRelay.Side = op == .sendDown ? .downstream : .upstream
+                if result >= 0 {
+                    conns[i].lastActive = loop.now
+                    perform(slot, conns[i].relay.sent(to: side, bytes: result))
+                } else {
+                    perform(slot, conns[i].relay.failed(reset: result == -ECONNRESET || result == -EPIPE))
+                }
+            }
+        case .errorDown, .errorUp:
+            // A reset while back-pressure keeps this side unread: nothing else would notice it.
+            if conns[i].phase == .relaying && result > 0 && Int32(result) & Int32(POLLERR) != 0 {
+                perform(slot, conns[i].relay.failed(reset: true))
+            }
+        case .accept, .ignore:
+            break
+        }
+        if conns[i].phase == .closing && conns[i].pending == 0 { free(slot) }
+    }
+
+    // MARK: - relay actions
+
+    @inline(__always)
+    private func perform(_ slot: UInt32, _ actions: TCPRelay.Actions) {
+        for a in actions {
+            switch a {
+            case .receive(let side): postReceive(slot, side)
+            case .send(let side, let chunk): postSend(slot, side, chunk)
+            case .shutdownWrite(let side):
+                shutdown(side == .downstream ? conns[Int(slot)].down : conns[Int(slot)].up, Int32(SHUT_WR))
+            case .release(let id): release(id)
+            case .close(let reset): teardown(slot, reset: reset)
+            }
+        }
+    }
+
+    /// Watches a socket for errors (a peer's reset) for the life of the connection. Poll mask 0: only
+    /// POLLERR/POLLHUP wake it, so it costs nothing while data flows.
+    private func watchErrors(_ slot: UInt32, _ side: TCPRelay.Side) {
+        let c = conns[Int(slot)]
+        let s = loop.uring.sqe()
+        io_uring_prep_poll_add(s, side == .downstream ? c.down : c.up, 0)
+        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: c.generation,
+                                            op: (side == .downstream ? Op.errorDown : Op.errorUp).rawValue).raw)
+        conns[Int(slot)].pending += 1
+    }
+
+    @inline(__always)
+    private func postReceive(_ slot: UInt32, _ side: TCPRelay.Side) {
+        let c = conns[Int(slot)]
+        let s = loop.uring.sqe()
+        io_uring_prep_recv(s, side == .downstream ? c.down : c.up, nil, buffers.size, 0)
+        s.pointee.flags |= sl_iosqe_buffer_select()
+        s.pointee.buf_group = buffers.group
+        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: c.generation,
+                                            op: (side == .downstream ? Op.recvDown : Op.recvUp).rawValue).raw)
+        conns[Int(slot)].pending += 1
+    }
+
+    @inline(__always)
+    private func postSend(_ slot: UInt32, _ side: TCPRelay.Side, _ chunk: TCPRelay.Chunk) {
+        let c = conns[Int(slot)]
+        let s = loop.uring.sqe()
+        io_uring_prep_send(s, side == .downstream ? c.down : c.up, buffers.pointer(chunk.buffer) + Int(chunk.offset),
+                           Int(chunk.length), Int32(MSG_NOSIGNAL))
+        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: c.generation,
+                                            op: (side == .downstream ? Op.sendDown : Op.sendUp).rawValue).raw)
+        conns[Int(slot)].pending += 1
+    }
+
+    @inline(__always)
+    private func release(_ id: UInt16) {
+        buffers.recycle(id)
+        shard.addSigned(stats.buffersInUse, -1)
+        // A receive that found the pool empty may go now.
+        while let w = stalled.popLast() {
+            let i = Int(w.slot)
+            guard conns[i].generation == w.generation, conns[i].phase == .relaying else { continue }
+            perform(w.slot, conns[i].relay.resumeReceive(w.side))
+            break
+        }
+    }
+
+    private func fail(_ slot: UInt32, reset: Bool) {
+        let i = Int(slot)
+        if conns[i].phase == .relaying {
+            perform(slot, conns[i].relay.failed(reset: reset))
+        } else if conns[i].phase == .connecting {
+            teardown(slot, reset: reset)
+        }
+    }
+
+    /// Starts closing: cancels whatever is pending on both sockets; the slot is freed when the last
+    /// completion arrives.
+    private func teardown(_ slot: UInt32, reset: Bool) {
+        let i = Int(slot)
+        guard conns[i].phase != .closing && conns[i].phase != .free else { return }
+        let wasRelaying = conns[i].phase == .relaying
+        conns[i].phase = .closing
+        if let wc = conns[i].cluster {
+            if wasRelaying {
+                shard.add(wc.runtime.metrics.closed)
+                wc.active[Int(conns[i].endpoint)] -= 1
+            }
+            wc.runtime.active.add(-1)
+        }
+        listeners[Int(conns[i].listener)].counter.add(-1)
+        for fd in [conns[i].down, conns[i].up] where fd >= 0 {
+            if reset { Socket.setLingerZero(fd) }
+            if conns[i].pending > 0 {
+                let s = loop.uring.sqe()
+                io_uring_prep_cancel_fd(s, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
+                io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
+            }
+        }
+        if conns[i].pending == 0 { free(slot) }
+    }
+
+    private func free(_ slot: UInt32) {
+        let i = Int(slot)
+        if conns[i].down >= 0 { close(conns[i].down) }
+        if conns[i].up >= 0 { close(conns[i].up) }
+        let gen = (conns[i].generation + 1) & 0xFF_FFFF
+        conns[i] = Conn()
+        conns[i].generation = gen
+        freeSlots.append(slot)
+        openCount -= 1
+        shard.addSigned(stats.activeConnections, -1)
+        checkDrained()
+    }
+}

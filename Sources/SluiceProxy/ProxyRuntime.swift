@@ -1,0 +1,149 @@
+import CSluiceLinux
+import Glibc
+import SluiceModel
+import SluiceRing
+import SluiceTelemetry
+
+/// A counter shared by all workers (connection limits). Touched once per connection open/close, not per byte.
+public final class SharedCounter: @unchecked Sendable {
+    private let value = UnsafeMutablePointer<Int64>.allocate(capacity: 1)
+    public init() { value.initialize(to: 0) }
+    deinit { value.deallocate() }
+    /// Adds `delta` and returns the value before.
+    @inline(__always) @discardableResult
+    public func add(_ delta: Int64) -> Int64 { sl_fetch_add_i64(value, delta) }
+    public var current: Int64 { sl_load_i64(value) }
+}
+
+/// Per-endpoint health from active checks, written by the health-check thread, read by workers.
+public final class HealthTable: @unchecked Sendable {
+    private let flags: UnsafeMutablePointer<UInt8>
+    public let count: Int
+    public init(count: Int) {
+        self.count = count
+        flags = .allocate(capacity: max(1, count))
+        flags.initialize(repeating: 1, count: max(1, count))
+    }
+    deinit { flags.deallocate() }
+    @inline(__always) public func isHealthy(_ i: Int) -> Bool { sl_load_relaxed_u8(flags + i) != 0 }
+    public func set(_ i: Int, healthy: Bool) { sl_store_relaxed_u8(flags + i, healthy ? 1 : 0) }
+}
+
+/// One cluster as the data plane serves it: immutable, shared by all workers for the life of a snapshot.
+public final class ClusterRuntime: @unchecked Sendable {
+    public let config: NodeSnapshot.Cluster
+    public let addresses: UnsafeMutablePointer<Socket.Address>
+    public let weights: [UInt32]
+    public let maglev: MaglevTable?
+    public let health: HealthTable
+    public let connectTimeout: UnsafeMutablePointer<__kernel_timespec>
+    public let idleTimeoutNanos: UInt64
+    public let active = SharedCounter()
+    let metrics: ClusterMetrics
+
+    init(config: NodeSnapshot.Cluster, registry: MetricsRegistry) {
+        self.config = config
+        let n = config.endpoints.count
+        addresses = .allocate(capacity: max(1, n))
+        for (i, e) in config.endpoints.enumerated() {
+            (addresses + i).initialize(to: Socket.Address(ip: e.address.ip.description, port: e.address.port)!)
+        }
+        weights = config.endpoints.map(\.weight)
+        if case .consistentHash(_, let size) = config.loadBalancer {
+            maglev = MaglevTable(keys: config.endpoints.map { $0.address.description }, weights: weights,
+                                 size: MaglevTable.tableSize(backends: n, requested: size))
+        } else {
+            maglev = nil
+        }
+        health = HealthTable(count: n)
+        connectTimeout = .allocate(capacity: 1)
+        let (s, atto) = config.connectTimeout.components
+        connectTimeout.initialize(to: __kernel_timespec(tv_sec: s, tv_nsec: atto / 1_000_000_000))
+        idleTimeoutNanos = UInt64(max(0, config.idleTimeout.nanosecondsClamped))
+        metrics = ClusterMetrics(registry: registry, cluster: config)
+    }
+
+    deinit {
+        addresses.deinitialize(count: config.endpoints.count)
+        addresses.deallocate()
+        connectTimeout.deallocate()
+    }
+}
+
+/// Metric slots of one cluster: Istio's TCP series plus Sluice's own.
+struct ClusterMetrics: Sendable {
+    let opened: Int
+    let closed: Int
+    let closedUpstreamFailure: Int
+    let closedOverflow: Int
+    let sentBytes: Int
+    let receivedBytes: Int
+    let connectFailures: Int
+    let ejections: Int
+    let connectDuration: Histogram
+
+    init(registry r: MetricsRegistry, cluster c: NodeSnapshot.Cluster) {
+        let host = c.serviceHost
+        let parts = host.split(separator: ".")
+        let base: [(String, String)] = [
+            ("reporter", "source"), ("source_workload", "unknown"), ("source_workload_namespace", "unknown"),
+            ("destination_service", host), ("destination_service_name", parts.first.map(String.init) ?? host),
+            ("destination_service_namespace", parts.count > 1 ? String(parts[1]) : "default"),
+            ("request_protocol", "tcp"), ("connection_security_policy", "none"),
+        ]
+        func flags(_ f: String) -> [(String, String)] { base + [("response_flags", f)] }
+        opened = r.counter("istio_tcp_connections_opened_total", help: "TCP connections opened", labels: flags("-"))
+        closed = r.counter("istio_tcp_connections_closed_total", help: "TCP connections closed", labels: flags("-"))
+        closedUpstreamFailure = r.counter("istio_tcp_connections_closed_total", help: "TCP connections closed",
+                                          labels: flags("UF"))
+        closedOverflow = r.counter("istio_tcp_connections_closed_total", help: "TCP connections closed",
+                                   labels: flags("UO"))
+        sentBytes = r.counter("istio_tcp_sent_bytes_total", help: "Bytes sent to the client (response direction)",
+                              labels: flags("-"))
+        receivedBytes = r.counter("istio_tcp_received_bytes_total",
+                                  help: "Bytes received from the client (request direction)", labels: flags("-"))
+        let cl = [("cluster", c.name)]
+        connectFailures = r.counter("sluice_upstream_connect_failures_total", help: "Failed upstream connects",
+                                    labels: cl)
+        ejections = r.counter("sluice_outlier_ejections_total", help: "Endpoints ejected by outlier detection",
+                              labels: cl)
+        connectDuration = r.histogram("sluice_upstream_connect_duration_milliseconds",
+                                      help: "Time to establish upstream connections",
+                                      buckets: [0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000], labels: cl)
+    }
+}
+
+/// One listener's routing: weighted clusters of its TCP route.
+public final class ListenerRuntime: @unchecked Sendable {
+    public let config: NodeSnapshot.Listener
+    public let clusters: [ClusterRuntime]
+    public let weights: [Int]
+    public let totalWeight: Int
+    init(config: NodeSnapshot.Listener, clusters: [ClusterRuntime]) {
+        self.config = config
+        self.clusters = config.routes.map { clusters[$0.cluster] }
+        weights = config.routes.map(\.weight)
+        totalWeight = weights.reduce(0, +)
+    }
+}
+
+/// Everything the workers serve, built once per snapshot off the data plane and then published.
+public final class ProxyRuntime: @unchecked Sendable {
+    public let snapshot: NodeSnapshot
+    public let clusters: [ClusterRuntime]
+    public let listeners: [ListenerRuntime]
+
+    public init(snapshot: NodeSnapshot, registry: MetricsRegistry) {
+        self.snapshot = snapshot
+        clusters = snapshot.clusters.map { ClusterRuntime(config: $0, registry: registry) }
+        listeners = snapshot.listeners.map { [clusters] in ListenerRuntime(config: $0, clusters: clusters) }
+    }
+}
+
+extension Duration {
+    var nanosecondsClamped: Int64 {
+        let (s, atto) = components
+        if s > Int64.max / 1_000_000_000 - 1 { return Int64.max }
+        return s * 1_000_000_000 + atto / 1_000_000_000
+    }
+}

@@ -1,0 +1,62 @@
+import CSluiceLinux
+import Glibc
+
+/// A ring of kernel-provided receive buffers (one buffer group). Receives pick a free buffer only when data
+/// arrives, so an idle connection holds no buffer memory.
+public final class ProvidedBuffers {
+    public let group: UInt16
+    public let count: UInt16
+    public let size: Int
+    private let ringPtr: UnsafeMutablePointer<io_uring_buf_ring>
+    private let memory: UnsafeMutableRawPointer
+    private let mask: Int32
+    private let uring: IOUring  // strong: the ring must outlive its registered buffer group
+    /// Buffers handed out by the kernel and not yet recycled.
+    public private(set) var inUse = 0
+
+    /// - Parameters:
+    ///   - count: number of buffers, a power of two (at most 32768).
+    ///   - size: bytes per buffer.
+    public init(ring: IOUring, group: UInt16, count: UInt16, size: Int) throws(RingError) {
+        precondition(count.nonzeroBitCount == 1 && count <= 32768)
+        var err: Int32 = 0
+        guard let br = sl_setup_buf_ring(&ring.ring, UInt32(count), Int32(group), &err) else {
+            throw RingError("io_uring_register_buf_ring", errno: -err)
+        }
+        let mem = mmap(nil, Int(count) * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        guard let mem, mem != MAP_FAILED else {
+            sl_free_buf_ring(&ring.ring, br, UInt32(count), Int32(group))
+            throw RingError("mmap buffers", errno: errno)
+        }
+        self.uring = ring
+        self.ringPtr = br
+        self.memory = mem
+        self.group = group
+        self.count = count
+        self.size = size
+        self.mask = io_uring_buf_ring_mask(UInt32(count))
+        for id in 0..<count {
+            io_uring_buf_ring_add(br, memory + Int(id) * size, UInt32(size), id, mask, Int32(id))
+        }
+        io_uring_buf_ring_advance(br, Int32(count))
+    }
+
+    deinit {
+        sl_free_buf_ring(&uring.ring, ringPtr, UInt32(count), Int32(group))
+        munmap(memory, Int(count) * size)
+    }
+
+    @inline(__always)
+    public func pointer(_ id: UInt16) -> UnsafeMutableRawPointer { memory + Int(id) * size }
+
+    /// Records that the kernel handed out buffer `id` (from a completion's flags).
+    @inline(__always) public func taken() { inUse += 1 }
+
+    /// Gives buffer `id` back to the kernel.
+    @inline(__always)
+    public func recycle(_ id: UInt16) {
+        io_uring_buf_ring_add(ringPtr, memory + Int(id) * size, UInt32(size), id, mask, 0)
+        io_uring_buf_ring_advance(ringPtr, 1)
+        inUse -= 1
+    }
+}

@@ -1,0 +1,81 @@
+import ArgumentParser
+import Foundation
+import Logging
+import SluiceAgent
+import SluiceModel
+
+struct Sluice: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sluice",
+        abstract: "A kernel-assisted, per-node service mesh.",
+        subcommands: [AgentCommand.self, ValidateCommand.self])
+}
+
+struct AgentCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "agent", abstract: "Run the node agent.")
+
+    @Option(name: .customLong("local-config"), help: "Directory of Istio YAML to serve (mesh config from files).")
+    var localConfig: String?
+    @Option(help: "Control plane address HOST:15012 (not available yet).") var control: String?
+    @Option(help: "This node's name.") var node: String?
+    @Option(help: "Data-plane worker threads (default: one per core).") var workers: Int?
+    @Option(name: .customLong("state-dir"), help: "Where the agent keeps its state.") var stateDir: String = "/var/lib/sluice"
+    @Option(help: "Admin address.") var admin: String = "127.0.0.1:15000"
+    @Option(help: "Prometheus metrics address.") var metrics: String = "0.0.0.0:15020"
+    @Option(help: "Readiness address (/healthz/ready).") var readiness: String = "0.0.0.0:15021"
+    @Option(name: .customLong("drain-timeout"), help: "How long open connections may finish after SIGTERM.")
+    var drainTimeout: String = "5s"
+    @Option(name: .customLong("max-connections"), help: "Open connections per listener.") var maxConnections: Int = 1 << 20
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, warning, error.") var logLevel: String = "info"
+
+    func validate() throws {
+        if localConfig == nil && control == nil {
+            throw ValidationError("give --local-config DIR (or --control HOST:15012)")
+        }
+        if control != nil { throw ValidationError("--control is not supported yet; use --local-config DIR") }
+        if let w = workers, !(1...256).contains(w) { throw ValidationError("--workers must be between 1 and 256") }
+        if parseIstioDuration(drainTimeout) == nil { throw ValidationError("--drain-timeout '\(drainTimeout)' is not a duration like 5s") }
+        if maxConnections < 1 { throw ValidationError("--max-connections must be positive") }
+    }
+
+    func run() throws {
+        Agent.blockTerminationSignals()
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = LogfmtHandler(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "sluice.agent")
+        let agent = Agent(options: .init(localConfig: localConfig!, node: node, workers: workers ?? Agent.defaultWorkers,
+                                         metricsAddress: metrics, readinessAddress: readiness, adminAddress: admin,
+                                         drainTimeout: parseIstioDuration(drainTimeout)!,
+                                         connectionLimit: maxConnections), logger: logger)
+        do {
+            try agent.start()
+        } catch {
+            FileHandle.standardError.write(Data("sluice agent: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        agent.runUntilSignal()
+    }
+}
+
+struct ValidateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "validate", abstract: "Check mesh configuration offline.")
+    @Option(name: .shortAndLong, help: "File or directory of YAML.") var file: String
+
+    func run() throws {
+        let loaded = ConfigLoader.load(path: file)
+        var diagnostics = loaded.diagnostics
+        if loaded.errors.isEmpty {
+            do { _ = try SnapshotCompiler().compile(loaded.resources) } catch { diagnostics += error.diagnostics }
+        }
+        for d in diagnostics { print(d) }
+        let errors = diagnostics.filter { $0.severity == .error }.count
+        print("\(loaded.resources.count) resources, \(errors) errors, \(diagnostics.count - errors) warnings")
+        if errors > 0 { throw ExitCode(1) }
+    }
+}
+
+Sluice.main()

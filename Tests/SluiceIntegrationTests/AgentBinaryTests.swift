@@ -1,0 +1,112 @@
+import Foundation
+import Glibc
+import XCTest
+
+/// The `sluice` executable as operators and systemd run it.
+final class AgentBinaryTests: XCTestCase {
+    var binary: String { Harness.root.appendingPathComponent(".build/debug/sluice").path }
+    var tmp: URL!
+
+    override func setUpWithError() throws {
+        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("sluice-test-\(getpid())-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: binary), "build the sluice binary first")
+    }
+
+    override func tearDown() {
+        try? FileManager.default.removeItem(at: tmp)
+    }
+
+    /// Runs the binary; it is sent SIGTERM after `terminateAfter` seconds, and killed after 30 s in any case so that
+    /// a test never hangs the suite.
+    func run(_ args: [String], terminateAfter: Double? = nil) throws -> (status: Int32, stderr: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = args
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        if let t = terminateAfter {
+            Thread.sleep(forTimeInterval: t)
+            if p.isRunning { p.terminate() }
+        }
+        let pid = p.processIdentifier
+        let watchdog = Thread {
+            Thread.sleep(forTimeInterval: 30)
+            kill(pid, SIGKILL)
+        }
+        watchdog.start()
+        let data = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    func agentArgs(_ dir: URL) -> [String] {
+        ["agent", "--local-config", dir.path, "--workers", "1", "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0",
+         "--admin", "127.0.0.1:0"]
+    }
+
+    func write(_ yaml: String) throws {
+        try yaml.write(to: tmp.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+    }
+
+    func testBadConfigExitsNonZeroNamingFileLineAndField() throws {
+        try write(Harness.mesh(ports: [9]).replacingOccurrences(of: "resolution: STATIC", with: "resolution: SOMETIMES"))
+        let (status, stderr) = try run(agentArgs(tmp))
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(stderr.contains("mesh.yaml:"), stderr)
+        XCTAssertTrue(stderr.contains("spec.resolution"), stderr)
+        XCTAssertTrue(stderr.contains("SOMETIMES"), stderr)
+    }
+
+    func testValidateReportsEveryErrorAndExitsOne() throws {
+        try write(Harness.mesh(ports: [9]).replacingOccurrences(of: "{tcp: 9}", with: "{tcp: 99999}")
+                  + "\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: x}\nspec: {}\n")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = ["validate", "-f", tmp.path]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 1)
+        XCTAssertTrue(text.contains("99999 is out of range"), text)
+        XCTAssertTrue(text.contains("required field 'host' is missing"), text)
+    }
+
+    func testPortInUseExitsNonZeroWithTheFix() throws {
+        let held = try Client.listenerForTest()
+        defer { close(held.fd) }
+        try write(Harness.mesh(ports: [9]).replacingOccurrences(of: "1000", with: "\(held.port)"))
+        let (status, stderr) = try run(agentArgs(tmp))
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(stderr.contains("address already in use"), stderr)
+        XCTAssertEqual(stderr.split(separator: "\n").count, 1, "one line: \(stderr)")
+    }
+
+    func testSigtermDrainsAndExitsCleanly() throws {
+        try write(Harness.mesh(ports: [Harness.deadPort()]).replacingOccurrences(of: "1000",
+                                                                              with: "\(Harness.deadPort())"))
+        let (status, stderr) = try run(agentArgs(tmp) + ["--drain-timeout", "1s"], terminateAfter: 2)
+        XCTAssertEqual(status, 0, stderr)
+        XCTAssertTrue(stderr.contains("msg=draining"), stderr)
+        XCTAssertTrue(stderr.contains("msg=stopped"), stderr)
+    }
+}
+
+extension Client {
+    /// A listening socket on a free loopback port, to occupy a port.
+    static func listenerForTest() throws -> (fd: Int32, port: UInt16) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, 16) } }
+        listen(fd, 1)
+        var len = socklen_t(16)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return (fd, UInt16(bigEndian: a.sin_port))
+    }
+}
