@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Sluice peer benchmark. Starts iperf3, nginx (HTTP backend), haproxy and the Sluice agent on loopback, then
+measures in interleaved rounds:
+
+  * single-stream TCP throughput (iperf3, Gbit/s)
+  * new-connection rate (wrk, one TCP connection per request: `Connection: close`)
+  * RSS per idle proxied connection (10,000 idle connections) and the idle RSS of each proxy
+
+and prints medians and ratios against haproxy and direct. Loopback only; every process is stopped at the end.
+"""
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLUICE = os.path.join(ROOT, ".build/release/sluice")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+
+P_IPERF, P_NGINX, P_SINK = 25201, 25202, 25203
+P_HA = {"iperf": 25301, "http": 25302, "sink": 25303}
+P_SL = {"iperf": 25401, "http": 25402, "sink": 25403}
+
+procs = []
+tmp = tempfile.mkdtemp(prefix="sluice-bench-")
+
+
+def start(cmd, **kw):
+    p = subprocess.Popen(cmd, stdout=kw.pop("stdout", subprocess.DEVNULL), stderr=kw.pop("stderr", subprocess.DEVNULL),
+                         **kw)
+    procs.append(p)
+    return p
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def setup():
+    start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(P_IPERF)])
+    nginx_conf = os.path.join(tmp, "nginx.conf")
+    with open(nginx_conf, "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err;
+events {{ worker_connections 65536; }}
+http {{ access_log off;
+  server {{ listen 127.0.0.1:{P_NGINX} reuseport backlog=65535; keepalive_timeout 0;
+    location / {{ return 200 "ok\\n"; }} }} }}
+""")
+    start(["nginx", "-c", nginx_conf, "-p", tmp])
+    start([sys.executable, os.path.join(ROOT, "Tests/Fixtures/backend.py"), f"sink:{P_SINK}"])
+    ha_conf = os.path.join(tmp, "haproxy.cfg")
+    with open(ha_conf, "w") as f:
+        f.write(f"""global
+  nbthread 1
+  maxconn 100000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+""")
+        for name, port in P_HA.items():
+            backend = {"iperf": P_IPERF, "http": P_NGINX, "sink": P_SINK}[name]
+            f.write(f"listen {name}\n  bind 127.0.0.1:{port}\n  server s1 127.0.0.1:{backend}\n")
+    start(["haproxy", "-f", ha_conf])
+    mesh = os.path.join(tmp, "mesh")
+    os.makedirs(mesh)
+    with open(os.path.join(mesh, "mesh.yaml"), "w") as f:
+        servers = "".join(f"  - port: {{number: {p}, name: {n}, protocol: TCP}}\n    bind: 127.0.0.1\n"
+                          for n, p in P_SL.items())
+        f.write(f"apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: bench}}\nspec:\n  servers:\n{servers}")
+        for n, p in P_SL.items():
+            backend = {"iperf": P_IPERF, "http": P_NGINX, "sink": P_SINK}[n]
+            f.write(f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {n}}}
+spec:
+  hosts: [{n}.bench.svc.cluster.local]
+  gateways: [bench]
+  tcp:
+  - match: [{{port: {p}}}]
+    route: [{{destination: {{host: {n}.bench.svc.cluster.local}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {n}}}
+spec:
+  hosts: [{n}.bench.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 80, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {backend}}}}}]
+""")
+    agent = start([SLUICE, "agent", "--local-config", mesh, "--workers", "1", "--metrics", "127.0.0.1:25420",
+                   "--readiness", "127.0.0.1:25421", "--admin", "127.0.0.1:25422"],
+                  stderr=open(os.path.join(tmp, "agent.log"), "w"))
+    for p in [P_IPERF, P_NGINX, P_SINK, *P_HA.values(), *P_SL.values()]:
+        wait_port(p)
+    haproxy_pid = int(subprocess.check_output(["pgrep", "-n", "-f", f"haproxy -f {ha_conf}"]).split()[0])
+    return agent.pid, haproxy_pid
+
+
+def iperf(port):
+    out = subprocess.check_output(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS), "-J"])
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def conn_rate(port):
+    out = subprocess.check_output(["wrk", "-t1", "-c32", f"-d{SECONDS}s", "-H", "Connection: close",
+                                   f"http://127.0.0.1:{port}/"], text=True)
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if errors:
+        print(f"  wrk on {port}: socket errors {errors.group(1)}", file=sys.stderr)
+    return float(m.group(1))
+
+
+def idle_rss(pid, port):
+    """Opens IDLE_CONNS idle connections through the proxy; returns (idle RSS KiB before, KiB per connection)."""
+    time.sleep(0.5)
+    before = rss_kib(pid)
+    socks = []
+    for _ in range(IDLE_CONNS):
+        socks.append(socket.create_connection(("127.0.0.1", port)))
+    time.sleep(2)  # let the proxy accept and connect upstream for all of them
+    after = rss_kib(pid)
+    for s in socks:
+        s.close()
+    time.sleep(1)
+    return before, (after - before) / IDLE_CONNS
+
+
+def main():
+    if not os.path.exists(SLUICE):
+        raise SystemExit("build first: make build-release")
+    agent_pid, haproxy_pid = setup()
+    results = {"iperf_gbps": {"direct": [], "haproxy": [], "sluice": []},
+               "conn_rate": {"direct": [], "haproxy": [], "sluice": []}}
+    targets = {"direct": (P_IPERF, P_NGINX), "haproxy": (P_HA["iperf"], P_HA["http"]),
+               "sluice": (P_SL["iperf"], P_SL["http"])}
+    for r in range(ROUNDS):
+        for name, (ip, hp) in targets.items():
+            g = iperf(ip)
+            results["iperf_gbps"][name].append(g)
+            c = conn_rate(hp)
+            results["conn_rate"][name].append(c)
+            print(f"round {r + 1} {name:8s} iperf {g:7.2f} Gbit/s   new conns {c:9.0f}/s", file=sys.stderr)
+    sl_idle, sl_per = idle_rss(agent_pid, P_SL["sink"])
+    ha_idle, ha_per = idle_rss(haproxy_pid, P_HA["sink"])
+    med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in results.items()}
+    summary = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, kernel {platform.release()}",
+        "rounds": ROUNDS, "seconds": SECONDS, "raw": results, "median": med,
+        "rss": {"sluice_idle_kib": sl_idle, "sluice_kib_per_conn": sl_per,
+                "haproxy_idle_kib": ha_idle, "haproxy_kib_per_conn": ha_per, "connections": IDLE_CONNS},
+    }
+    os.makedirs(os.path.join(ROOT, "Benchmarks/out"), exist_ok=True)
+    with open(os.path.join(ROOT, "Benchmarks/out/results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    t, c = med["iperf_gbps"], med["conn_rate"]
+    print(f"\n{summary['date']} on {summary['machine']}; medians of {ROUNDS} interleaved rounds of {SECONDS}s\n")
+    print("| metric | direct | haproxy 2.6 | sluice | sluice / haproxy | sluice / direct |")
+    print("|---|---|---|---|---|---|")
+    print(f"| single-stream TCP, Gbit/s | {t['direct']:.2f} | {t['haproxy']:.2f} | {t['sluice']:.2f} | "
+          f"{t['sluice'] / t['haproxy']:.2f}x | {t['sluice'] / t['direct']:.2f}x |")
+    print(f"| new connections/s (wrk -c32, Connection: close) | {c['direct']:.0f} | {c['haproxy']:.0f} | "
+          f"{c['sluice']:.0f} | {c['sluice'] / c['haproxy']:.2f}x | {c['sluice'] / c['direct']:.2f}x |")
+    print(f"| RSS per idle proxied connection ({IDLE_CONNS}), KiB | - | {ha_per:.2f} | {sl_per:.2f} | "
+          f"{sl_per / ha_per if ha_per else float('nan'):.2f}x | - |")
+    print(f"| idle RSS, MB | - | {ha_idle / 1024:.1f} | {sl_idle / 1024:.1f} | - | - |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        for p in reversed(procs):
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=10)
+            except Exception:
+                p.kill()
+        subprocess.run(["pkill", "-f", f"haproxy -f {tmp}"], check=False)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Peer benchmark: Sluice vs haproxy (mode tcp, nbthread 1) vs direct, same run, same machine.
+# Called by `make bench` after a release build; writes Benchmarks/out/results.json and prints a markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ulimit -n 1048576 2>/dev/null || ulimit -n 65536
+exec python3 Benchmarks/bench.py "$@"
