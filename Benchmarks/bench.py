@@ -24,7 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLUICE = os.path.join(ROOT, ".build/release/sluice")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
-IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+import resource
+# A proxied connection costs the proxy two descriptors: 10,000 need a limit above 20,000.
+_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", str(min(10000, (_NOFILE - 200) // 2))))
 
 P_IPERF, P_NGINX, P_SINK = 25201, 25202, 25203
 P_HA = {"iperf": 25301, "http": 25302, "sink": 25303}
@@ -76,7 +79,7 @@ http {{ access_log off;
     with open(ha_conf, "w") as f:
         f.write(f"""global
   nbthread 1
-  maxconn 100000
+  maxconn {IDLE_CONNS + 100}
 defaults
   mode tcp
   timeout connect 5s

@@ -92,6 +92,8 @@ public final class L4Worker: RingHandler {
     var draining = false
     var drainDeadline: UInt64 = 0
     var lastIdleScan: UInt64 = 0
+    /// Buffer pages were touched since they were last given back to the kernel.
+    var buffersDirty = false
     public private(set) var finished = false
 
     /// - Parameters:
@@ -170,6 +172,10 @@ public final class L4Worker: RingHandler {
         }
         if now - lastIdleScan >= 1_000_000_000 {
             lastIdleScan = now
+            if buffersDirty && openCount == 0 && buffers.inUse == 0 {
+                buffers.releaseMemory()
+                buffersDirty = false
+            }
             for slot in conns.indices where conns[slot].phase == .relaying {
                 let c = conns[slot]
                 if let cl = c.cluster, now - c.lastActive > cl.runtime.idleTimeoutNanos {
@@ -351,6 +357,7 @@ public final class L4Worker: RingHandler {
             if flags & sl_cqe_f_buffer() != 0 {
                 let id = UInt16(flags >> sl_cqe_buffer_shift())
                 buffers.taken()
+                buffersDirty = true
                 shard.addSigned(stats.buffersInUse, 1)
                 if result > 0 && conns[i].phase == .relaying {
                     conns[i].lastActive = loop.now

@@ -46,6 +46,13 @@ public final class ProvidedBuffers {
         munmap(memory, Int(count) * size)
     }
 
+    /// Returns the buffers' pages to the kernel (they read back as zeros on next use). Call only while no buffer
+    /// is handed out, e.g. when a worker has gone idle, so an idle agent does not keep its peak memory.
+    public func releaseMemory() {
+        precondition(inUse == 0)
+        madvise(memory, Int(count) * size, MADV_DONTNEED)
+    }
+
     @inline(__always)
     public func pointer(_ id: UInt16) -> UnsafeMutableRawPointer { memory + Int(id) * size }
 

@@ -26,6 +26,10 @@ struct AgentCommand: ParsableCommand {
     @Option(name: .customLong("drain-timeout"), help: "How long open connections may finish after SIGTERM.")
     var drainTimeout: String = "5s"
     @Option(name: .customLong("max-connections"), help: "Open connections per listener.") var maxConnections: Int = 1 << 20
+    @Option(name: .customLong("buffer-size"), help: "Bytes per receive buffer (data-plane tuning).")
+    var bufferSize: Int = 64 << 10
+    @Option(name: .customLong("buffers"), help: "Receive buffers per worker, a power of two (data-plane tuning).")
+    var buffers: Int = 256
     @Option(name: .customLong("log-level"), help: "trace, debug, info, warning, error.") var logLevel: String = "info"
 
     func validate() throws {
@@ -36,6 +40,10 @@ struct AgentCommand: ParsableCommand {
         if let w = workers, !(1...256).contains(w) { throw ValidationError("--workers must be between 1 and 256") }
         if parseIstioDuration(drainTimeout) == nil { throw ValidationError("--drain-timeout '\(drainTimeout)' is not a duration like 5s") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be positive") }
+        if !(4096...(16 << 20)).contains(bufferSize) { throw ValidationError("--buffer-size must be 4096...16777216") }
+        if !(8...32768).contains(buffers) || buffers.nonzeroBitCount != 1 {
+            throw ValidationError("--buffers must be a power of two between 8 and 32768")
+        }
     }
 
     func run() throws {
@@ -50,7 +58,8 @@ struct AgentCommand: ParsableCommand {
         let agent = Agent(options: .init(localConfig: localConfig!, node: node, workers: workers ?? Agent.defaultWorkers,
                                          metricsAddress: metrics, readinessAddress: readiness, adminAddress: admin,
                                          drainTimeout: parseIstioDuration(drainTimeout)!,
-                                         connectionLimit: maxConnections), logger: logger)
+                                         connectionLimit: maxConnections, bufferCount: UInt16(buffers),
+                                         bufferSize: bufferSize), logger: logger)
         do {
             try agent.start()
         } catch {
