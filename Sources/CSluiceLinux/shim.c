@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <pthread.h>
+#include <fcntl.h>
+#include <poll.h>
 
 struct io_uring_buf_ring *sl_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, int *err) {
     size_t len = (size_t)entries * sizeof(struct io_uring_buf);
@@ -54,3 +56,16 @@ uint32_t sl_setup_submit_all(void) {
 int sl_errno(void) { return errno; }
 
 void sl_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }
+
+long sl_splice_move(int fd_in, int fd_out, size_t len) {
+    ssize_t n = splice(fd_in, NULL, fd_out, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    return n < 0 ? -errno : n;
+}
+
+int sl_pipe(int fds[2], int size) {
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return -errno;
+    (void)fcntl(fds[1], F_SETPIPE_SZ, size);
+    return 0;
+}
+
+unsigned sl_pollrdhup(void) { return POLLRDHUP; }

@@ -13,8 +13,11 @@ public final class L4Server: @unchecked Sendable {
         public var connectionLimit: Int
         public var bufferCount: UInt16
         public var bufferSize: Int
+        /// Relay plain TCP with splice(2) (zero-copy through kernel pipes) instead of user-space buffers.
+        public var splice: Bool
         public init(workers: Int = 1, connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256,
-                    bufferSize: Int = 64 << 10) {
+                    bufferSize: Int = 64 << 10, splice: Bool = true) {
+            self.splice = splice
             self.workers = workers
             self.connectionLimit = connectionLimit
             self.bufferCount = bufferCount
@@ -86,7 +89,8 @@ public final class L4Server: @unchecked Sendable {
                     return
                 }
                 let worker = L4Worker(index: w, runtime: runtime, listenFDs: fds, listenerCounters: counters,
-                                      connectionLimit: opts.connectionLimit, registry: registry, mailbox: mailbox)
+                                      connectionLimit: opts.connectionLimit, registry: registry, mailbox: mailbox,
+                                      splice: opts.splice)
                 readyCount.add(1, ordering: .releasing)
                 loop.run(worker)
             })

@@ -31,12 +31,15 @@ public final class WorkerMailbox: Sendable {
 public final class WorkerStats: @unchecked Sendable {
     let shard: MetricShard
     let buffersInUse: Int
+    let pipesInUse: Int
     let activeConnections: Int
     init(registry: MetricsRegistry, shard: MetricShard, worker: Int) {
         self.shard = shard
         let l = [("worker", String(worker))]
         buffersInUse = registry.gauge("sluice_worker_buffers_in_use", help: "Receive buffers held by connections",
                                       labels: l)
+        pipesInUse = registry.gauge("sluice_worker_pipes_in_use", help: "Splice pipes holding data of a connection",
+                                    labels: l)
         activeConnections = registry.gauge("sluice_worker_active_connections", help: "Open proxied connections",
                                            labels: l)
     }
@@ -46,6 +49,7 @@ public final class WorkerStats: @unchecked Sendable {
 public final class L4Worker: RingHandler {
     enum Op: UInt8 {
         case accept = 0, connect, connectTimeout, recvDown, recvUp, sendDown, sendUp, ignore, errorDown, errorUp
+        case readableDown, readableUp, writableDown, writableUp
     }
 
     enum Phase: UInt8 { case free, connecting, relaying, closing }
@@ -65,6 +69,8 @@ public final class L4Worker: RingHandler {
         var connectStart: UInt64 = 0
         var clientHash: UInt64 = 0
         var upstreamFailed = false
+        /// Splice mode: flows indexed by the side bytes are read from.
+        var flows = (SpliceFlow(), SpliceFlow())
     }
 
     struct Listening {
@@ -99,14 +105,20 @@ public final class L4Worker: RingHandler {
     /// - Parameters:
     ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
     ///   - listenerCounters: connection counters shared across workers, one per listener.
+    /// Relay with splice(2) through pipes (no copy into user space) instead of provided buffers.
+    let splice: Bool
+    var pipes: PipePool!
+
     public init(index: Int, runtime: ProxyRuntime, listenFDs: [Int32], listenerCounters: [SharedCounter],
-                connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox) {
+                connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox, splice: Bool = false) {
         self.index = index
+        self.splice = splice
         self.runtime = runtime
         self.registry = registry
         self.mailbox = mailbox
         shard = registry.makeShard()
         stats = WorkerStats(registry: registry, shard: shard, worker: index)
+        pipes = PipePool(shard: shard, gauge: stats.pipesInUse)
         listeners = listenFDs.enumerated().map { i, fd in
             Listening(fd: fd, runtimeIndex: i, limit: Int64(connectionLimit), counter: listenerCounters[i],
                       overflowSlot: registry.counter("sluice_listener_overflow_total",
@@ -176,6 +188,7 @@ public final class L4Worker: RingHandler {
                 buffers.releaseMemory()
                 buffersDirty = false
             }
+            if openCount == 0 { pipes.drainPool() }
             for slot in conns.indices where conns[slot].phase == .relaying {
                 let c = conns[slot]
                 if let cl = c.cluster, now - c.lastActive > cl.runtime.idleTimeoutNanos {
@@ -305,7 +318,12 @@ public final class L4Worker: RingHandler {
             conns[i].lastActive = loop.now
             watchErrors(slot, .downstream)
             watchErrors(slot, .upstream)
-            perform(slot, conns[i].relay.start())
+            if splice {
+                waitReadable(slot, .downstream)
+                waitReadable(slot, .upstream)
+            } else {
+                perform(slot, conns[i].relay.start())
+            }
             return
         }
         shard.add(wc.runtime.metrics.connectFailures)
@@ -374,7 +392,7 @@ public final class L4Worker: RingHandler {
                     conns[i].relay.receiveStalled(side)
                     stalled.append((slot, conns[i].generation, side))
                 } else {
-                    perform(slot, conns[i].relay.failed(reset: result == -ECONNRESET))
+                    failRelay(slot, reset: result == -ECONNRESET)
                 }
             }
         case .sendDown, .sendUp:
@@ -384,13 +402,22 @@ public final class L4Worker: RingHandler {
                     conns[i].lastActive = loop.now
                     perform(slot, conns[i].relay.sent(to: side, bytes: result))
                 } else {
-                    perform(slot, conns[i].relay.failed(reset: result == -ECONNRESET || result == -EPIPE))
+                    failRelay(slot, reset: result == -ECONNRESET || result == -EPIPE)
                 }
             }
         case .errorDown, .errorUp:
             // A reset while back-pressure keeps this side unread: nothing else would notice it.
             if conns[i].phase == .relaying && result > 0 && Int32(result) & Int32(POLLERR) != 0 {
-                perform(slot, conns[i].relay.failed(reset: true))
+                failRelay(slot, reset: true)
+            }
+        case .readableDown, .readableUp:
+            if conns[i].phase == .relaying {
+                if result < 0 { failRelay(slot, reset: false) } else { spliceIn(slot, op == .readableDown ? .downstream : .upstream) }
+            }
+        case .writableDown, .writableUp:
+            // The sink can take more: flush the pipe of the flow that writes to it.
+            if conns[i].phase == .relaying {
+                if result < 0 { failRelay(slot, reset: false) } else { spliceOut(slot, op == .writableDown ? .upstream : .downstream) }
             }
         case .accept, .ignore:
             break
@@ -464,15 +491,20 @@ public final class L4Worker: RingHandler {
     private func fail(_ slot: UInt32, reset: Bool) {
         let i = Int(slot)
         if conns[i].phase == .relaying {
-            perform(slot, conns[i].relay.failed(reset: reset))
+            failRelay(slot, reset: reset)
         } else if conns[i].phase == .connecting {
             teardown(slot, reset: reset)
         }
     }
 
+    @inline(__always)
+    func failRelay(_ slot: UInt32, reset: Bool) {
+        if splice { teardown(slot, reset: reset) } else { perform(slot, conns[Int(slot)].relay.failed(reset: reset)) }
+    }
+
     /// Starts closing: cancels whatever is pending on both sockets; the slot is freed when the last
     /// completion arrives.
-    private func teardown(_ slot: UInt32, reset: Bool) {
+    func teardown(_ slot: UInt32, reset: Bool) {
         let i = Int(slot)
         guard conns[i].phase != .closing && conns[i].phase != .free else { return }
         let wasRelaying = conns[i].phase == .relaying
@@ -485,6 +517,8 @@ public final class L4Worker: RingHandler {
             wc.runtime.active.add(-1)
         }
         listeners[Int(conns[i].listener)].counter.add(-1)
+        pipes.release(&conns[i].flows.0)
+        pipes.release(&conns[i].flows.1)
         for fd in [conns[i].down, conns[i].up] where fd >= 0 {
             if reset { Socket.setLingerZero(fd) }
             if conns[i].pending > 0 {

@@ -50,8 +50,8 @@ enum Harness {
     }
 
     /// Compiles `yaml` (listener ports are replaced by free ones) and starts a proxy on it.
-    static func proxy(_ yaml: String, workers: Int = 2, connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256)
-        throws -> Proxy
+    static func proxy(_ yaml: String, workers: Int = 2, connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256,
+                      splice: Bool = true) throws -> Proxy
     {
         let (resources, diagnostics) = ResourceDecoder.decode(yaml, file: "test.yaml")
         let errors = diagnostics.filter { $0.severity == .error }
@@ -60,7 +60,8 @@ enum Harness {
         for i in snap.listeners.indices { snap.listeners[i].address.port = 0 }
         let registry = MetricsRegistry()
         let runtime = ProxyRuntime(snapshot: snap, registry: registry)
-        let server = L4Server(options: .init(workers: workers, connectionLimit: connectionLimit, bufferCount: bufferCount),
+        let server = L4Server(options: .init(workers: workers, connectionLimit: connectionLimit, bufferCount: bufferCount,
+                                             splice: splice),
                               registry: registry)
         try server.start(runtime)
         let health = HealthChecker()

@@ -5,9 +5,17 @@ import SluiceProxy
 import SluiceRing
 import XCTest
 
-/// Loopback integration tests: real sockets, real io_uring workers, Python backends.
-final class L4ProxyTests: XCTestCase {
+/// Loopback integration tests: real sockets, real io_uring workers, Python backends. Runs with the splice relay
+/// (the default); ``L4ProxyBufferRelayTests`` runs every test again with the provided-buffer relay.
+class L4ProxyTests: XCTestCase {
     var cleanups: [() -> Void] = []
+    var spliceMode: Bool { true }
+    /// Kernel-side memory a connection may hold per direction: two buffers, or one pipe.
+    var heldPerDirection: Int64 { spliceMode ? 1 : 2 }
+
+    func held(_ p: Harness.Proxy) -> Int64 {
+        spliceMode ? p.metric("sluice_worker_pipes_in_use") : p.metric("sluice_worker_buffers_in_use")
+    }
 
     override func setUp() {
         Harness.raiseFileLimit()
@@ -27,7 +35,8 @@ final class L4ProxyTests: XCTestCase {
     func proxy(_ yaml: String, workers: Int = 2, connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256) throws
         -> Harness.Proxy
     {
-        let p = try Harness.proxy(yaml, workers: workers, connectionLimit: connectionLimit, bufferCount: bufferCount)
+        let p = try Harness.proxy(yaml, workers: workers, connectionLimit: connectionLimit, bufferCount: bufferCount,
+                                  splice: spliceMode)
         cleanups.append { p.stop() }
         return p
     }
@@ -87,10 +96,10 @@ final class L4ProxyTests: XCTestCase {
             pushed += n
         }
         XCTAssertLessThan(pushed, 64 << 20, "the client kept writing: nothing pushed back")
-        XCTAssertLessThanOrEqual(p.metric("sluice_worker_buffers_in_use"), 2, "one direction holds at most two buffers")
+        XCTAssertLessThanOrEqual(held(p), heldPerDirection, "one direction holds two buffers or one pipe at most")
         c.reset()
         XCTAssertTrue(p.eventually { p.metric("sluice_worker_active_connections") == 0 })
-        XCTAssertEqual(p.metric("sluice_worker_buffers_in_use"), 0)
+        XCTAssertEqual(held(p), 0)
     }
 
     func testClientThatNeverReadsDoesNotStallTheWorker() throws {
@@ -99,7 +108,7 @@ final class L4ProxyTests: XCTestCase {
         let p = try proxy(yaml, workers: 1)
         let stalled = try Client(port: p.ports[0])
         usleep(300_000)
-        XCTAssertLessThanOrEqual(p.metric("sluice_worker_buffers_in_use"), 2)
+        XCTAssertLessThanOrEqual(held(p), heldPerDirection)
         // The same worker keeps serving others while one peer stalls.
         for i in 0..<20 {
             let c = try Client(port: p.ports[1])
@@ -291,8 +300,29 @@ final class L4ProxyTests: XCTestCase {
         XCTAssertTrue(p.eventually(30) { p.metric("sluice_worker_active_connections") == 0 },
                       "still open: \(p.metric("sluice_worker_active_connections"))")
         XCTAssertEqual(p.metric("sluice_worker_buffers_in_use"), 0, "buffers leaked")
+        XCTAssertEqual(p.metric("sluice_worker_pipes_in_use"), 0, "pipes leaked")
         XCTAssertTrue(p.eventually(5) { Harness.openDescriptors() == fdBaseline },
                       "descriptors leaked: \(Harness.openDescriptors()) vs \(fdBaseline)")
         XCTAssertEqual(p.metric("istio_tcp_connections_opened_total"), p.metric("istio_tcp_connections_closed_total"))
     }
+}
+
+/// Every test of ``L4ProxyTests`` again, with the provided-buffer relay instead of splice.
+/// (Linux XCTest discovers only methods declared in the class itself, hence the overrides.)
+final class L4ProxyBufferRelayTests: L4ProxyTests {
+    override var spliceMode: Bool { false }
+    override func testForwardsLargePayloadIntactInBothDirections() throws { try super.testForwardsLargePayloadIntactInBothDirections() }
+    override func testHalfCloseIsPropagatedAndTheAnswerStillArrives() throws { try super.testHalfCloseIsPropagatedAndTheAnswerStillArrives() }
+    override func testRoundRobinSpreadsConnectionsOverEndpoints() throws { try super.testRoundRobinSpreadsConnectionsOverEndpoints() }
+    override func testSlowReaderMakesTheProxyStopReadingAndHoldsBoundedBuffers() throws { try super.testSlowReaderMakesTheProxyStopReadingAndHoldsBoundedBuffers() }
+    override func testClientThatNeverReadsDoesNotStallTheWorker() throws { try super.testClientThatNeverReadsDoesNotStallTheWorker() }
+    override func testUnreachableEndpointIsEjectedAndTrafficGoesElsewhere() throws { try super.testUnreachableEndpointIsEjectedAndTrafficGoesElsewhere() }
+    override func testActiveHealthCheckTakesADeadEndpointOutAndBackIn() throws { try super.testActiveHealthCheckTakesADeadEndpointOutAndBackIn() }
+    override func testConnectTimeoutFailsOverToAnotherEndpoint() throws { try super.testConnectTimeoutFailsOverToAnotherEndpoint() }
+    override func testNoAvailableEndpointClosesTheClientConnection() throws { try super.testNoAvailableEndpointClosesTheClientConnection() }
+    override func testConnectionLimitRefusesConnectionsOverTheLimit() throws { try super.testConnectionLimitRefusesConnectionsOverTheLimit() }
+    override func testDrainLetsOpenConnectionsFinishAndRefusesNewOnes() throws { try super.testDrainLetsOpenConnectionsFinishAndRefusesNewOnes() }
+    override func testDrainDeadlineClosesConnectionsThatDoNotFinish() throws { try super.testDrainDeadlineClosesConnectionsThatDoNotFinish() }
+    override func testIdleTimeoutClosesQuietConnections() throws { try super.testIdleTimeoutClosesQuietConnections() }
+    override func testTenThousandConnectionsWithResetsAndStallsLeakNothing() throws { try super.testTenThousandConnectionsWithResetsAndStallsLeakNothing() }
 }

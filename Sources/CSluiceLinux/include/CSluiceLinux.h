@@ -58,6 +58,13 @@ static inline void sl_store_relaxed_u8(uint8_t *p, uint8_t v) { __atomic_store_n
 static inline int64_t sl_fetch_add_i64(int64_t *p, int64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 static inline int64_t sl_load_i64(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 
+/* ---- splice (GNU extensions the Swift importer does not see without _GNU_SOURCE) ---- */
+/* splice(2) with SPLICE_F_MOVE | SPLICE_F_NONBLOCK; returns bytes, 0 at EOF, or -errno. */
+long sl_splice_move(int fd_in, int fd_out, size_t len);
+/* A non-blocking, close-on-exec pipe of about `size` bytes; returns 0 or -errno. */
+int sl_pipe(int fds[2], int size);
+unsigned sl_pollrdhup(void);
+
 /* ---- threads ---- */
 void sl_set_thread_name(const char *name);
 int sl_errno(void);
