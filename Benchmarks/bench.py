@@ -27,7 +27,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 import resource
 # A proxied connection costs the proxy two descriptors: 10,000 need a limit above 20,000.
 _NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", str(min(10000, (_NOFILE - 200) // 2))))
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", str(min(10000, (_NOFILE - 300) // 2))))
 
 P_IPERF, P_NGINX, P_SINK = 25201, 25202, 25203
 P_HA = {"iperf": 25301, "http": 25302, "sink": 25303}
@@ -79,7 +79,7 @@ http {{ access_log off;
     with open(ha_conf, "w") as f:
         f.write(f"""global
   nbthread 1
-  maxconn {IDLE_CONNS + 100}
+  maxconn {IDLE_CONNS + 50}
 defaults
   mode tcp
   timeout connect 5s

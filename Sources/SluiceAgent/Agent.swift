@@ -68,14 +68,15 @@ public final class Agent: @unchecked Sendable {
         let loaded = ConfigLoader.load(path: path)
         for d in loaded.diagnostics where d.severity == .warning { logger?.warning("\(d)") }
         if !loaded.errors.isEmpty {
-            throw StartError(description: "invalid configuration in \(path):\n" + loaded.errors.map(\.description).joined(separator: "\n"))
+            // One line per problem: file:line, resource, field, what is wrong and the fix.
+            throw StartError(description: loaded.errors.map(\.description).joined(separator: "\n"))
         }
         do {
             return try SnapshotCompiler().compile(loaded.resources)
         } catch {
             for d in error.diagnostics where d.severity == .warning { logger?.warning("\(d)") }
-            throw StartError(description: "invalid configuration in \(path):\n"
-                             + error.diagnostics.filter { $0.severity == .error }.map(\.description).joined(separator: "\n"))
+            throw StartError(description: error.diagnostics.filter { $0.severity == .error }.map(\.description)
+                .joined(separator: "\n"))
         }
     }
 

@@ -116,6 +116,9 @@ extension L4Worker {
                 if n > 0 {
                     f.inPipe += n
                     moved += n
+                    // A short read almost always means the socket is drained; if not, the level-triggered
+                    // poll fires again at once. Saves the EAGAIN syscall on every small message.
+                    if n < Int(PipePool.pipeSize) { break }
                     continue
                 }
                 if n == 0 {
@@ -157,8 +160,10 @@ extension L4Worker {
         }
         let flow = source == .downstream ? conns[Int(slot)].flows.0 : conns[Int(slot)].flows.1
         if flow.inPipe > 0 {
-            // Back-pressure: the sink is full; do not read the source until it drains.
+            // Back-pressure: the sink is full; do not read the source until it drains, but still notice if the
+            // source resets meanwhile.
             waitWritable(slot, sink)
+            watchErrors(slot, source)
             return
         }
         withFlow(slot, source) { pipes.release(&$0) }

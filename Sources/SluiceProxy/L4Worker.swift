@@ -71,6 +71,8 @@ public final class L4Worker: RingHandler {
         var upstreamFailed = false
         /// Splice mode: flows indexed by the side bytes are read from.
         var flows = (SpliceFlow(), SpliceFlow())
+        /// Sides with an error watch armed (bit 0 downstream, bit 1 upstream).
+        var watched: UInt8 = 0
     }
 
     struct Listening {
@@ -316,12 +318,14 @@ public final class L4Worker: RingHandler {
             shard.observe(wc.runtime.metrics.connectDuration, Double(loop.now - conns[i].connectStart) / 1e6)
             conns[i].phase = .relaying
             conns[i].lastActive = loop.now
-            watchErrors(slot, .downstream)
-            watchErrors(slot, .upstream)
             if splice {
+                // The readable polls also report errors; a side gets an error watch only when back-pressure
+                // stops polling it (see waitWritable), which keeps short connections to the fewest operations.
                 waitReadable(slot, .downstream)
                 waitReadable(slot, .upstream)
             } else {
+                watchErrors(slot, .downstream)
+                watchErrors(slot, .upstream)
                 perform(slot, conns[i].relay.start())
             }
             return
@@ -443,7 +447,10 @@ public final class L4Worker: RingHandler {
 
     /// Watches a socket for errors (a peer's reset) for the life of the connection. Poll mask 0: only
     /// POLLERR/POLLHUP wake it, so it costs nothing while data flows.
-    private func watchErrors(_ slot: UInt32, _ side: TCPRelay.Side) {
+    func watchErrors(_ slot: UInt32, _ side: TCPRelay.Side) {
+        let bit: UInt8 = side == .downstream ? 1 : 2
+        guard conns[Int(slot)].watched & bit == 0 else { return }
+        conns[Int(slot)].watched |= bit
         let c = conns[Int(slot)]
         let s = loop.uring.sqe()
         io_uring_prep_poll_add(s, side == .downstream ? c.down : c.up, 0)

@@ -63,7 +63,9 @@ struct AgentCommand: ParsableCommand {
         do {
             try agent.start()
         } catch {
-            FileHandle.standardError.write(Data("sluice agent: \(error)\n".utf8))
+            for line in "\(error)".split(separator: "\n") {
+                FileHandle.standardError.write(Data("sluice agent: \(line)\n".utf8))
+            }
             throw ExitCode(1)
         }
         agent.runUntilSignal()

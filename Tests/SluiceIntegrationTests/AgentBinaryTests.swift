@@ -58,6 +58,7 @@ final class AgentBinaryTests: XCTestCase {
         XCTAssertTrue(stderr.contains("mesh.yaml:"), stderr)
         XCTAssertTrue(stderr.contains("spec.resolution"), stderr)
         XCTAssertTrue(stderr.contains("SOMETIMES"), stderr)
+        XCTAssertEqual(stderr.split(separator: "\n").count, 1, "one line for one problem: \(stderr)")
     }
 
     func testValidateReportsEveryErrorAndExitsOne() throws {
