@@ -78,7 +78,7 @@ final class AgentBinaryTests: XCTestCase {
     }
 
     func testPortInUseExitsNonZeroWithTheFix() throws {
-        let held = try Client.listenerForTest()
+        let held = Harness.loopbackSocket(backlog: 1)
         defer { close(held.fd) }
         try write(Harness.mesh(ports: [9]).replacingOccurrences(of: "1000", with: "\(held.port)"))
         let (status, stderr) = try run(agentArgs(tmp))
@@ -94,20 +94,5 @@ final class AgentBinaryTests: XCTestCase {
         XCTAssertEqual(status, 0, stderr)
         XCTAssertTrue(stderr.contains("msg=draining"), stderr)
         XCTAssertTrue(stderr.contains("msg=stopped"), stderr)
-    }
-}
-
-extension Client {
-    /// A listening socket on a free loopback port, to occupy a port.
-    static func listenerForTest() throws -> (fd: Int32, port: UInt16) {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, 16) } }
-        listen(fd, 1)
-        var len = socklen_t(16)
-        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        return (fd, UInt16(bigEndian: a.sin_port))
     }
 }

@@ -37,14 +37,20 @@ enum Harness {
         return (p, line.split(separator: " ").dropFirst().map { UInt16($0)! })
     }
 
-    /// A port with nothing listening on it (bound then closed).
-    static func deadPort() -> UInt16 {
+    /// A TCP socket bound to a free loopback port, listening with `backlog` unless nil.
+    static func loopbackSocket(backlog: Int32?) -> (fd: Int32, port: UInt16) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
         a.sin_addr.s_addr = inet_addr("127.0.0.1")
         _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, 16) } }
-        let port = Socket.localPort(fd)
+        if let backlog { listen(fd, backlog) }
+        return (fd, Socket.localPort(fd))
+    }
+
+    /// A port with nothing listening on it (bound then closed).
+    static func deadPort() -> UInt16 {
+        let (fd, port) = loopbackSocket(backlog: nil)
         close(fd)
         return port
     }

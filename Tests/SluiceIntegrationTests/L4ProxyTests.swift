@@ -174,14 +174,8 @@ class L4ProxyTests: XCTestCase {
     func testConnectTimeoutFailsOverToAnotherEndpoint() throws {
         let ports = try backends(["tag:0:alive"])
         // A listener with a full backlog never completes new handshakes: connects to it time out.
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, 16) } }
-        listen(fd, 0)
+        let (fd, blackhole) = Harness.loopbackSocket(backlog: 0)
         cleanups.append { close(fd) }
-        let blackhole = Socket.localPort(fd)
         var fillers: [Client] = []
         for _ in 0..<4 { if let c = try? Client(port: blackhole, timeout: 0.2) { fillers.append(c) } }
         cleanups.append { fillers.forEach { $0.close() } }
