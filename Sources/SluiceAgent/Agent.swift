@@ -20,6 +20,8 @@ public final class Agent: @unchecked Sendable {
         public var connectionLimit: Int
         public var bufferCount: UInt16
         public var bufferSize: Int
+        /// How often the config directory is checked for changes.
+        public var reloadInterval: Duration = .milliseconds(500)
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -53,8 +55,8 @@ public final class Agent: @unchecked Sendable {
     private let http = HTTPEndpoints()
     private let ready = Atomic<Bool>(false)
     private let current = Mutex<ProxyRuntime?>(nil)
-    /// Ports actually bound: listeners in config order, then metrics, readiness, admin.
-    public private(set) var listenerPorts: [UInt16] = []
+    /// Ports the current listeners bound, in config order.
+    public var listenerPorts: [UInt16] { server?.boundPorts ?? [] }
     public private(set) var metricsPort = 0
     public private(set) var readinessPort = 0
 
@@ -96,7 +98,6 @@ public final class Agent: @unchecked Sendable {
             throw StartError(description: error.description)
         }
         self.server = server
-        listenerPorts = server.boundPorts
         health.update(runtime)
         health.start()
         do {
@@ -126,6 +127,7 @@ public final class Agent: @unchecked Sendable {
             throw StartError(description: "\(error)")
         }
         ready.store(true, ordering: .relaxed)
+        startWatching()
         for (l, port) in zip(snapshot.listeners, listenerPorts) {
             logger.info("listening", metadata: ["listener": "\(l.name)", "address": "\(l.address.ip):\(port)",
                                                 "routes": "\(l.routes.map { snapshot.clusters[$0.cluster].name })"])
@@ -134,9 +136,76 @@ public final class Agent: @unchecked Sendable {
                                               "readiness": "\(options.readinessAddress)"])
     }
 
+    // MARK: - hot reload
+
+    /// What identifies the configuration's current content cheaply: names, sizes and modification times.
+    static func fingerprint(_ path: String) -> [String] {
+        let fm = FileManager.default
+        var isDir: ObjCBool = false
+        guard fm.fileExists(atPath: path, isDirectory: &isDir) else { return [] }
+        let files = isDir.boolValue ? ((try? fm.contentsOfDirectory(atPath: path)) ?? []).sorted().map { path + "/" + $0 } : [path]
+        return files.map { f in
+            let a = try? fm.attributesOfItem(atPath: f)
+            let mtime = (a?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
+            return "\(f) \(a?[.size] ?? 0) \(mtime)"
+        }
+    }
+
+    private let watching = Atomic<Bool>(false)
+
+    /// Polls the config directory on a control-path thread and applies changes (Istio's file mesh-config watch).
+    private func startWatching() {
+        watching.store(true, ordering: .relaxed)
+        let path = options.localConfig
+        let interval = options.reloadInterval
+        _ = startThread(name: "sluice-config") { [self] in
+            var last = Self.fingerprint(path)
+            while watching.load(ordering: .relaxed) {
+                usleep(UInt32(clamping: interval.milliseconds * 1000))
+                let now = Self.fingerprint(path)
+                if now != last {
+                    last = now
+                    reload()
+                }
+            }
+        }
+    }
+
+    /// Loads, validates and compiles the configuration again and publishes it. On any error the last good
+    /// configuration keeps serving and every problem is logged with its file, line and field.
+    @discardableResult
+    public func reload() -> Bool {
+        let snapshot: NodeSnapshot
+        do {
+            snapshot = try Self.loadSnapshot(options.localConfig, logger: logger)
+        } catch {
+            for line in "\(error)".split(separator: "\n") { logger.error("\(line)") }
+            logger.error("configuration update rejected; still serving the last good configuration")
+            return false
+        }
+        if current.withLock({ $0?.snapshot == snapshot }) { return true }
+        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry)
+        do {
+            try server?.update(runtime)
+        } catch {
+            logger.error("configuration update rejected: \(error); still serving the last good configuration")
+            return false
+        }
+        health.update(runtime)
+        current.withLock { $0 = runtime }
+        reloads.add(1, ordering: .relaxed)
+        logger.info("configuration applied", metadata: ["listeners": "\(snapshot.listeners.count)",
+                                                        "clusters": "\(snapshot.clusters.count)"])
+        return true
+    }
+
+    /// Configurations applied since start (not counting the first).
+    public let reloads = Atomic<Int>(0)
+
     /// Stops accepting, waits up to the drain timeout for open connections, then stops everything.
     public func drainAndStop() {
         ready.store(false, ordering: .relaxed)
+        watching.store(false, ordering: .relaxed)
         logger.info("draining", metadata: ["timeout": "\(options.drainTimeout)"])
         server?.drain(timeout: options.drainTimeout)
         server?.wait()

@@ -43,8 +43,9 @@ public final class L4Server: @unchecked Sendable {
     private let runningWorkers = Atomic<Int>(0)
     private let startErrors = Mutex<[RingError]>([])
     private let readyCount = Atomic<Int>(0)
-    /// The ports the listeners actually bound (useful when a config asks for port 0).
-    public private(set) var boundPorts: [UInt16] = []
+    private let ports = Mutex<[UInt16]>([])
+    /// The ports the current listeners actually bound, in runtime order (useful when a config asks for port 0).
+    public var boundPorts: [UInt16] { ports.withLock { $0 } }
 
     public init(options: Options, registry: MetricsRegistry) {
         self.options = options
@@ -52,25 +53,61 @@ public final class L4Server: @unchecked Sendable {
         mailboxes = (0..<options.workers).map { _ in WorkerMailbox() }
     }
 
-    public func start(_ runtime: ProxyRuntime) throws(StartError) {
+    /// Listening sockets per listener address, one per worker, and the connection counter of each; kept across
+    /// updates so that an unchanged listener keeps its sockets (no refused connections during a reload).
+    private struct Bound {
+        var fds: [Int32]
+        var port: UInt16
+        let counter: SharedCounter
+    }
+    private let bound = Mutex<[String: Bound]>([:])
+
+    /// Listeners are matched by address across updates; port 0 (any free port) matches by name instead.
+    private static func key(_ l: ListenerRuntime) -> String {
+        l.config.address.port == 0 ? "\(l.config.address)#\(l.config.name)" : "\(l.config.address)"
+    }
+
+    /// Binds what `runtime` needs that is not bound yet. On failure nothing new stays open.
+    private func bindListeners(_ runtime: ProxyRuntime) throws(StartError) -> (fds: [[Int32]], counters: [SharedCounter], ports: [UInt16]) {
+        var table = bound.withLock { $0 }
+        var opened: [Int32] = []
         var fdsPerWorker: [[Int32]] = Array(repeating: [], count: options.workers)
+        var counters: [SharedCounter] = []
         var ports: [UInt16] = []
         do {
             for l in runtime.listeners {
-                var port = l.config.address.port
-                for w in 0..<options.workers {
-                    let fd = try Socket.listen(ip: l.config.address.ip.description, port: port)
-                    if port == 0 { port = Socket.localPort(fd) }
-                    fdsPerWorker[w].append(fd)
+                let key = Self.key(l)
+                let address = l.config.address
+                if table[key] == nil {
+                    var port = address.port
+                    var fds: [Int32] = []
+                    for _ in 0..<options.workers {
+                        let fd = try Socket.listen(ip: address.ip.description, port: port)
+                        opened.append(fd)
+                        if port == 0 { port = Socket.localPort(fd) }
+                        fds.append(fd)
+                    }
+                    table[key] = Bound(fds: fds, port: port, counter: SharedCounter())
                 }
-                ports.append(port)
+                let b = table[key]!
+                for w in 0..<options.workers { fdsPerWorker[w].append(b.fds[w]) }
+                counters.append(b.counter)
+                ports.append(b.port)
             }
         } catch {
-            for fds in fdsPerWorker { for fd in fds { close(fd) } }
+            for fd in opened { close(fd) }
             throw .bind(error)
         }
-        boundPorts = ports
-        let counters = runtime.listeners.map { _ in SharedCounter() }
+        // Workers close the sockets of listeners that are gone; forget them here.
+        let wanted = Set(runtime.listeners.map(Self.key))
+        table = table.filter { wanted.contains($0.key) }
+        bound.withLock { $0 = table }
+        return (fdsPerWorker, counters, ports)
+    }
+
+    public func start(_ runtime: ProxyRuntime) throws(StartError) {
+        let (fdsPerWorker, counters, bound) = try bindListeners(runtime)
+        ports.withLock { $0 = bound }
         for w in 0..<options.workers {
             let fds = fdsPerWorker[w]
             let mailbox = mailboxes[w]
@@ -103,9 +140,15 @@ public final class L4Server: @unchecked Sendable {
         }
     }
 
-    /// Publishes a new runtime to every worker.
-    public func update(_ runtime: ProxyRuntime) {
-        for m in mailboxes { m.post(.update(runtime)) }
+    /// Publishes a new runtime to every worker: new listeners are bound first (a bind failure rejects the whole
+    /// update and the old runtime keeps serving), removed ones are closed by the workers, unchanged ones keep
+    /// their sockets. Connections already open finish on the runtime they started with.
+    public func update(_ runtime: ProxyRuntime) throws(StartError) {
+        let (fdsPerWorker, counters, bound) = try bindListeners(runtime)
+        ports.withLock { $0 = bound }
+        for (w, m) in mailboxes.enumerated() {
+            m.post(.update(runtime, listenFDs: fdsPerWorker[w], counters: counters))
+        }
     }
 
     /// Stops accepting at once; connections get `timeout` to finish before they are closed.

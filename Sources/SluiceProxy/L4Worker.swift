@@ -8,7 +8,7 @@ import Synchronization
 /// Messages other threads post to a worker. Read between events, never while a request is in flight.
 public enum WorkerMessage: Sendable {
     /// Serve this runtime from now on; connections already open finish on the one they started with.
-    case update(ProxyRuntime)
+    case update(ProxyRuntime, listenFDs: [Int32], counters: [SharedCounter])
     /// Stop accepting; close what is still open at `deadline` (monotonic nanoseconds).
     case drain(deadline: UInt64)
 }
@@ -78,7 +78,6 @@ public final class L4Worker: RingHandler {
     struct Listening {
         var fd: Int32
         var runtimeIndex: Int
-        let limit: Int64
         let counter: SharedCounter
         let overflowSlot: Int
     }
@@ -107,6 +106,8 @@ public final class L4Worker: RingHandler {
     /// - Parameters:
     ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
     ///   - listenerCounters: connection counters shared across workers, one per listener.
+    /// Open connections allowed per listener, over all workers.
+    let connectionLimit: Int64
     /// Relay with splice(2) through pipes (no copy into user space) instead of provided buffers.
     let splice: Bool
     var pipes: PipePool!
@@ -121,11 +122,10 @@ public final class L4Worker: RingHandler {
         shard = registry.makeShard()
         stats = WorkerStats(registry: registry, shard: shard, worker: index)
         pipes = PipePool(shard: shard, gauge: stats.pipesInUse)
-        listeners = listenFDs.enumerated().map { i, fd in
-            Listening(fd: fd, runtimeIndex: i, limit: Int64(connectionLimit), counter: listenerCounters[i],
-                      overflowSlot: registry.counter("sluice_listener_overflow_total",
-                                                     help: "Connections refused by the listener's connection limit",
-                                                     labels: [("listener", runtime.listeners[i].config.name)]))
+        self.connectionLimit = Int64(connectionLimit)
+        listeners = []
+        for (i, fd) in listenFDs.enumerated() {
+            listeners.append(Listening(fd: fd, runtimeIndex: i, counter: listenerCounters[i], overflowSlot: overflowSlot(i)))
         }
     }
 
@@ -152,25 +152,52 @@ public final class L4Worker: RingHandler {
     public func woken() {
         for m in mailbox.take() {
             switch m {
-            case .update(let r):
+            case .update(let r, let fds, let counters):
                 adopt(r)
+                adoptListeners(fds: fds, counters: counters)
             case .drain(let deadline):
                 startDrain(deadline: deadline)
             }
         }
     }
 
+    /// Listener entries only grow (an accept's user_data names its entry by index); entries of removed
+    /// listeners keep fd -1.
+    private func adoptListeners(fds: [Int32], counters: [SharedCounter]) {
+        var byFD: [Int32: Int] = [:]
+        for (i, l) in listeners.enumerated() where l.fd >= 0 { byFD[l.fd] = i }
+        var kept = Set<Int>()
+        for (ri, fd) in fds.enumerated() {
+            if let i = byFD[fd] {
+                listeners[i].runtimeIndex = ri
+                kept.insert(i)
+            } else {
+                listeners.append(Listening(fd: fd, runtimeIndex: ri, counter: counters[ri], overflowSlot: overflowSlot(ri)))
+                kept.insert(listeners.count - 1)
+                if !draining { armAccept(listeners.count - 1) } else { close(fd); listeners[listeners.count - 1].fd = -1 }
+            }
+        }
+        for i in listeners.indices where listeners[i].fd >= 0 && !kept.contains(i) { closeListener(i) }
+    }
+
+    private func overflowSlot(_ runtimeIndex: Int) -> Int {
+        registry.counter("sluice_listener_overflow_total", help: "Connections refused by the listener's connection limit",
+                         labels: [("listener", runtime.listeners[runtimeIndex].config.name)])
+    }
+
+    private func closeListener(_ i: Int) {
+        let s = loop.uring.sqe()
+        io_uring_prep_cancel64(s, UserData(slot: UInt32(i), generation: 0, op: Op.accept.rawValue).raw, 0)
+        io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
+        close(listeners[i].fd)
+        listeners[i].fd = -1
+    }
+
     private func startDrain(deadline: UInt64) {
         guard !draining else { return }
         draining = true
         drainDeadline = deadline
-        for i in listeners.indices where listeners[i].fd >= 0 {
-            let s = loop.uring.sqe()
-            io_uring_prep_cancel64(s, UserData(slot: UInt32(i), generation: 0, op: Op.accept.rawValue).raw, 0)
-            io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
-            close(listeners[i].fd)
-            listeners[i].fd = -1
-        }
+        for i in listeners.indices where listeners[i].fd >= 0 { closeListener(i) }
         checkDrained()
     }
 
@@ -215,7 +242,7 @@ public final class L4Worker: RingHandler {
             close(fd)
             return
         }
-        if l.counter.add(1) >= l.limit {
+        if l.counter.add(1) >= connectionLimit {
             l.counter.add(-1)
             shard.add(l.overflowSlot)
             close(fd)
