@@ -2,57 +2,7 @@ import SluiceModel
 import XCTest
 
 final class DecodingTests: XCTestCase {
-    let mesh = """
-        apiVersion: networking.istio.io/v1
-        kind: Gateway
-        metadata: {name: edge, namespace: shop}
-        spec:
-          servers:
-          - port: {number: 8443, name: tcp, protocol: TCP}
-            bind: 127.0.0.1
-        ---
-        apiVersion: networking.istio.io/v1beta1
-        kind: VirtualService
-        metadata: {name: db, namespace: shop}
-        spec:
-          hosts: [db.shop.svc.cluster.local]
-          gateways: [edge]
-          tcp:
-          - match: [{port: 8443}]
-            route:
-            - destination: {host: db.shop.svc.cluster.local, subset: primary, port: {number: 5432}}
-              weight: 80
-            - destination: {host: db.shop.svc.cluster.local, subset: replica, port: {number: 5432}}
-              weight: 20
-        ---
-        apiVersion: networking.istio.io/v1
-        kind: ServiceEntry
-        metadata: {name: db, namespace: shop}
-        spec:
-          hosts: [db.shop.svc.cluster.local]
-          resolution: STATIC
-          ports: [{number: 5432, name: pg, protocol: TCP}]
-          endpoints:
-          - {address: 10.0.0.2, labels: {role: primary}, ports: {pg: 15432}}
-          - {address: 10.0.0.1, labels: {role: primary}, weight: 3}
-          - {address: "fd00::3", labels: {role: replica}}
-        ---
-        apiVersion: networking.istio.io/v1alpha3
-        kind: DestinationRule
-        metadata: {name: db, namespace: shop}
-        spec:
-          host: db.shop.svc.cluster.local
-          trafficPolicy:
-            loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}
-            connectionPool: {tcp: {maxConnections: 100, connectTimeout: 250ms, idleTimeout: 1h}}
-            outlierDetection: {consecutiveGatewayErrors: 2, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
-          subsets:
-          - name: primary
-            labels: {role: primary}
-          - name: replica
-            labels: {role: replica}
-            trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
-        """
+    let mesh = Fixtures.smallMesh
 
     func testDecodesEveryKindOfASmallMesh() {
         let (resources, diagnostics) = ResourceDecoder.decode(mesh, file: "mesh.yaml")
@@ -160,4 +110,59 @@ final class DecodingTests: XCTestCase {
         XCTAssertNil(parseIstioDuration("s"))
         XCTAssertNil(parseIstioDuration(""))
     }
+}
+
+/// A small mesh of every L4 kind, written as Istio users write it.
+enum Fixtures {
+    static  let smallMesh = """
+        apiVersion: networking.istio.io/v1
+        kind: Gateway
+        metadata: {name: edge, namespace: shop}
+        spec:
+          servers:
+          - port: {number: 8443, name: tcp, protocol: TCP}
+            bind: 127.0.0.1
+        ---
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: db, namespace: shop}
+        spec:
+          hosts: [db.shop.svc.cluster.local]
+          gateways: [edge]
+          tcp:
+          - match: [{port: 8443}]
+            route:
+            - destination: {host: db.shop.svc.cluster.local, subset: primary, port: {number: 5432}}
+              weight: 80
+            - destination: {host: db.shop.svc.cluster.local, subset: replica, port: {number: 5432}}
+              weight: 20
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: db, namespace: shop}
+        spec:
+          hosts: [db.shop.svc.cluster.local]
+          resolution: STATIC
+          ports: [{number: 5432, name: pg, protocol: TCP}]
+          endpoints:
+          - {address: 10.0.0.2, labels: {role: primary}, ports: {pg: 15432}}
+          - {address: 10.0.0.1, labels: {role: primary}, weight: 3}
+          - {address: "fd00::3", labels: {role: replica}}
+        ---
+        apiVersion: networking.istio.io/v1alpha3
+        kind: DestinationRule
+        metadata: {name: db, namespace: shop}
+        spec:
+          host: db.shop.svc.cluster.local
+          trafficPolicy:
+            loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}
+            connectionPool: {tcp: {maxConnections: 100, connectTimeout: 250ms, idleTimeout: 1h}}
+            outlierDetection: {consecutiveGatewayErrors: 2, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}
+          subsets:
+          - name: primary
+            labels: {role: primary}
+          - name: replica
+            labels: {role: replica}
+            trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+        """
 }
