@@ -20,7 +20,9 @@ public enum ResourceDecoder {
         var resources: [Resource] = []
         var diagnostics: [Diagnostic] = []
         do {
-            var docs = try Yams.compose_all(yaml: text)
+            // The basic resolver tags no scalar by regex (the default one runs ICU regexes on every scalar); the reader
+            // interprets scalars itself, field by field.
+            var docs = try Yams.compose_all(yaml: text, .basic)
             while let doc = docs.next() {
                 let sink = DiagnosticSink(file: file)
                 if let r = decodeDocument(doc, sink: sink), !sink.hasErrors { resources.append(r) }
