@@ -27,15 +27,29 @@ struct YAMLReader {
     let node: Node
     let path: String
     let sink: DiagnosticSink
+    /// A mapping's fields by key, built once: decoders look up many fields per mapping.
+    private let fields: [String: Node]
+
+    init(node: Node, path: String, sink: DiagnosticSink) {
+        self.node = node
+        self.path = path
+        self.sink = sink
+        var f: [String: Node] = [:]
+        if case .mapping(let m) = node {
+            f.reserveCapacity(m.count)
+            for (k, v) in m {
+                // Keys are unique here: Yams rejects a mapping with duplicate keys while composing.
+                if case .scalar(let s) = k, f[s.string] == nil { f[s.string] = v }
+            }
+        }
+        fields = f
+    }
 
     var line: Int? { node.mark?.line }
 
     func child(_ key: String) -> YAMLReader? {
-        guard case .mapping(let m) = node else { return nil }
-        for (k, v) in m where k.string == key {
-            return YAMLReader(node: v, path: path.isEmpty ? key : "\(path).\(key)", sink: sink)
-        }
-        return nil
+        guard let v = fields[key] else { return nil }
+        return YAMLReader(node: v, path: path.isEmpty ? key : "\(path).\(key)", sink: sink)
     }
 
     /// Reports every key of this mapping not in `known` as a warning (Istio ignores nothing silently here).

@@ -66,6 +66,13 @@ final class DecodingTests: XCTestCase {
         XCTAssertEqual(w?.line, 29)
     }
 
+    func testDuplicateFieldsAreErrors() {
+        let dup = mesh.replacingOccurrences(of: "resolution: STATIC", with: "resolution: STATIC\n  resolution: DNS")
+        let (_, diagnostics) = ResourceDecoder.decode(dup, file: "d.yaml")
+        XCTAssertEqual(diagnostics.count, 1)
+        XCTAssertTrue(diagnostics[0].message.contains("duplicated key(s): 'resolution'"), "\(diagnostics)")
+    }
+
     func testMissingSubsetIsACompileError() throws {
         let bad = mesh.replacingOccurrences(of: "subset: replica", with: "subset: canary")
         let (resources, _) = ResourceDecoder.decode(bad, file: "mesh.yaml")
