@@ -64,7 +64,11 @@ extension VirtualService {
             if routes.isEmpty { t.sink.error("\(t.path).route", t.line, "a tcp route needs at least one destination") }
             tcp.append(TCPRoute(match: matches, route: routes))
         }
-        return VirtualService(hosts: hosts, gateways: r.strings("gateways"), tcp: tcp)
+        let http = r.array("http").compactMap { HTTPRoute.decode($0) }
+        if http.isEmpty && tcp.isEmpty && r.child("tls") == nil {
+            r.sink.error(r.path, r.line, "a VirtualService needs at least one http or tcp route")
+        }
+        return VirtualService(hosts: hosts, gateways: r.strings("gateways"), http: http, tcp: tcp)
     }
 }
 
@@ -91,7 +95,8 @@ extension VirtualService.RouteDestination {
                 port = p.port("number")
             }
             let weight = d.int("weight", in: 0...100)
-            out.append(.init(destination: .init(host: host, subset: dest.string("subset"), port: port), weight: weight))
+            out.append(.init(destination: .init(host: host, subset: dest.string("subset"), port: port), weight: weight,
+                             headers: d.child("headers").flatMap { HeaderOperations.decode($0) }))
         }
         if out.count > 1 || out.contains(where: { $0.weight != nil }) {
             let sum = out.reduce(0) { $0 + ($1.weight ?? 0) }

@@ -108,6 +108,7 @@ public enum PortProtocol: String, Sendable, Hashable, CaseIterable {
 public struct VirtualService: Sendable, Hashable {
     public var hosts: [String]
     public var gateways: [String]
+    public var http: [HTTPRoute]
     public var tcp: [TCPRoute]
 
     public struct TCPRoute: Sendable, Hashable {
@@ -125,6 +126,7 @@ public struct VirtualService: Sendable, Hashable {
     public struct RouteDestination: Sendable, Hashable {
         public var destination: Destination
         public var weight: Int?
+        public var headers: HeaderOperations?
     }
 
     public struct Destination: Sendable, Hashable {

@@ -151,11 +151,38 @@ public struct SnapshotCompiler: Sendable {
                                        address: addr, protocol: server.port.protocol, routes: routes))
             }
         }
+        checkHTTPDestinations(sorted, destinationRules: destinationRules, serviceEntries: Set(serviceEntries.keys),
+                              into: &problems)
         if problems.contains(where: { $0.severity == .error }) { throw ConfigErrors(problems) }
         return NodeSnapshot(listeners: listeners, clusters: clusters)
     }
 
     typealias WeightedCluster = NodeSnapshot.WeightedCluster
+
+    /// HTTP destinations (routes and mirrors) must name subsets their DestinationRule defines (istioctl analyze's
+    /// IST0101). A host no ServiceEntry defines is only a warning: on Kubernetes it may be a Service.
+    private func checkHTTPDestinations(_ resources: [Resource], destinationRules: [String: DestinationRule],
+                                       serviceEntries: Set<String>, into problems: inout [Diagnostic]) {
+        for r in resources {
+            guard case .virtualService(let vs) = r.spec else { continue }
+            for (hi, route) in vs.http.enumerated() {
+                var dests = route.route.enumerated().map { ("spec.http[\(hi)].route[\($0.offset)].destination", $0.element.destination) }
+                if let m = route.mirror { dests.append(("spec.http[\(hi)].mirror", m)) }
+                for (path, d) in dests {
+                    if let subset = d.subset, !(destinationRules[d.host]?.subsets.contains { $0.name == subset } ?? false) {
+                        problems.append(err(r, "\(path).subset",
+                                            "subset '\(subset)' of \(d.host) is not defined by any DestinationRule",
+                                            hint: "add it under spec.subsets of the DestinationRule for \(d.host)"))
+                    }
+                    if !serviceEntries.contains(d.host) && !d.host.hasSuffix(".svc.cluster.local") {
+                        problems.append(Diagnostic(.warning, file: r.source.file, line: r.source.line, resource: r.reference,
+                                                   path: "\(path).host", message: "no ServiceEntry defines host '\(d.host)'",
+                                                   hint: "add a ServiceEntry, or check the host name"))
+                    }
+                }
+            }
+        }
+    }
 
     private func err(_ r: Resource, _ path: String, _ message: String, hint: String? = nil) -> Diagnostic {
         Diagnostic(.error, file: r.source.file, line: r.source.line, resource: r.reference, path: path,

@@ -112,6 +112,19 @@ struct YAMLReader {
         return v
     }
 
+    func double(_ key: String, in range: ClosedRange<Double>) -> Double? {
+        guard let c = child(key) else { return nil }
+        guard case .scalar(let s) = c.node, let v = Double(s.string), v.isFinite else {
+            sink.error(c.path, c.line, "expected a number")
+            return nil
+        }
+        guard range.contains(v) else {
+            sink.error(c.path, c.line, "\(v) is out of range \(range.lowerBound)...\(range.upperBound)")
+            return nil
+        }
+        return v
+    }
+
     func port(_ key: String) -> UInt16? {
         guard let c = child(key) else { return nil }
         return c.asPort()
