@@ -9,6 +9,7 @@ public enum ResourceDecoder {
         "networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3",
     ]
     static let sluiceVersions: Set<String> = ["sluice.dev/v1"]
+    static let securityVersions: Set<String> = ["security.istio.io/v1", "security.istio.io/v1beta1"]
 
     /// Decodes every document of `text`. Returns the resources that decoded without errors and all diagnostics.
     public static func decode(_ text: String, file: String) -> (resources: [Resource], diagnostics: [Diagnostic]) {
@@ -52,7 +53,11 @@ public enum ResourceDecoder {
                          hint: "supported kinds: \(ResourceKind.allCases.map(\.rawValue).joined(separator: ", "))")
             return nil
         }
-        let expectedVersions = kind == .healthCheck ? sluiceVersions : networkingVersions
+        let expectedVersions: Set<String> = switch kind {
+        case .healthCheck: sluiceVersions
+        case .authorizationPolicy, .peerAuthentication, .requestAuthentication: securityVersions
+        default: networkingVersions
+        }
         guard expectedVersions.contains(apiVersion) else {
             sink.error("apiVersion", root.child("apiVersion")?.line,
                        "apiVersion '\(apiVersion)' does not define \(kindText)",
@@ -72,6 +77,9 @@ public enum ResourceDecoder {
         case .serviceEntry: decoded = ServiceEntry.decode(spec).map { .serviceEntry($0) }
         case .workloadEntry: decoded = WorkloadEntry.decode(spec).map { .workloadEntry($0) }
         case .healthCheck: decoded = HealthCheck.decode(spec).map { .healthCheck($0) }
+        case .authorizationPolicy: decoded = AuthorizationPolicy.decode(spec).map { .authorizationPolicy($0) }
+        case .peerAuthentication: decoded = PeerAuthentication.decode(spec).map { .peerAuthentication($0) }
+        case .requestAuthentication: decoded = RequestAuthentication.decode(spec).map { .requestAuthentication($0) }
         }
         guard let decoded else { return nil }
         return Resource(metadata: meta, spec: decoded, source: SourceLocation(file: sink.file, line: node.mark?.line))

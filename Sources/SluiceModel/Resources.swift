@@ -32,6 +32,9 @@ public enum ResourceKind: String, Sendable, CaseIterable {
     case serviceEntry = "ServiceEntry"
     case workloadEntry = "WorkloadEntry"
     case healthCheck = "HealthCheck"
+    case authorizationPolicy = "AuthorizationPolicy"
+    case peerAuthentication = "PeerAuthentication"
+    case requestAuthentication = "RequestAuthentication"
 }
 
 public struct Resource: Sendable, Hashable {
@@ -42,6 +45,9 @@ public struct Resource: Sendable, Hashable {
         case serviceEntry(ServiceEntry)
         case workloadEntry(WorkloadEntry)
         case healthCheck(HealthCheck)
+        case authorizationPolicy(AuthorizationPolicy)
+        case peerAuthentication(PeerAuthentication)
+        case requestAuthentication(RequestAuthentication)
     }
 
     public var metadata: ObjectMeta
@@ -62,6 +68,9 @@ public struct Resource: Sendable, Hashable {
         case .serviceEntry: .serviceEntry
         case .workloadEntry: .workloadEntry
         case .healthCheck: .healthCheck
+        case .authorizationPolicy: .authorizationPolicy
+        case .peerAuthentication: .peerAuthentication
+        case .requestAuthentication: .requestAuthentication
         }
     }
 

@@ -1,0 +1,65 @@
+/// `security.istio.io/v1`: AuthorizationPolicy, PeerAuthentication, RequestAuthentication.
+
+public struct AuthorizationPolicy: Sendable, Hashable {
+    public enum Action: String, Sendable, Hashable { case allow = "ALLOW", deny = "DENY", audit = "AUDIT", custom = "CUSTOM" }
+
+    public struct Source: Sendable, Hashable {
+        public var principals: [String] = [], notPrincipals: [String] = []
+        public var requestPrincipals: [String] = [], notRequestPrincipals: [String] = []
+        public var namespaces: [String] = [], notNamespaces: [String] = []
+        public var ipBlocks: [String] = [], notIpBlocks: [String] = []
+        public var remoteIpBlocks: [String] = [], notRemoteIpBlocks: [String] = []
+    }
+
+    public struct Operation: Sendable, Hashable {
+        public var hosts: [String] = [], notHosts: [String] = []
+        public var ports: [UInt16] = [], notPorts: [UInt16] = []
+        public var methods: [String] = [], notMethods: [String] = []
+        public var paths: [String] = [], notPaths: [String] = []
+    }
+
+    public struct Condition: Sendable, Hashable {
+        public var key: String
+        public var values: [String]
+        public var notValues: [String]
+    }
+
+    public struct Rule: Sendable, Hashable {
+        public var from: [Source]
+        public var to: [Operation]
+        public var when: [Condition]
+    }
+
+    public var selector: [String: String]?
+    public var action: Action
+    /// The external authorizer for CUSTOM.
+    public var provider: String?
+    /// `nil` rules: the policy has no `rules` field (ALLOW with none denies everything, Istio's "allow-nothing").
+    public var rules: [Rule]?
+}
+
+public struct PeerAuthentication: Sendable, Hashable {
+    public enum Mode: String, Sendable, Hashable { case unset = "UNSET", disable = "DISABLE", permissive = "PERMISSIVE", strict = "STRICT" }
+    public var selector: [String: String]?
+    public var mode: Mode
+    public var portLevel: [UInt16: Mode]
+}
+
+public struct RequestAuthentication: Sendable, Hashable {
+    public struct JWTRule: Sendable, Hashable {
+        public var issuer: String
+        public var audiences: [String]
+        public var jwksUri: String?
+        public var jwks: String?
+        public var fromHeaders: [(name: String, prefix: String?)] {
+            zip(fromHeaderNames, fromHeaderPrefixes).map { ($0, $1) }
+        }
+        var fromHeaderNames: [String]
+        var fromHeaderPrefixes: [String?]
+        public var fromParams: [String]
+        public var forwardOriginalToken: Bool
+        public var outputPayloadToHeader: String?
+    }
+    public var selector: [String: String]?
+    public var jwtRules: [JWTRule]
+}
