@@ -54,7 +54,7 @@ public enum ResourceDecoder {
             return nil
         }
         let expectedVersions: Set<String> = switch kind {
-        case .healthCheck: sluiceVersions
+        case .healthCheck, .rateLimitPolicy, .meshConfig: sluiceVersions
         case .authorizationPolicy, .peerAuthentication, .requestAuthentication: securityVersions
         default: networkingVersions
         }
@@ -80,6 +80,8 @@ public enum ResourceDecoder {
         case .authorizationPolicy: decoded = AuthorizationPolicy.decode(spec).map { .authorizationPolicy($0) }
         case .peerAuthentication: decoded = PeerAuthentication.decode(spec).map { .peerAuthentication($0) }
         case .requestAuthentication: decoded = RequestAuthentication.decode(spec).map { .requestAuthentication($0) }
+        case .rateLimitPolicy: decoded = RateLimitPolicy.decode(spec).map { .rateLimitPolicy($0) }
+        case .meshConfig: decoded = MeshConfig.decode(spec).map { .meshConfig($0) }
         }
         guard let decoded else { return nil }
         return Resource(metadata: meta, spec: decoded, source: SourceLocation(file: sink.file, line: node.mark?.line))

@@ -35,6 +35,8 @@ public enum ResourceKind: String, Sendable, CaseIterable {
     case authorizationPolicy = "AuthorizationPolicy"
     case peerAuthentication = "PeerAuthentication"
     case requestAuthentication = "RequestAuthentication"
+    case rateLimitPolicy = "RateLimitPolicy"
+    case meshConfig = "MeshConfig"
 }
 
 public struct Resource: Sendable, Hashable {
@@ -48,6 +50,8 @@ public struct Resource: Sendable, Hashable {
         case authorizationPolicy(AuthorizationPolicy)
         case peerAuthentication(PeerAuthentication)
         case requestAuthentication(RequestAuthentication)
+        case rateLimitPolicy(RateLimitPolicy)
+        case meshConfig(MeshConfig)
     }
 
     public var metadata: ObjectMeta
@@ -71,6 +75,8 @@ public struct Resource: Sendable, Hashable {
         case .authorizationPolicy: .authorizationPolicy
         case .peerAuthentication: .peerAuthentication
         case .requestAuthentication: .requestAuthentication
+        case .rateLimitPolicy: .rateLimitPolicy
+        case .meshConfig: .meshConfig
         }
     }
 

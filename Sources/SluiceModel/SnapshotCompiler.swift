@@ -2,10 +2,6 @@
 ///
 /// Deterministic: resources are taken in a canonical order, so the same input gives the same snapshot.
 public struct SnapshotCompiler: Sendable {
-    /// Istio's default connect timeout.
-    public static let defaultConnectTimeout: Duration = .seconds(10)
-    /// Istio's default TCP idle timeout.
-    public static let defaultIdleTimeout: Duration = .seconds(3600)
 
     public init() {}
 
@@ -18,6 +14,7 @@ public struct SnapshotCompiler: Sendable {
         var destinationRules: [String: DestinationRule] = [:]
         var healthChecks: [String: HealthCheck] = [:]
         var workloadEntries: [(Resource, WorkloadEntry)] = []
+        var meshConfigResource: Resource?
         for r in sorted {
             switch r.spec {
             case .serviceEntry(let se):
@@ -30,10 +27,18 @@ public struct SnapshotCompiler: Sendable {
             case .destinationRule(let dr): destinationRules[dr.host] = dr
             case .healthCheck(let hc): healthChecks[hc.host] = hc
             case .workloadEntry(let we): workloadEntries.append((r, we))
+            case .meshConfig:
+                if let first = meshConfigResource {
+                    problems.append(err(r, "", "a second MeshConfig (the first is \(first.reference) in \(first.source.file))",
+                                        hint: "keep one MeshConfig for the mesh"))
+                }
+                meshConfigResource = r
             default: break
             }
         }
 
+        var mesh = MeshConfig.defaults
+        if case .meshConfig(let m)? = meshConfigResource?.spec { mesh = m }
         var clusters: [NodeSnapshot.Cluster] = []
         var clusterIndex: [String: Int] = [:]
         func cluster(for dest: VirtualService.Destination, from r: Resource, path: String) -> Int? {
@@ -97,8 +102,8 @@ public struct SnapshotCompiler: Sendable {
                 name: name, serviceHost: dest.host, servicePort: port.number, endpoints: endpoints,
                 loadBalancer: policy.loadBalancer ?? .simple(.roundRobin),
                 outlierDetection: policy.outlierDetection,
-                connectTimeout: policy.connectionPool?.connectTimeout ?? Self.defaultConnectTimeout,
-                idleTimeout: policy.connectionPool?.idleTimeout ?? Self.defaultIdleTimeout,
+                connectTimeout: policy.connectionPool?.connectTimeout ?? mesh.connectTimeout,
+                idleTimeout: policy.connectionPool?.idleTimeout ?? mesh.tcpIdleTimeout,
                 maxConnections: policy.connectionPool?.maxConnections,
                 healthCheck: healthChecks[dest.host])
             clusters.append(c)

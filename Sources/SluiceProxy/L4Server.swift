@@ -157,6 +157,17 @@ public final class L4Server: @unchecked Sendable {
         for m in mailboxes { m.post(.drain(deadline: deadline)) }
     }
 
+    /// Waits up to `timeout` for every worker to finish; false if some are still running (nothing is joined then).
+    public func wait(timeout: Duration) -> Bool {
+        let deadline = EventLoop.monotonicNanos() + UInt64(max(0, timeout.nanosecondsClamped))
+        while isRunning {
+            if EventLoop.monotonicNanos() >= deadline { return false }
+            usleep(5_000)
+        }
+        wait()
+        return true
+    }
+
     /// Blocks until every worker has finished.
     public func wait() {
         for t in threads { pthread_join(t, nil) }

@@ -90,10 +90,14 @@ enum Harness {
             self.health = health
             self.ports = ports
         }
-        func stop() {
+        /// Stops the proxy; a worker that does not finish fails the test (with its gauges) instead of hanging the suite.
+        func stop(file: StaticString = #filePath, line: UInt = #line) {
             health.stop()
             server.drain(timeout: .zero)
-            server.wait()
+            if !server.wait(timeout: .seconds(20)) {
+                let gauges = registry.render().split(separator: "\n").filter { $0.hasPrefix("sluice_worker") }
+                XCTFail("workers did not finish within 20 s of a drain: \(gauges)", file: file, line: line)
+            }
         }
         func metric(_ name: String) -> Int64 { registry.total(name) }
         /// Waits until `condition` holds, up to `timeout` seconds.

@@ -237,7 +237,7 @@ class L4ProxyTests: XCTestCase {
         XCTAssertEqual(open.receive(exactly: 1), [120])
         let start = Date()
         p.server.drain(timeout: .milliseconds(300))
-        p.server.wait()
+        XCTAssertTrue(p.server.wait(timeout: .seconds(20)), "workers finish once the deadline closed the connection")
         XCTAssertLessThan(Date().timeIntervalSince(start), 3)
         XCTAssertNotEqual(open.receive(), [120], "the connection was closed by the deadline")
         open.close()
