@@ -105,6 +105,8 @@ public final class L4Server: @unchecked Sendable {
         return (fdsPerWorker, counters, ports)
     }
 
+    /// Binds every listener, starts the workers and returns once each has its listeners armed, so a drain or
+    /// update posted right after cannot race a worker that is still starting.
     public func start(_ runtime: ProxyRuntime) throws(StartError) {
         let (fdsPerWorker, counters, bound) = try bindListeners(runtime)
         ports.withLock { $0 = bound }
@@ -127,8 +129,8 @@ public final class L4Server: @unchecked Sendable {
                 }
                 let worker = L4Worker(index: w, runtime: runtime, listenFDs: fds, listenerCounters: counters,
                                       connectionLimit: opts.connectionLimit, registry: registry, mailbox: mailbox,
-                                      splice: opts.splice)
-                readyCount.add(1, ordering: .releasing)
+                                      splice: opts.splice,
+                                      onAttached: { self.readyCount.add(1, ordering: .releasing) })
                 loop.run(worker)
             })
         }

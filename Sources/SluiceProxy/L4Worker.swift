@@ -106,6 +106,8 @@ public final class L4Worker: RingHandler {
     /// - Parameters:
     ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
     ///   - listenerCounters: connection counters shared across workers, one per listener.
+    /// Called once the worker's listeners are armed (the server's start waits for it).
+    var onAttached: (() -> Void)?
     /// Open connections allowed per listener, over all workers.
     let connectionLimit: Int64
     /// Relay with splice(2) through pipes (no copy into user space) instead of provided buffers.
@@ -113,8 +115,10 @@ public final class L4Worker: RingHandler {
     var pipes: PipePool!
 
     public init(index: Int, runtime: ProxyRuntime, listenFDs: [Int32], listenerCounters: [SharedCounter],
-                connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox, splice: Bool = false) {
+                connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox, splice: Bool = false,
+                onAttached: (() -> Void)? = nil) {
         self.index = index
+        self.onAttached = onAttached
         self.splice = splice
         self.runtime = runtime
         self.registry = registry
@@ -135,6 +139,11 @@ public final class L4Worker: RingHandler {
         mailbox.bind(fd: loop.wakeFD)
         adopt(runtime)
         for i in listeners.indices { armAccept(i) }
+        // Messages posted before the mailbox knew this loop's eventfd (e.g. a drain right after start) woke
+        // nobody: take them now.
+        woken()
+        onAttached?()
+        onAttached = nil
     }
 
     // MARK: - configuration

@@ -229,6 +229,12 @@ class L4ProxyTests: XCTestCase {
         XCTAssertTrue(p.eventually(5) { !p.server.isRunning }, "workers finish once the last connection closes")
     }
 
+    func testDrainRightAfterStartFinishes() throws {
+        let p = try proxy(Harness.mesh(ports: [Harness.deadPort()]), workers: 2)
+        p.server.drain(timeout: .zero)
+        XCTAssertTrue(p.server.wait(timeout: .seconds(10)), "a drain posted before the workers' loops run is not lost")
+    }
+
     func testDrainDeadlineClosesConnectionsThatDoNotFinish() throws {
         let ports = try backends(["echo:0"])
         let p = try proxy(Harness.mesh(ports: ports), workers: 1)
@@ -316,6 +322,7 @@ final class L4ProxyBufferRelayTests: L4ProxyTests {
     override func testNoAvailableEndpointClosesTheClientConnection() throws { try super.testNoAvailableEndpointClosesTheClientConnection() }
     override func testConnectionLimitRefusesConnectionsOverTheLimit() throws { try super.testConnectionLimitRefusesConnectionsOverTheLimit() }
     override func testDrainLetsOpenConnectionsFinishAndRefusesNewOnes() throws { try super.testDrainLetsOpenConnectionsFinishAndRefusesNewOnes() }
+    override func testDrainRightAfterStartFinishes() throws { try super.testDrainRightAfterStartFinishes() }
     override func testDrainDeadlineClosesConnectionsThatDoNotFinish() throws { try super.testDrainDeadlineClosesConnectionsThatDoNotFinish() }
     override func testIdleTimeoutClosesQuietConnections() throws { try super.testIdleTimeoutClosesQuietConnections() }
     override func testTenThousandConnectionsWithResetsAndStallsLeakNothing() throws { try super.testTenThousandConnectionsWithResetsAndStallsLeakNothing() }
