@@ -106,6 +106,15 @@ final class DecodingTests: XCTestCase {
         XCTAssertTrue(diagnostics[0].message.hasPrefix("not valid YAML"))
     }
 
+    func testJSONDecodesLikeYAML() {
+        let json = #"{"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "r"}, "#
+            + #""spec": {"host": "a.b", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}}"#
+        let (resources, diagnostics) = ResourceDecoder.decode(json, file: "r.json")
+        XCTAssertEqual(diagnostics, [])
+        guard case .destinationRule(let dr)? = resources.first?.spec else { return XCTFail() }
+        XCTAssertEqual(dr.trafficPolicy?.loadBalancer, .simple(.random))
+    }
+
     func testDurationsParseIstioSyntax() {
         XCTAssertEqual(parseIstioDuration("1s"), .seconds(1))
         XCTAssertEqual(parseIstioDuration("0.5s"), .milliseconds(500))
