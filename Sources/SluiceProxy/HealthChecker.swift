@@ -37,7 +37,14 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     func runDue(now: UInt64) {
-        for c in clusters.withLock({ $0 }) {
+        let current = clusters.withLock { $0 }
+        // Forget clusters a reload replaced, so state does not pile up across updates.
+        let live = Set(current.map(ObjectIdentifier.init))
+        if streaks.keys.contains(where: { !live.contains($0) }) {
+            streaks = streaks.filter { live.contains($0.key) }
+            lastRun = lastRun.filter { live.contains($0.key) }
+        }
+        for c in current {
             guard let hc = c.config.healthCheck else { continue }
             let id = ObjectIdentifier(c)
             let interval = UInt64(max(0, hc.interval.nanosecondsClamped))
