@@ -184,7 +184,7 @@ public final class Agent: @unchecked Sendable {
             return false
         }
         if current.withLock({ $0?.snapshot == snapshot }) { return true }
-        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry)
+        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 })
         do {
             try server?.update(runtime)
         } catch {

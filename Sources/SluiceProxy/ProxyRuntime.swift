@@ -133,9 +133,13 @@ public final class ProxyRuntime: @unchecked Sendable {
     public let clusters: [ClusterRuntime]
     public let listeners: [ListenerRuntime]
 
-    public init(snapshot: NodeSnapshot, registry: MetricsRegistry) {
+    /// - Parameter previous: the runtime being replaced; clusters whose configuration did not change are carried
+    ///   over as the same objects, so their health, ejections and balancer state survive the update.
+    public init(snapshot: NodeSnapshot, registry: MetricsRegistry, previous: ProxyRuntime? = nil) {
         self.snapshot = snapshot
-        clusters = snapshot.clusters.map { ClusterRuntime(config: $0, registry: registry) }
+        var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
+        for c in previous?.clusters ?? [] { reusable[c.config] = c }
+        clusters = snapshot.clusters.map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry) }
         listeners = snapshot.listeners.map { [clusters] in ListenerRuntime(config: $0, clusters: clusters) }
     }
 }

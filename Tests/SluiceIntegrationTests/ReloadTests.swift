@@ -2,6 +2,9 @@ import Foundation
 import Glibc
 import Logging
 import SluiceAgent
+import SluiceModel
+import SluiceProxy
+import SluiceTelemetry
 import XCTest
 
 /// `--local-config DIR` hot reload: changes apply without a restart, a bad update keeps the last good config.
@@ -64,5 +67,34 @@ final class ReloadTests: XCTestCase {
         usleep(100_000)
         XCTAssertThrowsError(try Client(port: p2), "removed listener no longer accepts")
         held.close()
+    }
+
+    func testUnchangedClustersKeepTheirHealthAcrossAReload() throws {
+        let (backends, ports) = try Harness.backends(["tag:0:alive"])
+        defer { backends.terminate(); backends.waitUntilExit() }
+        let dead = Harness.deadPort()
+        let check = "\n---\napiVersion: sluice.dev/v1\nkind: HealthCheck\nmetadata: {name: hc}\n"
+            + "spec: {host: svc0.test.svc.cluster.local, interval: 1h, timeout: 200ms, unhealthyThreshold: 1}\n"
+        let (resources, _) = ResourceDecoder.decode(Harness.mesh(ports: [dead, ports[0]], extra: check), file: "m.yaml")
+        let snapshot = try SnapshotCompiler().compile(resources)
+        let registry = MetricsRegistry()
+        let first = ProxyRuntime(snapshot: snapshot, registry: registry)
+        let health = HealthChecker()
+        health.update(first)
+        health.start()
+        defer { health.stop() }
+        let deadIndex = first.clusters[0].config.endpoints.firstIndex { $0.address.port == dead }!
+        for _ in 0..<100 where first.clusters[0].health.isHealthy(deadIndex) { usleep(20_000) }
+        XCTAssertFalse(first.clusters[0].health.isHealthy(deadIndex))
+        // Same cluster, one more listener elsewhere: the cluster object, and what it knows, carries over.
+        var changed = snapshot
+        changed.listeners.append(changed.listeners[0])
+        let second = ProxyRuntime(snapshot: changed, registry: registry, previous: first)
+        XCTAssertTrue(second.clusters[0] === first.clusters[0])
+        XCTAssertFalse(second.clusters[0].health.isHealthy(deadIndex), "no hour-long wait for the next check")
+        var moved = snapshot
+        moved.clusters[0].connectTimeout = .seconds(1)
+        XCTAssertFalse(ProxyRuntime(snapshot: moved, registry: registry, previous: first).clusters[0] === first.clusters[0],
+                       "a changed cluster starts fresh")
     }
 }
