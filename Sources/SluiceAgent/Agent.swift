@@ -132,24 +132,13 @@ public final class Agent: @unchecked Sendable {
             logger.info("listening", metadata: ["listener": "\(l.name)", "address": "\(l.address.ip):\(port)",
                                                 "routes": "\(l.routes.map { snapshot.clusters[$0.cluster].name })"])
         }
-        logger.info("agent ready", metadata: ["workers": "\(options.workers)", "metrics": "\(options.metricsAddress)",
+        let ring = server.ringFeatures.map { "\($0)" } ?? "?"
+        logger.info("agent ready", metadata: ["workers": "\(options.workers)", "io_uring": "\(ring)",
+                                              "metrics": "\(options.metricsAddress)",
                                               "readiness": "\(options.readinessAddress)"])
     }
 
     // MARK: - hot reload
-
-    /// What identifies the configuration's current content cheaply: names, sizes and modification times.
-    static func fingerprint(_ path: String) -> [String] {
-        let fm = FileManager.default
-        var isDir: ObjCBool = false
-        guard fm.fileExists(atPath: path, isDirectory: &isDir) else { return [] }
-        let files = isDir.boolValue ? ((try? fm.contentsOfDirectory(atPath: path)) ?? []).sorted().map { path + "/" + $0 } : [path]
-        return files.map { f in
-            let a = try? fm.attributesOfItem(atPath: f)
-            let mtime = (a?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
-            return "\(f) \(a?[.size] ?? 0) \(mtime)"
-        }
-    }
 
     private let watching = Atomic<Bool>(false)
 
@@ -159,10 +148,10 @@ public final class Agent: @unchecked Sendable {
         let path = options.localConfig
         let interval = options.reloadInterval
         _ = startThread(name: "sluice-config") { [self] in
-            var last = Self.fingerprint(path)
+            var last = ConfigLoader.fingerprint(path)
             while watching.load(ordering: .relaxed) {
                 usleep(UInt32(clamping: interval.milliseconds * 1000))
-                let now = Self.fingerprint(path)
+                let now = ConfigLoader.fingerprint(path)
                 if now != last {
                     last = now
                     reload()

@@ -11,19 +11,29 @@ public enum ConfigLoader {
         public var errors: [Diagnostic] { diagnostics.filter { $0.severity == .error } }
     }
 
-    public static func load(path: String) -> Result {
+    /// The configuration files `path` names, in load order; nil if `path` does not exist.
+    public static func files(at path: String) -> [String]? {
         var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return nil }
+        guard isDir.boolValue else { return [path] }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        return names.filter { $0.hasSuffix(".yaml") || $0.hasSuffix(".yml") || $0.hasSuffix(".json") }
+            .sorted().map { path + "/" + $0 }
+    }
+
+    /// What identifies the configuration's content cheaply, for change detection: names, sizes, modification times.
+    public static func fingerprint(_ path: String) -> [String] {
+        (files(at: path) ?? []).map { f in
+            let a = try? FileManager.default.attributesOfItem(atPath: f)
+            let mtime = (a?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
+            return "\(f) \(a?[.size] ?? 0) \(mtime)"
+        }
+    }
+
+    public static func load(path: String) -> Result {
+        guard let files = files(at: path) else {
             return Result(resources: [], diagnostics: [Diagnostic(.error, file: path, line: nil, resource: nil, path: "",
                                                                   message: "no such file or directory")])
-        }
-        var files: [String] = []
-        if isDir.boolValue {
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-            files = names.filter { $0.hasSuffix(".yaml") || $0.hasSuffix(".yml") || $0.hasSuffix(".json") }
-                .sorted().map { path + "/" + $0 }
-        } else {
-            files = [path]
         }
         var result = Result(resources: [], diagnostics: [])
         for f in files {

@@ -30,6 +30,14 @@ public func parseIstioDuration(_ text: String) -> Duration? {
 }
 
 extension Duration {
+    /// Whole nanoseconds, clamped to 0...UInt64.max: what deadlines on a monotonic clock need.
+    public var clampedNanoseconds: UInt64 {
+        let (s, atto) = components
+        guard s >= 0 else { return 0 }
+        guard s < Int64(UInt64.max / 1_000_000_000) - 1 else { return UInt64.max }
+        return UInt64(s) * 1_000_000_000 + UInt64(max(0, atto / 1_000_000_000))
+    }
+
     /// Whole milliseconds, rounded down.
     public var milliseconds: Int64 {
         let (s, atto) = components

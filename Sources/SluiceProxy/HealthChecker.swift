@@ -47,7 +47,7 @@ public final class HealthChecker: @unchecked Sendable {
         for c in current {
             guard let hc = c.config.healthCheck else { continue }
             let id = ObjectIdentifier(c)
-            let interval = UInt64(max(0, hc.interval.nanosecondsClamped))
+            let interval = hc.interval.clampedNanoseconds
             if let last = lastRun[id], now - last < interval { continue }
             lastRun[id] = now
             check(c, hc)
@@ -58,7 +58,7 @@ public final class HealthChecker: @unchecked Sendable {
         let n = c.config.endpoints.count
         var s = streaks[ObjectIdentifier(c)] ?? Array(repeating: Streak(), count: n)
         let results = Self.probe(addresses: (0..<n).map { c.addresses[$0] },
-                                 timeoutMillis: Int32(clamping: hc.timeout.nanosecondsClamped / 1_000_000))
+                                 timeoutMillis: Int32(clamping: hc.timeout.milliseconds))
         for i in 0..<n {
             if results[i] {
                 s[i].ok += 1

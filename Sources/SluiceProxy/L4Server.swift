@@ -43,6 +43,9 @@ public final class L4Server: @unchecked Sendable {
     private let runningWorkers = Atomic<Int>(0)
     private let startErrors = Mutex<[RingError]>([])
     private let readyCount = Atomic<Int>(0)
+    private let features = Mutex<RingFeatures?>(nil)
+    /// The io_uring setup the kernel accepted (known once started), for the start-up log.
+    public var ringFeatures: RingFeatures? { features.withLock { $0 } }
     private let ports = Mutex<[UInt16]>([])
     /// The ports the current listeners actually bound, in runtime order (useful when a config asks for port 0).
     public var boundPorts: [UInt16] { ports.withLock { $0 } }
@@ -127,6 +130,7 @@ public final class L4Server: @unchecked Sendable {
                     for fd in fds { close(fd) }
                     return
                 }
+                if w == 0 { features.withLock { $0 = loop.uring.features } }
                 let worker = L4Worker(index: w, runtime: runtime, listenFDs: fds, listenerCounters: counters,
                                       connectionLimit: opts.connectionLimit, registry: registry, mailbox: mailbox,
                                       splice: opts.splice,
@@ -155,13 +159,13 @@ public final class L4Server: @unchecked Sendable {
 
     /// Stops accepting at once; connections get `timeout` to finish before they are closed.
     public func drain(timeout: Duration) {
-        let deadline = EventLoop.monotonicNanos() + UInt64(max(0, timeout.nanosecondsClamped))
+        let deadline = EventLoop.monotonicNanos() &+ min(timeout.clampedNanoseconds, UInt64.max / 2)
         for m in mailboxes { m.post(.drain(deadline: deadline)) }
     }
 
     /// Waits up to `timeout` for every worker to finish; false if some are still running (nothing is joined then).
     public func wait(timeout: Duration) -> Bool {
-        let deadline = EventLoop.monotonicNanos() + UInt64(max(0, timeout.nanosecondsClamped))
+        let deadline = EventLoop.monotonicNanos() &+ min(timeout.clampedNanoseconds, UInt64.max / 2)
         while isRunning {
             if EventLoop.monotonicNanos() >= deadline { return false }
             usleep(5_000)

@@ -85,17 +85,13 @@ extension L4Worker {
     func waitReadable(_ slot: UInt32, _ source: TCPRelay.Side) {
         let s = loop.uring.sqe()
         io_uring_prep_poll_add(s, fd(slot, source), UInt32(POLLIN) | sl_pollrdhup())
-        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: conns[Int(slot)].generation,
-                                            op: (source == .downstream ? Op.readableDown : Op.readableUp).rawValue).raw)
-        conns[Int(slot)].pending += 1
+        track(s, slot, source == .downstream ? .readableDown : .readableUp)
     }
 
     func waitWritable(_ slot: UInt32, _ sink: TCPRelay.Side) {
         let s = loop.uring.sqe()
         io_uring_prep_poll_add(s, fd(slot, sink), UInt32(POLLOUT))
-        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: conns[Int(slot)].generation,
-                                            op: (sink == .downstream ? Op.writableDown : Op.writableUp).rawValue).raw)
-        conns[Int(slot)].pending += 1
+        track(s, slot, sink == .downstream ? .writableDown : .writableUp)
     }
 
     /// The source is readable: move what it has into the pipe, then on to the sink.
@@ -103,7 +99,7 @@ extension L4Worker {
         let src = fd(slot, source)
         conns[Int(slot)].lastActive = loop.now
         let m = conns[Int(slot)].cluster!.runtime.metrics
-        let pool = pipes!
+        let pool = pipes
         var failure: Int32 = 0
         var moved = 0
         withFlow(slot, source) { f in
@@ -140,41 +136,39 @@ extension L4Worker {
     /// Moves the pipe's bytes of the flow read from `source` to the other side; waits for the sink or the source
     /// as needed, and half-closes once the source has ended and everything is delivered.
     func spliceOut(_ slot: UInt32, _ source: TCPRelay.Side) {
+        enum Next { case failed(Int32), waitForSink, readMore, ended(shutDownNow: Bool) }
         let sink = source.other
         let dst = fd(slot, sink)
-        var failure: Int32 = 0
-        withFlow(slot, source) { f in
+        let pool = pipes
+        let next: Next = withFlow(slot, source) { f in
             while f.inPipe > 0 {
                 let n = sl_splice_move(f.pipeRead, dst, f.inPipe)
                 if n > 0 {
                     f.inPipe -= n
-                    continue
+                } else if n < 0 && n != -Int(EAGAIN) {
+                    return .failed(Int32(-n))
+                } else {
+                    return .waitForSink
                 }
-                if n < 0 && n != -Int(EAGAIN) { failure = Int32(-n) }
-                break
             }
+            pool.release(&f)
+            guard f.eof else { return .readMore }
+            defer { f.shutDown = true }
+            return .ended(shutDownNow: !f.shutDown)
         }
-        if failure != 0 {
-            failRelay(slot, reset: failure == ECONNRESET || failure == EPIPE)
-            return
-        }
-        let flow = source == .downstream ? conns[Int(slot)].flows.0 : conns[Int(slot)].flows.1
-        if flow.inPipe > 0 {
+        switch next {
+        case .failed(let e):
+            failRelay(slot, reset: e == ECONNRESET || e == EPIPE)
+        case .waitForSink:
             // Back-pressure: the sink is full; do not read the source until it drains, but still notice if the
             // source resets meanwhile.
             waitWritable(slot, sink)
             watchErrors(slot, source)
-            return
-        }
-        withFlow(slot, source) { pipes.release(&$0) }
-        if flow.eof {
-            if !flow.shutDown {
-                withFlow(slot, source) { $0.shutDown = true }
-                shutdown(dst, Int32(SHUT_WR))
-            }
-            if conns[Int(slot)].flows.0.shutDown && conns[Int(slot)].flows.1.shutDown { teardown(slot, reset: false) }
-        } else {
+        case .readMore:
             waitReadable(slot, source)
+        case .ended(let shutDownNow):
+            if shutDownNow { shutdown(dst, Int32(SHUT_WR)) }
+            if conns[Int(slot)].flows.0.shutDown && conns[Int(slot)].flows.1.shutDown { teardown(slot, reset: false) }
         }
     }
 }

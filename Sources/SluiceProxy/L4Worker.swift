@@ -27,14 +27,12 @@ public final class WorkerMailbox: Sendable {
     func take() -> [WorkerMessage] { queue.withLock { q in defer { q.removeAll() }; return q } }
 }
 
-/// Worker statistics readable from other threads (tests, admin): relaxed, single writer.
-public final class WorkerStats: @unchecked Sendable {
-    let shard: MetricShard
+/// Metric slots of a worker's own gauges (written to its shard, merged on scrape).
+struct WorkerStats {
     let buffersInUse: Int
     let pipesInUse: Int
     let activeConnections: Int
-    init(registry: MetricsRegistry, shard: MetricShard, worker: Int) {
-        self.shard = shard
+    init(registry: MetricsRegistry, worker: Int) {
         let l = [("worker", String(worker))]
         buffersInUse = registry.gauge("sluice_worker_buffers_in_use", help: "Receive buffers held by connections",
                                       labels: l)
@@ -68,7 +66,6 @@ public final class L4Worker: RingHandler {
         var lastActive: UInt64 = 0
         var connectStart: UInt64 = 0
         var clientHash: UInt64 = 0
-        var upstreamFailed = false
         /// Splice mode: flows indexed by the side bytes are read from.
         var flows = (SpliceFlow(), SpliceFlow())
         /// Sides with an error watch armed (bit 0 downstream, bit 1 upstream).
@@ -102,18 +99,20 @@ public final class L4Worker: RingHandler {
     /// Buffer pages were touched since they were last given back to the kernel.
     var buffersDirty = false
     public private(set) var finished = false
+    /// Picks among a route's weighted clusters.
+    var rng: FastRandom
 
-    /// - Parameters:
-    ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
-    ///   - listenerCounters: connection counters shared across workers, one per listener.
     /// Called once the worker's listeners are armed (the server's start waits for it).
     var onAttached: (() -> Void)?
     /// Open connections allowed per listener, over all workers.
     let connectionLimit: Int64
     /// Relay with splice(2) through pipes (no copy into user space) instead of provided buffers.
     let splice: Bool
-    var pipes: PipePool!
+    let pipes: PipePool
 
+    /// - Parameters:
+    ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
+    ///   - listenerCounters: connection counters shared across workers, one per listener.
     public init(index: Int, runtime: ProxyRuntime, listenFDs: [Int32], listenerCounters: [SharedCounter],
                 connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox, splice: Bool = false,
                 onAttached: (() -> Void)? = nil) {
@@ -124,9 +123,10 @@ public final class L4Worker: RingHandler {
         self.registry = registry
         self.mailbox = mailbox
         shard = registry.makeShard()
-        stats = WorkerStats(registry: registry, shard: shard, worker: index)
+        stats = WorkerStats(registry: registry, worker: index)
         pipes = PipePool(shard: shard, gauge: stats.pipesInUse)
         self.connectionLimit = Int64(connectionLimit)
+        rng = FastRandom(seed: mix64(UInt64(index) &+ 0x5EED))
         listeners = []
         for (i, fd) in listenFDs.enumerated() {
             listeners.append(Listening(fd: fd, runtimeIndex: i, counter: listenerCounters[i], overflowSlot: overflowSlot(i)))
@@ -262,7 +262,7 @@ public final class L4Worker: RingHandler {
         if lr.clusters.count == 1 {
             cr = lr.clusters[0]
         } else {
-            var x = clusters[ObjectIdentifier(lr.clusters[0])]!.rng.next(below: lr.totalWeight)
+            var x = rng.next(below: lr.totalWeight)
             var chosen = lr.clusters.count - 1
             for (i, w) in lr.weights.enumerated() {
                 if x < w { chosen = i; break }
@@ -309,17 +309,13 @@ public final class L4Worker: RingHandler {
         let i = Int(slot)
         let wc = conns[i].cluster!
         guard let e = wc.pick(now: loop.now, clientHash: conns[i].clientHash, excluding: excluding) else {
-            conns[i].upstreamFailed = true
-            shard.add(wc.runtime.metrics.closedUpstreamFailure)
-            teardown(slot, reset: false)
+            upstreamFailed(slot)
             return
         }
         let addr = wc.runtime.addresses + e
         let fd = Socket.stream(family: addr.pointee.family)
         guard fd >= 0 else {
-            conns[i].upstreamFailed = true
-            shard.add(wc.runtime.metrics.closedUpstreamFailure)
-            teardown(slot, reset: false)
+            upstreamFailed(slot)
             return
         }
         Socket.setNoDelay(fd)
@@ -327,7 +323,6 @@ public final class L4Worker: RingHandler {
         conns[i].endpoint = Int32(e)
         conns[i].attempts += 1
         conns[i].connectStart = loop.now
-        let gen = conns[i].generation
         let s = loop.uring.sqe()
         addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
@@ -335,11 +330,18 @@ public final class L4Worker: RingHandler {
             }
         }
         s.pointee.flags |= sl_iosqe_io_link()
-        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: gen, op: Op.connect.rawValue).raw)
+        track(s, slot, .connect)
         let t = loop.uring.sqe()
         io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
-        io_uring_sqe_set_data64(t, UserData(slot: slot, generation: gen, op: Op.connectTimeout.rawValue).raw)
-        conns[i].pending += 2
+        track(t, slot, .connectTimeout)
+    }
+
+    /// Tags `sqe` as operation `op` of the slot's current incarnation and counts it as pending: the slot is
+    /// freed only once every tracked operation has completed.
+    @inline(__always)
+    func track(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ slot: UInt32, _ op: Op) {
+        io_uring_sqe_set_data64(sqe, UserData(slot: slot, generation: conns[Int(slot)].generation, op: op.rawValue).raw)
+        conns[Int(slot)].pending += 1
     }
 
     private func connectCompleted(_ slot: UInt32, result: Int32) {
@@ -374,10 +376,14 @@ public final class L4Worker: RingHandler {
         if Int(conns[i].attempts) < wc.connectAttempts && !draining {
             connectUpstream(slot, excluding: e)
         } else {
-            conns[i].upstreamFailed = true
-            shard.add(wc.runtime.metrics.closedUpstreamFailure)
-            teardown(slot, reset: false)
+            upstreamFailed(slot)
         }
+    }
+
+    /// No endpoint could be reached: close the client (Istio's response flag UF).
+    private func upstreamFailed(_ slot: UInt32) {
+        shard.add(conns[Int(slot)].cluster!.runtime.metrics.closedUpstreamFailure)
+        teardown(slot, reset: false)
     }
 
     // MARK: - completions
@@ -473,8 +479,7 @@ public final class L4Worker: RingHandler {
             switch a {
             case .receive(let side): postReceive(slot, side)
             case .send(let side, let chunk): postSend(slot, side, chunk)
-            case .shutdownWrite(let side):
-                shutdown(side == .downstream ? conns[Int(slot)].down : conns[Int(slot)].up, Int32(SHUT_WR))
+            case .shutdownWrite(let side): shutdown(fd(slot, side), Int32(SHUT_WR))
             case .release(let id): release(id)
             case .close(let reset): teardown(slot, reset: reset)
             }
@@ -487,35 +492,26 @@ public final class L4Worker: RingHandler {
         let bit: UInt8 = side == .downstream ? 1 : 2
         guard conns[Int(slot)].watched & bit == 0 else { return }
         conns[Int(slot)].watched |= bit
-        let c = conns[Int(slot)]
         let s = loop.uring.sqe()
-        io_uring_prep_poll_add(s, side == .downstream ? c.down : c.up, 0)
-        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: c.generation,
-                                            op: (side == .downstream ? Op.errorDown : Op.errorUp).rawValue).raw)
-        conns[Int(slot)].pending += 1
+        io_uring_prep_poll_add(s, fd(slot, side), 0)
+        track(s, slot, side == .downstream ? .errorDown : .errorUp)
     }
 
     @inline(__always)
     private func postReceive(_ slot: UInt32, _ side: TCPRelay.Side) {
-        let c = conns[Int(slot)]
         let s = loop.uring.sqe()
-        io_uring_prep_recv(s, side == .downstream ? c.down : c.up, nil, buffers.size, 0)
+        io_uring_prep_recv(s, fd(slot, side), nil, buffers.size, 0)
         s.pointee.flags |= sl_iosqe_buffer_select()
         s.pointee.buf_group = buffers.group
-        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: c.generation,
-                                            op: (side == .downstream ? Op.recvDown : Op.recvUp).rawValue).raw)
-        conns[Int(slot)].pending += 1
+        track(s, slot, side == .downstream ? .recvDown : .recvUp)
     }
 
     @inline(__always)
     private func postSend(_ slot: UInt32, _ side: TCPRelay.Side, _ chunk: TCPRelay.Chunk) {
-        let c = conns[Int(slot)]
         let s = loop.uring.sqe()
-        io_uring_prep_send(s, side == .downstream ? c.down : c.up, buffers.pointer(chunk.buffer) + Int(chunk.offset),
-                           Int(chunk.length), Int32(MSG_NOSIGNAL))
-        io_uring_sqe_set_data64(s, UserData(slot: slot, generation: c.generation,
-                                            op: (side == .downstream ? Op.sendDown : Op.sendUp).rawValue).raw)
-        conns[Int(slot)].pending += 1
+        io_uring_prep_send(s, fd(slot, side), buffers.pointer(chunk.buffer) + Int(chunk.offset), Int(chunk.length),
+                           Int32(MSG_NOSIGNAL))
+        track(s, slot, side == .downstream ? .sendDown : .sendUp)
     }
 
     @inline(__always)
@@ -562,15 +558,20 @@ public final class L4Worker: RingHandler {
         listeners[Int(conns[i].listener)].counter.add(-1)
         pipes.release(&conns[i].flows.0)
         pipes.release(&conns[i].flows.1)
-        for fd in [conns[i].down, conns[i].up] where fd >= 0 {
-            if reset { Socket.setLingerZero(fd) }
-            if conns[i].pending > 0 {
-                let s = loop.uring.sqe()
-                io_uring_prep_cancel_fd(s, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
-                io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
-            }
-        }
+        stop(conns[i].down, reset: reset, cancel: conns[i].pending > 0)
+        stop(conns[i].up, reset: reset, cancel: conns[i].pending > 0)
         if conns[i].pending == 0 { free(slot) }
+    }
+
+    /// Makes a closing socket send RST if the peer reset, and cancels every operation still pending on it.
+    private func stop(_ fd: Int32, reset: Bool, cancel: Bool) {
+        guard fd >= 0 else { return }
+        if reset { Socket.setLingerZero(fd) }
+        if cancel {
+            let s = loop.uring.sqe()
+            io_uring_prep_cancel_fd(s, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
+            io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
+        }
     }
 
     private func free(_ slot: UInt32) {

@@ -36,8 +36,12 @@ public struct OutlierDetector: Sendable {
         let limit = max(1, endpoints.count * settings.maxEjectionPercent / 100)
         guard settings.maxEjectionPercent > 0, ejectedCount(now: now) < limit else { return false }
         endpoints[i].ejections += 1
-        let base = UInt64(max(0, settings.baseEjectionTime.nanoseconds))
-        endpoints[i].ejectedUntil = now + min(base * UInt64(endpoints[i].ejections), max(base, Self.maxEjectionNanos))
+        let base = settings.baseEjectionTime.clampedNanoseconds
+        // Saturating: a huge baseEjectionTime in config must not overflow on the data plane.
+        let (scaled, overflow) = base.multipliedReportingOverflow(by: UInt64(endpoints[i].ejections))
+        let span = min(overflow ? .max : scaled, max(base, Self.maxEjectionNanos))
+        let (until, late) = now.addingReportingOverflow(span)
+        endpoints[i].ejectedUntil = late ? .max : until
         endpoints[i].consecutiveFailures = 0
         return true
     }
@@ -47,12 +51,5 @@ public struct OutlierDetector: Sendable {
         endpoints[i].consecutiveFailures = 0
         if endpoints[i].ejections > 0 && endpoints[i].ejectedUntil == 0 { endpoints[i].ejections -= 1 }
         endpoints[i].ejectedUntil = 0
-    }
-}
-
-extension Duration {
-    var nanoseconds: Int64 {
-        let (s, atto) = components
-        return s * 1_000_000_000 + atto / 1_000_000_000
     }
 }

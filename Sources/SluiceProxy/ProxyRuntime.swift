@@ -59,7 +59,7 @@ public final class ClusterRuntime: @unchecked Sendable {
         connectTimeout = .allocate(capacity: 1)
         let (s, atto) = config.connectTimeout.components
         connectTimeout.initialize(to: __kernel_timespec(tv_sec: s, tv_nsec: atto / 1_000_000_000))
-        idleTimeoutNanos = UInt64(max(0, config.idleTimeout.nanosecondsClamped))
+        idleTimeoutNanos = config.idleTimeout.clampedNanoseconds
         metrics = ClusterMetrics(registry: registry, cluster: config)
     }
 
@@ -141,13 +141,5 @@ public final class ProxyRuntime: @unchecked Sendable {
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
         clusters = snapshot.clusters.map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry) }
         listeners = snapshot.listeners.map { [clusters] in ListenerRuntime(config: $0, clusters: clusters) }
-    }
-}
-
-extension Duration {
-    var nanosecondsClamped: Int64 {
-        let (s, atto) = components
-        if s > Int64.max / 1_000_000_000 - 1 { return Int64.max }
-        return s * 1_000_000_000 + atto / 1_000_000_000
     }
 }

@@ -24,9 +24,8 @@ public struct RingFeatures: Sendable, CustomStringConvertible {
     public var singleIssuer = false
     public var deferTaskrun = false
     public var coopTaskrun = false
-    public var multishotAccept = false
     public var description: String {
-        "single_issuer=\(singleIssuer) defer_taskrun=\(deferTaskrun) coop_taskrun=\(coopTaskrun) multishot_accept=\(multishotAccept)"
+        "single_issuer=\(singleIssuer) defer_taskrun=\(deferTaskrun) coop_taskrun=\(coopTaskrun)"
     }
 }
 
@@ -51,9 +50,7 @@ public final class IOUring {
             params.flags = flags | sl_setup_submit_all()
             let rc = io_uring_queue_init_params(entries, &ring, &params)
             if rc == 0 {
-                var f = feats
-                f.multishotAccept = Self.probe(&ring, op: UInt32(IORING_OP_ACCEPT.rawValue)) && Self.kernelAtLeast(5, 19)
-                features = f
+                features = feats
                 return
             }
             lastError = -rc
@@ -63,21 +60,6 @@ public final class IOUring {
     }
 
     deinit { io_uring_queue_exit(&ring) }
-
-    private static func probe(_ ring: inout io_uring, op: UInt32) -> Bool {
-        guard let p = io_uring_get_probe_ring(&ring) else { return false }
-        defer { io_uring_free_probe(p) }
-        return io_uring_opcode_supported(p, Int32(op)) != 0
-    }
-
-    static func kernelAtLeast(_ major: Int, _ minor: Int) -> Bool {
-        var u = utsname()
-        uname(&u)
-        let release = withUnsafeBytes(of: &u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        let parts = release.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }
-        guard parts.count >= 2 else { return false }
-        return (parts[0], parts[1]) >= (major, minor)
-    }
 
     /// A submission entry, submitting first when the queue is full.
     @inline(__always)

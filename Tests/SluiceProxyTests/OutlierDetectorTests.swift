@@ -40,6 +40,13 @@ final class OutlierDetectorTests: XCTestCase {
         XCTAssertEqual(d.ejectedCount(now: 0), 1)
     }
 
+    func testHugeEjectionTimesSaturateInsteadOfOverflowing() {
+        var d = OutlierDetector(settings: .init(consecutiveErrors: 1, baseEjectionTime: .seconds(Int64.max / 2),
+                                                maxEjectionPercent: 100), endpointCount: 1)
+        XCTAssertTrue(d.recordFailure(0, now: 5 * second))
+        XCTAssertTrue(d.isEjected(0, now: .max - 1))
+    }
+
     func testZeroConsecutiveErrorsDisablesDetection() {
         var d = OutlierDetector(settings: .init(consecutiveErrors: 0, maxEjectionPercent: 100), endpointCount: 1)
         for _ in 0..<10 { XCTAssertFalse(d.recordFailure(0, now: 0)) }
