@@ -130,7 +130,7 @@ public final class Agent: @unchecked Sendable {
         startWatching()
         for (l, port) in zip(snapshot.listeners, listenerPorts) {
             logger.info("listening", metadata: ["listener": "\(l.name)", "address": "\(l.address.ip):\(port)",
-                                                "routes": "\(l.routes.map { snapshot.clusters[$0.cluster].name })"])
+                                                "routes": "\(l.routes.map(\.cluster))"])
         }
         let ring = server.ringFeatures.map { "\($0)" } ?? "?"
         logger.info("agent ready", metadata: ["workers": "\(options.workers)", "io_uring": "\(ring)",

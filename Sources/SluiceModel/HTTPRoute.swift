@@ -1,6 +1,6 @@
 /// Istio's `VirtualService.http` routes: match, route or redirect or direct response, rewrite, headers,
 /// timeout, retries, fault injection and mirroring. The L7 pipeline consumes these (issue 5).
-public struct HTTPRoute: Sendable, Hashable {
+public struct HTTPRoute: Sendable, Hashable, Encodable {
     public var name: String?
     public var match: [HTTPMatch]
     public var route: [VirtualService.RouteDestination]
@@ -16,13 +16,13 @@ public struct HTTPRoute: Sendable, Hashable {
     public var headers: HeaderOperations?
 }
 
-public enum StringMatch: Sendable, Hashable {
+public enum StringMatch: Sendable, Hashable, Encodable {
     case exact(String)
     case prefix(String)
     case regex(String)
 }
 
-public struct HTTPMatch: Sendable, Hashable {
+public struct HTTPMatch: Sendable, Hashable, Encodable {
     public var name: String?
     public var uri: StringMatch?
     public var scheme: StringMatch?
@@ -37,7 +37,7 @@ public struct HTTPMatch: Sendable, Hashable {
     public var ignoreUriCase: Bool
 }
 
-public struct HTTPRedirect: Sendable, Hashable {
+public struct HTTPRedirect: Sendable, Hashable, Encodable {
     public var uri: String?
     public var authority: String?
     public var port: UInt16?
@@ -45,24 +45,24 @@ public struct HTTPRedirect: Sendable, Hashable {
     public var redirectCode: Int
 }
 
-public struct DirectResponse: Sendable, Hashable {
+public struct DirectResponse: Sendable, Hashable, Encodable {
     public var status: Int
     public var body: String?
 }
 
-public struct HTTPRewrite: Sendable, Hashable {
+public struct HTTPRewrite: Sendable, Hashable, Encodable {
     public var uri: String?
     public var authority: String?
     /// Istio's `uriRegexRewrite`: replace what `match` matches in the path with `rewrite` (`\1` groups).
     public var uriRegexRewrite: RegexRewrite?
 
-    public struct RegexRewrite: Sendable, Hashable {
+    public struct RegexRewrite: Sendable, Hashable, Encodable {
         public var match: String
         public var rewrite: String
     }
 }
 
-public struct HTTPRetry: Sendable, Hashable {
+public struct HTTPRetry: Sendable, Hashable, Encodable {
     public var attempts: Int
     public var perTryTimeout: Duration?
     /// Envoy retry conditions (`5xx`, `gateway-error`, `connect-failure`, `retriable-4xx`, `reset`, ...) and
@@ -70,13 +70,13 @@ public struct HTTPRetry: Sendable, Hashable {
     public var retryOn: [String]
 }
 
-public struct HTTPFault: Sendable, Hashable {
-    public struct Delay: Sendable, Hashable {
+public struct HTTPFault: Sendable, Hashable, Encodable {
+    public struct Delay: Sendable, Hashable, Encodable {
         public var fixedDelay: Duration
         public var percentage: Double
     }
-    public struct Abort: Sendable, Hashable {
-        public enum Kind: Sendable, Hashable { case httpStatus(Int), grpcStatus(String) }
+    public struct Abort: Sendable, Hashable, Encodable {
+        public enum Kind: Sendable, Hashable, Encodable { case httpStatus(Int), grpcStatus(String) }
         public var kind: Kind
         public var percentage: Double
     }
@@ -84,8 +84,8 @@ public struct HTTPFault: Sendable, Hashable {
     public var abort: Abort?
 }
 
-public struct HeaderOperations: Sendable, Hashable {
-    public struct Ops: Sendable, Hashable {
+public struct HeaderOperations: Sendable, Hashable, Encodable {
+    public struct Ops: Sendable, Hashable, Encodable {
         public var set: [String: String]
         public var add: [String: String]
         public var remove: [String]

@@ -64,11 +64,39 @@ extension VirtualService {
             if routes.isEmpty { t.sink.error("\(t.path).route", t.line, "a tcp route needs at least one destination") }
             tcp.append(TCPRoute(match: matches, route: routes))
         }
-        let http = r.array("http").compactMap { HTTPRoute.decode($0) }
-        if http.isEmpty && tcp.isEmpty && r.child("tls") == nil {
-            r.sink.error(r.path, r.line, "a VirtualService needs at least one http or tcp route")
+        var tls: [TLSRoute] = []
+        for t in r.array("tls") {
+            guard t.expectMapping() else { continue }
+            t.checkKeys(["match", "route"])
+            var matches: [TLSMatch] = []
+            for m in t.array("match") {
+                guard m.expectMapping() else { continue }
+                m.checkKeys(["sniHosts", "port", "destinationSubnets", "sourceLabels", "gateways", "sourceNamespace"])
+                let sni = m.strings("sniHosts")
+                if sni.isEmpty {
+                    m.sink.error("\(m.path).sniHosts", m.line, "a tls match needs sniHosts",
+                                 hint: "list the server names this route takes, e.g. [\(hosts.first ?? "api.example.com")]")
+                }
+                for (i, h) in sni.enumerated() where !isValidHost(h) {
+                    m.sink.error("\(m.path).sniHosts[\(i)]", m.line, "'\(h)' is not a valid host")
+                }
+                matches.append(TLSMatch(sniHosts: sni, port: m.port("port"),
+                                        destinationSubnets: m.strings("destinationSubnets"),
+                                        sourceLabels: m.stringMap("sourceLabels"), gateways: m.strings("gateways")))
+            }
+            if matches.isEmpty {
+                t.sink.error("\(t.path).match", t.line, "a tls route needs a match with sniHosts")
+            }
+            let routes = RouteDestination.decodeList(t)
+            if routes.isEmpty { t.sink.error("\(t.path).route", t.line, "a tls route needs at least one destination") }
+            tls.append(TLSRoute(match: matches, route: routes))
         }
-        return VirtualService(hosts: hosts, gateways: r.strings("gateways"), http: http, tcp: tcp)
+        let http = r.array("http").compactMap { HTTPRoute.decode($0) }
+        if http.isEmpty && tcp.isEmpty && tls.isEmpty {
+            r.sink.error(r.path, r.line, "a VirtualService needs at least one http, tcp or tls route")
+        }
+        return VirtualService(hosts: hosts, gateways: r.strings("gateways"), http: http, tcp: tcp, tls: tls,
+                              exportTo: decodeExportTo(r))
     }
 }
 
@@ -126,7 +154,7 @@ extension DestinationRule {
             subsets.append(Subset(name: name, labels: s.stringMap("labels"),
                                   trafficPolicy: s.child("trafficPolicy").flatMap { TrafficPolicy.decode($0) }))
         }
-        return DestinationRule(host: host, trafficPolicy: policy, subsets: subsets)
+        return DestinationRule(host: host, trafficPolicy: policy, subsets: subsets, exportTo: decodeExportTo(r))
     }
 }
 
@@ -248,7 +276,8 @@ extension ServiceEntry {
             selector = ws.stringMap("labels")
         }
         return ServiceEntry(hosts: hosts, addresses: r.strings("addresses"), ports: ports, location: location,
-                            resolution: resolution, endpoints: endpoints, workloadSelector: selector)
+                            resolution: resolution, endpoints: endpoints, workloadSelector: selector,
+                            exportTo: decodeExportTo(r))
     }
 }
 
@@ -278,4 +307,18 @@ extension HealthCheck {
                            unhealthyThreshold: r.int("unhealthyThreshold", in: 1...100) ?? 2,
                            healthyThreshold: r.int("healthyThreshold", in: 1...100) ?? 1)
     }
+}
+
+/// Istio's `exportTo`: `*`, `.` or namespace names.
+func decodeExportTo(_ r: YAMLReader) -> [String] {
+    let list = r.strings("exportTo")
+    for (i, ns) in list.enumerated() where ns != "*" && ns != "." && !isDNSLabel(ns, maxLength: 63, allowDots: false) {
+        r.sink.error("\(r.path).exportTo[\(i)]", r.child("exportTo")?.line ?? r.line,
+                     "'\(ns)' is not '*', '.' or a namespace name", hint: "export to '*' (all), '.' (own namespace) or names")
+    }
+    if list.contains("*") && list.count > 1 {
+        r.sink.error("\(r.path).exportTo", r.child("exportTo")?.line ?? r.line, "'*' cannot be combined with other values",
+                     hint: "use '*' alone, or list the namespaces")
+    }
+    return list
 }

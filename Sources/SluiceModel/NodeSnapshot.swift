@@ -1,16 +1,42 @@
-/// Everything one agent needs to serve, compiled from the mesh configuration. Immutable; an agent swaps a
-/// whole snapshot at once.
-public struct NodeSnapshot: Sendable, Hashable {
-    public var listeners: [Listener]
-    /// Clusters referenced by index from ``Listener/routes``.
-    public var clusters: [Cluster]
+/// Everything one agent needs to serve, compiled from the mesh configuration for one node. Immutable; an agent
+/// swaps a whole snapshot at once.
+///
+/// Every list is sorted by its items' ``SnapshotItem/Key``, so equal inputs give equal snapshots and
+/// ``canonicalJSON()`` gives byte-identical output.
+public struct NodeSnapshot: Sendable, Hashable, Encodable {
+    public var node: String
+    public var mesh: MeshConfig
+    /// The workloads this node runs, with their SPIFFE identities.
+    public var workloads: [Workload] = []
+    /// Listeners of the gateways that run on this node.
+    public var listeners: [Listener] = []
+    /// Services the node's workloads (or gateways) can reach.
+    public var services: [Service] = []
+    /// Clusters of those services: one per port, and one per port and subset.
+    public var clusters: [Cluster] = []
+    /// Entries for the BPF services map: which service addresses the kernel balances, which go to the agent.
+    public var bpfServices: [BPFService] = []
+    /// VirtualServices that apply to traffic from this node (mesh-bound, exported to a namespace of its workloads).
+    public var virtualServices: [Named<VirtualService>] = []
+    /// Policies that select a workload on this node.
+    public var authorizationPolicies: [Named<AuthorizationPolicy>] = []
+    public var peerAuthentications: [Named<PeerAuthentication>] = []
+    public var requestAuthentications: [Named<RequestAuthentication>] = []
+    /// Rate limits of the services the node can reach.
+    public var rateLimits: [Named<RateLimitPolicy>] = []
+
+    public init(node: String, mesh: MeshConfig = .defaults) {
+        self.node = node
+        self.mesh = mesh
+    }
 
     public init(listeners: [Listener], clusters: [Cluster]) {
+        self.init(node: "")
         self.listeners = listeners
         self.clusters = clusters
     }
 
-    public struct Listener: Sendable, Hashable {
+    public struct Listener: Sendable, Hashable, Encodable {
         public var name: String
         public var address: EndpointAddress
         public var `protocol`: PortProtocol
@@ -18,16 +44,19 @@ public struct NodeSnapshot: Sendable, Hashable {
         public var routes: [WeightedCluster]
     }
 
-    public struct WeightedCluster: Sendable, Hashable {
-        public var cluster: Int
+    public struct WeightedCluster: Sendable, Hashable, Encodable {
+        /// A ``Cluster/name`` of the same snapshot.
+        public var cluster: String
         public var weight: Int
     }
 
-    public struct Cluster: Sendable, Hashable {
+    public struct Cluster: Sendable, Hashable, Encodable {
         /// Istio's naming: `outbound|PORT|SUBSET|HOST`.
         public var name: String
         public var serviceHost: String
         public var servicePort: UInt16
+        public var subset: String?
+        public var `protocol`: PortProtocol
         public var endpoints: [Endpoint]
         public var loadBalancer: LoadBalancerSettings
         public var outlierDetection: OutlierDetection?
@@ -38,9 +67,76 @@ public struct NodeSnapshot: Sendable, Hashable {
         public var healthCheck: HealthCheck?
     }
 
-    public struct Endpoint: Sendable, Hashable {
+    public struct Endpoint: Sendable, Hashable, Encodable {
         public var address: EndpointAddress
         public var weight: UInt32
         public var labels: [String: String]
+        /// Set when the endpoint is a mesh workload: the node that runs it (same node: direct; another: HBONE)
+        /// and the identity its certificate must carry.
+        public var node: String?
+        public var identity: String?
     }
+
+    /// A workload that runs on this node.
+    public struct Workload: Sendable, Hashable, Encodable {
+        public var namespace: String
+        public var name: String
+        public var address: String
+        public var labels: [String: String]
+        public var serviceAccount: String
+        /// `spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT`
+        public var identity: String
+        public var ports: [String: UInt16]
+        /// How the agent recognises the workload's processes (`sluice.dev/cgroup`, `sluice.dev/unit`).
+        public var cgroup: String?
+        public var unit: String?
+    }
+
+    /// A service as the node's outbound side sees it.
+    public struct Service: Sendable, Hashable, Encodable {
+        public var host: String
+        public var namespace: String
+        public var addresses: [String]
+        public var ports: [ServicePort]
+        public var location: ServiceEntry.Location
+        public var resolution: ServiceEntry.Resolution
+    }
+
+    /// One entry of the BPF services map: connections to `address` are balanced in the kernel or sent to the
+    /// agent.
+    public struct BPFService: Sendable, Hashable, Encodable {
+        public enum Action: Sendable, Hashable, Encodable {
+            /// L4-only: the kernel picks a backend and rewrites the destination; the agent never sees the bytes.
+            case balance(LoadBalancing, backends: [Backend])
+            /// The agent must see the connection; `reason` says why (for `config_dump` and the docs).
+            case proxy(reason: String)
+        }
+        public enum LoadBalancing: String, Sendable, Hashable, Encodable { case random, maglev }
+        public struct Backend: Sendable, Hashable, Encodable {
+            public var address: EndpointAddress
+            public var weight: UInt32
+            public init(address: EndpointAddress, weight: UInt32) {
+                self.address = address
+                self.weight = weight
+            }
+        }
+        public var address: EndpointAddress
+        public var `protocol`: PortProtocol
+        public var host: String
+        public var action: Action
+        public var isL4Only: Bool { if case .balance = action { return true } else { return false } }
+    }
+}
+
+/// A resource's spec with its namespace and name, as policy and route lists carry them.
+public struct Named<Spec: Sendable & Hashable & Encodable>: Sendable, Hashable, Encodable {
+    public var namespace: String
+    public var name: String
+    public var spec: Spec
+    public init(namespace: String, name: String, spec: Spec) {
+        self.namespace = namespace
+        self.name = name
+        self.spec = spec
+    }
+    public var qualifiedName: String { "\(namespace)/\(name)" }
 }

@@ -86,11 +86,11 @@ public struct Resource: Sendable, Hashable {
 
 // MARK: - networking.istio.io/v1 Gateway
 
-public struct Gateway: Sendable, Hashable {
+public struct Gateway: Sendable, Hashable, Encodable {
     public var selector: [String: String]
     public var servers: [Server]
 
-    public struct Server: Sendable, Hashable {
+    public struct Server: Sendable, Hashable, Encodable {
         public var port: Port
         /// Address to bind; Istio's `bind`. Default: all addresses.
         public var bind: String?
@@ -98,14 +98,14 @@ public struct Gateway: Sendable, Hashable {
         public var name: String?
     }
 
-    public struct Port: Sendable, Hashable {
+    public struct Port: Sendable, Hashable, Encodable {
         public var number: UInt16
         public var `protocol`: PortProtocol
         public var name: String
     }
 }
 
-public enum PortProtocol: String, Sendable, Hashable, CaseIterable {
+public enum PortProtocol: String, Sendable, Hashable, CaseIterable, Encodable {
     case http = "HTTP", https = "HTTPS", grpc = "GRPC", http2 = "HTTP2", mongo = "MONGO", tcp = "TCP", tls = "TLS"
     case udp = "UDP"
 
@@ -120,31 +120,48 @@ public enum PortProtocol: String, Sendable, Hashable, CaseIterable {
 
 // MARK: - VirtualService
 
-public struct VirtualService: Sendable, Hashable {
+public struct VirtualService: Sendable, Hashable, Encodable {
     public var hosts: [String]
     public var gateways: [String]
     public var http: [HTTPRoute]
     public var tcp: [TCPRoute]
+    public var tls: [TLSRoute]
+    /// Namespaces that see this resource: `*` (all, the default), `.` (its own) or names.
+    public var exportTo: [String]
 
-    public struct TCPRoute: Sendable, Hashable {
+    public struct TCPRoute: Sendable, Hashable, Encodable {
         public var match: [L4Match]
         public var route: [RouteDestination]
     }
 
-    public struct L4Match: Sendable, Hashable {
+    /// Routes for TLS or HTTPS traffic that is passed through, matched by SNI.
+    public struct TLSRoute: Sendable, Hashable, Encodable {
+        public var match: [TLSMatch]
+        public var route: [RouteDestination]
+    }
+
+    public struct TLSMatch: Sendable, Hashable, Encodable {
+        public var sniHosts: [String]
         public var port: UInt16?
         public var destinationSubnets: [String]
         public var sourceLabels: [String: String]
         public var gateways: [String]
     }
 
-    public struct RouteDestination: Sendable, Hashable {
+    public struct L4Match: Sendable, Hashable, Encodable {
+        public var port: UInt16?
+        public var destinationSubnets: [String]
+        public var sourceLabels: [String: String]
+        public var gateways: [String]
+    }
+
+    public struct RouteDestination: Sendable, Hashable, Encodable {
         public var destination: Destination
         public var weight: Int?
         public var headers: HeaderOperations?
     }
 
-    public struct Destination: Sendable, Hashable {
+    public struct Destination: Sendable, Hashable, Encodable {
         public var host: String
         public var subset: String?
         public var port: UInt16?
@@ -153,19 +170,20 @@ public struct VirtualService: Sendable, Hashable {
 
 // MARK: - DestinationRule
 
-public struct DestinationRule: Sendable, Hashable {
+public struct DestinationRule: Sendable, Hashable, Encodable {
     public var host: String
     public var trafficPolicy: TrafficPolicy?
     public var subsets: [Subset]
+    public var exportTo: [String]
 
-    public struct Subset: Sendable, Hashable {
+    public struct Subset: Sendable, Hashable, Encodable {
         public var name: String
         public var labels: [String: String]
         public var trafficPolicy: TrafficPolicy?
     }
 }
 
-public struct TrafficPolicy: Sendable, Hashable {
+public struct TrafficPolicy: Sendable, Hashable, Encodable {
     public var loadBalancer: LoadBalancerSettings?
     public var connectionPool: ConnectionPoolSettings?
     public var outlierDetection: OutlierDetection?
@@ -187,12 +205,12 @@ public struct TrafficPolicy: Sendable, Hashable {
     }
 }
 
-public enum LoadBalancerSettings: Sendable, Hashable {
-    public enum Simple: String, Sendable, Hashable {
+public enum LoadBalancerSettings: Sendable, Hashable, Encodable {
+    public enum Simple: String, Sendable, Hashable, Encodable {
         case unspecified = "UNSPECIFIED", roundRobin = "ROUND_ROBIN", leastRequest = "LEAST_REQUEST"
         case random = "RANDOM", passthrough = "PASSTHROUGH", leastConn = "LEAST_CONN"
     }
-    public enum HashKey: Sendable, Hashable {
+    public enum HashKey: Sendable, Hashable, Encodable {
         case sourceIP
     }
     case simple(Simple)
@@ -200,7 +218,7 @@ public enum LoadBalancerSettings: Sendable, Hashable {
     case consistentHash(key: HashKey, tableSize: Int?)
 }
 
-public struct ConnectionPoolSettings: Sendable, Hashable {
+public struct ConnectionPoolSettings: Sendable, Hashable, Encodable {
     public var maxConnections: Int?
     public var connectTimeout: Duration?
     public var idleTimeout: Duration?
@@ -211,7 +229,7 @@ public struct ConnectionPoolSettings: Sendable, Hashable {
     }
 }
 
-public struct OutlierDetection: Sendable, Hashable {
+public struct OutlierDetection: Sendable, Hashable, Encodable {
     /// Consecutive connect failures (Istio: `consecutiveGatewayErrors`/`consecutive5xxErrors`; for TCP both count
     /// connect failures) before an endpoint is ejected.
     public var consecutiveErrors: Int
@@ -230,7 +248,7 @@ public struct OutlierDetection: Sendable, Hashable {
 
 // MARK: - ServiceEntry / WorkloadEntry
 
-public struct ServiceEntry: Sendable, Hashable {
+public struct ServiceEntry: Sendable, Hashable, Encodable {
     public var hosts: [String]
     public var addresses: [String]
     public var ports: [ServicePort]
@@ -238,21 +256,22 @@ public struct ServiceEntry: Sendable, Hashable {
     public var resolution: Resolution
     public var endpoints: [WorkloadEntry]
     public var workloadSelector: [String: String]?
+    public var exportTo: [String]
 
-    public enum Location: String, Sendable, Hashable { case meshExternal = "MESH_EXTERNAL", meshInternal = "MESH_INTERNAL" }
-    public enum Resolution: String, Sendable, Hashable {
+    public enum Location: String, Sendable, Hashable, Encodable { case meshExternal = "MESH_EXTERNAL", meshInternal = "MESH_INTERNAL" }
+    public enum Resolution: String, Sendable, Hashable, Encodable {
         case none = "NONE", `static` = "STATIC", dns = "DNS", dnsRoundRobin = "DNS_ROUND_ROBIN"
     }
 }
 
-public struct ServicePort: Sendable, Hashable {
+public struct ServicePort: Sendable, Hashable, Encodable {
     public var number: UInt16
     public var `protocol`: PortProtocol
     public var name: String
     public var targetPort: UInt16?
 }
 
-public struct WorkloadEntry: Sendable, Hashable {
+public struct WorkloadEntry: Sendable, Hashable, Encodable {
     public var address: String
     public var ports: [String: UInt16]
     public var labels: [String: String]
@@ -277,7 +296,7 @@ public struct WorkloadEntry: Sendable, Hashable {
 
 /// Active health checking of a service's endpoints. Istio has no such resource (Envoy does, per cluster), so
 /// Sluice adds one in Istio's shape: it selects a host like a DestinationRule does.
-public struct HealthCheck: Sendable, Hashable {
+public struct HealthCheck: Sendable, Hashable, Encodable {
     public var host: String
     public var interval: Duration
     public var timeout: Duration

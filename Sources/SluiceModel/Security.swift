@@ -1,9 +1,9 @@
 /// `security.istio.io/v1`: AuthorizationPolicy, PeerAuthentication, RequestAuthentication.
 
-public struct AuthorizationPolicy: Sendable, Hashable {
-    public enum Action: String, Sendable, Hashable { case allow = "ALLOW", deny = "DENY", audit = "AUDIT", custom = "CUSTOM" }
+public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
+    public enum Action: String, Sendable, Hashable, Encodable { case allow = "ALLOW", deny = "DENY", audit = "AUDIT", custom = "CUSTOM" }
 
-    public struct Source: Sendable, Hashable {
+    public struct Source: Sendable, Hashable, Encodable {
         public var principals: [String] = [], notPrincipals: [String] = []
         public var requestPrincipals: [String] = [], notRequestPrincipals: [String] = []
         public var namespaces: [String] = [], notNamespaces: [String] = []
@@ -11,20 +11,20 @@ public struct AuthorizationPolicy: Sendable, Hashable {
         public var remoteIpBlocks: [String] = [], notRemoteIpBlocks: [String] = []
     }
 
-    public struct Operation: Sendable, Hashable {
+    public struct Operation: Sendable, Hashable, Encodable {
         public var hosts: [String] = [], notHosts: [String] = []
         public var ports: [UInt16] = [], notPorts: [UInt16] = []
         public var methods: [String] = [], notMethods: [String] = []
         public var paths: [String] = [], notPaths: [String] = []
     }
 
-    public struct Condition: Sendable, Hashable {
+    public struct Condition: Sendable, Hashable, Encodable {
         public var key: String
         public var values: [String]
         public var notValues: [String]
     }
 
-    public struct Rule: Sendable, Hashable {
+    public struct Rule: Sendable, Hashable, Encodable {
         public var from: [Source]
         public var to: [Operation]
         public var when: [Condition]
@@ -38,15 +38,15 @@ public struct AuthorizationPolicy: Sendable, Hashable {
     public var rules: [Rule]?
 }
 
-public struct PeerAuthentication: Sendable, Hashable {
-    public enum Mode: String, Sendable, Hashable { case unset = "UNSET", disable = "DISABLE", permissive = "PERMISSIVE", strict = "STRICT" }
+public struct PeerAuthentication: Sendable, Hashable, Encodable {
+    public enum Mode: String, Sendable, Hashable, Encodable { case unset = "UNSET", disable = "DISABLE", permissive = "PERMISSIVE", strict = "STRICT" }
     public var selector: [String: String]?
     public var mode: Mode
     public var portLevel: [UInt16: Mode]
 }
 
-public struct RequestAuthentication: Sendable, Hashable {
-    public struct JWTRule: Sendable, Hashable {
+public struct RequestAuthentication: Sendable, Hashable, Encodable {
+    public struct JWTRule: Sendable, Hashable, Encodable {
         public var issuer: String
         public var audiences: [String]
         public var jwksUri: String?

@@ -3,8 +3,8 @@
 /// Rate limits for a service (Istio configures these through EnvoyFilter patches; Sluice gives them a resource).
 /// `local` limits are token buckets each agent enforces on its own; `quotas` are mesh-wide budgets the control
 /// plane apportions.
-public struct RateLimitPolicy: Sendable, Hashable {
-    public enum Key: Sendable, Hashable {
+public struct RateLimitPolicy: Sendable, Hashable, Encodable {
+    public enum Key: Sendable, Hashable, Encodable {
         /// One bucket for all traffic that matches.
         case none
         case sourceIP
@@ -12,7 +12,7 @@ public struct RateLimitPolicy: Sendable, Hashable {
         case sourcePrincipal
     }
 
-    public struct TokenBucket: Sendable, Hashable {
+    public struct TokenBucket: Sendable, Hashable, Encodable {
         public var maxTokens: Int
         public var tokensPerFill: Int
         public var fillInterval: Duration
@@ -23,7 +23,7 @@ public struct RateLimitPolicy: Sendable, Hashable {
         }
     }
 
-    public struct Local: Sendable, Hashable {
+    public struct Local: Sendable, Hashable, Encodable {
         public var name: String?
         /// Applies to requests matching any of these (all requests when empty).
         public var match: [HTTPMatch]
@@ -33,7 +33,7 @@ public struct RateLimitPolicy: Sendable, Hashable {
         public var status: Int
     }
 
-    public struct Quota: Sendable, Hashable {
+    public struct Quota: Sendable, Hashable, Encodable {
         public var name: String
         public var limit: Int
         public var per: Duration
@@ -46,8 +46,8 @@ public struct RateLimitPolicy: Sendable, Hashable {
 }
 
 /// Mesh-wide settings (Istio's MeshConfig, as a resource).
-public struct MeshConfig: Sendable, Hashable {
-    public enum OutboundPolicy: String, Sendable, Hashable { case allowAny = "ALLOW_ANY", registryOnly = "REGISTRY_ONLY" }
+public struct MeshConfig: Sendable, Hashable, Encodable {
+    public enum OutboundPolicy: String, Sendable, Hashable, Encodable { case allowAny = "ALLOW_ANY", registryOnly = "REGISTRY_ONLY" }
     public var trustDomain: String
     public var connectTimeout: Duration
     public var tcpIdleTimeout: Duration
@@ -55,10 +55,12 @@ public struct MeshConfig: Sendable, Hashable {
     public var accessLog: Bool
     public var tracingSamplingPercent: Double
     public var outboundTrafficPolicy: OutboundPolicy
+    /// Policies in this namespace without a selector apply to the whole mesh (Istio's `rootNamespace`).
+    public var rootNamespace: String
 
     public static let defaults = MeshConfig(
         trustDomain: "cluster.local", connectTimeout: .seconds(10), tcpIdleTimeout: .seconds(3600), requestTimeout: nil,
-        accessLog: false, tracingSamplingPercent: 1, outboundTrafficPolicy: .allowAny)
+        accessLog: false, tracingSamplingPercent: 1, outboundTrafficPolicy: .allowAny, rootNamespace: "istio-system")
 }
 
 extension RateLimitPolicy {
@@ -130,8 +132,13 @@ extension RateLimitPolicy {
 extension MeshConfig {
     static func decode(_ r: YAMLReader) -> MeshConfig? {
         r.checkKeys(["trustDomain", "connectTimeout", "tcpIdleTimeout", "requestTimeout", "accessLog", "tracing",
-                     "outboundTrafficPolicy"])
+                     "outboundTrafficPolicy", "rootNamespace"])
         var m = MeshConfig.defaults
+        if let ns = r.string("rootNamespace") {
+            if isDNSLabel(ns, maxLength: 63, allowDots: false) { m.rootNamespace = ns } else {
+                r.sink.error("\(r.path).rootNamespace", r.child("rootNamespace")?.line, "'\(ns)' is not a namespace name")
+            }
+        }
         if let td = r.string("trustDomain") {
             if isDNSLabel(td, maxLength: 255, allowDots: true) { m.trustDomain = td } else {
                 r.sink.error("\(r.path).trustDomain", r.child("trustDomain")?.line, "'\(td)' is not a valid trust domain",

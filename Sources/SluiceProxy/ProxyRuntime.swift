@@ -119,9 +119,10 @@ public final class ListenerRuntime: @unchecked Sendable {
     public let clusters: [ClusterRuntime]
     public let weights: [Int]
     public let totalWeight: Int
-    init(config: NodeSnapshot.Listener, clusters: [ClusterRuntime]) {
+    init(config: NodeSnapshot.Listener, clusters: [String: ClusterRuntime]) {
         self.config = config
-        self.clusters = config.routes.map { clusters[$0.cluster] }
+        // The compiler guarantees every route names a cluster of the snapshot.
+        self.clusters = config.routes.map { clusters[$0.cluster]! }
         weights = config.routes.map(\.weight)
         totalWeight = weights.reduce(0, +)
     }
@@ -139,7 +140,12 @@ public final class ProxyRuntime: @unchecked Sendable {
         self.snapshot = snapshot
         var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
-        clusters = snapshot.clusters.map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry) }
-        listeners = snapshot.listeners.map { [clusters] in ListenerRuntime(config: $0, clusters: clusters) }
+        // Only clusters a listener routes to get sockets, health state and metrics; the rest of the snapshot's
+        // clusters are for the L7 and BPF paths.
+        let used = Set(snapshot.listeners.flatMap { $0.routes.map(\.cluster) })
+        clusters = snapshot.clusters.filter { used.contains($0.name) }
+            .map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry) }
+        let byName = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0) })
+        listeners = snapshot.listeners.map { ListenerRuntime(config: $0, clusters: byName) }
     }
 }

@@ -26,14 +26,14 @@ final class DecodingTests: XCTestCase {
         XCTAssertEqual(l.name, "shop/edge:8443")
         XCTAssertEqual(l.address, EndpointAddress(parsing: "127.0.0.1:8443"))
         XCTAssertEqual(l.routes.map(\.weight), [80, 20])
-        let primary = snap.clusters[l.routes[0].cluster]
+        let primary = try XCTUnwrap(snap.cluster(named: l.routes[0].cluster))
         XCTAssertEqual(primary.name, "outbound|5432|primary|db.shop.svc.cluster.local")
         XCTAssertEqual(primary.endpoints.map(\.address.description), ["10.0.0.1:5432", "10.0.0.2:15432"])
         XCTAssertEqual(primary.endpoints.map(\.weight), [3, 1])
         XCTAssertEqual(primary.loadBalancer, .consistentHash(key: .sourceIP, tableSize: 65537))
         XCTAssertEqual(primary.connectTimeout, .milliseconds(250))
         XCTAssertEqual(primary.maxConnections, 100)
-        let replica = snap.clusters[l.routes[1].cluster]
+        let replica = try XCTUnwrap(snap.cluster(named: l.routes[1].cluster))
         XCTAssertEqual(replica.endpoints.map(\.address.description), ["[fd00::3]:5432"])
         XCTAssertEqual(replica.loadBalancer, .simple(.leastRequest), "subset policy overrides the top level")
         XCTAssertEqual(replica.outlierDetection?.consecutiveErrors, 2, "and inherits what it does not set")

@@ -76,7 +76,7 @@ final class HostileInputTests: XCTestCase {
 }
 
 /// SplitMix64: a tiny seeded generator so fuzz rounds reproduce.
-struct SeededRandom {
+struct SeededRandom: RandomNumberGenerator {
     var state: UInt64
     init(seed: UInt64) { state = seed }
     mutating func next() -> UInt64 {

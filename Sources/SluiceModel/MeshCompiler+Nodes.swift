@@ -1,0 +1,232 @@
+/// What a node reaches: the namespaces of its workloads (for `exportTo`), and the gateways it runs with the hosts
+/// their routes name.
+struct NodeScope: Sendable, Hashable {
+    var namespaces: Set<String> = []
+    var gateways: Set<String> = []
+    var gatewayHosts: Set<String> = []
+    var isEmpty: Bool { namespaces.isEmpty && gateways.isEmpty }
+}
+
+/// The parts of a snapshot that belong to one node: workloads, gateway listeners, policies, and its scope.
+struct NodeLocal {
+    var items: [SnapshotItem] = []
+    var scope = NodeScope()
+}
+
+/// One Gateway's compiled listeners (the same on every node it runs on).
+struct GatewayProduct: Sendable, Hashable {
+    /// The only node it runs on, when annotated.
+    var node: String?
+    var listeners: [NodeSnapshot.Listener]
+    var hosts: Set<String>
+    var problems: [Diagnostic]
+}
+
+extension MeshCompiler {
+    func nodeLocal(_ node: String) -> NodeLocal {
+        var local = NodeLocal()
+        let runs = (workloadsByNode[node] ?? []).sorted().compactMap { workloads[$0] }
+        var policies: Set<ResourceKey> = []
+        for w in runs {
+            let ns = w.resource.namespace
+            local.scope.namespaces.insert(ns)
+            local.items.append(.workload(.init(
+                namespace: ns, name: w.resource.name, address: w.entry.address, labels: w.entry.labels,
+                serviceAccount: w.entry.serviceAccount ?? "default",
+                identity: identity(namespace: ns, serviceAccount: w.entry.serviceAccount), ports: w.entry.ports,
+                cgroup: w.cgroup, unit: w.unit)))
+            for k in policyKeys(for: ns) where !policies.contains(k) {
+                if let r = resources[k], policy(r, selects: ns, labels: w.entry.labels) { policies.insert(k) }
+            }
+        }
+        for k in policies.sorted() {
+            guard let r = resources[k] else { continue }
+            switch r.spec {
+            case .authorizationPolicy(let p): local.items.append(.authorizationPolicy(Named(namespace: k.namespace, name: k.name, spec: p)))
+            case .peerAuthentication(let p): local.items.append(.peerAuthentication(Named(namespace: k.namespace, name: k.name, spec: p)))
+            case .requestAuthentication(let p):
+                local.items.append(.requestAuthentication(Named(namespace: k.namespace, name: k.name, spec: p)))
+            default: break
+            }
+        }
+        var bound: Set<EndpointAddress> = []
+        for k in gatewayKeys.sorted() {
+            guard let gw = resources[k], gatewayRuns(gw, on: node), let product = gatewayProducts[k] else { continue }
+            local.scope.gateways.insert("\(k.namespace)/\(k.name)")
+            local.scope.gatewayHosts.formUnion(product.hosts)
+            // Two gateways on one node cannot bind one address; the first in key order keeps it.
+            for l in product.listeners where bound.insert(l.address).inserted { local.items.append(.listener(l)) }
+        }
+        return local
+    }
+
+    /// A Gateway runs on the node its `sluice.dev/node` annotation names; else on nodes running a workload its
+    /// selector matches; a Gateway with neither runs on every node.
+    func gatewayRuns(_ r: Resource, on node: String) -> Bool {
+        if let only = r.metadata.annotations[SluiceAnnotation.node] { return only == node }
+        guard case .gateway(let gw) = r.spec else { return false }
+        if gw.selector.isEmpty { return true }
+        return (workloadsByNode[node] ?? []).contains { k in
+            guard let w = workloads[k] else { return false }
+            return gw.selector.allSatisfy { w.entry.labels[$0.key] == $0.value }
+        }
+    }
+
+    /// Compiles one Gateway's L4 listeners: each TCP/TLS server takes the first tcp route (in VirtualService key
+    /// order) bound to the gateway that matches its port.
+    mutating func recompileGateway(_ key: ResourceKey) {
+        guard let r = resources[key], case .gateway(let gw) = r.spec else {
+            gatewayProducts[key] = nil
+            return
+        }
+        var problems: [Diagnostic] = []
+        var listeners: [NodeSnapshot.Listener] = []
+        var hosts: Set<String> = []
+        var bound: Set<EndpointAddress> = []
+        let ref = "\(key.namespace)/\(key.name)"
+        let bindings = (virtualServicesByGateway[ref] ?? []).sorted()
+        for (si, server) in gw.servers.enumerated() where server.port.protocol.isL4 {
+            let addr = EndpointAddress(ip: IPAddress(server.bind ?? "0.0.0.0")!, port: server.port.number)
+            if !bound.insert(addr).inserted {
+                problems.append(Self.error(r, "spec.servers[\(si)].port", "\(addr) is declared by two servers"))
+                continue
+            }
+            var chosen: [NodeSnapshot.WeightedCluster]?
+            search: for vsKey in bindings {
+                guard let vsResource = resources[vsKey], case .virtualService(let vs) = vsResource.spec else { continue }
+                for (ti, route) in vs.tcp.enumerated() {
+                    let matches = route.match.isEmpty || route.match.contains { m in
+                        (m.port == nil || m.port == server.port.number)
+                            && (m.gateways.isEmpty || Set(m.gateways.map {
+                                $0.contains("/") ? $0 : "\(vsKey.namespace)/\($0)"
+                            }).contains(ref))
+                    }
+                    guard matches else { continue }
+                    var picks: [NodeSnapshot.WeightedCluster] = []
+                    for (di, d) in route.route.enumerated() {
+                        let path = "spec.tcp[\(ti)].route[\(di)].destination"
+                        if let name = clusterName(for: d.destination, from: vsResource, path: path, problems: &problems) {
+                            picks.append(.init(cluster: name, weight: d.weight ?? 100))
+                            hosts.insert(d.destination.host)
+                        }
+                    }
+                    chosen = picks
+                    break search
+                }
+            }
+            guard let routes = chosen else {
+                problems.append(Self.warning(r, "spec.servers[\(si)]",
+                                             "no VirtualService tcp route serves port \(server.port.number); no listener is opened",
+                                             hint: "bind a VirtualService to this gateway with a tcp route"))
+                continue
+            }
+            if routes.isEmpty { continue }
+            listeners.append(.init(name: "\(key.namespace)/\(key.name):\(server.port.number)", address: addr,
+                                   protocol: server.port.protocol, routes: routes))
+        }
+        gatewayProducts[key] = GatewayProduct(node: r.metadata.annotations[SluiceAnnotation.node],
+                                              listeners: listeners, hosts: hosts, problems: problems)
+    }
+
+    /// The cluster a route destination names, or nil with an error that says which part is missing.
+    func clusterName(for dest: VirtualService.Destination, from r: Resource, path: String,
+                     problems: inout [Diagnostic]) -> String? {
+        guard let seKey = serviceEntriesByHost[dest.host]?.min(), case .serviceEntry(let se)? = resources[seKey]?.spec
+        else {
+            problems.append(Self.error(r, "\(path).host", "no ServiceEntry defines host '\(dest.host)'",
+                                       hint: "add a ServiceEntry with hosts: [\(dest.host)] and its endpoints"))
+            return nil
+        }
+        let port: UInt16
+        if let n = dest.port {
+            guard se.ports.contains(where: { $0.number == n }) else {
+                problems.append(Self.error(r, "\(path).port", "\(dest.host) has no port \(n)",
+                                           hint: "ports of \(dest.host): \(se.ports.map { String($0.number) }.joined(separator: ", "))"))
+                return nil
+            }
+            port = n
+        } else {
+            guard se.ports.count == 1 else {
+                problems.append(Self.error(r, "\(path).port", "\(dest.host) has several ports; name one",
+                                           hint: "set destination.port.number"))
+                return nil
+            }
+            port = se.ports[0].number
+        }
+        if let subset = dest.subset, !hasSubset(subset, host: dest.host) {
+            problems.append(Self.undefinedSubset(subset, host: dest.host, r: r, path: path))
+            return nil
+        }
+        return "outbound|\(port)|\(dest.subset ?? "")|\(dest.host)"
+    }
+
+    func hasSubset(_ name: String, host: String) -> Bool {
+        guard let k = destinationRulesByHost[host]?.min(), case .destinationRule(let dr)? = resources[k]?.spec else {
+            return false
+        }
+        return dr.subsets.contains { $0.name == name }
+    }
+
+    static func undefinedSubset(_ subset: String, host: String, r: Resource, path: String) -> Diagnostic {
+        error(r, "\(path).subset", "subset '\(subset)' of \(host) is not defined by any DestinationRule",
+              hint: "add it under spec.subsets of the DestinationRule for \(host)")
+    }
+
+    /// Destinations must name subsets their DestinationRule defines (istioctl analyze's IST0101). A host no
+    /// ServiceEntry defines is only a warning: on Kubernetes it may be a Service.
+    mutating func revalidateVirtualService(_ key: ResourceKey) {
+        guard let r = resources[key], case .virtualService(let vs) = r.spec else {
+            virtualServiceProblems[key] = nil
+            return
+        }
+        var dests: [(String, VirtualService.Destination)] = []
+        for (hi, route) in vs.http.enumerated() {
+            dests += route.route.enumerated().map { ("spec.http[\(hi)].route[\($0.offset)].destination", $0.element.destination) }
+            if let m = route.mirror { dests.append(("spec.http[\(hi)].mirror", m)) }
+        }
+        for (ti, route) in vs.tls.enumerated() {
+            dests += route.route.enumerated().map { ("spec.tls[\(ti)].route[\($0.offset)].destination", $0.element.destination) }
+        }
+        let meshBound = vs.gateways.isEmpty || vs.gateways.contains("mesh")
+        if meshBound {
+            for (ti, route) in vs.tcp.enumerated() {
+                dests += route.route.enumerated().map { ("spec.tcp[\(ti)].route[\($0.offset)].destination", $0.element.destination) }
+            }
+        }
+        var problems: [Diagnostic] = []
+        for (path, d) in dests {
+            if let subset = d.subset, !hasSubset(subset, host: d.host) {
+                problems.append(Self.undefinedSubset(subset, host: d.host, r: r, path: path))
+            }
+            if serviceEntriesByHost[d.host] == nil && !d.host.hasSuffix(".svc.cluster.local") {
+                problems.append(Self.warning(r, "\(path).host", "no ServiceEntry defines host '\(d.host)'",
+                                             hint: "add a ServiceEntry, or check the host name"))
+            }
+        }
+        virtualServiceProblems[key] = problems.isEmpty ? nil : problems
+    }
+
+    func virtualServicesVisible(to scope: NodeScope) -> [ResourceKey] {
+        if scope.isEmpty { return [] }
+        return virtualServiceKeys.filter { k in resources[k].map { isVisible(virtualService: $0, to: scope) } ?? false }
+    }
+
+    /// Mesh-bound VirtualServices exported to a namespace of the node's workloads, and those bound to a gateway on
+    /// the node.
+    func isVisible(virtualService r: Resource, to scope: NodeScope) -> Bool {
+        guard case .virtualService(let vs) = r.spec else { return false }
+        if (vs.gateways.isEmpty || vs.gateways.contains("mesh"))
+            && Self.isExported(vs.exportTo, from: r.metadata.namespace, toAnyOf: scope.namespaces)
+        {
+            return true
+        }
+        return !Self.gatewayRefs(vs, namespace: r.metadata.namespace).isDisjoint(with: scope.gateways)
+    }
+
+    func virtualServiceItem(_ key: ResourceKey) -> SnapshotItem? { resources[key].flatMap(Self.item) }
+
+    static func item(_ r: Resource) -> SnapshotItem? {
+        guard case .virtualService(let vs) = r.spec else { return nil }
+        return .virtualService(Named(namespace: r.metadata.namespace, name: r.metadata.name, spec: vs))
+    }
+}

@@ -1,0 +1,218 @@
+/// Everything compiled for one service host; the same for every node that sees the host.
+struct ServiceUnit: Sendable, Hashable {
+    var host: String
+    var namespace: String
+    var exportTo: [String]
+    /// The service, its clusters, BPF map entries and rate limits.
+    var items: [SnapshotItem]
+    /// Namespaces of the workloads behind it: a policy there may change how the kernel may treat it.
+    var endpointNamespaces: Set<String>
+    var problems: [Diagnostic]
+}
+
+extension MeshCompiler {
+    /// More backends than this and the service is balanced by the agent (the BPF map value has a fixed size).
+    public static let maxKernelBackends = 256
+
+    mutating func recompileUnit(_ host: String) {
+        if let old = units[host] {
+            for ns in old.endpointNamespaces {
+                unitsByEndpointNamespace[ns]?.remove(host)
+                if unitsByEndpointNamespace[ns]?.isEmpty == true { unitsByEndpointNamespace[ns] = nil }
+            }
+        }
+        units[host] = compileUnit(host)
+        for ns in units[host]?.endpointNamespaces ?? [] { unitsByEndpointNamespace[ns, default: []].insert(host) }
+    }
+
+    func isVisible(host: String, to scope: NodeScope) -> Bool {
+        guard let unit = units[host] else { return false }
+        return isVisible(unit, to: scope)
+    }
+
+    func isVisible(_ unit: ServiceUnit, to scope: NodeScope) -> Bool {
+        scope.gatewayHosts.contains(unit.host)
+            || Self.isExported(unit.exportTo, from: unit.namespace, toAnyOf: scope.namespaces)
+    }
+
+    /// Istio's `exportTo`: empty or `*` is every namespace, `.` the resource's own.
+    static func isExported(_ exportTo: [String], from namespace: String, toAnyOf namespaces: Set<String>) -> Bool {
+        if namespaces.isEmpty { return false }
+        if exportTo.isEmpty || exportTo.contains("*") { return true }
+        return exportTo.contains { namespaces.contains($0 == "." ? namespace : $0) }
+    }
+
+    private func compileUnit(_ host: String) -> ServiceUnit? {
+        guard let seKeys = serviceEntriesByHost[host]?.sorted(), let seResource = resources[seKeys[0]],
+            case .serviceEntry(let se) = seResource.spec
+        else { return nil }
+        var problems: [Diagnostic] = []
+        for extra in seKeys.dropFirst() {
+            guard let r = resources[extra] else { continue }
+            problems.append(Self.error(r, "spec.hosts", "host '\(host)' is already defined by \(seKeys[0])",
+                                       hint: "define each host in one ServiceEntry"))
+        }
+        let drKeys = destinationRulesByHost[host]?.sorted() ?? []
+        var dr: DestinationRule?
+        if let first = drKeys.first, case .destinationRule(let d)? = resources[first]?.spec { dr = d }
+        for extra in drKeys.dropFirst() {
+            guard let r = resources[extra] else { continue }
+            problems.append(Self.warning(r, "spec.host", "ignored: \(host) already has \(drKeys[0])",
+                                         hint: "merge the two DestinationRules into one"))
+        }
+        var healthCheck: HealthCheck?
+        if let k = healthChecksByHost[host], case .healthCheck(let hc)? = resources[k]?.spec { healthCheck = hc }
+        let namespace = seResource.metadata.namespace
+
+        // Candidate endpoints: inline ones, then the WorkloadEntries the selector picks.
+        var candidates: [(entry: WorkloadEntry, ip: IPAddress, workload: WorkloadInfo?)] = []
+        for (i, e) in se.endpoints.enumerated() {
+            guard let ip = IPAddress(e.address) else {
+                if se.resolution == .dns || se.resolution == .dnsRoundRobin {
+                    problems.append(Self.warning(seResource, "spec.endpoints[\(i)].address",
+                                                 "'\(e.address)' is a DNS name; this version does not resolve endpoint names, so it gets no traffic",
+                                                 hint: "list the endpoint's IP address"))
+                } else {
+                    problems.append(Self.error(seResource, "spec.endpoints[\(i)].address",
+                                               "endpoint address '\(e.address)' is not an IP", hint: "name endpoints by IP address"))
+                }
+                continue
+            }
+            candidates.append((e, ip, nil))
+        }
+        var endpointNamespaces: Set<String> = []
+        if let selector = se.workloadSelector {
+            endpointNamespaces.insert(namespace)
+            for w in workloads(in: namespace, matching: selector) {
+                guard let ip = IPAddress(w.entry.address) else {
+                    if let r = resources[w.resource] {
+                        problems.append(Self.error(r, "spec.address", "'\(w.entry.address)' is not an IP address",
+                                                   hint: "a WorkloadEntry needs the workload's IP address"))
+                    }
+                    continue
+                }
+                candidates.append((w.entry, ip, w))
+            }
+        }
+
+        var items: [SnapshotItem] = [.service(.init(host: host, namespace: namespace, addresses: se.addresses,
+                                                    ports: se.ports, location: se.location, resolution: se.resolution))]
+        let topPolicy = dr?.trafficPolicy ?? TrafficPolicy()
+        for port in se.ports {
+            var allEndpoints: [NodeSnapshot.Endpoint] = []
+            let subsets: [DestinationRule.Subset?] = [nil] + (dr?.subsets ?? []).map { $0 }
+            for subset in subsets {
+                let policy = topPolicy.overlaid(by: subset?.trafficPolicy)
+                let wanted = subset?.labels ?? [:]
+                var endpoints: [NodeSnapshot.Endpoint] = []
+                for c in candidates where wanted.allSatisfy({ c.entry.labels[$0.key] == $0.value }) {
+                    let targetPort = c.entry.ports[port.name] ?? port.targetPort ?? port.number
+                    endpoints.append(.init(
+                        address: EndpointAddress(ip: c.ip, port: targetPort), weight: UInt32(c.entry.weight ?? 1),
+                        labels: c.entry.labels, node: c.workload?.node,
+                        identity: c.workload.map { identity(namespace: namespace, serviceAccount: $0.entry.serviceAccount) }))
+                }
+                endpoints.sort { ($0.address.description, $0.weight) < ($1.address.description, $1.weight) }
+                if subset == nil { allEndpoints = endpoints }
+                items.append(.cluster(.init(
+                    name: "outbound|\(port.number)|\(subset?.name ?? "")|\(host)", serviceHost: host,
+                    servicePort: port.number, subset: subset?.name, protocol: port.protocol, endpoints: endpoints,
+                    loadBalancer: policy.loadBalancer ?? .simple(.roundRobin), outlierDetection: policy.outlierDetection,
+                    connectTimeout: policy.connectionPool?.connectTimeout ?? mesh.connectTimeout,
+                    idleTimeout: policy.connectionPool?.idleTimeout ?? mesh.tcpIdleTimeout,
+                    maxConnections: policy.connectionPool?.maxConnections, healthCheck: healthCheck)))
+            }
+            for vip in se.addresses {
+                guard let ip = IPAddress(vip) else { continue }  // a CIDR range: matched by the agent, not the map
+                let action = kernelAction(host: host, port: port, entry: se, rule: dr, policy: topPolicy,
+                                          healthCheck: healthCheck, endpoints: allEndpoints,
+                                          workloads: candidates.compactMap(\.workload))
+                items.append(.bpfService(.init(address: EndpointAddress(ip: ip, port: port.number),
+                                               protocol: port.protocol == .udp ? .udp : .tcp, host: host,
+                                               action: action)))
+            }
+        }
+        for k in rateLimitsByHost[host]?.sorted() ?? [] {
+            guard let r = resources[k], case .rateLimitPolicy(let rl) = r.spec else { continue }
+            items.append(.rateLimit(Named(namespace: k.namespace, name: k.name, spec: rl)))
+        }
+        return ServiceUnit(host: host, namespace: namespace, exportTo: se.exportTo, items: items,
+                           endpointNamespaces: endpointNamespaces, problems: problems)
+    }
+
+    /// Decides whether the kernel may balance connections to one service port on its own (DESIGN.md, step 2),
+    /// and if not, says why.
+    private func kernelAction(host: String, port: ServicePort, entry se: ServiceEntry, rule: DestinationRule?,
+                              policy: TrafficPolicy, healthCheck: HealthCheck?, endpoints: [NodeSnapshot.Endpoint],
+                              workloads: [WorkloadInfo]) -> NodeSnapshot.BPFService.Action {
+        switch port.protocol {
+        case .http, .http2, .grpc:
+            return .proxy(reason: "port \(port.number) speaks \(port.protocol.rawValue); the L7 proxy serves it")
+        default: break
+        }
+        if let vs = virtualServicesByHost[host]?.min() {
+            return .proxy(reason: "\(vs) routes \(host)")
+        }
+        if let rule {
+            if !rule.subsets.isEmpty { return .proxy(reason: "its DestinationRule defines subsets") }
+            if policy.outlierDetection != nil { return .proxy(reason: "its DestinationRule sets outlierDetection") }
+            if policy.connectionPool?.maxConnections != nil {
+                return .proxy(reason: "its DestinationRule limits connections")
+            }
+        }
+        if healthCheck != nil { return .proxy(reason: "it has active health checks") }
+        if se.resolution == .dns || se.resolution == .dnsRoundRobin {
+            return .proxy(reason: "resolution \(se.resolution.rawValue) needs the agent to resolve names")
+        }
+        if endpoints.isEmpty { return .proxy(reason: "it has no endpoints; the agent answers with a reset and a metric") }
+        if endpoints.count > Self.maxKernelBackends {
+            return .proxy(reason: "\(endpoints.count) endpoints exceed the map's \(Self.maxKernelBackends)")
+        }
+        for w in workloads {
+            if let reason = policyNeedingAgent(namespace: w.resource.namespace, labels: w.entry.labels, port: port) {
+                return .proxy(reason: reason)
+            }
+        }
+        let lb: NodeSnapshot.BPFService.LoadBalancing
+        if case .consistentHash? = policy.loadBalancer { lb = .maglev } else { lb = .random }
+        return .balance(lb, backends: endpoints.map { .init(address: $0.address, weight: $0.weight) })
+    }
+
+    /// The first policy that makes traffic to this workload need the agent: authorization, JWT, or strict mTLS.
+    private func policyNeedingAgent(namespace: String, labels: [String: String], port: ServicePort) -> String? {
+        for k in policyKeys(for: namespace) {
+            guard let r = resources[k], policy(r, selects: namespace, labels: labels) else { continue }
+            switch r.spec {
+            case .authorizationPolicy: return "\(k) authorizes its workloads"
+            case .requestAuthentication: return "\(k) checks JWTs for its workloads"
+            case .peerAuthentication(let pa):
+                if (pa.portLevel[port.number] ?? pa.mode) == .strict { return "\(k) requires mutual TLS" }
+            default: break
+            }
+        }
+        return nil
+    }
+
+    /// Policy keys that may apply in `namespace`: its own and the root namespace's, in key order.
+    func policyKeys(for namespace: String) -> [ResourceKey] {
+        var keys = policiesByNamespace[namespace] ?? []
+        if namespace != mesh.rootNamespace { keys.formUnion(policiesByNamespace[mesh.rootNamespace] ?? []) }
+        return keys.sorted()
+    }
+
+    /// Istio's selection: a policy without selector covers its namespace (the root namespace's: the mesh); one
+    /// with a selector covers matching workloads of its namespace (the root namespace's: of every namespace).
+    func policy(_ r: Resource, selects namespace: String, labels: [String: String]) -> Bool {
+        let selector: [String: String]?
+        switch r.spec {
+        case .authorizationPolicy(let p): selector = p.selector
+        case .peerAuthentication(let p): selector = p.selector
+        case .requestAuthentication(let p): selector = p.selector
+        default: return false
+        }
+        let inRoot = r.metadata.namespace == mesh.rootNamespace
+        guard inRoot || r.metadata.namespace == namespace else { return false }
+        guard let selector else { return true }
+        return selector.allSatisfy { labels[$0.key] == $0.value }
+    }
+}

@@ -1,0 +1,374 @@
+/// Names one resource of the mesh.
+public struct ResourceKey: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public var kind: ResourceKind
+    public var namespace: String
+    public var name: String
+
+    public init(kind: ResourceKind, namespace: String, name: String) {
+        self.kind = kind
+        self.namespace = namespace
+        self.name = name
+    }
+
+    public static func < (a: ResourceKey, b: ResourceKey) -> Bool {
+        (a.kind.rawValue, a.namespace, a.name) < (b.kind.rawValue, b.namespace, b.name)
+    }
+    public var description: String { "\(kind.rawValue) \(namespace)/\(name)" }
+}
+
+extension Resource {
+    public var key: ResourceKey { ResourceKey(kind: kind, namespace: metadata.namespace, name: metadata.name) }
+}
+
+/// One edit of the mesh configuration.
+public enum ResourceChange: Sendable {
+    /// Adds the resource, or replaces the one with the same kind, namespace and name.
+    case upsert(Resource)
+    case delete(ResourceKey)
+
+    var key: ResourceKey {
+        switch self {
+        case .upsert(let r): r.key
+        case .delete(let k): k
+        }
+    }
+}
+
+/// Annotations Sluice reads where Istio has no field (see DESIGN.md, Configuration).
+public enum SluiceAnnotation {
+    /// The host that runs a WorkloadEntry, or the only node a Gateway runs on.
+    public static let node = "sluice.dev/node"
+    /// How the agent recognises a workload's processes.
+    public static let cgroup = "sluice.dev/cgroup"
+    public static let unit = "sluice.dev/unit"
+}
+
+/// Compiles the whole mesh configuration into per-node snapshots (Pilot's job), and keeps what it compiled so
+/// that a change recompiles only what it touches.
+///
+/// Work is split in two:
+/// - **per service host** (a ``ServiceUnit``): the service, its clusters with endpoints and policy, its BPF map
+///   entries and rate limits. The same for every node that sees the host, so it is compiled once.
+/// - **per node**: the node's workloads and their identities, the listeners of gateways that run there, the
+///   policies that select its workloads, and its *scope*: which hosts and VirtualServices it sees.
+///
+/// A node sees a service when the service is exported (`exportTo`, default all namespaces) to a namespace of a
+/// workload on the node, or when a gateway on the node routes to it. A node with no workloads and no gateways
+/// gets an empty snapshot. (Istio's Sidecar egress scoping, applied automatically from where workloads run.)
+///
+/// Deterministic: snapshots list items in key order and do not depend on the order resources arrive in.
+public struct MeshCompiler: Sendable {
+    public internal(set) var mesh = MeshConfig.defaults
+    var meshConfigKey: ResourceKey?
+    var resources: [ResourceKey: Resource] = [:]
+
+    // Indexes over `resources`.
+    var serviceEntriesByHost: [String: Set<ResourceKey>] = [:]
+    /// ServiceEntries with a workloadSelector, by namespace: the ones a WorkloadEntry there may join.
+    var selectingServiceEntries: [String: Set<ResourceKey>] = [:]
+    var destinationRulesByHost: [String: Set<ResourceKey>] = [:]
+    var healthChecksByHost: [String: ResourceKey] = [:]
+    var rateLimitsByHost: [String: Set<ResourceKey>] = [:]
+    var workloads: [ResourceKey: WorkloadInfo] = [:]
+    var workloadsByLabel: [LabelKey: Set<ResourceKey>] = [:]
+    var workloadsByNamespace: [String: Set<ResourceKey>] = [:]
+    var workloadsByNode: [String: Set<ResourceKey>] = [:]
+    /// Mesh-bound VirtualServices by the hosts they route.
+    var virtualServicesByHost: [String: Set<ResourceKey>] = [:]
+    /// VirtualServices by the hosts their destinations name.
+    var virtualServicesByDestination: [String: Set<ResourceKey>] = [:]
+    var virtualServicesByGateway: [String: Set<ResourceKey>] = [:]
+    var virtualServiceKeys: Set<ResourceKey> = []
+    var gatewayKeys: Set<ResourceKey> = []
+    /// AuthorizationPolicy, PeerAuthentication and RequestAuthentication keys by namespace.
+    var policiesByNamespace: [String: Set<ResourceKey>] = [:]
+    var registeredNodes: Set<String> = []
+
+    // Compiled products and what each reported.
+    var units: [String: ServiceUnit] = [:]
+    var unitsByEndpointNamespace: [String: Set<String>] = [:]
+    var gatewayProducts: [ResourceKey: GatewayProduct] = [:]
+    var virtualServiceProblems: [ResourceKey: [Diagnostic]] = [:]
+    /// Scope of every node that has one; nodes not listed see nothing.
+    var scopes: [String: NodeScope] = [:]
+
+    /// Compiles `resources`. Throws every error found; warnings are in ``warnings``.
+    public init(_ resources: [Resource]) throws(ConfigErrors) {
+        var problems: [Diagnostic] = []
+        for r in resources.sorted(by: { $0.key < $1.key }) {
+            if self.resources[r.key] != nil {
+                problems.append(Self.error(r, "metadata.name", "\(r.reference) is defined twice",
+                                           hint: "give each resource of a kind a unique namespace/name"))
+                continue
+            }
+            insert(r, problems: &problems)
+        }
+        rebuildAll()
+        problems += allProblems
+        if problems.contains(where: { $0.severity == .error }) { throw ConfigErrors(problems) }
+    }
+
+    /// Problems of the current compiled state (warnings only: errors are never accepted).
+    public var warnings: [Diagnostic] { allProblems.filter { $0.severity == .warning } }
+
+    var allProblems: [Diagnostic] {
+        var out: [Diagnostic] = []
+        for h in units.keys.sorted() { out += units[h]!.problems }
+        for k in gatewayProducts.keys.sorted() { out += gatewayProducts[k]!.problems }
+        for k in virtualServiceProblems.keys.sorted() { out += virtualServiceProblems[k]! }
+        return out
+    }
+
+    /// Nodes known to the mesh: those that run a workload, those a gateway names, and registered ones.
+    public var nodes: [String] {
+        var all = registeredNodes
+        for (node, keys) in workloadsByNode where !keys.isEmpty { all.insert(node) }
+        for p in gatewayProducts.values { if let n = p.node { all.insert(n) } }
+        return all.sorted()
+    }
+
+    /// Makes `node` known (an agent connected), so that deltas include it even if it runs no workload.
+    public mutating func register(node: String) {
+        registeredNodes.insert(node)
+        if scopes[node] == nil { scopes[node] = nodeLocal(node).scope }
+    }
+
+    /// The snapshot `node` serves.
+    public func snapshot(for node: String) -> NodeSnapshot {
+        let local = nodeLocal(node)
+        var items = local.items
+        for host in units.keys where isVisible(host: host, to: local.scope) { items += units[host]!.items }
+        for key in virtualServicesVisible(to: local.scope) {
+            if let item = virtualServiceItem(key) { items.append(item) }
+        }
+        return NodeSnapshot(node: node, mesh: mesh, items: items)
+    }
+
+    // MARK: - Incremental
+
+    /// Applies `changes` and returns which nodes' snapshots change, and how. On error nothing changes: the
+    /// compiler keeps serving the configuration it had.
+    public mutating func apply(_ changes: [ResourceChange]) throws(ConfigErrors) -> MeshDelta {
+        var next = self
+        let delta = try next.applyInPlace(changes)
+        self = next
+        return delta
+    }
+
+    private mutating func applyInPlace(_ changes: [ResourceChange]) throws(ConfigErrors) -> MeshDelta {
+        let nodesBefore = Set(nodes)
+        if changes.contains(where: { $0.key.kind == .meshConfig }) {
+            return try rebuildEverything(changes, nodesBefore: nodesBefore)
+        }
+        var touched = Touched()
+        for change in changes {
+            let old = resources[change.key]
+            if let old { touched.note(old, in: self) }
+            if case .upsert(let r) = change { touched.note(r, in: self) }
+        }
+        // Node-local parts and unit items as they were, to diff against.
+        var localBefore: [String: NodeLocal] = [:]
+        for n in touched.nodes { localBefore[n] = nodeLocal(n) }
+        var unitsBefore: [String: ServiceUnit] = [:]
+        for h in touched.hosts { unitsBefore[h] = units[h] }
+        var vsBefore: [ResourceKey: Resource] = [:]
+        for k in touched.virtualServices { vsBefore[k] = resources[k] }
+        var gatewaysBefore: [ResourceKey: GatewayProduct] = [:]
+        for k in touched.gateways { gatewaysBefore[k] = gatewayProducts[k] }
+        let scopesBefore = scopes
+
+        var problems: [Diagnostic] = []
+        for change in changes {
+            if let old = resources[change.key] { remove(old) }
+            if case .upsert(let r) = change { insert(r, problems: &problems) }
+        }
+        for h in touched.hosts { recompileUnit(h) }
+        for k in touched.gateways { recompileGateway(k) }
+        // Routes to a changed host may now name a subset or port that is gone.
+        var revalidate = touched.virtualServices
+        for h in touched.hosts { revalidate.formUnion(virtualServicesByDestination[h] ?? []) }
+        for k in revalidate { revalidateVirtualService(k) }
+        for h in touched.hosts { problems += units[h]?.problems ?? [] }
+        for k in touched.gateways { problems += gatewayProducts[k]?.problems ?? [] }
+        for k in revalidate { problems += virtualServiceProblems[k] ?? [] }
+        if problems.contains(where: { $0.severity == .error }) { throw ConfigErrors(problems) }
+
+        var localAfter: [String: NodeLocal] = [:]
+        for n in touched.nodes {
+            let l = nodeLocal(n)
+            localAfter[n] = l
+            scopes[n] = l.scope.isEmpty && !registeredNodes.contains(n) ? nil : l.scope
+        }
+
+        var deltas: [NodeDelta] = []
+        for node in nodesBefore.union(nodes).sorted() {
+            let oldScope = scopesBefore[node] ?? NodeScope()
+            let newScope = scopes[node] ?? NodeScope()
+            var diff = ItemDiff()
+            if let before = localBefore[node], let after = localAfter[node] {
+                diff.add(old: before.items, new: after.items)
+            }
+            if oldScope != newScope {
+                // The node's reach moved: compare every host and VirtualService it saw or sees.
+                for (host, unit) in units where !touched.hosts.contains(host) {
+                    let was = isVisible(host: host, to: oldScope), now = isVisible(host: host, to: newScope)
+                    if was != now { diff.add(old: was ? unit.items : [], new: now ? unit.items : []) }
+                }
+                let was = Set(virtualServicesVisible(to: oldScope))
+                let now = Set(virtualServicesVisible(to: newScope))
+                for k in was.union(now) where !touched.virtualServices.contains(k) {
+                    let item = virtualServiceItem(k)
+                    diff.add(old: was.contains(k) ? item.map { [$0] } ?? [] : [],
+                             new: now.contains(k) ? item.map { [$0] } ?? [] : [])
+                }
+            }
+            if localBefore[node] == nil {
+                // Listeners of a gateway whose routes changed with a service's ports; its nodes are as they were.
+                for k in touched.gateways where gatewaysBefore[k] != gatewayProducts[k] {
+                    guard let gw = resources[k], gatewayRuns(gw, on: node) else { continue }
+                    diff.add(old: gatewaysBefore[k]?.listeners.map { .listener($0) } ?? [],
+                             new: gatewayProducts[k]?.listeners.map { .listener($0) } ?? [])
+                }
+            }
+            for h in touched.hosts {
+                let old = unitsBefore[h].flatMap { isVisible($0, to: oldScope) ? $0.items : nil } ?? []
+                let new = units[h].flatMap { isVisible($0, to: newScope) ? $0.items : nil } ?? []
+                diff.add(old: old, new: new)
+            }
+            for k in touched.virtualServices {
+                let old = vsBefore[k].flatMap { isVisible(virtualService: $0, to: oldScope) ? Self.item($0) : nil }
+                let new = resources[k].flatMap { isVisible(virtualService: $0, to: newScope) ? Self.item($0) : nil }
+                diff.add(old: old.map { [$0] } ?? [], new: new.map { [$0] } ?? [])
+            }
+            let d = diff.delta(node: node)
+            if !d.isEmpty { deltas.append(d) }
+        }
+        return MeshDelta(nodes: deltas, recompiledServices: touched.hosts.count, recompiledNodes: touched.nodes.count)
+    }
+
+    /// A MeshConfig change moves defaults of every cluster and identity: recompile everything and diff.
+    private mutating func rebuildEverything(_ changes: [ResourceChange], nodesBefore: Set<String>)
+        throws(ConfigErrors) -> MeshDelta
+    {
+        let before = Dictionary(uniqueKeysWithValues: nodesBefore.map { ($0, snapshot(for: $0)) })
+        var problems: [Diagnostic] = []
+        for change in changes {
+            if let old = resources[change.key] { remove(old) }
+            if case .upsert(let r) = change { insert(r, problems: &problems) }
+        }
+        rebuildAll()
+        problems += allProblems
+        if problems.contains(where: { $0.severity == .error }) { throw ConfigErrors(problems) }
+        var deltas: [NodeDelta] = []
+        for node in nodesBefore.union(nodes).sorted() {
+            let after = snapshot(for: node)
+            let old = before[node] ?? NodeSnapshot(node: node, mesh: mesh)
+            var diff = ItemDiff()
+            diff.add(old: old.items, new: after.items)
+            var d = diff.delta(node: node)
+            if old.mesh != after.mesh { d.mesh = after.mesh }
+            if !d.isEmpty { deltas.append(d) }
+        }
+        return MeshDelta(nodes: deltas, recompiledServices: units.count, recompiledNodes: scopes.count)
+    }
+
+    /// Compiles every unit, gateway and node scope from the indexes.
+    mutating func rebuildAll() {
+        units = [:]
+        unitsByEndpointNamespace = [:]
+        for host in serviceEntriesByHost.keys { recompileUnit(host) }
+        gatewayProducts = [:]
+        for k in gatewayKeys { recompileGateway(k) }
+        virtualServiceProblems = [:]
+        for k in virtualServiceKeys { revalidateVirtualService(k) }
+        scopes = [:]
+        for node in nodes {
+            let scope = nodeLocal(node).scope
+            if !scope.isEmpty || registeredNodes.contains(node) { scopes[node] = scope }
+        }
+    }
+
+    static func error(_ r: Resource, _ path: String, _ message: String, hint: String? = nil) -> Diagnostic {
+        Diagnostic(.error, file: r.source.file, line: r.source.line, resource: r.reference, path: path,
+                   message: message, hint: hint)
+    }
+
+    static func warning(_ r: Resource, _ path: String, _ message: String, hint: String? = nil) -> Diagnostic {
+        Diagnostic(.warning, file: r.source.file, line: r.source.line, resource: r.reference, path: path,
+                   message: message, hint: hint)
+    }
+}
+
+/// What a set of changes reaches: the hosts to recompile, gateways, VirtualServices and nodes.
+struct Touched {
+    var hosts: Set<String> = []
+    var gateways: Set<ResourceKey> = []
+    var virtualServices: Set<ResourceKey> = []
+    var nodes: Set<String> = []
+
+    mutating func note(_ r: Resource, in m: MeshCompiler) {
+        switch r.spec {
+        case .serviceEntry(let se):
+            hosts.formUnion(se.hosts)
+            // A gateway route to one of these hosts may now point at a port or subset that is gone.
+            gateways.formUnion(m.gatewayKeys)
+        case .destinationRule(let dr):
+            hosts.insert(dr.host)
+            gateways.formUnion(m.gatewayKeys)
+        case .healthCheck(let hc): hosts.insert(hc.host)
+        case .rateLimitPolicy(let rl): hosts.insert(rl.host)
+        case .workloadEntry(let we):
+            if let node = r.metadata.annotations[SluiceAnnotation.node] { nodes.insert(node) }
+            for k in m.selectingServiceEntries[r.metadata.namespace] ?? [] {
+                guard case .serviceEntry(let se)? = m.resources[k]?.spec, let sel = se.workloadSelector,
+                    sel.allSatisfy({ we.labels[$0.key] == $0.value })
+                else { continue }
+                hosts.formUnion(se.hosts)
+            }
+        case .virtualService(let vs):
+            virtualServices.insert(r.key)
+            if vs.gateways.isEmpty || vs.gateways.contains("mesh") { hosts.formUnion(vs.hosts) }
+            if vs.gateways.contains(where: { $0 != "mesh" }) {
+                gateways.formUnion(m.gatewayKeys)
+                nodes.formUnion(m.nodes)
+            }
+        case .gateway:
+            gateways.insert(r.key)
+            nodes.formUnion(m.nodes)
+            if let node = r.metadata.annotations[SluiceAnnotation.node] { nodes.insert(node) }
+        case .authorizationPolicy, .peerAuthentication, .requestAuthentication:
+            let ns = r.metadata.namespace
+            if ns == m.mesh.rootNamespace {
+                hosts.formUnion(m.units.keys)
+                nodes.formUnion(m.nodes)
+            } else {
+                hosts.formUnion(m.unitsByEndpointNamespace[ns] ?? [])
+                for k in m.workloadsByNamespace[ns] ?? [] { if let n = m.workloads[k]?.node { nodes.insert(n) } }
+            }
+        case .meshConfig: break
+        }
+    }
+}
+
+/// Accumulates item changes for one node.
+struct ItemDiff {
+    var upserted: [SnapshotItem.Key: SnapshotItem] = [:]
+    var removed: Set<SnapshotItem.Key> = []
+
+    mutating func add(old: [SnapshotItem], new: [SnapshotItem]) {
+        if old.isEmpty && new.isEmpty { return }
+        var before: [SnapshotItem.Key: SnapshotItem] = [:]
+        for item in old { before[item.key] = item }
+        for item in new {
+            let key = item.key
+            if before.removeValue(forKey: key) != item { upserted[key] = item }
+            removed.remove(key)
+        }
+        for key in before.keys where upserted[key] == nil { removed.insert(key) }
+    }
+
+    func delta(node: String) -> NodeDelta {
+        NodeDelta(node: node, upserted: upserted.keys.sorted().map { upserted[$0]! }, removed: removed.sorted(),
+                  mesh: nil)
+    }
+}
