@@ -66,3 +66,20 @@ public struct EndpointAddress: Sendable, Hashable, CustomStringConvertible {
         self.init(ip: ip, port: port)
     }
 }
+
+/// Numeric order, IPv4 before IPv6: the order endpoints are listed in.
+extension IPAddress: Comparable {
+    public static func < (a: IPAddress, b: IPAddress) -> Bool {
+        switch (a, b) {
+        case (.v4(let x), .v4(let y)): UInt32(bigEndian: x) < UInt32(bigEndian: y)
+        case (.v6(let xh, let xl), .v6(let yh, let yl)):
+            (UInt64(bigEndian: xh), UInt64(bigEndian: xl)) < (UInt64(bigEndian: yh), UInt64(bigEndian: yl))
+        case (.v4, .v6): true
+        case (.v6, .v4): false
+        }
+    }
+}
+
+extension EndpointAddress: Comparable {
+    public static func < (a: EndpointAddress, b: EndpointAddress) -> Bool { (a.ip, a.port) < (b.ip, b.port) }
+}

@@ -5,13 +5,101 @@ struct LabelKey: Hashable {
     var value: String
 }
 
-/// A WorkloadEntry as the compiler keeps it.
-struct WorkloadInfo: Sendable, Hashable {
-    var resource: ResourceKey
-    var entry: WorkloadEntry
-    var node: String?
-    var cgroup: String?
-    var unit: String?
+/// A WorkloadEntry as the compiler keeps it. A class: indexes and candidate lists pass it around by the
+/// thousand, and a reference costs one retain where the struct cost a dozen.
+final class WorkloadInfo: Sendable {
+    let resource: ResourceKey
+    let entry: WorkloadEntry
+    let node: String?
+    let cgroup: String?
+    let unit: String?
+
+    init(resource: ResourceKey, entry: WorkloadEntry, node: String?, cgroup: String?, unit: String?) {
+        self.resource = resource
+        self.entry = entry
+        self.node = node
+        self.cgroup = cgroup
+        self.unit = unit
+    }
+}
+
+/// Workloads by slot number, with the indexes selectors and nodes need. Indexes hold `Int` slots rather than
+/// resource keys: a mesh has ~10 workloads per service, and hashing three strings per index entry was most of
+/// the cost of loading 100,000 of them.
+struct WorkloadTable: Sendable {
+    private var slots: [WorkloadInfo?] = []
+    private var free: [Int] = []
+    private var ids: [ResourceKey: Int] = [:]
+    private var byLabel: [LabelKey: Set<Int>] = [:]
+    private var byNamespace: [String: Set<Int>] = [:]
+    private(set) var byNode: [String: Set<Int>] = [:]
+
+    subscript(id: Int) -> WorkloadInfo { slots[id]! }
+
+    mutating func reserveCapacity(_ n: Int) {
+        slots.reserveCapacity(n)
+        ids.reserveCapacity(n)
+    }
+
+    mutating func insert(_ w: WorkloadInfo) {
+        let id: Int
+        if let reused = free.popLast() {
+            id = reused
+            slots[id] = w
+        } else {
+            id = slots.count
+            slots.append(w)
+        }
+        ids[w.resource] = id
+        let ns = w.resource.namespace
+        for (k, v) in w.entry.labels { byLabel[LabelKey(namespace: ns, key: k, value: v), default: []].insert(id) }
+        byNamespace[ns, default: []].insert(id)
+        if let node = w.node { byNode[node, default: []].insert(id) }
+    }
+
+    mutating func remove(_ key: ResourceKey) {
+        guard let id = ids.removeValue(forKey: key), let w = slots[id] else { return }
+        slots[id] = nil
+        free.append(id)
+        let ns = key.namespace
+        for (k, v) in w.entry.labels { Self.drop(id, from: &byLabel, at: LabelKey(namespace: ns, key: k, value: v)) }
+        Self.drop(id, from: &byNamespace, at: ns)
+        if let node = w.node { Self.drop(id, from: &byNode, at: node) }
+    }
+
+    private static func drop<K: Hashable>(_ id: Int, from index: inout [K: Set<Int>], at k: K) {
+        guard var set = index[k] else { return }
+        set.remove(id)
+        index[k] = set.isEmpty ? nil : set
+    }
+
+    /// Workloads in `namespace` whose labels include all of `selector`, in resource key order.
+    func matching(_ selector: [String: String], in namespace: String) -> [WorkloadInfo] {
+        var smallest: Set<Int>?
+        for (k, v) in selector {
+            let set = byLabel[LabelKey(namespace: namespace, key: k, value: v)] ?? []
+            if smallest == nil || set.count < smallest!.count { smallest = set }
+        }
+        var out: [WorkloadInfo] = []
+        for id in smallest ?? byNamespace[namespace] ?? [] {
+            guard let w = slots[id], selector.allSatisfy({ w.entry.labels[$0.key] == $0.value }) else { continue }
+            out.append(w)
+        }
+        out.sort { $0.resource < $1.resource }
+        return out
+    }
+
+    func on(node: String) -> [WorkloadInfo] {
+        (byNode[node] ?? []).map { slots[$0]! }.sorted { $0.resource < $1.resource }
+    }
+
+    func namespaces(on node: String) -> Set<String> {
+        Set((byNode[node] ?? []).map { slots[$0]!.resource.namespace })
+    }
+
+    func nodes(in namespace: String) -> Set<String> {
+        Set((byNamespace[namespace] ?? []).compactMap { slots[$0]?.node })
+    }
 }
 
 extension MeshCompiler {
@@ -36,10 +124,7 @@ extension MeshCompiler {
             let a = r.metadata.annotations
             let info = WorkloadInfo(resource: key, entry: we, node: a[SluiceAnnotation.node],
                                     cgroup: a[SluiceAnnotation.cgroup], unit: a[SluiceAnnotation.unit])
-            workloads[key] = info
-            for (k, v) in we.labels { workloadsByLabel[LabelKey(namespace: ns, key: k, value: v), default: []].insert(key) }
-            workloadsByNamespace[ns, default: []].insert(key)
-            if let node = info.node { workloadsByNode[node, default: []].insert(key) }
+            workloads.insert(info)
         case .virtualService(let vs):
             if vs.gateways.isEmpty || vs.gateways.contains("mesh") {
                 for h in vs.hosts { virtualServicesByHost[h, default: []].insert(key) }
@@ -73,11 +158,7 @@ extension MeshCompiler {
         case .destinationRule(let dr): Self.drop(key, from: &destinationRulesByHost, at: dr.host)
         case .healthCheck(let hc): if healthChecksByHost[hc.host] == key { healthChecksByHost[hc.host] = nil }
         case .rateLimitPolicy(let rl): Self.drop(key, from: &rateLimitsByHost, at: rl.host)
-        case .workloadEntry(let we):
-            let info = workloads.removeValue(forKey: key)
-            for (k, v) in we.labels { Self.drop(key, from: &workloadsByLabel, at: LabelKey(namespace: ns, key: k, value: v)) }
-            Self.drop(key, from: &workloadsByNamespace, at: ns)
-            if let node = info?.node { Self.drop(key, from: &workloadsByNode, at: node) }
+        case .workloadEntry: workloads.remove(key)
         case .virtualService(let vs):
             for h in vs.hosts { Self.drop(key, from: &virtualServicesByHost, at: h) }
             for h in Self.destinationHosts(vs) { Self.drop(key, from: &virtualServicesByDestination, at: h) }
@@ -118,19 +199,6 @@ extension MeshCompiler {
         for r in vs.tcp { for d in r.route { hosts.insert(d.destination.host) } }
         for r in vs.tls { for d in r.route { hosts.insert(d.destination.host) } }
         return hosts
-    }
-
-    /// WorkloadEntries in `namespace` whose labels include all of `selector`, in key order.
-    func workloads(in namespace: String, matching selector: [String: String]) -> [WorkloadInfo] {
-        var smallest: Set<ResourceKey>?
-        for (k, v) in selector {
-            let set = workloadsByLabel[LabelKey(namespace: namespace, key: k, value: v)] ?? []
-            if smallest == nil || set.count < smallest!.count { smallest = set }
-        }
-        let candidates = smallest ?? workloadsByNamespace[namespace] ?? []
-        return candidates.compactMap { workloads[$0] }
-            .filter { w in selector.allSatisfy { w.entry.labels[$0.key] == $0.value } }
-            .sorted { $0.resource < $1.resource }
     }
 
     /// The SPIFFE identity of a workload.

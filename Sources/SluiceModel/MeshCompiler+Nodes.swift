@@ -25,7 +25,7 @@ struct GatewayProduct: Sendable, Hashable {
 extension MeshCompiler {
     func nodeLocal(_ node: String) -> NodeLocal {
         var local = NodeLocal()
-        let runs = (workloadsByNode[node] ?? []).sorted().compactMap { workloads[$0] }
+        let runs = workloads.on(node: node)
         var policies: Set<ResourceKey> = []
         for w in runs {
             let ns = w.resource.namespace
@@ -60,16 +60,25 @@ extension MeshCompiler {
         return local
     }
 
+    /// Just the scope of `node` (what ``nodeLocal(_:)`` computes, without building the items).
+    func nodeScope(_ node: String) -> NodeScope {
+        var scope = NodeScope()
+        scope.namespaces = workloads.namespaces(on: node)
+        for k in gatewayKeys {
+            guard let gw = resources[k], gatewayRuns(gw, on: node), let product = gatewayProducts[k] else { continue }
+            scope.gateways.insert("\(k.namespace)/\(k.name)")
+            scope.gatewayHosts.formUnion(product.hosts)
+        }
+        return scope
+    }
+
     /// A Gateway runs on the node its `sluice.dev/node` annotation names; else on nodes running a workload its
     /// selector matches; a Gateway with neither runs on every node.
     func gatewayRuns(_ r: Resource, on node: String) -> Bool {
         if let only = r.metadata.annotations[SluiceAnnotation.node] { return only == node }
         guard case .gateway(let gw) = r.spec else { return false }
         if gw.selector.isEmpty { return true }
-        return (workloadsByNode[node] ?? []).contains { k in
-            guard let w = workloads[k] else { return false }
-            return gw.selector.allSatisfy { w.entry.labels[$0.key] == $0.value }
-        }
+        return workloads.on(node: node).contains { w in gw.selector.allSatisfy { w.entry.labels[$0.key] == $0.value } }
     }
 
     /// Compiles one Gateway's L4 listeners: each TCP/TLS server takes the first tcp route (in VirtualService key

@@ -1,3 +1,13 @@
+import Foundation
+
+/// An endpoint before it is placed in clusters.
+struct Candidate {
+    var entry: WorkloadEntry
+    var ip: IPAddress
+    var workload: WorkloadInfo?
+    var identity: String?
+}
+
 /// Everything compiled for one service host; the same for every node that sees the host.
 struct ServiceUnit: Sendable, Hashable {
     var host: String
@@ -23,6 +33,22 @@ extension MeshCompiler {
         }
         units[host] = compileUnit(host)
         for ns in units[host]?.endpointNamespaces ?? [] { unitsByEndpointNamespace[ns, default: []].insert(host) }
+    }
+
+    /// Compiles many units on all cores: each unit reads the shared indexes and nothing else.
+    func compileUnits(_ hosts: [String]) -> [ServiceUnit?] {
+        let workers = min(ProcessInfo.processInfo.activeProcessorCount, hosts.count / 512)
+        if workers <= 1 { return hosts.map(compileUnit) }
+        var out = [ServiceUnit?](repeating: nil, count: hosts.count)
+        out.withUnsafeMutableBufferPointer { buffer in
+            // Each worker writes its own contiguous slice; no two touch the same element.
+            nonisolated(unsafe) let slots = buffer
+            DispatchQueue.concurrentPerform(iterations: workers) { w in
+                let chunk = (hosts.count + workers - 1) / workers
+                for i in (w * chunk)..<min(hosts.count, (w + 1) * chunk) { slots[i] = compileUnit(hosts[i]) }
+            }
+        }
+        return out
     }
 
     func isVisible(host: String, to scope: NodeScope) -> Bool {
@@ -65,7 +91,7 @@ extension MeshCompiler {
         let namespace = seResource.metadata.namespace
 
         // Candidate endpoints: inline ones, then the WorkloadEntries the selector picks.
-        var candidates: [(entry: WorkloadEntry, ip: IPAddress, workload: WorkloadInfo?)] = []
+        var candidates: [Candidate] = []
         for (i, e) in se.endpoints.enumerated() {
             guard let ip = IPAddress(e.address) else {
                 if se.resolution == .dns || se.resolution == .dnsRoundRobin {
@@ -78,12 +104,14 @@ extension MeshCompiler {
                 }
                 continue
             }
-            candidates.append((e, ip, nil))
+            candidates.append(Candidate(entry: e, ip: ip, workload: nil, identity: nil))
         }
         var endpointNamespaces: Set<String> = []
+        var selected: [WorkloadInfo] = []
         if let selector = se.workloadSelector {
             endpointNamespaces.insert(namespace)
-            for w in workloads(in: namespace, matching: selector) {
+            selected = workloads.matching(selector, in: namespace)
+            for w in selected {
                 guard let ip = IPAddress(w.entry.address) else {
                     if let r = resources[w.resource] {
                         problems.append(Self.error(r, "spec.address", "'\(w.entry.address)' is not an IP address",
@@ -91,7 +119,8 @@ extension MeshCompiler {
                     }
                     continue
                 }
-                candidates.append((w.entry, ip, w))
+                candidates.append(Candidate(entry: w.entry, ip: ip, workload: w,
+                                            identity: identity(namespace: namespace, serviceAccount: w.entry.serviceAccount)))
             }
         }
 
@@ -99,21 +128,21 @@ extension MeshCompiler {
                                                     ports: se.ports, location: se.location, resolution: se.resolution))]
         let topPolicy = dr?.trafficPolicy ?? TrafficPolicy()
         for port in se.ports {
-            var allEndpoints: [NodeSnapshot.Endpoint] = []
-            let subsets: [DestinationRule.Subset?] = [nil] + (dr?.subsets ?? []).map { $0 }
-            for subset in subsets {
+            // Every endpoint of the port once; subsets pick from these by label.
+            var allEndpoints = candidates.map { c in
+                NodeSnapshot.Endpoint(
+                    address: EndpointAddress(ip: c.ip, port: c.entry.ports[port.name] ?? port.targetPort ?? port.number),
+                    weight: UInt32(c.entry.weight ?? 1), labels: c.entry.labels, node: c.workload?.node,
+                    identity: c.identity)
+            }
+            allEndpoints.sort { ($0.address, $0.weight) < ($1.address, $1.weight) }
+            let subsets = dr?.subsets ?? []
+            for si in -1..<subsets.count {
+                let subset = si < 0 ? nil : subsets[si]
                 let policy = topPolicy.overlaid(by: subset?.trafficPolicy)
-                let wanted = subset?.labels ?? [:]
-                var endpoints: [NodeSnapshot.Endpoint] = []
-                for c in candidates where wanted.allSatisfy({ c.entry.labels[$0.key] == $0.value }) {
-                    let targetPort = c.entry.ports[port.name] ?? port.targetPort ?? port.number
-                    endpoints.append(.init(
-                        address: EndpointAddress(ip: c.ip, port: targetPort), weight: UInt32(c.entry.weight ?? 1),
-                        labels: c.entry.labels, node: c.workload?.node,
-                        identity: c.workload.map { identity(namespace: namespace, serviceAccount: $0.entry.serviceAccount) }))
-                }
-                endpoints.sort { ($0.address.description, $0.weight) < ($1.address.description, $1.weight) }
-                if subset == nil { allEndpoints = endpoints }
+                let endpoints = subset.map { s in
+                    allEndpoints.filter { e in s.labels.allSatisfy { e.labels[$0.key] == $0.value } }
+                } ?? allEndpoints
                 items.append(.cluster(.init(
                     name: "outbound|\(port.number)|\(subset?.name ?? "")|\(host)", serviceHost: host,
                     servicePort: port.number, subset: subset?.name, protocol: port.protocol, endpoints: endpoints,
@@ -126,7 +155,7 @@ extension MeshCompiler {
                 guard let ip = IPAddress(vip) else { continue }  // a CIDR range: matched by the agent, not the map
                 let action = kernelAction(host: host, port: port, entry: se, rule: dr, policy: topPolicy,
                                           healthCheck: healthCheck, endpoints: allEndpoints,
-                                          workloads: candidates.compactMap(\.workload))
+                                          workloads: selected)
                 items.append(.bpfService(.init(address: EndpointAddress(ip: ip, port: port.number),
                                                protocol: port.protocol == .udp ? .udp : .tcp, host: host,
                                                action: action)))

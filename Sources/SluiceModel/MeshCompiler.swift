@@ -69,10 +69,7 @@ public struct MeshCompiler: Sendable {
     var destinationRulesByHost: [String: Set<ResourceKey>] = [:]
     var healthChecksByHost: [String: ResourceKey] = [:]
     var rateLimitsByHost: [String: Set<ResourceKey>] = [:]
-    var workloads: [ResourceKey: WorkloadInfo] = [:]
-    var workloadsByLabel: [LabelKey: Set<ResourceKey>] = [:]
-    var workloadsByNamespace: [String: Set<ResourceKey>] = [:]
-    var workloadsByNode: [String: Set<ResourceKey>] = [:]
+    var workloads = WorkloadTable()
     /// Mesh-bound VirtualServices by the hosts they route.
     var virtualServicesByHost: [String: Set<ResourceKey>] = [:]
     /// VirtualServices by the hosts their destinations name.
@@ -95,7 +92,9 @@ public struct MeshCompiler: Sendable {
     /// Compiles `resources`. Throws every error found; warnings are in ``warnings``.
     public init(_ resources: [Resource]) throws(ConfigErrors) {
         var problems: [Diagnostic] = []
-        for r in resources.sorted(by: { $0.key < $1.key }) {
+        self.resources.reserveCapacity(resources.count)
+        workloads.reserveCapacity(resources.count)
+        for r in resources {
             if self.resources[r.key] != nil {
                 problems.append(Self.error(r, "metadata.name", "\(r.reference) is defined twice",
                                            hint: "give each resource of a kind a unique namespace/name"))
@@ -122,7 +121,7 @@ public struct MeshCompiler: Sendable {
     /// Nodes known to the mesh: those that run a workload, those a gateway names, and registered ones.
     public var nodes: [String] {
         var all = registeredNodes
-        for (node, keys) in workloadsByNode where !keys.isEmpty { all.insert(node) }
+        for node in workloads.byNode.keys { all.insert(node) }
         for p in gatewayProducts.values { if let n = p.node { all.insert(n) } }
         return all.sorted()
     }
@@ -130,7 +129,7 @@ public struct MeshCompiler: Sendable {
     /// Makes `node` known (an agent connected), so that deltas include it even if it runs no workload.
     public mutating func register(node: String) {
         registeredNodes.insert(node)
-        if scopes[node] == nil { scopes[node] = nodeLocal(node).scope }
+        if scopes[node] == nil { scopes[node] = nodeScope(node) }
     }
 
     /// The snapshot `node` serves.
@@ -149,10 +148,17 @@ public struct MeshCompiler: Sendable {
     /// Applies `changes` and returns which nodes' snapshots change, and how. On error nothing changes: the
     /// compiler keeps serving the configuration it had.
     public mutating func apply(_ changes: [ResourceChange]) throws(ConfigErrors) -> MeshDelta {
-        var next = self
-        let delta = try next.applyInPlace(changes)
-        self = next
-        return delta
+        var originals: [ResourceKey: Resource?] = [:]
+        for c in changes where originals[c.key] == nil { originals[c.key] = .some(resources[c.key]) }
+        do {
+            return try applyInPlace(changes)
+        } catch {
+            // Put the previous resources back and recompile what they touch: the state is a function of the
+            // resources, so this restores it exactly, and is cheaper than copying the whole state up front.
+            let undo: [ResourceChange] = originals.map { key, old in old.map { .upsert($0) } ?? .delete(key) }
+            _ = try? applyInPlace(undo)
+            throw error
+        }
     }
 
     private mutating func applyInPlace(_ changes: [ResourceChange]) throws(ConfigErrors) -> MeshDelta {
@@ -175,7 +181,8 @@ public struct MeshCompiler: Sendable {
         for k in touched.virtualServices { vsBefore[k] = resources[k] }
         var gatewaysBefore: [ResourceKey: GatewayProduct] = [:]
         for k in touched.gateways { gatewaysBefore[k] = gatewayProducts[k] }
-        let scopesBefore = scopes
+        var scopesBefore: [String: NodeScope] = [:]
+        for n in touched.nodes { scopesBefore[n] = scopes[n] }
 
         var problems: [Diagnostic] = []
         for change in changes {
@@ -200,45 +207,57 @@ public struct MeshCompiler: Sendable {
             scopes[n] = l.scope.isEmpty && !registeredNodes.contains(n) ? nil : l.scope
         }
 
+        // What changed per host, computed once and then handed to every node that sees the host.
+        let hostChanges = touched.hosts.sorted().map { h in
+            ItemChange(old: unitsBefore[h]?.items ?? [], new: units[h]?.items ?? [])
+        }
+        let changedGateways = touched.gateways.sorted().filter { gatewaysBefore[$0] != gatewayProducts[$0] }
+            .map { k in
+                (k, ItemChange(old: gatewaysBefore[k]?.listeners.map { .listener($0) } ?? [],
+                               new: gatewayProducts[k]?.listeners.map { .listener($0) } ?? []))
+            }
+        let vsChanges = touched.virtualServices.sorted().map { k in
+            (vsBefore[k], resources[k], ItemChange(old: vsBefore[k].flatMap(Self.item).map { [$0] } ?? [],
+                                                   new: resources[k].flatMap(Self.item).map { [$0] } ?? []))
+        }
+        let sortedHosts = touched.hosts.sorted()
+
         var deltas: [NodeDelta] = []
         for node in nodesBefore.union(nodes).sorted() {
-            let oldScope = scopesBefore[node] ?? NodeScope()
+            let rescoped = touched.nodes.contains(node)
             let newScope = scopes[node] ?? NodeScope()
+            let oldScope = rescoped ? scopesBefore[node] ?? NodeScope() : newScope
             var diff = ItemDiff()
             if let before = localBefore[node], let after = localAfter[node] {
-                diff.add(old: before.items, new: after.items)
+                diff.add(ItemChange(old: before.items, new: after.items), was: true, now: true)
             }
-            if oldScope != newScope {
+            if rescoped && oldScope != newScope {
                 // The node's reach moved: compare every host and VirtualService it saw or sees.
                 for (host, unit) in units where !touched.hosts.contains(host) {
                     let was = isVisible(host: host, to: oldScope), now = isVisible(host: host, to: newScope)
-                    if was != now { diff.add(old: was ? unit.items : [], new: now ? unit.items : []) }
+                    if was != now { diff.add(ItemChange(old: unit.items, new: unit.items), was: was, now: now) }
                 }
                 let was = Set(virtualServicesVisible(to: oldScope))
                 let now = Set(virtualServicesVisible(to: newScope))
-                for k in was.union(now) where !touched.virtualServices.contains(k) {
-                    let item = virtualServiceItem(k)
-                    diff.add(old: was.contains(k) ? item.map { [$0] } ?? [] : [],
-                             new: now.contains(k) ? item.map { [$0] } ?? [] : [])
+                for k in was.symmetricDifference(now) where !touched.virtualServices.contains(k) {
+                    guard let item = virtualServiceItem(k) else { continue }
+                    diff.add(ItemChange(old: [item], new: [item]), was: was.contains(k), now: now.contains(k))
                 }
             }
-            if localBefore[node] == nil {
+            if !rescoped {
                 // Listeners of a gateway whose routes changed with a service's ports; its nodes are as they were.
-                for k in touched.gateways where gatewaysBefore[k] != gatewayProducts[k] {
+                for (k, change) in changedGateways {
                     guard let gw = resources[k], gatewayRuns(gw, on: node) else { continue }
-                    diff.add(old: gatewaysBefore[k]?.listeners.map { .listener($0) } ?? [],
-                             new: gatewayProducts[k]?.listeners.map { .listener($0) } ?? [])
+                    diff.add(change, was: true, now: true)
                 }
             }
-            for h in touched.hosts {
-                let old = unitsBefore[h].flatMap { isVisible($0, to: oldScope) ? $0.items : nil } ?? []
-                let new = units[h].flatMap { isVisible($0, to: newScope) ? $0.items : nil } ?? []
-                diff.add(old: old, new: new)
+            for (h, change) in zip(sortedHosts, hostChanges) {
+                diff.add(change, was: unitsBefore[h].map { isVisible($0, to: oldScope) } ?? false,
+                         now: units[h].map { isVisible($0, to: newScope) } ?? false)
             }
-            for k in touched.virtualServices {
-                let old = vsBefore[k].flatMap { isVisible(virtualService: $0, to: oldScope) ? Self.item($0) : nil }
-                let new = resources[k].flatMap { isVisible(virtualService: $0, to: newScope) ? Self.item($0) : nil }
-                diff.add(old: old.map { [$0] } ?? [], new: new.map { [$0] } ?? [])
+            for (old, new, change) in vsChanges {
+                diff.add(change, was: old.map { isVisible(virtualService: $0, to: oldScope) } ?? false,
+                         now: new.map { isVisible(virtualService: $0, to: newScope) } ?? false)
             }
             let d = diff.delta(node: node)
             if !d.isEmpty { deltas.append(d) }
@@ -264,7 +283,7 @@ public struct MeshCompiler: Sendable {
             let after = snapshot(for: node)
             let old = before[node] ?? NodeSnapshot(node: node, mesh: mesh)
             var diff = ItemDiff()
-            diff.add(old: old.items, new: after.items)
+            diff.add(ItemChange(old: old.items, new: after.items), was: true, now: true)
             var d = diff.delta(node: node)
             if old.mesh != after.mesh { d.mesh = after.mesh }
             if !d.isEmpty { deltas.append(d) }
@@ -276,14 +295,20 @@ public struct MeshCompiler: Sendable {
     mutating func rebuildAll() {
         units = [:]
         unitsByEndpointNamespace = [:]
-        for host in serviceEntriesByHost.keys { recompileUnit(host) }
+        let hosts = Array(serviceEntriesByHost.keys)
+        units.reserveCapacity(hosts.count)
+        for (host, unit) in zip(hosts, compileUnits(hosts)) {
+            guard let unit else { continue }
+            units[host] = unit
+            for ns in unit.endpointNamespaces { unitsByEndpointNamespace[ns, default: []].insert(host) }
+        }
         gatewayProducts = [:]
         for k in gatewayKeys { recompileGateway(k) }
         virtualServiceProblems = [:]
         for k in virtualServiceKeys { revalidateVirtualService(k) }
         scopes = [:]
         for node in nodes {
-            let scope = nodeLocal(node).scope
+            let scope = nodeScope(node)
             if !scope.isEmpty || registeredNodes.contains(node) { scopes[node] = scope }
         }
     }
@@ -343,10 +368,29 @@ struct Touched {
                 nodes.formUnion(m.nodes)
             } else {
                 hosts.formUnion(m.unitsByEndpointNamespace[ns] ?? [])
-                for k in m.workloadsByNamespace[ns] ?? [] { if let n = m.workloads[k]?.node { nodes.insert(n) } }
+                nodes.formUnion(m.workloads.nodes(in: ns))
             }
         case .meshConfig: break
         }
+    }
+}
+
+/// How one unit's items changed (a host's, a gateway's, a VirtualService's), keyed once for all nodes.
+struct ItemChange {
+    var oldKeys: [SnapshotItem.Key]
+    var new: [(SnapshotItem.Key, SnapshotItem)]
+    /// Items to send to a node that saw the unit before and sees it now.
+    var upserted: [(SnapshotItem.Key, SnapshotItem)]
+    var removed: [SnapshotItem.Key]
+
+    init(old: [SnapshotItem], new: [SnapshotItem]) {
+        var before: [SnapshotItem.Key: SnapshotItem] = [:]
+        for item in old { before[item.key] = item }
+        oldKeys = Array(before.keys)
+        self.new = new.map { ($0.key, $0) }
+        upserted = self.new.filter { before[$0.0] != $0.1 }
+        let kept = Set(self.new.map(\.0))
+        removed = oldKeys.filter { !kept.contains($0) }
     }
 }
 
@@ -355,16 +399,18 @@ struct ItemDiff {
     var upserted: [SnapshotItem.Key: SnapshotItem] = [:]
     var removed: Set<SnapshotItem.Key> = []
 
-    mutating func add(old: [SnapshotItem], new: [SnapshotItem]) {
-        if old.isEmpty && new.isEmpty { return }
-        var before: [SnapshotItem.Key: SnapshotItem] = [:]
-        for item in old { before[item.key] = item }
-        for item in new {
-            let key = item.key
-            if before.removeValue(forKey: key) != item { upserted[key] = item }
-            removed.remove(key)
+    /// Adds `change` as this node sees it: `was`/`now` say whether the unit was and is visible to the node.
+    mutating func add(_ change: ItemChange, was: Bool, now: Bool) {
+        switch (was, now) {
+        case (true, true):
+            for (k, item) in change.upserted { upserted[k] = item; removed.remove(k) }
+            for k in change.removed where upserted[k] == nil { removed.insert(k) }
+        case (false, true):
+            for (k, item) in change.new { upserted[k] = item; removed.remove(k) }
+        case (true, false):
+            for k in change.oldKeys where upserted[k] == nil { removed.insert(k) }
+        case (false, false): break
         }
-        for key in before.keys where upserted[key] == nil { removed.insert(key) }
     }
 
     func delta(node: String) -> NodeDelta {

@@ -84,7 +84,12 @@ extension NodeSnapshot {
     /// Builds a snapshot from items in any order; lists come out sorted by key.
     public init<S: Sequence>(node: String, mesh: MeshConfig, items: S) where S.Element == SnapshotItem {
         self.init(node: node, mesh: mesh)
-        for item in items.sorted(by: { $0.key < $1.key }) {
+        // Keys are built once per item (some format addresses), and an index permutation is sorted rather than
+        // the items themselves, which are large.
+        let all = Array(items)
+        let keys = all.map(\.key)
+        for i in keys.indices.sorted(by: { keys[$0] < keys[$1] }) {
+            let item = all[i]
             switch item {
             case .workload(let w): workloads.append(w)
             case .listener(let l): listeners.append(l)

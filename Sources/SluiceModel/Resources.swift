@@ -40,7 +40,8 @@ public enum ResourceKind: String, Sendable, CaseIterable {
 }
 
 public struct Resource: Sendable, Hashable {
-    public enum Spec: Sendable, Hashable {
+    /// Boxed: the largest spec is hundreds of bytes, and resources are copied into indexes by the hundred thousand.
+    public indirect enum Spec: Sendable, Hashable {
         case gateway(Gateway)
         case virtualService(VirtualService)
         case destinationRule(DestinationRule)
