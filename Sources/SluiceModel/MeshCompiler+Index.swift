@@ -31,7 +31,6 @@ struct WorkloadTable: Sendable {
     private var free: [Int] = []
     private var ids: [ResourceKey: Int] = [:]
     private var byLabel: [LabelKey: Set<Int>] = [:]
-    private var byNamespace: [String: Set<Int>] = [:]
     private(set) var byNode: [String: Set<Int>] = [:]
 
     subscript(id: Int) -> WorkloadInfo { slots[id]! }
@@ -53,7 +52,6 @@ struct WorkloadTable: Sendable {
         ids[w.resource] = id
         let ns = w.resource.namespace
         for (k, v) in w.entry.labels { byLabel[LabelKey(namespace: ns, key: k, value: v), default: []].insert(id) }
-        byNamespace[ns, default: []].insert(id)
         if let node = w.node { byNode[node, default: []].insert(id) }
     }
 
@@ -63,7 +61,6 @@ struct WorkloadTable: Sendable {
         free.append(id)
         let ns = key.namespace
         for (k, v) in w.entry.labels { Self.drop(id, from: &byLabel, at: LabelKey(namespace: ns, key: k, value: v)) }
-        Self.drop(id, from: &byNamespace, at: ns)
         if let node = w.node { Self.drop(id, from: &byNode, at: node) }
     }
 
@@ -81,8 +78,11 @@ struct WorkloadTable: Sendable {
             if smallest == nil || set.count < smallest!.count { smallest = set }
         }
         var out: [WorkloadInfo] = []
-        for id in smallest ?? byNamespace[namespace] ?? [] {
-            guard let w = slots[id], selector.allSatisfy({ w.entry.labels[$0.key] == $0.value }) else { continue }
+        // An empty selector (rare) scans the table: no per-namespace index is kept just for it.
+        for id in smallest ?? Set(slots.indices) {
+            guard let w = slots[id], w.resource.namespace == namespace,
+                selector.allSatisfy({ w.entry.labels[$0.key] == $0.value })
+            else { continue }
             out.append(w)
         }
         out.sort { $0.resource < $1.resource }
@@ -98,7 +98,7 @@ struct WorkloadTable: Sendable {
     }
 
     func nodes(in namespace: String) -> Set<String> {
-        Set((byNamespace[namespace] ?? []).compactMap { slots[$0]?.node })
+        Set(slots.compactMap { w in w?.resource.namespace == namespace ? w?.node : nil })
     }
 }
 
