@@ -63,10 +63,20 @@ public final class Agent: @unchecked Sendable {
     public init(options: Options, logger: Logger) {
         self.options = options
         self.logger = logger
+        nodeName = options.node ?? Self.hostName()
+    }
+
+    /// The node this agent serves: `--node`, else the host name (as the `sluice.dev/node` annotation names it).
+    public let nodeName: String
+
+    static func hostName() -> String {
+        var buf = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buf, buf.count) == 0 else { return "localhost" }
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// Loads and compiles the configuration directory. Throws a message that lists every error.
-    public static func loadSnapshot(_ path: String, logger: Logger?) throws -> NodeSnapshot {
+    public static func loadSnapshot(_ path: String, node: String, logger: Logger?) throws -> NodeSnapshot {
         let loaded = ConfigLoader.load(path: path)
         for d in loaded.diagnostics where d.severity == .warning { logger?.warning("\(d)") }
         if !loaded.errors.isEmpty {
@@ -74,7 +84,9 @@ public final class Agent: @unchecked Sendable {
             throw StartError(description: loaded.errors.map(\.description).joined(separator: "\n"))
         }
         do {
-            return try SnapshotCompiler().compile(loaded.resources)
+            let compiler = try MeshCompiler(loaded.resources)
+            for d in compiler.warnings { logger?.warning("\(d)") }
+            return compiler.snapshot(for: node)
         } catch {
             for d in error.diagnostics where d.severity == .warning { logger?.warning("\(d)") }
             throw StartError(description: error.diagnostics.filter { $0.severity == .error }.map(\.description)
@@ -83,7 +95,7 @@ public final class Agent: @unchecked Sendable {
     }
 
     public func start() throws {
-        let snapshot = try Self.loadSnapshot(options.localConfig, logger: logger)
+        let snapshot = try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger)
         if snapshot.listeners.isEmpty {
             logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig)"])
         }
@@ -114,7 +126,9 @@ public final class Agent: @unchecked Sendable {
                 guard let self else { return nil }
                 switch path {
                 case "/config_dump":
-                    return (200, "text/plain", self.current.withLock { "\($0?.snapshot as Any)" } + "\n")
+                    // Canonical JSON: two dumps of the same configuration are byte-identical.
+                    let json = self.current.withLock { $0?.snapshot.canonicalJSON(pretty: true) }
+                    return (200, "application/json", json.map { String(decoding: $0, as: UTF8.self) + "\n" } ?? "{}\n")
                 case "/ready":
                     return (200, "text/plain", self.ready.load(ordering: .relaxed) ? "LIVE\n" : "DRAINING\n")
                 default: return nil
@@ -133,7 +147,9 @@ public final class Agent: @unchecked Sendable {
                                                 "routes": "\(l.routes.map(\.cluster))"])
         }
         let ring = server.ringFeatures.map { "\($0)" } ?? "?"
-        logger.info("agent ready", metadata: ["workers": "\(options.workers)", "io_uring": "\(ring)",
+        logger.info("agent ready", metadata: ["node": "\(nodeName)", "workers": "\(options.workers)", "io_uring": "\(ring)",
+                                              "workloads": "\(snapshot.workloads.count)",
+                                              "services": "\(snapshot.services.count)",
                                               "metrics": "\(options.metricsAddress)",
                                               "readiness": "\(options.readinessAddress)"])
     }
@@ -166,7 +182,7 @@ public final class Agent: @unchecked Sendable {
     public func reload() -> Bool {
         let snapshot: NodeSnapshot
         do {
-            snapshot = try Self.loadSnapshot(options.localConfig, logger: logger)
+            snapshot = try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger)
         } catch {
             for line in "\(error)".split(separator: "\n") { logger.error("\(line)") }
             logger.error("configuration update rejected; still serving the last good configuration")

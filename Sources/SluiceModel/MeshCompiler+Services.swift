@@ -204,7 +204,7 @@ extension MeshCompiler {
         }
         let lb: NodeSnapshot.BPFService.LoadBalancing
         if case .consistentHash? = policy.loadBalancer { lb = .maglev } else { lb = .random }
-        return .balance(lb, backends: endpoints.map { .init(address: $0.address, weight: $0.weight) })
+        return .balance(loadBalancing: lb, backends: endpoints.map { .init(address: $0.address, weight: $0.weight) })
     }
 
     /// The first policy that makes traffic to this workload need the agent: authorization, JWT, or strict mTLS.

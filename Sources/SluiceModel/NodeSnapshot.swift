@@ -107,7 +107,7 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
     public struct BPFService: Sendable, Hashable, Encodable {
         public enum Action: Sendable, Hashable, Encodable {
             /// L4-only: the kernel picks a backend and rewrites the destination; the agent never sees the bytes.
-            case balance(LoadBalancing, backends: [Backend])
+            case balance(loadBalancing: LoadBalancing, backends: [Backend])
             /// The agent must see the connection; `reason` says why (for `config_dump` and the docs).
             case proxy(reason: String)
         }

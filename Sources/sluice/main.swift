@@ -8,7 +8,7 @@ struct Sluice: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sluice",
         abstract: "A kernel-assisted, per-node service mesh.",
-        subcommands: [AgentCommand.self, ValidateCommand.self])
+        subcommands: [AgentCommand.self, ValidateCommand.self, CompileCommand.self])
 }
 
 struct AgentCommand: ParsableCommand {
@@ -80,12 +80,38 @@ struct ValidateCommand: ParsableCommand {
         let loaded = ConfigLoader.load(path: file)
         var diagnostics = loaded.diagnostics
         if loaded.errors.isEmpty {
-            do { _ = try SnapshotCompiler().compile(loaded.resources) } catch { diagnostics += error.diagnostics }
+            do { diagnostics += try MeshCompiler(loaded.resources).warnings } catch { diagnostics += error.diagnostics }
         }
         for d in diagnostics { print(d) }
         let errors = diagnostics.filter { $0.severity == .error }.count
         print("\(loaded.resources.count) resources, \(errors) errors, \(diagnostics.count - errors) warnings")
         if errors > 0 { throw ExitCode(1) }
+    }
+}
+
+struct CompileCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "compile", abstract: "Print the snapshot one node's agent would serve, as canonical JSON.")
+    @Option(name: .shortAndLong, help: "File or directory of YAML.") var file: String
+    @Option(help: "The node, as WorkloadEntry annotations `sluice.dev/node` name it.") var node: String
+
+    func run() throws {
+        let loaded = ConfigLoader.load(path: file)
+        var diagnostics = loaded.diagnostics
+        var snapshot: NodeSnapshot?
+        if loaded.errors.isEmpty {
+            do {
+                let compiler = try MeshCompiler(loaded.resources)
+                diagnostics += compiler.warnings
+                snapshot = compiler.snapshot(for: node)
+            } catch {
+                diagnostics += error.diagnostics
+            }
+        }
+        for d in diagnostics { FileHandle.standardError.write(Data("\(d)\n".utf8)) }
+        guard let snapshot else { throw ExitCode(1) }
+        FileHandle.standardOutput.write(snapshot.canonicalJSON(pretty: true))
+        FileHandle.standardOutput.write(Data("\n".utf8))
     }
 }
 

@@ -77,6 +77,45 @@ final class AgentBinaryTests: XCTestCase {
         XCTAssertTrue(text.contains("required field 'host' is missing"), text)
     }
 
+    func stdout(_ args: [String]) throws -> (status: Int32, text: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = args
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return (p.terminationStatus, text)
+    }
+
+    /// The Bookinfo example compiled for one node: the same bytes whether the resources come in three files or
+    /// in one file in reverse order.
+    func testCompilePrintsTheSameNodeSnapshotWhateverTheFileLayout() throws {
+        let example = Harness.root.appendingPathComponent("examples/bookinfo")
+        let (status, text) = try stdout(["compile", "-f", example.path, "--node", "node-b"])
+        XCTAssertEqual(status, 0)
+        let json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
+        let workloads = try XCTUnwrap(json["workloads"] as? [[String: Any]])
+        XCTAssertEqual(workloads.compactMap { $0["name"] as? String }, ["mysqldb-v1", "ratings-v1", "reviews-v2", "reviews-v3"])
+        XCTAssertEqual(workloads.first?["identity"] as? String, "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-mysql")
+        XCTAssertEqual((json["authorizationPolicies"] as? [Any])?.count, 1, "ratings runs on node-b")
+
+        var documents: [String] = []
+        for name in ["routing.yaml", "services.yaml", "workloads.yaml"] {
+            let text = try String(contentsOf: example.appendingPathComponent(name), encoding: .utf8)
+            documents += text.components(separatedBy: "\n---\n")
+        }
+        try documents.reversed().joined(separator: "\n---\n").write(to: tmp.appendingPathComponent("all.yaml"),
+                                                                      atomically: true, encoding: .utf8)
+        let (status2, reordered) = try stdout(["compile", "-f", tmp.path, "--node", "node-b"])
+        XCTAssertEqual(status2, 0)
+        XCTAssertEqual(reordered, text, "byte-identical output")
+        let (_, other) = try stdout(["compile", "-f", example.path, "--node", "node-a"])
+        XCTAssertNotEqual(other, text)
+    }
+
     func testPortInUseExitsNonZeroWithTheFix() throws {
         let held = Harness.loopbackSocket(backlog: 1)
         defer { close(held.fd) }

@@ -141,7 +141,7 @@ final class MeshCompilerTests: XCTestCase {
         let e = entries[0]
         XCTAssertEqual(e.address.description, "10.96.0.10:9000")
         XCTAssertEqual(e.protocol, .tcp)
-        XCTAssertEqual(e.action, .balance(.random, backends: [
+        XCTAssertEqual(e.action, .balance(loadBalancing: .random, backends: [
             .init(address: EndpointAddress(parsing: "10.1.0.1:8000")!, weight: 1),
             .init(address: EndpointAddress(parsing: "10.1.0.2:8000")!, weight: 1),
         ]))
