@@ -2,13 +2,13 @@
 SHELL := /bin/bash
 SWIFT ?= swift
 # Debian packages the build, the tests, the demo and the benchmarks need.
-DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev bpftool python3 curl iproute2 \
+DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev pkgconf bpftool python3 curl iproute2 \
                 procps
 BENCH_PACKAGES := haproxy iperf3 wrk nginx-light
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 
-.PHONY: all deps bench-deps build build-release test test-unit test-integration demo bench clean
+.PHONY: all deps bench-deps build build-release test test-unit test-integration demo bench bench-config clean
 
 all: build
 
@@ -44,6 +44,10 @@ demo: build
 
 bench: bench-deps build-release
 	@bash Benchmarks/bench.sh
+
+# Only the control-plane figures (decode, compile, incremental): no peers needed, ~1 minute.
+bench-config: deps build-release
+	@python3 Benchmarks/bench.py --control-plane
 
 clean:
 	rm -rf .build

@@ -210,7 +210,35 @@ spec:
     return services * 3 / best, best
 
 
+def control_plane():
+    """Runs SluiceBench (decode, compile for one node, incremental fan-out); returns its JSON figures."""
+    out = subprocess.run([os.path.join(os.path.dirname(SLUICE), "SluiceBench")], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def print_control_plane(cp):
+    print("\ncontrol plane (in-process, `.build/release/SluiceBench`):\n")
+    print("| metric | figure | target |")
+    print("|---|---|---|")
+    print(f"| decode + validate, services + WorkloadEntries + routes ({cp['decode_resources']:,} resources) | "
+          f"{cp['decode_resources_per_s']:,.0f} resources/s | >= 20,000/s |")
+    print(f"| decode + validate, services with 10 inline endpoints + DR + VS ({cp['decode_heavy_resources']:,}) | "
+          f"{cp['decode_heavy_resources_per_s']:,.0f} resources/s | >= 20,000/s |")
+    print(f"| compile {cp['resources']:,} resources (10k services, 100k endpoints, 2k VS) for one node | "
+          f"{cp['compile_for_one_node_ms']:.0f} ms ({cp['compile_mesh_ms']:.0f} mesh + "
+          f"{cp['snapshot_one_node_ms']:.0f} node snapshot; node sees {cp['node0_services']:,} services, "
+          f"{cp['node0_endpoints']:,} endpoints) | <= 500 ms |")
+    print(f"| one service gains an endpoint: deltas for {cp['incremental_nodes_reached_median']} of {cp['nodes']} "
+          f"nodes | {cp['incremental_endpoint_ms_median']:.1f} ms median, {cp['incremental_endpoint_ms_max']:.1f} max "
+          f"| <= 50 ms |")
+    print(f"| one service changes its port | {cp['incremental_port_ms_median']:.1f} ms median | <= 50 ms |")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--control-plane":
+        print_control_plane(control_plane())
+        return
     if not os.path.exists(SLUICE):
         raise SystemExit("build first: make build-release")
     agent_pid, haproxy_pid = setup()
@@ -228,6 +256,7 @@ def main():
     sl_idle, sl_per = idle_rss(agent_pid, P_SL["sink"])
     ha_idle, ha_per = idle_rss(haproxy_pid, P_HA["sink"])
     cfg_rate, cfg_seconds = config_decode_rate()
+    cp = control_plane()
     med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in results.items()}
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -236,6 +265,7 @@ def main():
         "rss": {"sluice_idle_kib": sl_idle, "sluice_kib_per_conn": sl_per,
                 "haproxy_idle_kib": ha_idle, "haproxy_kib_per_conn": ha_per, "connections": IDLE_CONNS},
         "config": {"resources_per_second": cfg_rate, "seconds_for_9999": cfg_seconds},
+        "control_plane": cp,
     }
     os.makedirs(os.path.join(ROOT, "Benchmarks/out"), exist_ok=True)
     with open(os.path.join(ROOT, "Benchmarks/out/results.json"), "w") as f:
@@ -253,6 +283,7 @@ def main():
     print(f"| idle RSS, MB | - | {ha_idle / 1024:.1f} | {sl_idle / 1024:.1f} | - | - |")
     print(f"\nconfig: `sluice validate` on 9,999 resources (3,333 services x 10 endpoints): "
           f"{cfg_seconds * 1000:.0f} ms end to end, {cfg_rate:,.0f} resources/s (process start included)")
+    print_control_plane(cp)
 
 
 if __name__ == "__main__":

@@ -123,10 +123,11 @@ extension StringMatch {
     }
 
     static func decodeMap(_ parent: YAMLReader, _ key: String) -> [String: StringMatch] {
-        guard let m = parent.child(key), m.expectMapping(), case .mapping(let pairs) = m.node else { return [:] }
+        guard let m = parent.child(key), m.expectMapping() else { return [:] }
         var out: [String: StringMatch] = [:]
-        for (k, _) in pairs {
-            guard let name = k.string, let v = m.child(name) else { continue }
+        for p in m.pairs {
+            let name = p.key
+            guard let v = m.child(name) else { continue }
             if let sm = decode(v) { out[key == "headers" || key == "withoutHeaders" ? name.lowercased() : name] = sm }
         }
         return out

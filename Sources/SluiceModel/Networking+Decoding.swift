@@ -286,10 +286,10 @@ extension WorkloadEntry {
         r.checkKeys(["address", "ports", "labels", "weight", "serviceAccount", "network", "locality"])
         guard let address = r.requiredString("address") else { return nil }
         var ports: [String: UInt16] = [:]
-        if let p = r.child("ports"), p.expectMapping(), case .mapping(let m) = p.node {
-            for (k, v) in m {
-                let name = k.string ?? "?"
-                if let n = YAMLReader(node: v, path: "\(p.path).\(name)", sink: r.sink).asPort() { ports[name] = n }
+        if let p = r.child("ports"), p.expectMapping() {
+            for pair in p.pairs {
+                let reader = YAMLReader(node: pair.value, path: "\(p.path).\(pair.key)", sink: r.sink)
+                if let n = reader.asPort() { ports[pair.key] = n }
             }
         }
         return WorkloadEntry(address: address, ports: ports, labels: r.stringMap("labels"),

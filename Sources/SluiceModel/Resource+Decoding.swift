@@ -1,5 +1,3 @@
-import Yams
-
 /// Decodes Istio and Sluice resources from YAML (multi-document) or JSON text.
 public enum ResourceDecoder {
     /// Largest file accepted; a mesh's config is split over many files long before this.
@@ -21,25 +19,21 @@ public enum ResourceDecoder {
         var resources: [Resource] = []
         var diagnostics: [Diagnostic] = []
         do {
-            // The basic resolver tags no scalar by regex (the default one runs ICU regexes on every scalar); the reader
-            // interprets scalars itself, field by field.
-            var docs = try Yams.compose_all(yaml: text, .basic)
-            while let doc = docs.next() {
+            try YAMLTree.documents(text) { doc in
                 let sink = DiagnosticSink(file: file)
                 if let r = decodeDocument(doc, sink: sink), !sink.hasErrors { resources.append(r) }
                 diagnostics += sink.diagnostics
             }
-            if let error = docs.error { throw error }
         } catch {
-            diagnostics.append(Diagnostic(.error, file: file, line: yamlErrorLine(error), resource: nil, path: "",
-                                          message: "not valid YAML: \(yamlErrorSummary(error))"))
+            diagnostics.append(Diagnostic(.error, file: file, line: error.line, resource: nil, path: "",
+                                          message: "not valid YAML: \(error.message)"))
         }
         return (resources, diagnostics)
     }
 
-    static func decodeDocument(_ node: Node, sink: DiagnosticSink) -> Resource? {
+    static func decodeDocument(_ node: YAMLNode, sink: DiagnosticSink) -> Resource? {
         let root = YAMLReader(node: node, path: "", sink: sink)
-        if case .scalar(let s) = node, s.string.isEmpty || s.string == "null" { return nil }  // empty document
+        if let s = node.scalar, s.isEmpty || s == "null" { return nil }  // empty document
         guard root.expectMapping() else { return nil }
         root.checkKeys(["apiVersion", "kind", "metadata", "spec", "status"])
         guard let apiVersion = root.requiredString("apiVersion", hint: "e.g. networking.istio.io/v1"),
@@ -84,7 +78,7 @@ public enum ResourceDecoder {
         case .meshConfig: decoded = MeshConfig.decode(spec).map { .meshConfig($0) }
         }
         guard let decoded else { return nil }
-        return Resource(metadata: meta, spec: decoded, source: SourceLocation(file: sink.file, line: node.mark?.line))
+        return Resource(metadata: meta, spec: decoded, source: SourceLocation(file: sink.file, line: node.line))
     }
 
     static func decodeMeta(_ r: YAMLReader?, sink: DiagnosticSink) -> ObjectMeta? {
@@ -102,18 +96,6 @@ public enum ResourceDecoder {
         let ns = r.string("namespace") ?? "default"
         return ObjectMeta(name: name, namespace: ns, labels: r.stringMap("labels"),
                           annotations: r.stringMap("annotations"))
-    }
-
-    static func yamlErrorLine(_ error: Error) -> Int? {
-        if case YamlError.scanner(_, _, let mark, _) = error { return mark.line }
-        if case YamlError.parser(_, _, let mark, _) = error { return mark.line }
-        if case YamlError.composer(_, _, let mark, _) = error { return mark.line }
-        return nil
-    }
-
-    static func yamlErrorSummary(_ error: Error) -> String {
-        let text = "\(error)"
-        return text.split(separator: "\n").first.map(String.init) ?? text
     }
 }
 

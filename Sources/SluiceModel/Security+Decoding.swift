@@ -116,15 +116,15 @@ extension PeerAuthentication {
         }
         let selector = decodeSelector(r)
         var portLevel: [UInt16: Mode] = [:]
-        if let pl = r.child("portLevelMtls"), pl.expectMapping(), case .mapping(let pairs) = pl.node {
+        if let pl = r.child("portLevelMtls"), pl.expectMapping() {
             if selector == nil {
                 pl.sink.error(pl.path, pl.line, "portLevelMtls needs a workload selector",
                               hint: "add selector.matchLabels, as Istio requires")
             }
-            for (k, _) in pairs {
-                let key = k.string ?? "?"
+            for pair in pl.pairs {
+                let key = pair.key
                 guard let port = UInt16(key), port > 0, let v = pl.child(key), v.expectMapping() else {
-                    pl.sink.error("\(pl.path).\(key)", k.mark?.line, "'\(key)' is not a port number")
+                    pl.sink.error("\(pl.path).\(key)", pair.keyLine, "'\(key)' is not a port number")
                     continue
                 }
                 v.checkKeys(["mode"])

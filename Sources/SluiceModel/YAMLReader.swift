@@ -1,5 +1,3 @@
-import Yams
-
 /// Collects diagnostics while one resource is decoded.
 final class DiagnosticSink {
     let file: String
@@ -24,41 +22,33 @@ final class DiagnosticSink {
 /// A cursor into a YAML node that knows its field path and line, and reports type errors and unknown fields
 /// instead of throwing on the first one.
 struct YAMLReader {
-    let node: Node
+    let node: YAMLNode
     let path: String
     let sink: DiagnosticSink
-    /// A mapping's fields by key, built once: decoders look up many fields per mapping.
-    private let fields: [String: Node]
 
-    init(node: Node, path: String, sink: DiagnosticSink) {
+    init(node: YAMLNode, path: String, sink: DiagnosticSink) {
         self.node = node
         self.path = path
         self.sink = sink
-        var f: [String: Node] = [:]
-        if case .mapping(let m) = node {
-            f.reserveCapacity(m.count)
-            for (k, v) in m {
-                // Keys are unique here: Yams rejects a mapping with duplicate keys while composing.
-                if case .scalar(let s) = k, f[s.string] == nil { f[s.string] = v }
-            }
-        }
-        fields = f
     }
 
-    var line: Int? { node.mark?.line }
+    var line: Int? { node.line }
+
+    /// The mapping's pairs (empty for other nodes).
+    var pairs: [YAMLPair] { if case .mapping(let p, _) = node { p } else { [] } }
 
     func child(_ key: String) -> YAMLReader? {
-        guard let v = fields[key] else { return nil }
-        return YAMLReader(node: v, path: path.isEmpty ? key : "\(path).\(key)", sink: sink)
+        // Resource mappings have a handful of keys: a scan beats building an index per mapping.
+        guard case .mapping(let pairs, _) = node, let v = pairs.first(where: { $0.key == key }) else { return nil }
+        return YAMLReader(node: v.value, path: path.isEmpty ? key : "\(path).\(key)", sink: sink)
     }
 
     /// Reports every key of this mapping not in `known` as a warning (Istio ignores nothing silently here).
     func checkKeys(_ known: Set<String>) {
-        guard case .mapping(let m) = node else { return }
-        for (k, _) in m {
-            let name = k.string ?? "?"
+        for p in pairs {
+            let name = p.key
             if !known.contains(name) {
-                sink.warning(path.isEmpty ? name : "\(path).\(name)", k.mark?.line,
+                sink.warning(path.isEmpty ? name : "\(path).\(name)", p.keyLine,
                              "unknown field '\(name)' is ignored",
                              hint: "check the spelling; known fields here: \(known.sorted().joined(separator: ", "))")
             }
@@ -68,7 +58,7 @@ struct YAMLReader {
     /// True when this node is a mapping; reports an error naming the expectation otherwise.
     func expectMapping() -> Bool {
         if case .mapping = node { return true }
-        if case .scalar(let s) = node, s.string == "" || s.string == "~" || s.string == "null" { return false }
+        if let s = node.scalar, s == "" || s == "~" || s == "null" { return false }
         sink.error(path, line, "expected a mapping")
         return false
     }
@@ -79,12 +69,11 @@ struct YAMLReader {
     }
 
     func asString() -> String? {
-        switch node {
-        case .scalar(let s): return s.string
-        default:
+        guard let s = node.scalar else {
             sink.error(path, line, "expected a string")
             return nil
         }
+        return s
     }
 
     func requiredString(_ key: String, hint: String? = nil) -> String? {
@@ -101,7 +90,7 @@ struct YAMLReader {
     }
 
     func asInt(in range: ClosedRange<Int>) -> Int? {
-        guard case .scalar(let s) = node, let v = Int(s.string) else {
+        guard let s = node.scalar, let v = Int(s) else {
             sink.error(path, line, "expected an integer")
             return nil
         }
@@ -114,7 +103,7 @@ struct YAMLReader {
 
     func double(_ key: String, in range: ClosedRange<Double>) -> Double? {
         guard let c = child(key) else { return nil }
-        guard case .scalar(let s) = c.node, let v = Double(s.string), v.isFinite else {
+        guard let s = c.node.scalar, let v = Double(s), v.isFinite else {
             sink.error(c.path, c.line, "expected a number")
             return nil
         }
@@ -134,15 +123,15 @@ struct YAMLReader {
 
     func bool(_ key: String) -> Bool? {
         guard let c = child(key) else { return nil }
-        guard case .scalar(let s) = c.node else {
+        guard let s = c.node.scalar else {
             sink.error(c.path, c.line, "expected true or false")
             return nil
         }
-        switch s.string.lowercased() {
+        switch s.lowercased() {
         case "true", "yes", "on": return true
         case "false", "no", "off": return false
         default:
-            sink.error(c.path, c.line, "expected true or false, got '\(s.string)'")
+            sink.error(c.path, c.line, "expected true or false, got '\(s)'")
             return nil
         }
     }
@@ -159,9 +148,9 @@ struct YAMLReader {
     func array(_ key: String) -> [YAMLReader] {
         guard let c = child(key) else { return [] }
         switch c.node {
-        case .sequence(let seq):
+        case .sequence(let seq, _):
             return seq.enumerated().map { i, n in YAMLReader(node: n, path: "\(c.path)[\(i)]", sink: sink) }
-        case .scalar(let s) where s.string.isEmpty || s.string == "null" || s.string == "~":
+        case .scalar(let s, _) where s.isEmpty || s == "null" || s == "~":
             return []
         default:
             sink.error(c.path, c.line, "expected a list")
@@ -172,14 +161,14 @@ struct YAMLReader {
     func strings(_ key: String) -> [String] { array(key).compactMap { $0.asString() } }
 
     func stringMap(_ key: String) -> [String: String] {
-        guard let c = child(key), c.expectMapping(), case .mapping(let m) = c.node else { return [:] }
+        guard let c = child(key), c.expectMapping() else { return [:] }
         var out: [String: String] = [:]
-        for (k, v) in m {
-            guard let ks = k.string, case .scalar(let vs) = v else {
-                sink.error(c.path, k.mark?.line ?? c.line, "expected string keys and values")
+        for p in c.pairs {
+            guard let v = p.value.scalar else {
+                sink.error("\(c.path).\(p.key)", p.keyLine, "expected a string value")
                 continue
             }
-            out[ks] = vs.string
+            out[p.key] = v
         }
         return out
     }
