@@ -93,7 +93,7 @@ defaults
     mesh = os.path.join(tmp, "mesh")
     os.makedirs(mesh)
     with open(os.path.join(mesh, "mesh.yaml"), "w") as f:
-        servers = "".join(f"  - port: {{number: {p}, name: {n}, protocol: TCP}}\n    bind: 127.0.0.1\n"
+        servers = "".join(f"  - port: {{number: {p}, name: {n}, protocol: TCP}}\n    bind: 127.0.0.1\n    hosts: ['*']\n"
                           for n, p in P_SL.items())
         f.write(f"apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: bench}}\nspec:\n  servers:\n{servers}")
         for n, p in P_SL.items():

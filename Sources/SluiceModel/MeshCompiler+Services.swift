@@ -149,7 +149,8 @@ extension MeshCompiler {
                     loadBalancer: policy.loadBalancer ?? .simple(.roundRobin), outlierDetection: policy.outlierDetection,
                     connectTimeout: policy.connectionPool?.connectTimeout ?? mesh.connectTimeout,
                     idleTimeout: policy.connectionPool?.idleTimeout ?? mesh.tcpIdleTimeout,
-                    maxConnections: policy.connectionPool?.maxConnections, healthCheck: healthCheck)))
+                    maxConnections: policy.connectionPool?.maxConnections, httpPool: policy.connectionPool?.http,
+                    tls: policy.tls, healthCheck: healthCheck)))
             }
             for vip in se.addresses {
                 guard let ip = IPAddress(vip) else { continue }  // a CIDR range: matched by the agent, not the map
@@ -187,6 +188,9 @@ extension MeshCompiler {
             if policy.outlierDetection != nil { return .proxy(reason: "its DestinationRule sets outlierDetection") }
             if policy.connectionPool?.maxConnections != nil {
                 return .proxy(reason: "its DestinationRule limits connections")
+            }
+            if let mode = policy.tls?.mode, mode != .disable {
+                return .proxy(reason: "its DestinationRule originates TLS (\(mode.rawValue))")
             }
         }
         if healthCheck != nil { return .proxy(reason: "it has active health checks") }

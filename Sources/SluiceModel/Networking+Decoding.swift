@@ -15,7 +15,15 @@ extension Gateway {
                 continue
             }
             let hosts = s.strings("hosts")
-            servers.append(Server(port: port, bind: s.string("bind"), hosts: hosts, name: s.string("name")))
+            if hosts.isEmpty {
+                s.sink.error("\(s.path).hosts", s.line, "a server needs at least one host", hint: "use [\"*\"] for any host")
+            }
+            let tls = s.child("tls").flatMap { ServerTLSSettings.decode($0, port: port) }
+            if tls == nil && (port.protocol == .https || port.protocol == .tls) {
+                s.sink.error("\(s.path).tls", s.line, "a \(port.protocol.rawValue) server needs tls settings",
+                             hint: "add tls: {mode: PASSTHROUGH} or {mode: SIMPLE, credentialName: ...}")
+            }
+            servers.append(Server(port: port, bind: s.string("bind"), hosts: hosts, name: s.string("name"), tls: tls))
         }
         if servers.isEmpty {
             r.sink.error("\(r.path).servers", r.line, "a Gateway needs at least one server")
@@ -199,6 +207,24 @@ extension TrafficPolicy {
                     maxConnections: tcp.int("maxConnections", in: 1...Int(Int32.max)),
                     connectTimeout: tcp.duration("connectTimeout"), idleTimeout: tcp.duration("idleTimeout"))
             }
+            if let h = cp.child("http"), h.expectMapping() {
+                h.checkKeys(["http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection", "maxRetries",
+                             "idleTimeout", "h2UpgradePolicy", "useClientProtocol", "maxConcurrentStreams"])
+                let limit = 1...Int(Int32.max)
+                var pool = policy.connectionPool ?? ConnectionPoolSettings()
+                pool.http = .init(
+                    http1MaxPendingRequests: h.int("http1MaxPendingRequests", in: limit),
+                    http2MaxRequests: h.int("http2MaxRequests", in: limit),
+                    maxRequestsPerConnection: h.int("maxRequestsPerConnection", in: 0...Int(Int32.max)),
+                    maxRetries: h.int("maxRetries", in: 0...Int(Int32.max)), idleTimeout: h.duration("idleTimeout"),
+                    maxConcurrentStreams: h.int("maxConcurrentStreams", in: limit),
+                    h2UpgradePolicy: h.string("h2UpgradePolicy"))
+                if let p = pool.http?.h2UpgradePolicy, !["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"].contains(p) {
+                    h.sink.error("\(h.path).h2UpgradePolicy", h.line, "'\(p)' is not a valid value",
+                                 hint: "DEFAULT, DO_NOT_UPGRADE or UPGRADE")
+                }
+                policy.connectionPool = pool
+            }
         }
         if let od = r.child("outlierDetection"), od.expectMapping() {
             od.checkKeys(["consecutiveErrors", "consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
@@ -217,6 +243,7 @@ extension TrafficPolicy {
             if let p = od.int("maxEjectionPercent", in: 0...100) { o.maxEjectionPercent = p }
             policy.outlierDetection = o
         }
+        policy.tls = r.child("tls").flatMap { ClientTLSSettings.decode($0) }
         return policy
     }
 }

@@ -64,6 +64,10 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         /// Close a connection with no traffic in either direction for this long (Istio's default: 1 hour).
         public var idleTimeout: Duration
         public var maxConnections: Int?
+        /// The L7 circuit-breaker limits (`connectionPool.http`).
+        public var httpPool: ConnectionPoolSettings.HTTP?
+        /// How connections to the endpoints are secured (`trafficPolicy.tls`).
+        public var tls: ClientTLSSettings?
         public var healthCheck: HealthCheck?
     }
 

@@ -97,6 +97,7 @@ public struct Gateway: Sendable, Hashable, Encodable {
         public var bind: String?
         public var hosts: [String]
         public var name: String?
+        public var tls: ServerTLSSettings?
     }
 
     public struct Port: Sendable, Hashable, Encodable {
@@ -188,12 +189,14 @@ public struct TrafficPolicy: Sendable, Hashable, Encodable {
     public var loadBalancer: LoadBalancerSettings?
     public var connectionPool: ConnectionPoolSettings?
     public var outlierDetection: OutlierDetection?
+    public var tls: ClientTLSSettings?
 
     public init(loadBalancer: LoadBalancerSettings? = nil, connectionPool: ConnectionPoolSettings? = nil,
-                outlierDetection: OutlierDetection? = nil) {
+                outlierDetection: OutlierDetection? = nil, tls: ClientTLSSettings? = nil) {
         self.loadBalancer = loadBalancer
         self.connectionPool = connectionPool
         self.outlierDetection = outlierDetection
+        self.tls = tls
     }
 
     /// Field-wise merge: a subset's policy overrides the top-level one where it sets a field.
@@ -202,7 +205,7 @@ public struct TrafficPolicy: Sendable, Hashable, Encodable {
         return TrafficPolicy(
             loadBalancer: other.loadBalancer ?? loadBalancer,
             connectionPool: other.connectionPool ?? connectionPool,
-            outlierDetection: other.outlierDetection ?? outlierDetection)
+            outlierDetection: other.outlierDetection ?? outlierDetection, tls: other.tls ?? tls)
     }
 }
 
@@ -223,10 +226,24 @@ public struct ConnectionPoolSettings: Sendable, Hashable, Encodable {
     public var maxConnections: Int?
     public var connectTimeout: Duration?
     public var idleTimeout: Duration?
-    public init(maxConnections: Int? = nil, connectTimeout: Duration? = nil, idleTimeout: Duration? = nil) {
+    public var http: HTTP?
+    public init(maxConnections: Int? = nil, connectTimeout: Duration? = nil, idleTimeout: Duration? = nil,
+                http: HTTP? = nil) {
         self.maxConnections = maxConnections
         self.connectTimeout = connectTimeout
         self.idleTimeout = idleTimeout
+        self.http = http
+    }
+
+    /// Istio's `connectionPool.http`: the circuit-breaker limits of the L7 path.
+    public struct HTTP: Sendable, Hashable, Encodable {
+        public var http1MaxPendingRequests: Int?
+        public var http2MaxRequests: Int?
+        public var maxRequestsPerConnection: Int?
+        public var maxRetries: Int?
+        public var idleTimeout: Duration?
+        public var maxConcurrentStreams: Int?
+        public var h2UpgradePolicy: String?
     }
 }
 

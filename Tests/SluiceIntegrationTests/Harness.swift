@@ -124,7 +124,7 @@ enum Harness {
             spec:
               servers:
             """
-        for i in 0..<listeners { y += "\n  - port: {number: \(1000 + i), name: tcp\(i), protocol: TCP}\n    bind: 127.0.0.1" }
+        for i in 0..<listeners { y += "\n  - port: {number: \(1000 + i), name: tcp\(i), protocol: TCP}\n    bind: 127.0.0.1\n    hosts: [\"*\"]" }
         for i in 0..<listeners {
             y += """
 

@@ -21,7 +21,7 @@ final class ReloadTests: XCTestCase {
         func config(endpoint: UInt16, listeners: [UInt16]) -> String {
             var y = Harness.mesh(ports: [endpoint]).replacingOccurrences(of: "1000", with: "\(listeners[0])")
             if listeners.count > 1 {
-                y = y.replacingOccurrences(of: "    bind: 127.0.0.1", with: "    bind: 127.0.0.1\n  - port: {number: \(listeners[1]), name: tcp9, protocol: TCP}\n    bind: 127.0.0.1")
+                y = y.replacingOccurrences(of: "    hosts: [\"*\"]", with: "    hosts: [\"*\"]\n  - port: {number: \(listeners[1]), name: tcp9, protocol: TCP}\n    bind: 127.0.0.1\n    hosts: [\"*\"]")
                 y = y.replacingOccurrences(of: "  - match: [{port: \(listeners[0])}]", with: "  - match: []")
             }
             return y

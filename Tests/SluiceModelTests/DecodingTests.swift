@@ -53,7 +53,7 @@ final class DecodingTests: XCTestCase {
         XCTAssertEqual(e?.file, "mesh.yaml")
         XCTAssertEqual(e?.resource, "VirtualService shop/db")
         XCTAssertEqual(e?.path, "spec.tcp[0].route")
-        XCTAssertEqual(e?.line, 18, "the line where the destinations start")
+        XCTAssertEqual(e?.line, 19, "the line where the destinations start")
         XCTAssertTrue(e?.message.contains("110") ?? false)
     }
 
@@ -63,7 +63,7 @@ final class DecodingTests: XCTestCase {
         XCTAssertEqual(resources.count, 4, "a warning does not drop the resource")
         let w = diagnostics.first { $0.severity == .warning }
         XCTAssertEqual(w?.path, "spec.resolutoin")
-        XCTAssertEqual(w?.line, 29)
+        XCTAssertEqual(w?.line, 30)
     }
 
     func testDuplicateFieldsAreErrors() {
@@ -138,6 +138,7 @@ enum Fixtures {
           servers:
           - port: {number: 8443, name: tcp, protocol: TCP}
             bind: 127.0.0.1
+            hosts: ["*"]
         ---
         apiVersion: networking.istio.io/v1beta1
         kind: VirtualService
