@@ -8,7 +8,7 @@ BENCH_PACKAGES := haproxy iperf3 wrk nginx-light
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 
-.PHONY: all deps bench-deps build build-release test test-unit test-integration demo bench bench-config clean
+.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config clean
 
 all: build
 
@@ -27,14 +27,25 @@ bench-deps: deps
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-build: deps
+# BPF programs: one object per attach point, built with the toolchain's clang (it has the bpf target).
+BPF_SRC := $(wildcard bpf/*.bpf.c)
+BPF_OBJ := $(patsubst bpf/%.bpf.c,.build/bpf/%.bpf.o,$(BPF_SRC))
+BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
+
+.build/bpf/%.bpf.o: bpf/%.bpf.c $(wildcard bpf/lib/*.h)
+	@mkdir -p .build/bpf
+	clang $(BPF_CFLAGS) -c $< -o $@
+
+bpf: deps $(BPF_OBJ)
+
+build: deps bpf
 	$(SWIFT) build
 
 build-release: deps
 	$(SWIFT) build $(RELEASE_FLAGS)
 
 # All tiers: pure unit tests, loopback integration tests (in-process and the sluice binary).
-test: deps
+test: deps bpf
 	$(SWIFT) build
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --disable-swift-testing
@@ -42,7 +53,7 @@ test: deps
 demo: build
 	@bash examples/demo.sh
 
-bench: bench-deps build-release
+bench: bench-deps bpf build-release
 	@bash Benchmarks/bench.sh
 
 # Only the control-plane figures (decode, compile, incremental): no peers needed, ~1 minute.

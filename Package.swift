@@ -30,6 +30,7 @@ let package = Package(
         .target(name: "SluiceModel", dependencies: ["CLibYAML"]),
         .target(name: "SluiceTelemetry", dependencies: ["CSluiceLinux"]),
         .target(name: "SluiceRing", dependencies: ["CSluiceLinux"]),
+        .target(name: "SluiceBPF", dependencies: ["CSluiceLinux", "SluiceModel"]),
         .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "CSluiceLinux"]),
         .target(
             name: "SluiceAgent",
@@ -51,10 +52,11 @@ let package = Package(
         .executableTarget(name: "SluiceBench", dependencies: ["SluiceModel"], path: "Benchmarks/SluiceBench"),
         .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
+        .testTarget(name: "SluiceBPFTests", dependencies: ["SluiceBPF", "SluiceModel", "CSluiceLinux"]),
         .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing"]),
         .testTarget(
             name: "SluiceIntegrationTests",
-            dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent"]
+            dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent", "SluiceBPF"]
         ),
     ]
 )

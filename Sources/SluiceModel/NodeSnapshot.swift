@@ -128,6 +128,14 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         public var `protocol`: PortProtocol
         public var host: String
         public var action: Action
+
+        public init(address: EndpointAddress, protocol: PortProtocol, host: String, action: Action) {
+            self.address = address
+            self.protocol = `protocol`
+            self.host = host
+            self.action = action
+        }
+
         public var isL4Only: Bool { if case .balance = action { return true } else { return false } }
     }
 }

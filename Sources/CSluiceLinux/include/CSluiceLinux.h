@@ -23,6 +23,12 @@
 #include <openssl/ssl.h>
 #include <openssl/err.h>
 #include <nghttp2/nghttp2.h>
+#include <sys/mount.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
+
+/* Structs shared with the BPF programs: one definition, read by clang for both sides. */
+#include "../../../bpf/lib/types.h"
 
 /* ---- io_uring ---- */
 

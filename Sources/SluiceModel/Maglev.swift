@@ -12,7 +12,7 @@ public struct MaglevTable: Sendable {
     /// shares and disruption stay within about 1% of ideal.
     public static func tableSize(backends: Int, requested: Int? = nil) -> Int {
         var n = max(requested ?? defaultSize, 100 * backends)
-        while !isPrimeNumber(n) { n += 1 }
+        while !isPrime(n) { n += 1 }
         return n
     }
 
@@ -85,15 +85,4 @@ func fnv1a(_ s: String, seed: UInt64) -> UInt64 {
     h = h &* 0xFF51_AFD7_ED55_8CCD
     h ^= h >> 33
     return h
-}
-
-func isPrimeNumber(_ n: Int) -> Bool {
-    if n < 2 { return false }
-    if n % 2 == 0 { return n == 2 }
-    var i = 3
-    while i * i <= n {
-        if n % i == 0 { return false }
-        i += 2
-    }
-    return true
 }

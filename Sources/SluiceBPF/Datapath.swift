@@ -1,0 +1,199 @@
+import CSluiceLinux
+import Glibc
+
+/// The agent's BPF programs and maps: loaded with libbpf, pinned under one bpffs directory, attached to the
+/// workloads' cgroup with pinned links, so they outlive an agent restart.
+///
+/// Lifecycle: ``init(objectDirectory:pinDirectory:)`` loads (reusing pinned maps when present),
+/// ``attach(cgroup:)`` attaches or adopts pinned links, ``uninstall()`` detaches and unpins everything.
+/// Dropping the object without `uninstall` leaves the programs running: that is what keeps kernel-balanced
+/// connects working while the agent restarts.
+public final class Datapath {
+    /// One program: the object file it is in, its function name and where it attaches.
+    struct Program {
+        var object: String
+        var name: String
+        var attachType: bpf_attach_type
+    }
+
+    static let programs: [Program] = [
+        Program(object: "connect4.bpf.o", name: "sl_connect4", attachType: BPF_CGROUP_INET4_CONNECT),
+    ]
+
+    public let pinDirectory: String
+    /// Service addresses the services map holds.
+    public static let maxServices = Int(SL_MAX_SERVICES)
+    private var objects: [String: OpaquePointer] = [:]
+    private var links: [OpaquePointer] = []
+    let servicesFD: Int32
+    let slotsFD: Int32
+    let configFD: Int32
+    let countersFD: Int32
+    /// What ``apply(_:)`` last wrote, to write only differences next time.
+    var installed: [ServiceKey: Installed] = [:]
+    var allocator = SlotAllocator(capacity: Int(SL_MAX_SLOTS))
+
+    /// Loads every program object from `objectDirectory`. Maps are pinned in `pinDirectory` by name; maps
+    /// already pinned there (a previous agent's) are reused with their contents.
+    public init(objectDirectory: String, pinDirectory: String = "/sys/fs/bpf/sluice") throws(BPFError) {
+        self.pinDirectory = pinDirectory
+        try Mounts.ensureBPFFS()
+        try Mounts.makeDirectories(pinDirectory)
+        var loaded: [String: OpaquePointer] = [:]
+        do throws(BPFError) {
+            for file in Set(Self.programs.map(\.object)).sorted() {
+                loaded[file] = try Self.load("\(objectDirectory)/\(file)", pinRoot: pinDirectory)
+            }
+        } catch {
+            for o in loaded.values { bpf_object__close(o) }
+            throw error
+        }
+        objects = loaded
+        let first = loaded[Self.programs[0].object]!
+        func fd(_ name: String) -> Int32 { bpf_object__find_map_by_name(first, name).map { bpf_map__fd($0) } ?? -1 }
+        servicesFD = fd("sl_services")
+        slotsFD = fd("sl_slots")
+        configFD = fd("sl_config")
+        countersFD = fd("sl_counters")
+        if [servicesFD, slotsFD, configFD, countersFD].contains(where: { $0 < 0 }) {
+            for o in loaded.values { bpf_object__close(o) }
+            throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")
+        }
+        adoptInstalledServices()
+    }
+
+    deinit {
+        for l in links { bpf_link__destroy(l) }  // pinned links stay attached
+        for o in objects.values { bpf_object__close(o) }
+    }
+
+    private static func load(_ path: String, pinRoot: String) throws(BPFError) -> OpaquePointer {
+        guard access(path, R_OK) == 0 else {
+            throw .errno("BPF object \(path)", errno, hint: "build it with `make bpf`, or point --bpf-dir at it")
+        }
+        var opts = bpf_object_open_opts()
+        opts.sz = MemoryLayout<bpf_object_open_opts>.size
+        let object: OpaquePointer? = pinRoot.withCString { root in
+            opts.pin_root_path = root
+            return bpf_object__open_file(path, &opts)
+        }
+        guard let object else { throw .errno("open BPF object \(path)", errno, hint: "the file is not a BPF object") }
+        let rc = bpf_object__load(object)
+        if rc != 0 {
+            bpf_object__close(object)
+            throw .errno("load BPF object \(path)", rc,
+                         hint: rc == -EPERM || rc == -EACCES ? "run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+                            : "the kernel rejected a program or map of it; see the kernel's BPF support")
+        }
+        return object
+    }
+
+    /// Attaches every program to the cgroup2 directory `cgroup`, or adopts the links a previous agent pinned
+    /// (replacing their programs with the ones just loaded, atomically). On failure nothing new stays attached.
+    public func attach(cgroup: String) throws(BPFError) {
+        let cg = open(cgroup, O_RDONLY | O_DIRECTORY)
+        guard cg >= 0 else { throw .errno("open cgroup \(cgroup)", errno, hint: "it must be a cgroup2 directory") }
+        defer { close(cg) }
+        var made: [(OpaquePointer, String)] = []
+        for p in Self.programs {
+            guard let object = objects[p.object], let program = bpf_object__find_program_by_name(object, p.name) else {
+                rollBack(made)
+                throw BPFError("program \(p.name) is missing from \(p.object); rebuild it (make bpf)")
+            }
+            let pin = "\(pinDirectory)/link_\(p.name)"
+            if access(pin, F_OK) == 0, let old = bpf_link__open(pin) {
+                // A previous agent's link: swap in this agent's program without a moment detached.
+                let rc = bpf_link__update_program(old, program)
+                if rc != 0 {
+                    bpf_link__destroy(old)
+                    rollBack(made)
+                    throw .errno("update pinned link \(pin)", rc)
+                }
+                links.append(old)
+                continue
+            }
+            guard let link = bpf_program__attach_cgroup(program, cg) else {
+                let e = errno
+                rollBack(made)
+                throw .errno("attach \(p.name) to \(cgroup)", e)
+            }
+            let rc = bpf_link__pin(link, pin)
+            if rc != 0 {
+                bpf_link__destroy(link)
+                rollBack(made)
+                throw .errno("pin link at \(pin)", rc)
+            }
+            made.append((link, pin))
+            links.append(link)
+        }
+    }
+
+    private func rollBack(_ made: [(OpaquePointer, String)]) {
+        for (link, pin) in made {
+            unlink(pin)
+            bpf_link__destroy(link)
+            links.removeAll { $0 == link }
+        }
+    }
+
+    /// Sets where captured connections go (the agent's outbound listener).
+    public func setAgent(address: String, port: UInt16) throws(BPFError) {
+        var cfg = sl_config()
+        guard inet_pton(AF_INET, address, &cfg.agent_addr) == 1 else { throw BPFError("'\(address)' is not an IPv4 address") }
+        cfg.agent_port = port.bigEndian
+        var zero: UInt32 = 0
+        let rc = bpf_map_update_elem(configFD, &zero, &cfg, 0)
+        if rc != 0 { throw .errno("write sl_config", rc) }
+    }
+
+    /// Detaches every program and removes every pin: the host is as before the agent ran.
+    public func uninstall() throws(BPFError) {
+        for l in links { bpf_link__unpin(l) }
+        for p in Self.programs { unlink("\(pinDirectory)/link_\(p.name)") }
+        for l in links { bpf_link__destroy(l) }
+        links = []
+        for o in objects.values {
+            var map = bpf_object__next_map(o, nil)
+            while let m = map {
+                bpf_map__unpin(m, nil)
+                map = bpf_object__next_map(o, m)
+            }
+        }
+        if rmdir(pinDirectory) != 0 && errno != ENOENT {
+            throw .errno("remove \(pinDirectory)", errno, hint: "something else is pinned there")
+        }
+    }
+
+    /// Per-CPU counters summed over CPUs.
+    public func counters() -> Counters {
+        let cpus = Int(libbpf_num_possible_cpus())
+        var values = [UInt64](repeating: 0, count: max(cpus, 1))
+        func read(_ which: sl_counter) -> UInt64 {
+            var key = which.rawValue
+            guard bpf_map_lookup_elem(countersFD, &key, &values) == 0 else { return 0 }
+            return values.reduce(0, +)
+        }
+        return Counters(connects: read(SL_COUNT_CONNECTS), balanced: read(SL_COUNT_BALANCED),
+                        redirected: read(SL_COUNT_REDIRECTED), misses: read(SL_COUNT_MISSES),
+                        excluded: read(SL_COUNT_EXCLUDED))
+    }
+
+    public struct Counters: Sendable, Equatable {
+        public var connects: UInt64
+        public var balanced: UInt64
+        public var redirected: UInt64
+        public var misses: UInt64
+        public var excluded: UInt64
+    }
+
+    /// Programs of `type` attached to `cgroup` (0 after ``uninstall()``), through the kernel's own query.
+    public static func attachedPrograms(cgroup: String, type: bpf_attach_type = BPF_CGROUP_INET4_CONNECT) -> Int {
+        let cg = open(cgroup, O_RDONLY | O_DIRECTORY)
+        guard cg >= 0 else { return 0 }
+        defer { close(cg) }
+        var count: UInt32 = 0
+        var flags: UInt32 = 0
+        guard bpf_prog_query(cg, type, 0, &flags, nil, &count) == 0 else { return 0 }
+        return Int(count)
+    }
+}

@@ -1,0 +1,70 @@
+import CSluiceLinux
+@testable import SluiceBPF
+import SluiceModel
+import XCTest
+
+/// The Swift side of the structs shared with the BPF programs (the C side asserts the same sizes in
+/// bpf/lib/types.h), and the slot tables the kernel picks backends from.
+final class LayoutAndTableTests: XCTestCase {
+    func testSharedStructLayoutsMatchTheBPFSide() {
+        XCTAssertEqual(MemoryLayout<sl_service_key>.size, 8)
+        XCTAssertEqual(MemoryLayout<sl_service_key>.offset(of: \.addr), 0)
+        XCTAssertEqual(MemoryLayout<sl_service_key>.offset(of: \.port), 4)
+        XCTAssertEqual(MemoryLayout<sl_service_key>.offset(of: \.proto), 6)
+        XCTAssertEqual(MemoryLayout<sl_service>.size, 16)
+        XCTAssertEqual(MemoryLayout<sl_service>.offset(of: \.slot_base), 0)
+        XCTAssertEqual(MemoryLayout<sl_service>.offset(of: \.slots), 4)
+        XCTAssertEqual(MemoryLayout<sl_service>.offset(of: \.action), 6)
+        XCTAssertEqual(MemoryLayout<sl_service>.offset(of: \.lb), 7)
+        XCTAssertEqual(MemoryLayout<sl_service>.offset(of: \.id), 8)
+        XCTAssertEqual(MemoryLayout<sl_backend>.size, 8)
+        XCTAssertEqual(MemoryLayout<sl_backend>.offset(of: \.port), 4)
+        XCTAssertEqual(MemoryLayout<sl_config>.size, 8)
+        XCTAssertEqual(MemoryLayout<sl_config>.offset(of: \.agent_port), 4)
+        XCTAssertEqual(MemoryLayout<sl_original_dst>.size, 16)
+        XCTAssertEqual(MemoryLayout<sl_original_dst>.offset(of: \.cgroup_id), 8)
+    }
+
+    static func entry(_ weights: [UInt32], lb: NodeSnapshot.BPFService.LoadBalancing) -> NodeSnapshot.BPFService {
+        let backends = weights.enumerated().map { i, w in
+            NodeSnapshot.BPFService.Backend(address: EndpointAddress(parsing: "10.0.0.\(i + 1):80")!, weight: w)
+        }
+        return NodeSnapshot.BPFService(address: EndpointAddress(parsing: "10.96.0.1:80")!, protocol: .tcp, host: "h",
+                                       action: .balance(loadBalancing: lb, backends: backends))
+    }
+
+    func testRandomTablesApportionSlotsByWeight() {
+        let table = Datapath.slotTable(Self.entry([1, 2, 3], lb: .random))
+        XCTAssertEqual(table.count, 96)
+        let counts = Dictionary(grouping: table, by: { $0.addr }).mapValues(\.count)
+        XCTAssertEqual(counts.values.sorted(), [16, 32, 48])
+        XCTAssertEqual(table[0].port, UInt16(80).bigEndian, "ports in network order, as connect4 writes them")
+        // Uneven weights: largest remainders get the spare slots, total stays exact.
+        let odd = Datapath.slotTable(Self.entry([1, 1, 1, 7], lb: .random))
+        XCTAssertEqual(odd.count, 128)
+        XCTAssertEqual(Dictionary(grouping: odd, by: { $0.addr }).mapValues(\.count).values.sorted(), [13, 13, 13, 89])
+    }
+
+    func testMaglevTablesArePrimeSizedAndWeighted() {
+        let table = Datapath.slotTable(Self.entry([1, 3], lb: .maglev))
+        XCTAssertEqual(table.count, 211, "the smallest prime >= 100 x backends")
+        let share = Double(table.filter { $0.addr == table.max { $0.addr < $1.addr }!.addr }.count) / 211
+        XCTAssertEqual(share, 0.75, accuracy: 0.02)
+    }
+
+    func testSlotAllocatorReusesFreedRangesAndCoalesces() {
+        var a = SlotAllocator(capacity: 100)
+        let x = a.allocate(30)!, y = a.allocate(30)!, z = a.allocate(30)!
+        XCTAssertEqual([x, y, z], [0, 30, 60])
+        XCTAssertNil(a.allocate(11))
+        a.release(30..<60)
+        XCTAssertEqual(a.allocate(20), 30, "first fit")
+        a.release(0..<30)
+        a.release(30..<50)
+        a.release(60..<90)
+        XCTAssertEqual(a.free, [0..<100], "neighbours merge back into one range")
+        a.reserve(40..<45)
+        XCTAssertEqual(a.free, [0..<40, 45..<100])
+        XCTAssertEqual(a.available, 95)
+    }
+}

@@ -1,0 +1,200 @@
+import Foundation
+import Glibc
+import SluiceBPF
+import SluiceModel
+import XCTest
+
+/// Root-only: real processes in a test cgroup connect to a service address and the kernel balances them.
+/// Service addresses are in 127.0.0.0/8, so a connect the programs fail to rewrite is refused on loopback
+/// instead of leaving the machine.
+final class BPFCaptureTests: XCTestCase {
+    var cgroup = ""
+    var pinDirectory = ""
+    var datapath: Datapath?
+    var processes: [Process] = []
+    var scratch: URL!
+
+    override func setUpWithError() throws {
+        guard geteuid() == 0 else {
+            if ProcessInfo.processInfo.environment["CI"] == "true" {
+                XCTFail("BPF tests need root, and CI runs as root: this machine cannot run them")
+            }
+            throw XCTSkip("BPF tests need root")
+        }
+        let id = UUID().uuidString.prefix(8)
+        cgroup = try Mounts.ensureCgroup2() + "/sluice-test-\(id)"
+        XCTAssertEqual(mkdir(cgroup, 0o755), 0, "mkdir \(cgroup): \(String(cString: strerror(errno)))")
+        pinDirectory = "/sys/fs/bpf/sluice-test-\(id)"
+        scratch = FileManager.default.temporaryDirectory.appendingPathComponent("sluice-bpf-\(id)")
+        try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() {
+        for p in processes where p.isRunning {
+            p.terminate()
+            p.waitUntilExit()
+        }
+        try? datapath?.uninstall()
+        datapath = nil
+        // Pins of a datapath a test dropped on purpose.
+        if let leftovers = try? FileManager.default.contentsOfDirectory(atPath: pinDirectory) {
+            for f in leftovers { unlink("\(pinDirectory)/\(f)") }
+            rmdir(pinDirectory)
+        }
+        if !cgroup.isEmpty { rmdir(cgroup) }
+        try? FileManager.default.removeItem(at: scratch)
+    }
+
+    var objectDirectory: String { Harness.root.appendingPathComponent(".build/bpf").path }
+
+    func backends(_ names: [String]) throws -> [UInt16] {
+        let (p, ports) = try Harness.backends(names.map { "tag:0:\($0)" })
+        processes.append(p)
+        return ports
+    }
+
+    static func service(_ address: String, _ backends: [(UInt16, UInt32)],
+                        lb: NodeSnapshot.BPFService.LoadBalancing = .random) -> NodeSnapshot.BPFService {
+        let list = backends.map { NodeSnapshot.BPFService.Backend(address: EndpointAddress(parsing: "127.0.0.1:\($0.0)")!,
+                                                                  weight: $0.1) }
+        return NodeSnapshot.BPFService(address: EndpointAddress(parsing: address)!, protocol: .tcp, host: "svc.test",
+                                       action: .balance(loadBalancing: lb, backends: list))
+    }
+
+    /// Runs `connects` connects to `address` from a process placed in the test cgroup; returns how many landed on
+    /// each backend tag ("refused" when nothing rewrote the destination).
+    func connectFromCgroup(_ address: String, connects: Int) throws -> [String: Int] {
+        let (host, port) = (address.split(separator: ":")[0], address.split(separator: ":")[1])
+        let script = scratch.appendingPathComponent("client.py")
+        try """
+            import collections, json, socket
+            counts = collections.Counter()
+            for _ in range(\(connects)):
+                s = socket.socket()
+                s.settimeout(5)
+                try:
+                    s.connect(("\(host)", \(port)))
+                    counts[s.makefile().readline().strip()] += 1
+                except OSError as e:
+                    counts["refused" if isinstance(e, ConnectionRefusedError) else type(e).__name__] += 1
+                s.close()
+            print(json.dumps(counts))
+            """.write(to: script, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        // The shell joins the cgroup first, then becomes the client: every connect comes from the cgroup.
+        p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec python3 \(script.path)"]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        processes.append(p)
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0)
+        return (try JSONSerialization.jsonObject(with: data) as? [String: Int]) ?? [:]
+    }
+
+    func testConnectsToAServiceLandOnBackendsInProportionToWeights() throws {
+        let ports = try backends(["a", "b", "c"])
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        try dp.apply([Self.service("127.96.7.7:80", [(ports[0], 1), (ports[1], 2), (ports[2], 3)])])
+        let n = 1200
+        let counts = try connectFromCgroup("127.96.7.7:80", connects: n)
+        XCTAssertEqual(counts.values.reduce(0, +), n, "\(counts)")
+        // Chi-square against 1:2:3 with 2 degrees of freedom; 13.82 is the 0.1% critical value. A program that
+        // does nothing leaves every connect refused, one that ignores weights lands near 1:1:1 (chi2 ~ 200).
+        let expected = ["a": Double(n) / 6, "b": Double(n) / 3, "c": Double(n) / 2]
+        let chi2 = expected.reduce(0.0) { acc, e in
+            let o = Double(counts[e.key] ?? 0)
+            return acc + (o - e.value) * (o - e.value) / e.value
+        }
+        XCTAssertLessThan(chi2, 13.82, "\(counts)")
+        let c = dp.counters()
+        XCTAssertGreaterThanOrEqual(c.connects, UInt64(n))
+        XCTAssertEqual(c.balanced, UInt64(n))
+        XCTAssertEqual(c.misses, 0)
+
+        // Connects from outside the cgroup (this test process) are not touched.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = UInt16(80).bigEndian
+        sa.sin_addr.s_addr = inet_addr("127.96.7.7")
+        let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, 16) } }
+        XCTAssertEqual(rc, -1)
+        XCTAssertEqual(errno, ECONNREFUSED)
+    }
+
+    func testMaglevKeepsOneClientWorkloadOnOneBackend() throws {
+        let ports = try backends(["a", "b", "c"])
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        try dp.apply([Self.service("127.96.7.8:80", ports.map { ($0, 1) }, lb: .maglev)])
+        let counts = try connectFromCgroup("127.96.7.8:80", connects: 200)
+        XCTAssertEqual(counts.count, 1, "one cgroup, one backend: \(counts)")
+        XCTAssertEqual(counts.values.first, 200)
+        XCTAssertNotNil(["a", "b", "c"].first { counts[$0] != nil })
+    }
+
+    func testUpdatesMoveTrafficAndRemovedServicesStopBeingBalanced() throws {
+        let ports = try backends(["a", "b"])
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        try dp.apply([Self.service("127.96.7.9:80", [(ports[0], 1)])])
+        XCTAssertEqual(try connectFromCgroup("127.96.7.9:80", connects: 20), ["a": 20])
+        try dp.apply([Self.service("127.96.7.9:80", [(ports[1], 1)])])
+        XCTAssertEqual(try connectFromCgroup("127.96.7.9:80", connects: 20), ["b": 20])
+        try dp.apply([])
+        XCTAssertEqual(try connectFromCgroup("127.96.7.9:80", connects: 5), ["refused": 5])
+    }
+
+    func testARestartedAgentAdoptsPinnedProgramsWithoutAGap() throws {
+        let ports = try backends(["a"])
+        var first: Datapath? = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        try first!.attach(cgroup: cgroup)
+        try first!.apply([Self.service("127.96.7.10:80", [(ports[0], 1)])])
+        first = nil  // the agent exits without uninstalling
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 1)
+        XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 10), ["a": 10], "balanced while no agent runs")
+
+        let second = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = second
+        try second.attach(cgroup: cgroup)
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 1, "adopted, not attached twice")
+        try second.apply([Self.service("127.96.7.10:80", [(ports[0], 1)])])
+        XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 10), ["a": 10])
+
+        try second.uninstall()
+        datapath = nil
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 0)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory), "no pins left")
+        XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 3), ["refused": 3])
+    }
+
+    func testAnUpdateThatDoesNotFitIsRefusedWhole() throws {
+        let ports = try backends(["a"])
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        try dp.apply([Self.service("127.96.7.11:80", [(ports[0], 1)])])
+        let tooMany = (0..<(Datapath.maxServices + 1)).map { i in
+            Self.service("127.97.\(i / 250 % 250).\(i % 250 + 1):\(1000 + i / 62_500)", [(ports[0], 1)])
+        }
+        XCTAssertThrowsError(try dp.apply(tooMany)) { error in
+            XCTAssertTrue("\(error)".contains("exceed the services map's 65536"), "\(error)")
+        }
+        XCTAssertEqual(try connectFromCgroup("127.96.7.11:80", connects: 5), ["a": 5], "the old state still serves")
+    }
+
+    func testAMissingObjectFileIsNamed() {
+        XCTAssertThrowsError(try Datapath(objectDirectory: "/nonexistent", pinDirectory: pinDirectory)) { error in
+            XCTAssertTrue("\(error)".contains("/nonexistent/connect4.bpf.o"), "\(error)")
+            XCTAssertTrue("\(error)".contains("make bpf"), "\(error)")
+        }
+    }
+}

@@ -1,0 +1,56 @@
+// cgroup/connect4: services dialled by the workloads of the cgroup are balanced here or sent to the agent.
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <asm-generic/errno.h>
+#include "lib/maps.h"
+#include "lib/balance.h"
+
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+
+SEC("cgroup/connect4")
+int sl_connect4(struct bpf_sock_addr *ctx) {
+    if (ctx->type != SOCK_STREAM) return 1;  // UDP services arrive with the DNS work (sendmsg4)
+    sl_count(SL_COUNT_CONNECTS);
+    struct sl_service_key key = {
+        .addr = ctx->user_ip4,
+        .port = (__u16)ctx->user_port,
+        .proto = IPPROTO_TCP,
+    };
+    struct sl_service *svc = bpf_map_lookup_elem(&sl_services, &key);
+    if (!svc) return 1;  // not a mesh service: untouched
+
+    __u64 cgroup_id = bpf_get_current_cgroup_id();
+    if (svc->action == SL_ACTION_BALANCE) {
+        struct sl_backend b;
+        if (sl_pick_backend(svc, cgroup_id, &b) < 0) {
+            sl_count(SL_COUNT_MISSES);
+            return 1;
+        }
+        ctx->user_ip4 = b.addr;
+        ctx->user_port = b.port;
+        sl_count(SL_COUNT_BALANCED);
+        return 1;
+    }
+    // The agent must see this connection: remember where it was going and send it to the agent.
+    __u32 zero = 0;
+    struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+    if (!cfg || cfg->agent_port == 0) {
+        sl_count(SL_COUNT_MISSES);
+        return 1;
+    }
+    struct sl_original_dst dst = {
+        .addr = ctx->user_ip4,
+        .port = (__u16)ctx->user_port,
+        .cgroup_id = cgroup_id,
+    };
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    bpf_map_update_elem(&sl_dst_by_cookie, &cookie, &dst, BPF_ANY);
+    ctx->user_ip4 = cfg->agent_addr;
+    ctx->user_port = cfg->agent_port;
+    sl_count(SL_COUNT_REDIRECTED);
+    return 1;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,55 @@
+/* Maps shared by the programs. Each program object declares them; user space pins them under
+ * /sys/fs/bpf/sluice/ so every object and every agent restart uses the same ones. */
+#ifndef SLUICE_BPF_MAPS_H
+#define SLUICE_BPF_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "types.h"
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, SL_MAX_SERVICES);
+    __type(key, struct sl_service_key);
+    __type(value, struct sl_service);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_services SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, SL_MAX_SLOTS);
+    __type(key, __u32);
+    __type(value, struct sl_backend);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_slots SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct sl_config);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_config SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);
+    __type(value, struct sl_original_dst);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_dst_by_cookie SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, SL_COUNT_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_counters SEC(".maps");
+
+static __always_inline void sl_count(__u32 which) {
+    __u64 *v = bpf_map_lookup_elem(&sl_counters, &which);
+    if (v) *v += 1;
+}
+
+#endif

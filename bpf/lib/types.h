@@ -1,0 +1,98 @@
+/* Structs shared by the BPF programs and Swift (SluiceBPF reads this file through the CSluiceLinux shim).
+ * Fixed-width types only; every struct has a layout check here and a MemoryLayout test in Swift.
+ * Addresses and ports are in network byte order, as the kernel hands them to cgroup/connect4. */
+#ifndef SLUICE_BPF_TYPES_H
+#define SLUICE_BPF_TYPES_H
+
+#ifdef __bpf__
+#include <linux/types.h>
+typedef __u8 sl_u8;
+typedef __u16 sl_u16;
+typedef __u32 sl_u32;
+typedef __u64 sl_u64;
+#else
+#include <stdint.h>
+typedef uint8_t sl_u8;
+typedef uint16_t sl_u16;
+typedef uint32_t sl_u32;
+typedef uint64_t sl_u64;
+#endif
+
+/* What a service entry tells connect4 to do. */
+enum sl_action {
+    SL_ACTION_BALANCE = 1, /* pick a backend from the service's slot table and rewrite the destination */
+    SL_ACTION_PROXY = 2,   /* remember the destination, rewrite to the agent's outbound listener */
+};
+
+/* How a backend is picked from the slot table. */
+enum sl_lb {
+    SL_LB_RANDOM = 1, /* a random slot: weighted random, weights quantised into the slot counts */
+    SL_LB_MAGLEV = 2, /* slot = hash(client cgroup) % slots: the same client workload keeps its backend */
+};
+
+/* Per-CPU counters, indexes into the counters array. */
+enum sl_counter {
+    SL_COUNT_CONNECTS = 0, /* connects the program saw */
+    SL_COUNT_BALANCED = 1, /* rewritten to a backend in the kernel */
+    SL_COUNT_REDIRECTED = 2, /* rewritten to the agent */
+    SL_COUNT_MISSES = 3,     /* a service whose slot table was missing (an update in flight or a bug) */
+    SL_COUNT_EXCLUDED = 4,   /* destination on the exclusion list */
+    SL_COUNT_MAX = 8,
+};
+
+/* services map key: the destination as the application dialled it. */
+struct sl_service_key {
+    sl_u32 addr;  /* IPv4 */
+    sl_u16 port;
+    sl_u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+    sl_u8 pad;
+};
+
+/* services map value. Replaced whole by one map update, so a connect sees either the old or the new
+ * [slot_base, slot_base + slots) range, never a half-written one: user space fills a fresh range of the slots
+ * array first, then flips this entry to it, then frees the old range. */
+struct sl_service {
+    sl_u32 slot_base;
+    sl_u16 slots;   /* 0 with SL_ACTION_PROXY */
+    sl_u8 action;   /* enum sl_action */
+    sl_u8 lb;       /* enum sl_lb */
+    sl_u32 id;      /* the agent's service number, for logs and metrics */
+    sl_u32 pad;
+};
+
+/* slots array value: one backend. */
+struct sl_backend {
+    sl_u32 addr;
+    sl_u16 port;
+    sl_u16 pad;
+};
+
+/* config array (one entry): where captured connections go. */
+struct sl_config {
+    sl_u32 agent_addr; /* the agent's outbound listener, e.g. 127.0.0.1 */
+    sl_u16 agent_port; /* e.g. 15001 */
+    sl_u16 pad;
+};
+
+/* Saved original destination of a connection sent to the agent (keyed by socket cookie, then by the
+ * client's address once established). */
+struct sl_original_dst {
+    sl_u32 addr;
+    sl_u16 port;
+    sl_u16 pad;
+    sl_u64 cgroup_id;
+};
+
+/* Capacities, shared so that user space can refuse an update that would not fit. */
+#define SL_MAX_SERVICES 65536
+#define SL_MAX_SLOTS (1 << 20)
+#define SL_MAX_SLOTS_PER_SERVICE 65521
+
+#define SL_STATIC_ASSERT(c, m) _Static_assert(c, m)
+SL_STATIC_ASSERT(sizeof(struct sl_service_key) == 8, "sl_service_key layout");
+SL_STATIC_ASSERT(sizeof(struct sl_service) == 16, "sl_service layout");
+SL_STATIC_ASSERT(sizeof(struct sl_backend) == 8, "sl_backend layout");
+SL_STATIC_ASSERT(sizeof(struct sl_config) == 8, "sl_config layout");
+SL_STATIC_ASSERT(sizeof(struct sl_original_dst) == 16, "sl_original_dst layout");
+
+#endif
