@@ -22,12 +22,21 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
     if (!svc) return 1;  // not a mesh service: untouched
 
     __u64 cgroup_id = bpf_get_current_cgroup_id();
+    struct sl_original_dst dst = {
+        .addr = ctx->user_ip4,
+        .port = (__u16)ctx->user_port,
+        .cgroup_id = cgroup_id,
+    };
+    __u64 cookie = bpf_get_socket_cookie(ctx);
     if (svc->action == SL_ACTION_BALANCE) {
         struct sl_backend b;
         if (sl_pick_backend(svc, cgroup_id, &b) < 0) {
             sl_count(SL_COUNT_MISSES);
             return 1;
         }
+        // Remembered so that getpeername shows the service address the application dialled.
+        dst.flags = SL_DST_BALANCED;
+        bpf_map_update_elem(&sl_dst_by_cookie, &cookie, &dst, BPF_ANY);
         ctx->user_ip4 = b.addr;
         ctx->user_port = b.port;
         sl_count(SL_COUNT_BALANCED);
@@ -40,12 +49,7 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
         sl_count(SL_COUNT_MISSES);
         return 1;
     }
-    struct sl_original_dst dst = {
-        .addr = ctx->user_ip4,
-        .port = (__u16)ctx->user_port,
-        .cgroup_id = cgroup_id,
-    };
-    __u64 cookie = bpf_get_socket_cookie(ctx);
+    dst.flags = SL_DST_REDIRECTED;
     bpf_map_update_elem(&sl_dst_by_cookie, &cookie, &dst, BPF_ANY);
     ctx->user_ip4 = cfg->agent_addr;
     ctx->user_port = cfg->agent_port;

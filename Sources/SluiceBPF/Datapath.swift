@@ -1,5 +1,6 @@
 import CSluiceLinux
 import Glibc
+import SluiceModel
 
 /// The agent's BPF programs and maps: loaded with libbpf, pinned under one bpffs directory, attached to the
 /// workloads' cgroup with pinned links, so they outlive an agent restart.
@@ -8,7 +9,11 @@ import Glibc
 /// ``attach(cgroup:)`` attaches or adopts pinned links, ``uninstall()`` detaches and unpins everything.
 /// Dropping the object without `uninstall` leaves the programs running: that is what keeps kernel-balanced
 /// connects working while the agent restarts.
-public final class Datapath {
+///
+/// - Important: ``apply(_:)``, ``attach(cgroup:)`` and ``uninstall()`` belong to one thread (the config
+///   path); ``originalDestination(clientIPv4:port:)`` and ``counters()`` are single map lookups and may be
+///   called from any thread, the data-plane workers included.
+public final class Datapath: @unchecked Sendable {
     /// One program: the object file it is in, its function name and where it attaches.
     struct Program {
         var object: String
@@ -18,6 +23,8 @@ public final class Datapath {
 
     static let programs: [Program] = [
         Program(object: "connect4.bpf.o", name: "sl_connect4", attachType: BPF_CGROUP_INET4_CONNECT),
+        Program(object: "sockops.bpf.o", name: "sl_sockops", attachType: BPF_CGROUP_SOCK_OPS),
+        Program(object: "getpeername4.bpf.o", name: "sl_getpeername4", attachType: BPF_CGROUP_INET4_GETPEERNAME),
     ]
 
     public let pinDirectory: String
@@ -29,6 +36,7 @@ public final class Datapath {
     let slotsFD: Int32
     let configFD: Int32
     let countersFD: Int32
+    let peersFD: Int32
     /// What ``apply(_:)`` last wrote, to write only differences next time.
     var installed: [ServiceKey: Installed] = [:]
     var allocator = SlotAllocator(capacity: Int(SL_MAX_SLOTS))
@@ -55,7 +63,8 @@ public final class Datapath {
         slotsFD = fd("sl_slots")
         configFD = fd("sl_config")
         countersFD = fd("sl_counters")
-        if [servicesFD, slotsFD, configFD, countersFD].contains(where: { $0 < 0 }) {
+        peersFD = fd("sl_dst_by_peer")
+        if [servicesFD, slotsFD, configFD, countersFD, peersFD].contains(where: { $0 < 0 }) {
             for o in loaded.values { bpf_object__close(o) }
             throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")
         }
@@ -164,6 +173,24 @@ public final class Datapath {
         }
     }
 
+    /// Where a connection the agent accepted was going, and which cgroup dialled it: looked up by the client's
+    /// address (what `accept` returns). Nil for connections the programs did not redirect.
+    public func originalDestination(clientIPv4 address: UInt32, port: UInt16) -> OriginalDestination? {
+        var key = sl_peer_key()
+        key.addr = address
+        key.port = port.bigEndian
+        var dst = sl_original_dst()
+        guard bpf_map_lookup_elem(peersFD, &key, &dst) == 0 else { return nil }
+        return OriginalDestination(address: EndpointAddress(ip: .v4(dst.addr), port: UInt16(bigEndian: dst.port)),
+                                   cgroupID: dst.cgroup_id)
+    }
+
+    public struct OriginalDestination: Sendable, Equatable {
+        public var address: EndpointAddress
+        /// The client's cgroup (its inode number): which workload dialled.
+        public var cgroupID: UInt64
+    }
+
     /// Per-CPU counters summed over CPUs.
     public func counters() -> Counters {
         let cpus = Int(libbpf_num_possible_cpus())
@@ -186,14 +213,18 @@ public final class Datapath {
         public var excluded: UInt64
     }
 
-    /// Programs of `type` attached to `cgroup` (0 after ``uninstall()``), through the kernel's own query.
-    public static func attachedPrograms(cgroup: String, type: bpf_attach_type = BPF_CGROUP_INET4_CONNECT) -> Int {
+    /// Programs attached to `cgroup` (0 after ``uninstall()``), through the kernel's own query.
+    /// Counted over every attach type Sluice uses.
+    public static func attachedPrograms(cgroup: String) -> Int {
         let cg = open(cgroup, O_RDONLY | O_DIRECTORY)
         guard cg >= 0 else { return 0 }
         defer { close(cg) }
-        var count: UInt32 = 0
-        var flags: UInt32 = 0
-        guard bpf_prog_query(cg, type, 0, &flags, nil, &count) == 0 else { return 0 }
-        return Int(count)
+        var total = 0
+        for type in Set(programs.map(\.attachType.rawValue)) {
+            var count: UInt32 = 0
+            var flags: UInt32 = 0
+            if bpf_prog_query(cg, bpf_attach_type(rawValue: type), 0, &flags, nil, &count) == 0 { total += Int(count) }
+        }
+        return total
     }
 }

@@ -22,7 +22,10 @@ final class LayoutAndTableTests: XCTestCase {
         XCTAssertEqual(MemoryLayout<sl_config>.size, 8)
         XCTAssertEqual(MemoryLayout<sl_config>.offset(of: \.agent_port), 4)
         XCTAssertEqual(MemoryLayout<sl_original_dst>.size, 16)
+        XCTAssertEqual(MemoryLayout<sl_original_dst>.offset(of: \.flags), 6)
         XCTAssertEqual(MemoryLayout<sl_original_dst>.offset(of: \.cgroup_id), 8)
+        XCTAssertEqual(MemoryLayout<sl_peer_key>.size, 8)
+        XCTAssertEqual(MemoryLayout<sl_peer_key>.offset(of: \.port), 4)
     }
 
     static func entry(_ weights: [UInt32], lb: NodeSnapshot.BPFService.LoadBalancing) -> NodeSnapshot.BPFService {

@@ -74,6 +74,7 @@ final class BPFCaptureTests: XCTestCase {
                 s.settimeout(5)
                 try:
                     s.connect(("\(host)", \(port)))
+                    counts["peer %s:%d" % s.getpeername()] += 1
                     counts[s.makefile().readline().strip()] += 1
                 except OSError as e:
                     counts["refused" if isinstance(e, ConnectionRefusedError) else type(e).__name__] += 1
@@ -91,7 +92,13 @@ final class BPFCaptureTests: XCTestCase {
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         XCTAssertEqual(p.terminationStatus, 0)
-        return (try JSONSerialization.jsonObject(with: data) as? [String: Int]) ?? [:]
+        var counts = (try JSONSerialization.jsonObject(with: data) as? [String: Int]) ?? [:]
+        // Every connect that got through saw the service address as its peer, whatever backend it reached.
+        let peers = counts.filter { $0.key.hasPrefix("peer ") }
+        let landed = counts.filter { !$0.key.hasPrefix("peer ") && $0.key != "refused" }.values.reduce(0, +)
+        if landed > 0 { XCTAssertEqual(peers, ["peer \(address)": landed], "getpeername shows the dialled address") }
+        for k in peers.keys { counts[k] = nil }
+        return counts
     }
 
     func testConnectsToAServiceLandOnBackendsInProportionToWeights() throws {
@@ -159,13 +166,13 @@ final class BPFCaptureTests: XCTestCase {
         try first!.attach(cgroup: cgroup)
         try first!.apply([Self.service("127.96.7.10:80", [(ports[0], 1)])])
         first = nil  // the agent exits without uninstalling
-        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 1)
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 3)
         XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 10), ["a": 10], "balanced while no agent runs")
 
         let second = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
         datapath = second
         try second.attach(cgroup: cgroup)
-        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 1, "adopted, not attached twice")
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 3, "adopted, not attached twice")
         try second.apply([Self.service("127.96.7.10:80", [(ports[0], 1)])])
         XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 10), ["a": 10])
 
@@ -189,6 +196,37 @@ final class BPFCaptureTests: XCTestCase {
             XCTAssertTrue("\(error)".contains("exceed the services map's 65536"), "\(error)")
         }
         XCTAssertEqual(try connectFromCgroup("127.96.7.11:80", connects: 5), ["a": 5], "the old state still serves")
+    }
+
+    /// A service that needs the agent: the connect lands on the agent's listener, and the agent finds the
+    /// original destination and the client's cgroup by the client's address.
+    func testCapturedConnectionsReachTheAgentWithTheirOriginalDestination() throws {
+        let (listener, agentPort) = Harness.loopbackSocket(backlog: 16)
+        defer { close(listener) }
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        try dp.setAgent(address: "127.0.0.1", port: agentPort)
+        try dp.apply([NodeSnapshot.BPFService(address: EndpointAddress(parsing: "127.96.8.1:9080")!, protocol: .tcp,
+                                              host: "reviews.test", action: .proxy(reason: "HTTP"))])
+        let client = Thread { [self] in
+            // The accepted socket answers with a tag, like a backend would.
+            let fd = accept(listener, nil, nil)
+            guard fd >= 0 else { return }
+            var peer = sockaddr_in()
+            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+            _ = withUnsafeMutablePointer(to: &peer) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
+            let found = dp.originalDestination(clientIPv4: peer.sin_addr.s_addr, port: UInt16(bigEndian: peer.sin_port))
+            let reply = found.map { "\($0.address) \($0.cgroupID)\n" } ?? "unknown\n"
+            _ = reply.withCString { send(fd, $0, strlen($0), 0) }
+            close(fd)
+        }
+        client.start()
+        let counts = try connectFromCgroup("127.96.8.1:9080", connects: 1)
+        var st = stat()
+        stat(cgroup, &st)
+        XCTAssertEqual(counts, ["127.96.8.1:9080 \(st.st_ino)": 1], "original destination and the client's cgroup id")
+        XCTAssertEqual(dp.counters().redirected, 1)
     }
 
     func testAMissingObjectFileIsNamed() {

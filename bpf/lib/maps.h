@@ -40,6 +40,14 @@ struct {
 } sl_dst_by_cookie SEC(".maps");
 
 struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct sl_peer_key);
+    __type(value, struct sl_original_dst);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_dst_by_peer SEC(".maps");
+
+struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __uint(max_entries, SL_COUNT_MAX);
     __type(key, __u32);

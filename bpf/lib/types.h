@@ -74,13 +74,27 @@ struct sl_config {
     sl_u16 pad;
 };
 
-/* Saved original destination of a connection sent to the agent (keyed by socket cookie, then by the
- * client's address once established). */
+/* How a connection's destination was rewritten (sl_original_dst.flags). */
+enum sl_dst_flags {
+    SL_DST_BALANCED = 1,   /* to a backend, in the kernel */
+    SL_DST_REDIRECTED = 2, /* to the agent */
+};
+
+/* Saved original destination of a rewritten connection, keyed by socket cookie (getpeername answers from it);
+ * for connections sent to the agent, copied once established to a map keyed by the client's address, where the
+ * agent finds it after accept. */
 struct sl_original_dst {
     sl_u32 addr;
     sl_u16 port;
-    sl_u16 pad;
+    sl_u16 flags;  /* enum sl_dst_flags */
     sl_u64 cgroup_id;
+};
+
+/* sl_dst_by_peer key: the client's address as the agent's accept sees it (network byte order). */
+struct sl_peer_key {
+    sl_u32 addr;
+    sl_u16 port;
+    sl_u16 pad;
 };
 
 /* Capacities, shared so that user space can refuse an update that would not fit. */
@@ -94,5 +108,6 @@ SL_STATIC_ASSERT(sizeof(struct sl_service) == 16, "sl_service layout");
 SL_STATIC_ASSERT(sizeof(struct sl_backend) == 8, "sl_backend layout");
 SL_STATIC_ASSERT(sizeof(struct sl_config) == 8, "sl_config layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst) == 16, "sl_original_dst layout");
+SL_STATIC_ASSERT(sizeof(struct sl_peer_key) == 8, "sl_peer_key layout");
 
 #endif
