@@ -13,6 +13,10 @@ SEC("cgroup/connect4")
 int sl_connect4(struct bpf_sock_addr *ctx) {
     if (ctx->type != SOCK_STREAM) return 1;  // UDP services arrive with the DNS work (sendmsg4)
     sl_count(SL_COUNT_CONNECTS);
+    if (sl_excluded(ctx->user_ip4, (__u16)ctx->user_port)) {
+        sl_count(SL_COUNT_EXCLUDED);
+        return 1;
+    }
     struct sl_service_key key = {
         .addr = ctx->user_ip4,
         .port = (__u16)ctx->user_port,

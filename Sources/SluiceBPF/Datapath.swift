@@ -37,6 +37,9 @@ public final class Datapath: @unchecked Sendable {
     let configFD: Int32
     let countersFD: Int32
     let peersFD: Int32
+    let excludedCIDRsFD: Int32
+    let excludedPortsFD: Int32
+    private var exclusions: (cidrs: [sl_cidr_key], ports: [UInt16]) = ([], [])
     /// What ``apply(_:)`` last wrote, to write only differences next time.
     var installed: [ServiceKey: Installed] = [:]
     var allocator = SlotAllocator(capacity: Int(SL_MAX_SLOTS))
@@ -64,7 +67,10 @@ public final class Datapath: @unchecked Sendable {
         configFD = fd("sl_config")
         countersFD = fd("sl_counters")
         peersFD = fd("sl_dst_by_peer")
-        if [servicesFD, slotsFD, configFD, countersFD, peersFD].contains(where: { $0 < 0 }) {
+        excludedCIDRsFD = fd("sl_exclude_cidrs")
+        excludedPortsFD = fd("sl_exclude_ports")
+        if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD]
+            .contains(where: { $0 < 0 }) {
             for o in loaded.values { bpf_object__close(o) }
             throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")
         }
@@ -155,6 +161,45 @@ public final class Datapath: @unchecked Sendable {
         if rc != 0 { throw .errno("write sl_config", rc) }
     }
 
+    /// Destinations the programs never touch, whatever the services map says: CIDRs (`10.0.0.0/8`, or one
+    /// address) and destination ports. Replaces the previous lists.
+    public func setExclusions(cidrs: [String], ports: [UInt16]) throws(BPFError) {
+        var keys: [sl_cidr_key] = []
+        for text in cidrs {
+            let parts = text.split(separator: "/", maxSplits: 1)
+            var key = sl_cidr_key()
+            guard inet_pton(AF_INET, String(parts[0]), &key.addr) == 1 else {
+                throw BPFError("exclusion '\(text)' is not an IPv4 address or CIDR")
+            }
+            let bits = parts.count == 2 ? UInt32(parts[1]) : 32
+            guard let bits, bits <= 32 else { throw BPFError("exclusion '\(text)' has a bad prefix length") }
+            key.prefixlen = bits
+            keys.append(key)
+        }
+        guard keys.count <= Int(SL_MAX_EXCLUSIONS), ports.count <= Int(SL_MAX_EXCLUSIONS) else {
+            throw BPFError("more than \(SL_MAX_EXCLUSIONS) exclusions")
+        }
+        var one: UInt8 = 1
+        // New entries first, then the stale ones go: a destination excluded before and after never flickers.
+        for var k in keys {
+            let rc = bpf_map_update_elem(excludedCIDRsFD, &k, &one, 0)
+            if rc != 0 { throw .errno("write sl_exclude_cidrs", rc) }
+        }
+        for p in ports {
+            var k = p.bigEndian
+            let rc = bpf_map_update_elem(excludedPortsFD, &k, &one, 0)
+            if rc != 0 { throw .errno("write sl_exclude_ports", rc) }
+        }
+        for var k in exclusions.cidrs where !keys.contains(where: { $0.addr == k.addr && $0.prefixlen == k.prefixlen }) {
+            bpf_map_delete_elem(excludedCIDRsFD, &k)
+        }
+        for p in exclusions.ports where !ports.contains(p) {
+            var k = p.bigEndian
+            bpf_map_delete_elem(excludedPortsFD, &k)
+        }
+        exclusions = (keys, ports)
+    }
+
     /// Detaches every program and removes every pin: the host is as before the agent ran.
     public func uninstall() throws(BPFError) {
         for l in links { bpf_link__unpin(l) }
@@ -189,6 +234,25 @@ public final class Datapath: @unchecked Sendable {
         public var address: EndpointAddress
         /// The client's cgroup (its inode number): which workload dialled.
         public var cgroupID: UInt64
+    }
+
+    /// Removes what an agent pinned under `pinDirectory` without loading anything (the object files may be
+    /// gone): unpinning the links detaches the programs, unpinning the maps frees them.
+    public static func uninstall(pinDirectory: String = "/sys/fs/bpf/sluice") throws(BPFError) {
+        guard let dir = opendir(pinDirectory) else {
+            if errno == ENOENT { return }
+            throw .errno("open \(pinDirectory)", errno)
+        }
+        var names: [String] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        closedir(dir)
+        for name in names.sorted(by: { a, _ in a.hasPrefix("link_") }) {
+            if unlink("\(pinDirectory)/\(name)") != 0 { throw .errno("unpin \(pinDirectory)/\(name)", errno) }
+        }
+        if rmdir(pinDirectory) != 0 { throw .errno("remove \(pinDirectory)", errno) }
     }
 
     /// Per-CPU counters summed over CPUs.

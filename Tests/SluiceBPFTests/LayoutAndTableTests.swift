@@ -26,6 +26,8 @@ final class LayoutAndTableTests: XCTestCase {
         XCTAssertEqual(MemoryLayout<sl_original_dst>.offset(of: \.cgroup_id), 8)
         XCTAssertEqual(MemoryLayout<sl_peer_key>.size, 8)
         XCTAssertEqual(MemoryLayout<sl_peer_key>.offset(of: \.port), 4)
+        XCTAssertEqual(MemoryLayout<sl_cidr_key>.size, 8)
+        XCTAssertEqual(MemoryLayout<sl_cidr_key>.offset(of: \.addr), 4)
     }
 
     static func entry(_ weights: [UInt32], lb: NodeSnapshot.BPFService.LoadBalancing) -> NodeSnapshot.BPFService {

@@ -45,6 +45,15 @@ final class BPFCaptureTests: XCTestCase {
         try? FileManager.default.removeItem(at: scratch)
     }
 
+    /// The kernel frees a released link's attachment asynchronously; give it up to two seconds.
+    func attachedAfterRelease() -> Int {
+        for _ in 0..<200 {
+            if Datapath.attachedPrograms(cgroup: cgroup) == 0 { return 0 }
+            usleep(10_000)
+        }
+        return Datapath.attachedPrograms(cgroup: cgroup)
+    }
+
     var objectDirectory: String { Harness.root.appendingPathComponent(".build/bpf").path }
 
     func backends(_ names: [String]) throws -> [UInt16] {
@@ -178,7 +187,7 @@ final class BPFCaptureTests: XCTestCase {
 
         try second.uninstall()
         datapath = nil
-        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 0)
+        XCTAssertEqual(attachedAfterRelease(), 0)
         XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory), "no pins left")
         XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 3), ["refused": 3])
     }
@@ -227,6 +236,32 @@ final class BPFCaptureTests: XCTestCase {
         stat(cgroup, &st)
         XCTAssertEqual(counts, ["127.96.8.1:9080 \(st.st_ino)": 1], "original destination and the client's cgroup id")
         XCTAssertEqual(dp.counters().redirected, 1)
+    }
+
+    func testExcludedDestinationsAreNeverTouched() throws {
+        let ports = try backends(["a"])
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        try dp.apply([Self.service("127.96.9.1:80", [(ports[0], 1)]), Self.service("127.96.10.1:81", [(ports[0], 1)])])
+        try dp.setExclusions(cidrs: ["127.96.9.0/24"], ports: [81])
+        XCTAssertEqual(try connectFromCgroup("127.96.9.1:80", connects: 3), ["refused": 3], "excluded by CIDR")
+        XCTAssertEqual(try connectFromCgroup("127.96.10.1:81", connects: 3), ["refused": 3], "excluded by port")
+        XCTAssertEqual(dp.counters().excluded, 6)
+        try dp.setExclusions(cidrs: [], ports: [])
+        XCTAssertEqual(try connectFromCgroup("127.96.9.1:80", connects: 3), ["a": 3])
+        XCTAssertThrowsError(try dp.setExclusions(cidrs: ["10.0.0.0/40"], ports: []))
+    }
+
+    func testUninstallWithoutObjectFilesRemovesPinsAndDetaches() throws {
+        var dp: Datapath? = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        try dp!.attach(cgroup: cgroup)
+        dp = nil
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 3)
+        try Datapath.uninstall(pinDirectory: pinDirectory)
+        XCTAssertEqual(attachedAfterRelease(), 0)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory))
+        try Datapath.uninstall(pinDirectory: pinDirectory)  // nothing there: not an error
     }
 
     func testAMissingObjectFileIsNamed() {

@@ -55,9 +55,34 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_counters SEC(".maps");
 
+/* Destinations never touched: the control plane, configured CIDRs, and ports such as the agent's own. */
+struct {
+    __uint(type, BPF_MAP_TYPE_LPM_TRIE);
+    __uint(max_entries, SL_MAX_EXCLUSIONS);
+    __type(key, struct sl_cidr_key);
+    __type(value, __u8);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_exclude_cidrs SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, SL_MAX_EXCLUSIONS);
+    __type(key, __u16);
+    __type(value, __u8);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_exclude_ports SEC(".maps");
+
 static __always_inline void sl_count(__u32 which) {
     __u64 *v = bpf_map_lookup_elem(&sl_counters, &which);
     if (v) *v += 1;
+}
+
+/* True when the destination is on an exclusion list. */
+static __always_inline int sl_excluded(__u32 addr, __u16 port) {
+    if (bpf_map_lookup_elem(&sl_exclude_ports, &port)) return 1;
+    struct sl_cidr_key k = {.prefixlen = 32, .addr = addr};
+    return bpf_map_lookup_elem(&sl_exclude_cidrs, &k) != 0;
 }
 
 #endif

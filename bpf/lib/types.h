@@ -97,10 +97,17 @@ struct sl_peer_key {
     sl_u16 pad;
 };
 
+/* sl_exclude_cidrs key (an LPM trie key: prefix length, then the address). */
+struct sl_cidr_key {
+    sl_u32 prefixlen;
+    sl_u32 addr;
+};
+
 /* Capacities, shared so that user space can refuse an update that would not fit. */
 #define SL_MAX_SERVICES 65536
 #define SL_MAX_SLOTS (1 << 20)
 #define SL_MAX_SLOTS_PER_SERVICE 65521
+#define SL_MAX_EXCLUSIONS 1024
 
 #define SL_STATIC_ASSERT(c, m) _Static_assert(c, m)
 SL_STATIC_ASSERT(sizeof(struct sl_service_key) == 8, "sl_service_key layout");
@@ -109,5 +116,6 @@ SL_STATIC_ASSERT(sizeof(struct sl_backend) == 8, "sl_backend layout");
 SL_STATIC_ASSERT(sizeof(struct sl_config) == 8, "sl_config layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst) == 16, "sl_original_dst layout");
 SL_STATIC_ASSERT(sizeof(struct sl_peer_key) == 8, "sl_peer_key layout");
+SL_STATIC_ASSERT(sizeof(struct sl_cidr_key) == 8, "sl_cidr_key layout");
 
 #endif
