@@ -35,7 +35,7 @@ let package = Package(
         .target(
             name: "SluiceAgent",
             dependencies: [
-                "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing",
+                "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing", "SluiceBPF",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import SluiceBPF
 import SluiceModel
 import SluiceProxy
 import SluiceRing
@@ -22,6 +23,15 @@ public final class Agent: @unchecked Sendable {
         public var bufferSize: Int
         /// How often the config directory is checked for changes.
         public var reloadInterval: Duration = .milliseconds(500)
+        /// The workloads' cgroup2 directory: when set, the BPF programs capture and balance its connections.
+        public var cgroup: String?
+        /// Where the BPF objects are (`connect4.bpf.o`, ...); nil: next to the executable, then /usr/lib/sluice/bpf.
+        public var bpfDirectory: String?
+        public var pinDirectory = "/sys/fs/bpf/sluice"
+        /// Destinations the programs never touch, besides the agent's own ports.
+        public var captureExclusions: [String] = []
+        /// The outbound listener captured connections are sent to.
+        public var outboundPort: UInt16 = 15001
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -94,8 +104,54 @@ public final class Agent: @unchecked Sendable {
         }
     }
 
+    /// The BPF programs, when `--cgroup` is set.
+    public private(set) var datapath: Datapath?
+
+    /// Loads the programs (adopting a previous agent's pins), attaches them to the workloads' cgroup and writes
+    /// the node's service map. A start that fails here leaves nothing attached it did not find attached.
+    private func startDatapath(_ snapshot: NodeSnapshot) throws {
+        guard let cgroup = options.cgroup else { return }
+        let adopting = access("\(options.pinDirectory)/link_sl_connect4", F_OK) == 0
+        do throws(BPFError) {
+            let path = cgroup.hasPrefix("/") ? cgroup : try Mounts.ensureCgroup2() + "/" + cgroup
+            let dp = try Datapath(objectDirectory: options.bpfDirectory ?? Self.defaultBPFDirectory(),
+                                  pinDirectory: options.pinDirectory)
+            do throws(BPFError) {
+                try dp.attach(cgroup: path)
+                try dp.setAgent(address: "127.0.0.1", port: options.outboundPort)
+                // The agent's own ports are never captured, whatever a service declares.
+                try dp.setExclusions(cidrs: options.captureExclusions,
+                                     ports: [options.outboundPort, 15000, 15008, 15020, 15021, 15053])
+                try dp.apply(snapshot.bpfServices)
+            } catch {
+                if !adopting { try? dp.uninstall() }
+                throw error
+            }
+            datapath = dp
+            let kernel = snapshot.bpfServices.filter(\.isL4Only).count
+            logger.info("capturing", metadata: ["cgroup": "\(path)", "adopted": "\(adopting)",
+                                                "kernel_balanced": "\(kernel)",
+                                                "via_agent": "\(snapshot.bpfServices.count - kernel)"])
+        } catch {
+            throw StartError(description: "BPF: \(error)")
+        }
+    }
+
+    /// `bpf/` objects: beside the build output (`.build/bpf`), then the installed location.
+    static func defaultBPFDirectory() -> String {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+        var dir = (exe as NSString).deletingLastPathComponent
+        for _ in 0..<3 {
+            dir = (dir as NSString).deletingLastPathComponent
+            let candidate = dir + "/bpf"
+            if FileManager.default.fileExists(atPath: candidate + "/connect4.bpf.o") { return candidate }
+        }
+        return "/usr/lib/sluice/bpf"
+    }
+
     public func start() throws {
         let snapshot = try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger)
+        try startDatapath(snapshot)
         if snapshot.listeners.isEmpty {
             logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig)"])
         }
@@ -189,6 +245,14 @@ public final class Agent: @unchecked Sendable {
             return false
         }
         if current.withLock({ $0?.snapshot == snapshot }) { return true }
+        if let datapath, current.withLock({ $0?.snapshot.bpfServices }) != snapshot.bpfServices {
+            do {
+                try datapath.apply(snapshot.bpfServices)
+            } catch {
+                logger.error("configuration update rejected: BPF: \(error); still serving the last good configuration")
+                return false
+            }
+        }
         let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 })
         do {
             try server?.update(runtime)

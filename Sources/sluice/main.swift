@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import SluiceAgent
+import SluiceBPF
 import SluiceModel
 
 struct Sluice: ParsableCommand {
@@ -31,8 +32,19 @@ struct AgentCommand: ParsableCommand {
     @Option(name: .customLong("buffers"), help: "Receive buffers per worker, a power of two (data-plane tuning).")
     var buffers: Int = 256
     @Option(name: .customLong("log-level"), help: "trace, debug, info, warning, error.") var logLevel: String = "info"
+    @Option(help: "The workloads' cgroup2 directory (absolute, or relative to the cgroup2 mount): capture and balance its connections with BPF.")
+    var cgroup: String?
+    @Option(name: .customLong("bpf-dir"), help: "Directory of the BPF objects (default: beside the build, then /usr/lib/sluice/bpf).")
+    var bpfDir: String?
+    @Option(name: .customLong("pin-dir"), help: "bpffs directory for Sluice's pinned programs and maps.")
+    var pinDir: String = "/sys/fs/bpf/sluice"
+    @Option(name: .customLong("exclude"), parsing: .singleValue, help: "An IPv4 address or CIDR never to capture (repeatable).")
+    var exclude: [String] = []
+    @Flag(name: .customLong("uninstall-bpf"), help: "Detach and unpin Sluice's BPF programs and maps, then exit.")
+    var uninstallBPF = false
 
     func validate() throws {
+        if uninstallBPF { return }
         if localConfig == nil && control == nil {
             throw ValidationError("give --local-config DIR (or --control HOST:15012)")
         }
@@ -47,6 +59,16 @@ struct AgentCommand: ParsableCommand {
     }
 
     func run() throws {
+        if uninstallBPF {
+            do {
+                try Datapath.uninstall(pinDirectory: pinDir)
+            } catch {
+                FileHandle.standardError.write(Data("sluice agent: \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+            print("removed Sluice's BPF programs and maps from \(pinDir)")
+            return
+        }
         Agent.blockTerminationSignals()
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
@@ -55,11 +77,16 @@ struct AgentCommand: ParsableCommand {
             return h
         }
         let logger = Logger(label: "sluice.agent")
-        let agent = Agent(options: .init(localConfig: localConfig!, node: node, workers: workers ?? Agent.defaultWorkers,
-                                         metricsAddress: metrics, readinessAddress: readiness, adminAddress: admin,
-                                         drainTimeout: parseIstioDuration(drainTimeout)!,
-                                         connectionLimit: maxConnections, bufferCount: UInt16(buffers),
-                                         bufferSize: bufferSize), logger: logger)
+        var options = Agent.Options(localConfig: localConfig!, node: node, workers: workers ?? Agent.defaultWorkers,
+                                    metricsAddress: metrics, readinessAddress: readiness, adminAddress: admin,
+                                    drainTimeout: parseIstioDuration(drainTimeout)!,
+                                    connectionLimit: maxConnections, bufferCount: UInt16(buffers),
+                                    bufferSize: bufferSize)
+        options.cgroup = cgroup
+        options.bpfDirectory = bpfDir
+        options.pinDirectory = pinDir
+        options.captureExclusions = exclude
+        let agent = Agent(options: options, logger: logger)
         do {
             try agent.start()
         } catch {

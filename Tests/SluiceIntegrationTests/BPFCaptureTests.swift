@@ -264,6 +264,82 @@ final class BPFCaptureTests: XCTestCase {
         try Datapath.uninstall(pinDirectory: pinDirectory)  // nothing there: not an error
     }
 
+    /// The agent binary end to end: it captures a cgroup, balances an L4-only service in the kernel, follows
+    /// config changes, keeps the kernel path working after it exits, and `--uninstall-bpf` removes everything.
+    func testAgentLifecycleWithCaptureOnACgroup() throws {
+        let ports = try backends(["a", "b"])
+        let config = scratch.appendingPathComponent("config")
+        try FileManager.default.createDirectory(at: config, withIntermediateDirectories: true)
+        func write(_ endpoints: [UInt16]) throws {
+            let eps = endpoints.map { "{address: 127.0.0.1, ports: {tcp: \($0)}}" }.joined(separator: ", ")
+            try """
+                apiVersion: networking.istio.io/v1
+                kind: WorkloadEntry
+                metadata: {name: client, namespace: shop, annotations: {sluice.dev/node: n1}}
+                spec: {address: 127.0.0.2, labels: {app: client}}
+                ---
+                apiVersion: networking.istio.io/v1
+                kind: ServiceEntry
+                metadata: {name: db, namespace: shop}
+                spec:
+                  hosts: [db.shop.svc.cluster.local]
+                  addresses: [127.96.11.1]
+                  location: MESH_INTERNAL
+                  resolution: STATIC
+                  ports: [{number: 5432, name: tcp, protocol: TCP}]
+                  endpoints: [\(eps)]
+                """.write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+        }
+        try write(ports)
+        let binary = Harness.root.appendingPathComponent(".build/debug/sluice").path
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: binary)
+        agent.arguments = ["agent", "--local-config", config.path, "--node", "n1", "--cgroup", cgroup,
+                           "--pin-dir", pinDirectory, "--bpf-dir", objectDirectory, "--workers", "1",
+                           "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        let err = Pipe()
+        agent.standardError = err
+        try agent.run()
+        processes.append(agent)
+        var log = ""
+        let deadline = Date().addingTimeInterval(20)
+        while !log.contains("agent ready") && Date() < deadline && agent.isRunning {
+            let d = err.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            log += String(decoding: d, as: UTF8.self)
+        }
+        XCTAssertTrue(log.contains("capturing") && log.contains("kernel_balanced=1"), log)
+        let first = try connectFromCgroup("127.96.11.1:5432", connects: 40)
+        XCTAssertEqual(first.values.reduce(0, +), 40, "\(first)")
+        XCTAssertEqual(Set(first.keys), ["a", "b"], "both endpoints take connects")
+
+        try write([ports[1]])
+        var moved: [String: Int] = [:]
+        for _ in 0..<50 {
+            usleep(100_000)
+            // 30 in a row on b: by chance, 1 in 10^9.
+            moved = try connectFromCgroup("127.96.11.1:5432", connects: 30)
+            if moved == ["b": 30] { break }
+        }
+        XCTAssertEqual(moved, ["b": 30], "the config change reached the kernel")
+
+        agent.terminate()
+        agent.waitUntilExit()
+        log += String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(agent.terminationStatus, 0, log)
+        XCTAssertEqual(try connectFromCgroup("127.96.11.1:5432", connects: 10), ["b": 10], "balanced with no agent running: \(log)")
+
+        let uninstall = Process()
+        uninstall.executableURL = URL(fileURLWithPath: binary)
+        uninstall.arguments = ["agent", "--uninstall-bpf", "--pin-dir", pinDirectory]
+        uninstall.standardOutput = FileHandle.nullDevice
+        try uninstall.run()
+        uninstall.waitUntilExit()
+        XCTAssertEqual(uninstall.terminationStatus, 0)
+        XCTAssertEqual(attachedAfterRelease(), 0)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory))
+    }
+
     func testAMissingObjectFileIsNamed() {
         XCTAssertThrowsError(try Datapath(objectDirectory: "/nonexistent", pinDirectory: pinDirectory)) { error in
             XCTAssertTrue("\(error)".contains("/nonexistent/connect4.bpf.o"), "\(error)")
