@@ -8,7 +8,7 @@ BENCH_PACKAGES := haproxy iperf3 wrk nginx-light
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 
-.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config clean
+.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf clean
 
 all: build
 
@@ -55,6 +55,10 @@ demo: build
 
 bench: bench-deps bpf build-release
 	@bash Benchmarks/bench.sh
+
+# Only the kernel-path figures (root): kernel-balanced throughput and connect() latency added by the programs.
+bench-bpf: bench-deps bpf build-release
+	@python3 Benchmarks/bench.py --kernel-path
 
 # Only the control-plane figures (decode, compile, incremental): no peers needed, ~1 minute.
 bench-config: deps build-release

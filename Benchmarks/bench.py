@@ -235,7 +235,32 @@ def print_control_plane(cp):
     print(f"| one service changes its port | {cp['incremental_port_ms_median']:.1f} ms median | <= 50 ms |")
 
 
+def kernel_path():
+    """Runs bench_bpf.py (root): kernel-balanced throughput and the connect latency the programs add."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "Benchmarks/bench_bpf.py")], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def print_kernel_path(k):
+    c = k["connect_median_ns"]
+    print(f"\nkernel path (`Benchmarks/bench_bpf.py`, agent capturing a test cgroup):\n")
+    print("| metric | without programs | with Sluice's programs | ratio / added | target |")
+    print("|---|---|---|---|---|")
+    print(f"| TCP throughput, iperf3 {SECONDS}s, Gbit/s (direct vs service address balanced in the kernel) | "
+          f"{k['iperf_direct_gbps']:.2f} | {k['iperf_balanced_gbps']:.2f} | "
+          f"{k['iperf_balanced_gbps'] / k['iperf_direct_gbps']:.2f}x | >= 0.97x |")
+    print(f"| connect() median over {k['connects']:,}, not a service (map miss) | {c['no_programs'] / 1000:.2f} us | "
+          f"{c['programs_miss'] / 1000:.2f} us | {(c['programs_miss'] - c['no_programs']) / 1000:+.2f} us | <= 5 us |")
+    print(f"| connect() median over {k['connects']:,}, a service (backend chosen, destination rewritten) | "
+          f"{c['no_programs'] / 1000:.2f} us | {c['programs_rewrite'] / 1000:.2f} us | "
+          f"{(c['programs_rewrite'] - c['no_programs']) / 1000:+.2f} us | <= 5 us |")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--kernel-path":
+        print_kernel_path(kernel_path())
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--control-plane":
         print_control_plane(control_plane())
         return
@@ -257,6 +282,7 @@ def main():
     ha_idle, ha_per = idle_rss(haproxy_pid, P_HA["sink"])
     cfg_rate, cfg_seconds = config_decode_rate()
     cp = control_plane()
+    kp = kernel_path() if os.geteuid() == 0 else None
     med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in results.items()}
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -266,6 +292,7 @@ def main():
                 "haproxy_idle_kib": ha_idle, "haproxy_kib_per_conn": ha_per, "connections": IDLE_CONNS},
         "config": {"resources_per_second": cfg_rate, "seconds_for_9999": cfg_seconds},
         "control_plane": cp,
+        "kernel_path": kp,
     }
     os.makedirs(os.path.join(ROOT, "Benchmarks/out"), exist_ok=True)
     with open(os.path.join(ROOT, "Benchmarks/out/results.json"), "w") as f:
@@ -284,6 +311,10 @@ def main():
     print(f"\nconfig: `sluice validate` on 9,999 resources (3,333 services x 10 endpoints): "
           f"{cfg_seconds * 1000:.0f} ms end to end, {cfg_rate:,.0f} resources/s (process start included)")
     print_control_plane(cp)
+    if kp:
+        print_kernel_path(kp)
+    else:
+        print("\nkernel path: skipped (needs root)")
 
 
 if __name__ == "__main__":
