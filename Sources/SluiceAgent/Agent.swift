@@ -106,6 +106,8 @@ public final class Agent: @unchecked Sendable {
 
     /// The BPF programs, when `--cgroup` is set.
     public private(set) var datapath: Datapath?
+    /// The listener the programs send captured connections to.
+    private var capture: OutboundCapture?
 
     /// Loads the programs (adopting a previous agent's pins), attaches them to the workloads' cgroup and writes
     /// the node's service map. A start that fails here leaves nothing attached it did not find attached.
@@ -128,6 +130,10 @@ public final class Agent: @unchecked Sendable {
                 throw error
             }
             datapath = dp
+            capture = OutboundCapture(address: EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.outboundPort),
+                                      originalDestination: { [dp] ip, port in
+                                          dp.originalDestination(clientIPv4: ip, port: port)?.address
+                                      })
             let kernel = snapshot.bpfServices.filter(\.isL4Only).count
             logger.info("capturing", metadata: ["cgroup": "\(path)", "adopted": "\(adopting)",
                                                 "kernel_balanced": "\(kernel)",
@@ -155,7 +161,7 @@ public final class Agent: @unchecked Sendable {
         if snapshot.listeners.isEmpty {
             logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig)"])
         }
-        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry)
+        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, capture: capture)
         current.withLock { $0 = runtime }
         let server = L4Server(options: .init(workers: options.workers, connectionLimit: options.connectionLimit,
                                              bufferCount: options.bufferCount, bufferSize: options.bufferSize),
@@ -253,7 +259,8 @@ public final class Agent: @unchecked Sendable {
                 return false
             }
         }
-        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 })
+        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 },
+                                   capture: capture)
         do {
             try server?.update(runtime)
         } catch {

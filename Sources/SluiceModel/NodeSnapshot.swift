@@ -42,6 +42,13 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         public var `protocol`: PortProtocol
         /// Weighted destinations of the first matching TCP route.
         public var routes: [WeightedCluster]
+
+        public init(name: String, address: EndpointAddress, protocol: PortProtocol, routes: [WeightedCluster]) {
+            self.name = name
+            self.address = address
+            self.protocol = `protocol`
+            self.routes = routes
+        }
     }
 
     public struct WeightedCluster: Sendable, Hashable, Encodable {

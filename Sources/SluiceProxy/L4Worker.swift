@@ -32,6 +32,8 @@ struct WorkerStats {
     let buffersInUse: Int
     let pipesInUse: Int
     let activeConnections: Int
+    /// Captured connections whose original destination is not a service the agent knows (closed).
+    let captureUnknown: Int
     init(registry: MetricsRegistry, worker: Int) {
         let l = [("worker", String(worker))]
         buffersInUse = registry.gauge("sluice_worker_buffers_in_use", help: "Receive buffers held by connections",
@@ -40,6 +42,9 @@ struct WorkerStats {
                                     labels: l)
         activeConnections = registry.gauge("sluice_worker_active_connections", help: "Open proxied connections",
                                            labels: l)
+        captureUnknown = registry.counter("sluice_capture_unknown_destination_total",
+                                          help: "Captured connections to no service the agent serves (closed)",
+                                          labels: l)
     }
 }
 
@@ -259,7 +264,16 @@ public final class L4Worker: RingHandler {
         }
         let lr = runtime.listeners[l.runtimeIndex]
         let cr: ClusterRuntime
-        if lr.clusters.count == 1 {
+        if lr.capture != nil {
+            // Captured by the BPF programs: the cluster follows from where the client was going.
+            guard let c = lr.capturedCluster(peer: Socket.peerAddress(fd)) else {
+                l.counter.add(-1)
+                shard.add(stats.captureUnknown)
+                close(fd)
+                return
+            }
+            cr = c
+        } else if lr.clusters.count == 1 {
             cr = lr.clusters[0]
         } else {
             var x = rng.next(below: lr.totalWeight)

@@ -113,18 +113,58 @@ struct ClusterMetrics: Sendable {
     }
 }
 
-/// One listener's routing: weighted clusters of its TCP route.
+/// One listener's routing: weighted clusters of its TCP route, or, for the capture listener, the cluster of
+/// each captured service address.
 public final class ListenerRuntime: @unchecked Sendable {
     public let config: NodeSnapshot.Listener
     public let clusters: [ClusterRuntime]
     public let weights: [Int]
     public let totalWeight: Int
+    /// Set on the capture listener: the cluster for each original destination.
+    let captured: [EndpointAddress: ClusterRuntime]?
+    let capture: OutboundCapture?
+
     init(config: NodeSnapshot.Listener, clusters: [String: ClusterRuntime]) {
         self.config = config
         // The compiler guarantees every route names a cluster of the snapshot.
         self.clusters = config.routes.map { clusters[$0.cluster]! }
         weights = config.routes.map(\.weight)
         totalWeight = weights.reduce(0, +)
+        captured = nil
+        capture = nil
+    }
+
+    init(capture: OutboundCapture, services: [EndpointAddress: ClusterRuntime]) {
+        config = NodeSnapshot.Listener(name: "outbound-capture", address: capture.address, protocol: .tcp, routes: [])
+        clusters = []
+        weights = []
+        totalWeight = 0
+        captured = services
+        self.capture = capture
+    }
+
+    /// The cluster for a connection accepted on the capture listener, from the client's address.
+    func capturedCluster(peer: Socket.Address) -> ClusterRuntime? {
+        guard let capture, let captured, peer.family == AF_INET else { return nil }
+        let (ip, port) = withUnsafeBytes(of: peer.storage) { raw in
+            (raw.loadUnaligned(fromByteOffset: 4, as: UInt32.self),
+             UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self)))
+        }
+        guard let original = capture.originalDestination(ip, port) else { return nil }
+        return captured[original]
+    }
+}
+
+/// Where the BPF programs send connections to services the agent must see, and how the agent finds where each
+/// was going. The lookup runs on the worker that accepted (one map lookup).
+public struct OutboundCapture: Sendable {
+    public var address: EndpointAddress
+    /// Client IPv4 (network order) and port -> the address the client dialled.
+    public var originalDestination: @Sendable (UInt32, UInt16) -> EndpointAddress?
+
+    public init(address: EndpointAddress, originalDestination: @escaping @Sendable (UInt32, UInt16) -> EndpointAddress?) {
+        self.address = address
+        self.originalDestination = originalDestination
     }
 }
 
@@ -136,16 +176,31 @@ public final class ProxyRuntime: @unchecked Sendable {
 
     /// - Parameter previous: the runtime being replaced; clusters whose configuration did not change are carried
     ///   over as the same objects, so their health, ejections and balancer state survive the update.
-    public init(snapshot: NodeSnapshot, registry: MetricsRegistry, previous: ProxyRuntime? = nil) {
+    /// - Parameter capture: when the BPF programs capture workloads, the listener they send connections to;
+    ///   each service address the snapshot sends to the agent is served from its default cluster.
+    public init(snapshot: NodeSnapshot, registry: MetricsRegistry, previous: ProxyRuntime? = nil,
+                capture: OutboundCapture? = nil) {
         self.snapshot = snapshot
         var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
         // Only clusters a listener routes to get sockets, health state and metrics; the rest of the snapshot's
-        // clusters are for the L7 and BPF paths.
-        let used = Set(snapshot.listeners.flatMap { $0.routes.map(\.cluster) })
+        // clusters are for the L7 path.
+        var used = Set(snapshot.listeners.flatMap { $0.routes.map(\.cluster) })
+        var capturedNames: [EndpointAddress: String] = [:]
+        if capture != nil {
+            for b in snapshot.bpfServices where !b.isL4Only {
+                let name = "outbound|\(b.address.port)||\(b.host)"
+                capturedNames[b.address] = name
+                used.insert(name)
+            }
+        }
         clusters = snapshot.clusters.filter { used.contains($0.name) }
             .map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry) }
         let byName = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0) })
-        listeners = snapshot.listeners.map { ListenerRuntime(config: $0, clusters: byName) }
+        var listeners = snapshot.listeners.map { ListenerRuntime(config: $0, clusters: byName) }
+        if let capture {
+            listeners.append(ListenerRuntime(capture: capture, services: capturedNames.compactMapValues { byName[$0] }))
+        }
+        self.listeners = listeners
     }
 }

@@ -40,6 +40,8 @@ struct AgentCommand: ParsableCommand {
     var pinDir: String = "/sys/fs/bpf/sluice"
     @Option(name: .customLong("exclude"), parsing: .singleValue, help: "An IPv4 address or CIDR never to capture (repeatable).")
     var exclude: [String] = []
+    @Option(name: .customLong("outbound-port"), help: "Port of the agent's listener for captured connections (127.0.0.1).")
+    var outboundPort: UInt16 = 15001
     @Flag(name: .customLong("uninstall-bpf"), help: "Detach and unpin Sluice's BPF programs and maps, then exit.")
     var uninstallBPF = false
 
@@ -86,6 +88,7 @@ struct AgentCommand: ParsableCommand {
         options.bpfDirectory = bpfDir
         options.pinDirectory = pinDir
         options.captureExclusions = exclude
+        options.outboundPort = outboundPort
         let agent = Agent(options: options, logger: logger)
         do {
             try agent.start()

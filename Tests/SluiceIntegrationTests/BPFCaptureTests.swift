@@ -288,6 +288,18 @@ final class BPFCaptureTests: XCTestCase {
                   resolution: STATIC
                   ports: [{number: 5432, name: tcp, protocol: TCP}]
                   endpoints: [\(eps)]
+                ---
+                # HTTP: the kernel sends these connections to the agent, which forwards them.
+                apiVersion: networking.istio.io/v1
+                kind: ServiceEntry
+                metadata: {name: web, namespace: shop}
+                spec:
+                  hosts: [web.shop.svc.cluster.local]
+                  addresses: [127.96.11.2]
+                  location: MESH_INTERNAL
+                  resolution: STATIC
+                  ports: [{number: 80, name: http, protocol: HTTP}]
+                  endpoints: [{address: 127.0.0.1, ports: {http: \(ports[0])}}]
                 """.write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
         }
         try write(ports)
@@ -296,6 +308,7 @@ final class BPFCaptureTests: XCTestCase {
         agent.executableURL = URL(fileURLWithPath: binary)
         agent.arguments = ["agent", "--local-config", config.path, "--node", "n1", "--cgroup", cgroup,
                            "--pin-dir", pinDirectory, "--bpf-dir", objectDirectory, "--workers", "1",
+                           "--outbound-port", String(Harness.deadPort()),
                            "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
         let err = Pipe()
         agent.standardError = err
@@ -308,7 +321,8 @@ final class BPFCaptureTests: XCTestCase {
             if d.isEmpty { break }
             log += String(decoding: d, as: UTF8.self)
         }
-        XCTAssertTrue(log.contains("capturing") && log.contains("kernel_balanced=1"), log)
+        XCTAssertTrue(log.contains("capturing") && log.contains("kernel_balanced=1") && log.contains("via_agent=1"), log)
+        XCTAssertEqual(try connectFromCgroup("127.96.11.2:80", connects: 10), ["a": 10], "captured, then forwarded by the agent")
         let first = try connectFromCgroup("127.96.11.1:5432", connects: 40)
         XCTAssertEqual(first.values.reduce(0, +), 40, "\(first)")
         XCTAssertEqual(Set(first.keys), ["a", "b"], "both endpoints take connects")
@@ -323,9 +337,28 @@ final class BPFCaptureTests: XCTestCase {
         }
         XCTAssertEqual(moved, ["b": 30], "the config change reached the kernel")
 
+        // A connection opened now must outlive the agent.
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/bin/sh")
+        holder.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec python3 -c '"
+            + "import socket,sys; s=socket.create_connection((\"127.96.11.1\",5432)); f=s.makefile(\"rw\"); "
+            + "print(f.readline().strip(), flush=True); sys.stdin.readline(); f.write(\"ping\\n\"); f.flush(); "
+            + "print(f.readline().strip(), flush=True)'"]
+        let toHolder = Pipe(), fromHolder = Pipe()
+        holder.standardInput = toHolder
+        holder.standardOutput = fromHolder
+        try holder.run()
+        processes.append(holder)
+        let greeting = String(decoding: fromHolder.fileHandleForReading.availableData, as: UTF8.self)
+        XCTAssertEqual(greeting.trimmingCharacters(in: .whitespacesAndNewlines), "b")
+
         agent.terminate()
         agent.waitUntilExit()
         log += String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        toHolder.fileHandleForWriting.write(Data("go\n".utf8))
+        holder.waitUntilExit()
+        let echoed = String(decoding: fromHolder.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(echoed.split(separator: "\n").last, "ping", "the open connection outlived the agent: \(echoed)")
         XCTAssertEqual(agent.terminationStatus, 0, log)
         XCTAssertEqual(try connectFromCgroup("127.96.11.1:5432", connects: 10), ["b": 10], "balanced with no agent running: \(log)")
 
