@@ -143,6 +143,22 @@ public final class Agent: @unchecked Sendable {
         }
     }
 
+    /// The BPF programs' per-CPU counters, summed, in Prometheus text.
+    static func renderKernelCounters(_ dp: Datapath) -> String {
+        let c = dp.counters()
+        var out = ""
+        for (name, help, value) in [
+            ("sluice_bpf_connects_total", "Connects the capture programs saw", c.connects),
+            ("sluice_bpf_balanced_total", "Connects balanced to a backend in the kernel", c.balanced),
+            ("sluice_bpf_redirected_total", "Connects sent to the agent", c.redirected),
+            ("sluice_bpf_excluded_total", "Connects to excluded destinations, left alone", c.excluded),
+            ("sluice_bpf_misses_total", "Service entries without a usable backend table", c.misses),
+        ] {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(value)\n"
+        }
+        return out
+    }
+
     /// `bpf/` objects: beside the build output (`.build/bpf`), then the installed location.
     static func defaultBPFDirectory() -> String {
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
@@ -175,9 +191,10 @@ public final class Agent: @unchecked Sendable {
         health.update(runtime)
         health.start()
         do {
-            metricsPort = try http.serve(options.metricsAddress) { [registry] method, path in
+            metricsPort = try http.serve(options.metricsAddress) { [registry, datapath] method, path in
                 path == "/metrics" || path == "/stats/prometheus"
-                    ? (200, "text/plain; version=0.0.4; charset=utf-8", registry.render()) : nil
+                    ? (200, "text/plain; version=0.0.4; charset=utf-8",
+                       registry.render() + (datapath.map(Self.renderKernelCounters) ?? "")) : nil
             }
             readinessPort = try http.serve(options.readinessAddress) { [weak self] _, path in
                 guard path == "/healthz/ready" else { return nil }

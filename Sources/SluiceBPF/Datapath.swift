@@ -25,9 +25,13 @@ public final class Datapath: @unchecked Sendable {
         Program(object: "connect4.bpf.o", name: "sl_connect4", attachType: BPF_CGROUP_INET4_CONNECT),
         Program(object: "sockops.bpf.o", name: "sl_sockops", attachType: BPF_CGROUP_SOCK_OPS),
         Program(object: "getpeername4.bpf.o", name: "sl_getpeername4", attachType: BPF_CGROUP_INET4_GETPEERNAME),
+        Program(object: "connect6.bpf.o", name: "sl_connect6", attachType: BPF_CGROUP_INET6_CONNECT),
+        Program(object: "getpeername6.bpf.o", name: "sl_getpeername6", attachType: BPF_CGROUP_INET6_GETPEERNAME),
     ]
 
     public let pinDirectory: String
+    /// Programs attached to a captured cgroup.
+    public static var programCount: Int { programs.count }
     /// Service addresses the services map holds.
     public static let maxServices = Int(SL_MAX_SERVICES)
     private var objects: [String: OpaquePointer] = [:]
@@ -37,17 +41,27 @@ public final class Datapath: @unchecked Sendable {
     let configFD: Int32
     let countersFD: Int32
     let peersFD: Int32
+    let services6FD: Int32
+    let slots6FD: Int32
     let excludedCIDRsFD: Int32
     let excludedPortsFD: Int32
     private var exclusions: (cidrs: [sl_cidr_key], ports: [UInt16]) = ([], [])
     /// What ``apply(_:)`` last wrote, to write only differences next time.
     var installed: [ServiceKey: Installed] = [:]
     var allocator = SlotAllocator(capacity: Int(SL_MAX_SLOTS))
+    var allocator6 = SlotAllocator(capacity: Int(SL_MAX_SLOTS6))
 
     /// Loads every program object from `objectDirectory`. Maps are pinned in `pinDirectory` by name; maps
     /// already pinned there (a previous agent's) are reused with their contents.
     public init(objectDirectory: String, pinDirectory: String = "/sys/fs/bpf/sluice") throws(BPFError) {
         self.pinDirectory = pinDirectory
+        // Name a missing program type plainly, before libbpf's load fails with a bare EINVAL.
+        for (type, name) in [(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, "cgroup_sock_addr (cgroup/connect4, getpeername4)"),
+                             (BPF_PROG_TYPE_SOCK_OPS, "sock_ops")]
+            where libbpf_probe_bpf_prog_type(type, nil) == 0 {
+            throw BPFError("this kernel does not support BPF program type \(name): it needs CONFIG_BPF_SYSCALL and "
+                           + "CONFIG_CGROUP_BPF")
+        }
         try Mounts.ensureBPFFS()
         try Mounts.makeDirectories(pinDirectory)
         var loaded: [String: OpaquePointer] = [:]
@@ -67,9 +81,11 @@ public final class Datapath: @unchecked Sendable {
         configFD = fd("sl_config")
         countersFD = fd("sl_counters")
         peersFD = fd("sl_dst_by_peer")
+        services6FD = fd("sl_services6")
+        slots6FD = fd("sl_slots6")
         excludedCIDRsFD = fd("sl_exclude_cidrs")
         excludedPortsFD = fd("sl_exclude_ports")
-        if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD]
+        if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD, services6FD, slots6FD]
             .contains(where: { $0 < 0 }) {
             for o in loaded.values { bpf_object__close(o) }
             throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")

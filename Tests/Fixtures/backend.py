@@ -10,6 +10,7 @@ Prints "ready" on stdout once every listener is up. Port 0 picks a free port; th
 as "ports P1 P2 ..." before "ready".
 """
 import asyncio
+import os
 import sys
 
 
@@ -62,7 +63,8 @@ async def main(specs):
             handler = firehose
         else:
             raise SystemExit(f"unknown backend kind {kind}")
-        server = await asyncio.start_server(handler, "127.0.0.1", port, backlog=4096, reuse_address=True)
+        host = os.environ.get("BACKEND_HOST", "127.0.0.1")
+        server = await asyncio.start_server(handler, host, port, backlog=4096, reuse_address=True)
         servers.append(server)
         ports.append(server.sockets[0].getsockname()[1])
     print("ports " + " ".join(map(str, ports)), flush=True)

@@ -28,6 +28,11 @@ final class LayoutAndTableTests: XCTestCase {
         XCTAssertEqual(MemoryLayout<sl_peer_key>.offset(of: \.port), 4)
         XCTAssertEqual(MemoryLayout<sl_cidr_key>.size, 8)
         XCTAssertEqual(MemoryLayout<sl_cidr_key>.offset(of: \.addr), 4)
+        XCTAssertEqual(MemoryLayout<sl_service_key6>.size, 20)
+        XCTAssertEqual(MemoryLayout<sl_service_key6>.offset(of: \.port), 16)
+        XCTAssertEqual(MemoryLayout<sl_backend6>.size, 20)
+        XCTAssertEqual(MemoryLayout<sl_original_dst6>.size, 32)
+        XCTAssertEqual(MemoryLayout<sl_original_dst6>.offset(of: \.cgroup_id), 24)
     }
 
     static func entry(_ weights: [UInt32], lb: NodeSnapshot.BPFService.LoadBalancing) -> NodeSnapshot.BPFService {
@@ -38,23 +43,38 @@ final class LayoutAndTableTests: XCTestCase {
                                        action: .balance(loadBalancing: lb, backends: backends))
     }
 
+    static func v4(_ t: Datapath.SlotTable) -> [sl_backend] {
+        if case .v4(let b) = t { return b }
+        return []
+    }
+
     func testRandomTablesApportionSlotsByWeight() {
-        let table = Datapath.slotTable(Self.entry([1, 2, 3], lb: .random))
+        let table = Self.v4(Datapath.slotTable(Self.entry([1, 2, 3], lb: .random)))
         XCTAssertEqual(table.count, 96)
         let counts = Dictionary(grouping: table, by: { $0.addr }).mapValues(\.count)
         XCTAssertEqual(counts.values.sorted(), [16, 32, 48])
         XCTAssertEqual(table[0].port, UInt16(80).bigEndian, "ports in network order, as connect4 writes them")
         // Uneven weights: largest remainders get the spare slots, total stays exact.
-        let odd = Datapath.slotTable(Self.entry([1, 1, 1, 7], lb: .random))
+        let odd = Self.v4(Datapath.slotTable(Self.entry([1, 1, 1, 7], lb: .random)))
         XCTAssertEqual(odd.count, 128)
         XCTAssertEqual(Dictionary(grouping: odd, by: { $0.addr }).mapValues(\.count).values.sorted(), [13, 13, 13, 89])
     }
 
     func testMaglevTablesArePrimeSizedAndWeighted() {
-        let table = Datapath.slotTable(Self.entry([1, 3], lb: .maglev))
+        let table = Self.v4(Datapath.slotTable(Self.entry([1, 3], lb: .maglev)))
         XCTAssertEqual(table.count, 211, "the smallest prime >= 100 x backends")
         let share = Double(table.filter { $0.addr == table.max { $0.addr < $1.addr }!.addr }.count) / 211
         XCTAssertEqual(share, 0.75, accuracy: 0.02)
+    }
+
+    func testBackendsOfTheOtherFamilyAreLeftOut() {
+        let backends = [NodeSnapshot.BPFService.Backend(address: EndpointAddress(parsing: "[fd00::1]:80")!, weight: 1),
+                        NodeSnapshot.BPFService.Backend(address: EndpointAddress(parsing: "10.0.0.1:80")!, weight: 1)]
+        let six = NodeSnapshot.BPFService(address: EndpointAddress(parsing: "[fd99::1]:80")!, protocol: .tcp, host: "h",
+                                          action: .balance(loadBalancing: .random, backends: backends))
+        guard case .v6(let table) = Datapath.slotTable(six) else { return XCTFail() }
+        XCTAssertEqual(table.count, 32, "one IPv6 backend, 32 slots")
+        XCTAssertEqual(table[0].port, UInt16(80).bigEndian)
     }
 
     func testSlotAllocatorReusesFreedRangesAndCoalesces() {

@@ -175,13 +175,13 @@ final class BPFCaptureTests: XCTestCase {
         try first!.attach(cgroup: cgroup)
         try first!.apply([Self.service("127.96.7.10:80", [(ports[0], 1)])])
         first = nil  // the agent exits without uninstalling
-        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 3)
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), Datapath.programCount)
         XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 10), ["a": 10], "balanced while no agent runs")
 
         let second = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
         datapath = second
         try second.attach(cgroup: cgroup)
-        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 3, "adopted, not attached twice")
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), Datapath.programCount, "adopted, not attached twice")
         try second.apply([Self.service("127.96.7.10:80", [(ports[0], 1)])])
         XCTAssertEqual(try connectFromCgroup("127.96.7.10:80", connects: 10), ["a": 10])
 
@@ -257,7 +257,7 @@ final class BPFCaptureTests: XCTestCase {
         var dp: Datapath? = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
         try dp!.attach(cgroup: cgroup)
         dp = nil
-        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 3)
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), Datapath.programCount)
         try Datapath.uninstall(pinDirectory: pinDirectory)
         XCTAssertEqual(attachedAfterRelease(), 0)
         XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory))
@@ -371,6 +371,69 @@ final class BPFCaptureTests: XCTestCase {
         XCTAssertEqual(uninstall.terminationStatus, 0)
         XCTAssertEqual(attachedAfterRelease(), 0)
         XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory))
+    }
+
+    /// IPv6 in a network namespace the test creates (only its loopback is up), so that a connect the programs
+    /// fail to rewrite cannot leave the machine.
+    func testIPv6ServicesAreBalancedAndShowTheirAddress() throws {
+        let ns = "sluice-test-\(UUID().uuidString.prefix(8))"
+        func ip(_ args: [String]) throws {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            p.arguments = ["ip"] + args
+            try p.run()
+            p.waitUntilExit()
+            XCTAssertEqual(p.terminationStatus, 0, "ip \(args.joined(separator: " "))")
+        }
+        try ip(["netns", "add", ns])
+        defer { try? ip(["netns", "del", ns]) }
+        try ip(["netns", "exec", ns, "ip", "link", "set", "lo", "up"])
+        let backend = Process()
+        backend.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        backend.arguments = ["ip", "netns", "exec", ns, "env", "BACKEND_HOST=::1", "python3",
+                             Harness.root.appendingPathComponent("Tests/Fixtures/backend.py").path, "tag:0:six"]
+        let out = Pipe()
+        backend.standardOutput = out
+        try backend.run()
+        processes.append(backend)
+        var text = ""
+        while !text.contains("ready") {
+            let d = out.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            text += String(decoding: d, as: UTF8.self)
+        }
+        let port = try XCTUnwrap(text.split(separator: "\n").first { $0.hasPrefix("ports") }?.split(separator: " ").last)
+
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        let backends = [NodeSnapshot.BPFService.Backend(address: EndpointAddress(parsing: "[::1]:\(port)")!, weight: 1)]
+        try dp.apply([NodeSnapshot.BPFService(address: EndpointAddress(parsing: "[fd99::7]:80")!, protocol: .tcp,
+                                              host: "six.test", action: .balance(loadBalancing: .random, backends: backends))])
+        let script = scratch.appendingPathComponent("client6.py")
+        try """
+            import socket
+            s = socket.socket(socket.AF_INET6)
+            s.settimeout(5)
+            s.connect(("fd99::7", 80))
+            print(s.makefile().readline().strip(), s.getpeername()[0], s.getpeername()[1])
+            """.write(to: script, atomically: true, encoding: .utf8)
+        let client = Process()
+        client.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        // Join the cgroup first: `ip netns exec` mounts its own /sys, where the cgroup2 mount is not visible.
+        client.arguments = ["/bin/sh", "-c",
+                            "echo $$ > \(cgroup)/cgroup.procs && exec ip netns exec \(ns) python3 \(script.path)"]
+        let clientOut = Pipe(), clientErr = Pipe()
+        client.standardOutput = clientOut
+        client.standardError = clientErr
+        try client.run()
+        processes.append(client)
+        let answer = String(decoding: clientOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        client.waitUntilExit()
+        let problem = String(decoding: clientErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(answer, "six fd99::7 80\n", "balanced to [::1] in the kernel; getpeername shows the service. \(problem)")
+        backend.terminate()
+        backend.waitUntilExit()
     }
 
     func testAMissingObjectFileIsNamed() {

@@ -26,4 +26,15 @@ static __always_inline int sl_pick_backend(const struct sl_service *svc, __u64 c
     return 0;
 }
 
+/* The IPv6 twin of sl_pick_backend. */
+static __always_inline int sl_pick_backend6(const struct sl_service *svc, __u64 cgroup_id, struct sl_backend6 *out) {
+    if (svc->slots == 0) return -ENOENT;
+    __u32 r = svc->lb == SL_LB_MAGLEV ? sl_hash64(cgroup_id) : bpf_get_prandom_u32();
+    __u32 slot = svc->slot_base + r % svc->slots;
+    struct sl_backend6 *b = bpf_map_lookup_elem(&sl_slots6, &slot);
+    if (!b || b->port == 0) return -ENOENT;
+    *out = *b;
+    return 0;
+}
+
 #endif

@@ -55,6 +55,30 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_counters SEC(".maps");
 
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, SL_MAX_SERVICES);
+    __type(key, struct sl_service_key6);
+    __type(value, struct sl_service);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_services6 SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, SL_MAX_SLOTS6);
+    __type(key, __u32);
+    __type(value, struct sl_backend6);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_slots6 SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);
+    __type(value, struct sl_original_dst6);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_dst6_by_cookie SEC(".maps");
+
 /* Destinations never touched: the control plane, configured CIDRs, and ports such as the agent's own. */
 struct {
     __uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -97,6 +97,28 @@ struct sl_peer_key {
     sl_u16 pad;
 };
 
+/* IPv6: the same three maps with 16-byte addresses (sl_services6, sl_slots6, sl_dst6_by_cookie). */
+struct sl_service_key6 {
+    sl_u32 addr[4];
+    sl_u16 port;
+    sl_u8 proto;
+    sl_u8 pad;
+};
+
+struct sl_backend6 {
+    sl_u32 addr[4];
+    sl_u16 port;
+    sl_u16 pad;
+};
+
+struct sl_original_dst6 {
+    sl_u32 addr[4];
+    sl_u16 port;
+    sl_u16 flags;
+    sl_u32 pad;
+    sl_u64 cgroup_id;
+};
+
 /* sl_exclude_cidrs key (an LPM trie key: prefix length, then the address). */
 struct sl_cidr_key {
     sl_u32 prefixlen;
@@ -108,6 +130,7 @@ struct sl_cidr_key {
 #define SL_MAX_SLOTS (1 << 20)
 #define SL_MAX_SLOTS_PER_SERVICE 65521
 #define SL_MAX_EXCLUSIONS 1024
+#define SL_MAX_SLOTS6 (1 << 18)
 
 #define SL_STATIC_ASSERT(c, m) _Static_assert(c, m)
 SL_STATIC_ASSERT(sizeof(struct sl_service_key) == 8, "sl_service_key layout");
@@ -117,5 +140,8 @@ SL_STATIC_ASSERT(sizeof(struct sl_config) == 8, "sl_config layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst) == 16, "sl_original_dst layout");
 SL_STATIC_ASSERT(sizeof(struct sl_peer_key) == 8, "sl_peer_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_cidr_key) == 8, "sl_cidr_key layout");
+SL_STATIC_ASSERT(sizeof(struct sl_service_key6) == 20, "sl_service_key6 layout");
+SL_STATIC_ASSERT(sizeof(struct sl_backend6) == 20, "sl_backend6 layout");
+SL_STATIC_ASSERT(sizeof(struct sl_original_dst6) == 32, "sl_original_dst6 layout");
 
 #endif
