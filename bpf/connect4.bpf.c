@@ -5,13 +5,19 @@
 #include <asm-generic/errno.h>
 #include "lib/maps.h"
 #include "lib/balance.h"
+#include "lib/dns.h"
 
 #define SOCK_STREAM 1
 #define SOCK_DGRAM 2
 
 SEC("cgroup/connect4")
 int sl_connect4(struct bpf_sock_addr *ctx) {
-    if (ctx->type != SOCK_STREAM) return 1;  // UDP services arrive with the DNS work (sendmsg4)
+    if (ctx->type == SOCK_DGRAM) {
+        // A resolver that connects its UDP socket (glibc does) talks to the agent's DNS listener instead.
+        sl_redirect_dns(ctx);
+        return 1;
+    }
+    if (ctx->type != SOCK_STREAM) return 1;
     sl_count(SL_COUNT_CONNECTS);
     if (sl_excluded(ctx->user_ip4, (__u16)ctx->user_port)) {
         sl_count(SL_COUNT_EXCLUDED);

@@ -32,6 +32,10 @@ public final class Agent: @unchecked Sendable {
         public var captureExclusions: [String] = []
         /// The outbound listener captured connections are sent to.
         public var outboundPort: UInt16 = 15001
+        /// The DNS listener captured queries are sent to (127.0.0.1, UDP); 0 leaves DNS alone.
+        public var dnsPort: UInt16 = 15053
+        /// Where names that are not mesh hosts are resolved; nil: the first nameserver of /etc/resolv.conf.
+        public var dnsUpstream: EndpointAddress?
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -108,6 +112,18 @@ public final class Agent: @unchecked Sendable {
     public private(set) var datapath: Datapath?
     /// The listener the programs send captured connections to.
     private var capture: OutboundCapture?
+    /// Answers the captured workloads' DNS queries for mesh hosts.
+    private var dns: DNSServer?
+
+    /// Mesh host names and their service addresses, as the DNS listener answers them.
+    static func meshHosts(_ snapshot: NodeSnapshot) -> [String: [IPAddress]] {
+        var table: [String: [IPAddress]] = [:]
+        for s in snapshot.services {
+            let ips = s.addresses.compactMap(IPAddress.init)
+            if !ips.isEmpty { table[s.host.lowercased()] = ips }
+        }
+        return table
+    }
 
     /// Loads the programs (adopting a previous agent's pins), attaches them to the workloads' cgroup and writes
     /// the node's service map. A start that fails here leaves nothing attached it did not find attached.
@@ -120,7 +136,8 @@ public final class Agent: @unchecked Sendable {
                                   pinDirectory: options.pinDirectory)
             do throws(BPFError) {
                 try dp.attach(cgroup: path)
-                try dp.setAgent(address: "127.0.0.1", port: options.outboundPort)
+                try dp.setAgent(address: "127.0.0.1", port: options.outboundPort,
+                                dnsPort: options.dnsPort == 0 ? nil : options.dnsPort)
                 // The agent's own ports are never captured, whatever a service declares.
                 try dp.setExclusions(cidrs: options.captureExclusions,
                                      ports: [options.outboundPort, 15000, 15008, 15020, 15021, 15053])
@@ -130,6 +147,16 @@ public final class Agent: @unchecked Sendable {
                 throw error
             }
             datapath = dp
+            if options.dnsPort != 0 {
+                let dns = DNSServer(upstream: options.dnsUpstream ?? DNSServer.systemResolver())
+                dns.update(hosts: Self.meshHosts(snapshot))
+                do {
+                    try dns.start(address: EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.dnsPort))
+                } catch {
+                    throw BPFError("\(error)")
+                }
+                self.dns = dns
+            }
             capture = OutboundCapture(address: EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.outboundPort),
                                       originalDestination: { [dp] ip, port in
                                           dp.originalDestination(clientIPv4: ip, port: port)?.address
@@ -153,6 +180,7 @@ public final class Agent: @unchecked Sendable {
             ("sluice_bpf_redirected_total", "Connects sent to the agent", c.redirected),
             ("sluice_bpf_excluded_total", "Connects to excluded destinations, left alone", c.excluded),
             ("sluice_bpf_misses_total", "Service entries without a usable backend table", c.misses),
+            ("sluice_bpf_dns_queries_total", "DNS queries sent to the agent's DNS listener", c.dnsQueries),
         ] {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(value)\n"
         }
@@ -285,6 +313,7 @@ public final class Agent: @unchecked Sendable {
             return false
         }
         health.update(runtime)
+        dns?.update(hosts: Self.meshHosts(snapshot))
         current.withLock { $0 = runtime }
         reloads.add(1, ordering: .relaxed)
         logger.info("configuration applied", metadata: ["listeners": "\(snapshot.listeners.count)",
@@ -303,6 +332,7 @@ public final class Agent: @unchecked Sendable {
         server?.drain(timeout: options.drainTimeout)
         server?.wait()
         health.stop()
+        dns?.stop()
         http.shutdown()
         logger.info("stopped")
     }

@@ -25,6 +25,8 @@ public final class Datapath: @unchecked Sendable {
         Program(object: "connect4.bpf.o", name: "sl_connect4", attachType: BPF_CGROUP_INET4_CONNECT),
         Program(object: "sockops.bpf.o", name: "sl_sockops", attachType: BPF_CGROUP_SOCK_OPS),
         Program(object: "getpeername4.bpf.o", name: "sl_getpeername4", attachType: BPF_CGROUP_INET4_GETPEERNAME),
+        Program(object: "sendmsg4.bpf.o", name: "sl_sendmsg4", attachType: BPF_CGROUP_UDP4_SENDMSG),
+        Program(object: "recvmsg4.bpf.o", name: "sl_recvmsg4", attachType: BPF_CGROUP_UDP4_RECVMSG),
         Program(object: "connect6.bpf.o", name: "sl_connect6", attachType: BPF_CGROUP_INET6_CONNECT),
         Program(object: "getpeername6.bpf.o", name: "sl_getpeername6", attachType: BPF_CGROUP_INET6_GETPEERNAME),
     ]
@@ -167,11 +169,13 @@ public final class Datapath: @unchecked Sendable {
         }
     }
 
-    /// Sets where captured connections go (the agent's outbound listener).
-    public func setAgent(address: String, port: UInt16) throws(BPFError) {
+    /// Sets where captured connections go (the agent's outbound listener) and, when `dnsPort` is set, where
+    /// DNS queries (UDP to port 53) go.
+    public func setAgent(address: String, port: UInt16, dnsPort: UInt16? = nil) throws(BPFError) {
         var cfg = sl_config()
         guard inet_pton(AF_INET, address, &cfg.agent_addr) == 1 else { throw BPFError("'\(address)' is not an IPv4 address") }
         cfg.agent_port = port.bigEndian
+        cfg.dns_port = (dnsPort ?? 0).bigEndian
         var zero: UInt32 = 0
         let rc = bpf_map_update_elem(configFD, &zero, &cfg, 0)
         if rc != 0 { throw .errno("write sl_config", rc) }
@@ -282,7 +286,7 @@ public final class Datapath: @unchecked Sendable {
         }
         return Counters(connects: read(SL_COUNT_CONNECTS), balanced: read(SL_COUNT_BALANCED),
                         redirected: read(SL_COUNT_REDIRECTED), misses: read(SL_COUNT_MISSES),
-                        excluded: read(SL_COUNT_EXCLUDED))
+                        excluded: read(SL_COUNT_EXCLUDED), dnsQueries: read(SL_COUNT_DNS))
     }
 
     public struct Counters: Sendable, Equatable {
@@ -291,6 +295,7 @@ public final class Datapath: @unchecked Sendable {
         public var redirected: UInt64
         public var misses: UInt64
         public var excluded: UInt64
+        public var dnsQueries: UInt64
     }
 
     /// Programs attached to `cgroup` (0 after ``uninstall()``), through the kernel's own query.

@@ -42,6 +42,10 @@ struct AgentCommand: ParsableCommand {
     var exclude: [String] = []
     @Option(name: .customLong("outbound-port"), help: "Port of the agent's listener for captured connections (127.0.0.1).")
     var outboundPort: UInt16 = 15001
+    @Option(name: .customLong("dns-port"), help: "Port of the agent's DNS listener for captured queries (127.0.0.1); 0: leave DNS alone.")
+    var dnsPort: UInt16 = 15053
+    @Option(name: .customLong("dns-upstream"), help: "Resolver for names outside the mesh, HOST:PORT (default: /etc/resolv.conf).")
+    var dnsUpstream: String?
     @Flag(name: .customLong("uninstall-bpf"), help: "Detach and unpin Sluice's BPF programs and maps, then exit.")
     var uninstallBPF = false
 
@@ -51,6 +55,9 @@ struct AgentCommand: ParsableCommand {
             throw ValidationError("give --local-config DIR (or --control HOST:15012)")
         }
         if control != nil { throw ValidationError("--control is not supported yet; use --local-config DIR") }
+        if let u = dnsUpstream, EndpointAddress(parsing: u) == nil {
+            throw ValidationError("--dns-upstream '\(u)' is not HOST:PORT")
+        }
         if let w = workers, !(1...256).contains(w) { throw ValidationError("--workers must be between 1 and 256") }
         if parseIstioDuration(drainTimeout) == nil { throw ValidationError("--drain-timeout '\(drainTimeout)' is not a duration like 5s") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be positive") }
@@ -89,6 +96,8 @@ struct AgentCommand: ParsableCommand {
         options.pinDirectory = pinDir
         options.captureExclusions = exclude
         options.outboundPort = outboundPort
+        options.dnsPort = dnsPort
+        options.dnsUpstream = dnsUpstream.flatMap(EndpointAddress.init(parsing:))
         let agent = Agent(options: options, logger: logger)
         do {
             try agent.start()

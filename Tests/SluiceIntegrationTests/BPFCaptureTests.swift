@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import SluiceBPF
 import SluiceModel
+import SluiceProxy
 import XCTest
 
 /// Root-only: real processes in a test cgroup connect to a service address and the kernel balances them.
@@ -308,7 +309,7 @@ final class BPFCaptureTests: XCTestCase {
         agent.executableURL = URL(fileURLWithPath: binary)
         agent.arguments = ["agent", "--local-config", config.path, "--node", "n1", "--cgroup", cgroup,
                            "--pin-dir", pinDirectory, "--bpf-dir", objectDirectory, "--workers", "1",
-                           "--outbound-port", String(Harness.deadPort()),
+                           "--outbound-port", String(Harness.deadPort()), "--dns-port", "0",
                            "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
         let err = Pipe()
         agent.standardError = err
@@ -434,6 +435,77 @@ final class BPFCaptureTests: XCTestCase {
         XCTAssertEqual(answer, "six fd99::7 80\n", "balanced to [::1] in the kernel; getpeername shows the service. \(problem)")
         backend.terminate()
         backend.waitUntilExit()
+    }
+
+    /// DNS queries to port 53 from the cgroup reach the agent's DNS listener: mesh hosts are answered with their
+    /// service address, other names are relayed to the upstream resolver, and replies appear to come from the
+    /// server the workload asked. The "upstream" here is a second DNSServer on loopback.
+    func testDNSQueriesAreAnsweredForMeshHostsAndRelayedOtherwise() throws {
+        let upstream = DNSServer(upstream: nil)
+        upstream.update(hosts: ["example.org": [IPAddress("192.0.2.1")!]])
+        try upstream.start(address: EndpointAddress(parsing: "127.0.0.1:0")!)
+        defer { upstream.stop() }
+        let mesh = DNSServer(upstream: EndpointAddress(parsing: "127.0.0.1:\(upstream.port)")!)
+        mesh.update(hosts: ["db.shop.svc.cluster.local": [IPAddress("127.96.11.1")!]])
+        try mesh.start(address: EndpointAddress(parsing: "127.0.0.1:0")!)
+        defer { mesh.stop() }
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        try dp.setAgent(address: "127.0.0.1", port: Harness.deadPort(), dnsPort: mesh.port)
+
+        let script = scratch.appendingPathComponent("dns.py")
+        try """
+            import socket, struct
+            def query(name, qtype=1):
+                q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+                for label in name.split("."):
+                    q += bytes([len(label)]) + label.encode()
+                return q + b"\\0" + struct.pack(">HH", qtype, 1)
+            def answers(r):
+                rcode, an = r[3] & 15, struct.unpack(">H", r[6:8])[0]
+                i = 12
+                while r[i]:
+                    i += r[i] + 1
+                i += 5
+                ips = []
+                for _ in range(an):
+                    rdlen = struct.unpack(">H", r[i + 10:i + 12])[0]
+                    ips.append(socket.inet_ntop(socket.AF_INET if rdlen == 4 else socket.AF_INET6, r[i + 12:i + 12 + rdlen]))
+                    i += 12 + rdlen
+                return rcode, ips
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            s.sendto(query("db.shop.svc.cluster.local"), ("127.0.0.53", 53))
+            r, src = s.recvfrom(512)
+            print("unconnected", src[0], src[1], *answers(r))
+            s.sendto(query("db.shop.svc.cluster.local", 28), ("127.0.0.53", 53))
+            print("aaaa", *answers(s.recvfrom(512)[0]))
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.settimeout(5)
+            c.connect(("127.0.0.53", 53))
+            c.send(query("example.org"))
+            print("relayed", *c.getpeername(), *answers(c.recv(512)))
+            c.send(query("nowhere.example"))
+            print("unknown", *answers(c.recv(512)))
+            """.write(to: script, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec python3 \(script.path)"]
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        processes.append(p)
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(text.split(separator: "\n"), [
+            "unconnected 127.0.0.53 53 0 ['127.96.11.1']",
+            "aaaa 0 []",
+            "relayed 127.0.0.53 53 0 ['192.0.2.1']",
+            "unknown 2 []",
+        ], String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+        XCTAssertEqual(dp.counters().dnsQueries, 3, "two sendto and one connect")
     }
 
     func testAMissingObjectFileIsNamed() {

@@ -37,6 +37,7 @@ enum sl_counter {
     SL_COUNT_REDIRECTED = 2, /* rewritten to the agent */
     SL_COUNT_MISSES = 3,     /* a service whose slot table was missing (an update in flight or a bug) */
     SL_COUNT_EXCLUDED = 4,   /* destination on the exclusion list */
+    SL_COUNT_DNS = 5,        /* DNS queries (UDP to port 53) sent to the agent's DNS listener */
     SL_COUNT_MAX = 8,
 };
 
@@ -71,7 +72,7 @@ struct sl_backend {
 struct sl_config {
     sl_u32 agent_addr; /* the agent's outbound listener, e.g. 127.0.0.1 */
     sl_u16 agent_port; /* e.g. 15001 */
-    sl_u16 pad;
+    sl_u16 dns_port;   /* the agent's DNS listener on agent_addr, e.g. 15053; 0: DNS is not captured */
 };
 
 /* How a connection's destination was rewritten (sl_original_dst.flags). */
