@@ -4,7 +4,7 @@ SWIFT ?= swift
 # Debian packages the build, the tests, the demo and the benchmarks need.
 DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev pkgconf bpftool python3 curl iproute2 \
                 procps
-BENCH_PACKAGES := haproxy iperf3 wrk nginx-light
+BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 

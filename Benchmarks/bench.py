@@ -252,6 +252,10 @@ def print_kernel_path(k):
           f"{k['iperf_balanced_gbps'] / k['iperf_direct_gbps']:.2f}x | >= 0.97x |")
     print(f"| connect() median over {k['connects']:,}, not a service (map miss) | {c['no_programs'] / 1000:.2f} us | "
           f"{c['programs_miss'] / 1000:.2f} us | {(c['programs_miss'] - c['no_programs']) / 1000:+.2f} us | <= 5 us |")
+    if k.get("iperf_agent_via_iptables_gbps"):
+        print(f"| through the agent (L4 forward), captured by BPF vs by an iptables REDIRECT rule, Gbit/s | "
+              f"{k['iperf_agent_via_iptables_gbps']:.2f} (iptables) | {k['iperf_agent_via_bpf_gbps']:.2f} (BPF) | "
+              f"{k['iperf_agent_via_bpf_gbps'] / k['iperf_agent_via_iptables_gbps']:.2f}x | for the record |")
     print(f"| connect() median over {k['connects']:,}, a service (backend chosen, destination rewritten) | "
           f"{c['no_programs'] / 1000:.2f} us | {c['programs_rewrite'] / 1000:.2f} us | "
           f"{(c['programs_rewrite'] - c['no_programs']) / 1000:+.2f} us | <= 5 us |")

@@ -4,6 +4,8 @@
   * TCP throughput through a kernel-balanced service address vs the backend dialled directly (iperf3)
   * connect() latency added by the programs: 100,000 connects each from a cgroup without programs and from the
     captured one (a miss in the services map, and a hit that is rewritten), medians compared
+  * for the record: a connection captured to the agent by the BPF programs vs the same agent path reached
+    through an iptables-legacy REDIRECT rule (nat OUTPUT, for one loopback service address only)
 
 Addresses are on loopback (services in 127.96.0.0/16). Prints one JSON object; everything it creates (cgroups,
 pins, processes) is removed at the end.
@@ -22,10 +24,11 @@ SLUICE = os.path.join(ROOT, f".build/{BUILD}/sluice")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNECTS = int(os.environ.get("BENCH_CONNECTS", "100000"))
-P_IPERF, P_CLOSED = 26201, 26209
+P_IPERF, P_CLOSED, P_GATEWAY = 26201, 26209, 26301
 PIN = "/sys/fs/bpf/sluice-bench"
 tmp = tempfile.mkdtemp(prefix="sluice-bench-bpf-")
 procs = []
+cleanups = []
 
 
 def cgroup2_mount():
@@ -90,6 +93,33 @@ kind: WorkloadEntry
 metadata: {name: client, namespace: bench, annotations: {sluice.dev/node: bench-node}}
 spec: {address: 127.0.0.2, labels: {app: client}}
 """)
+        # `proxied`: protocol HTTP, so the programs send it to the agent, which forwards it (L4 for now).
+        f.write(f"""---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: proxied, namespace: bench}}
+spec:
+  hosts: [proxied.bench.svc.cluster.local]
+  addresses: [127.96.20.3]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 5201, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {P_IPERF}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: redirect, namespace: bench}}
+spec:
+  servers: [{{port: {{number: {P_GATEWAY}, name: tcp, protocol: TCP}}, bind: 127.0.0.1, hosts: ['*']}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: redirect, namespace: bench}}
+spec:
+  hosts: ['*']
+  gateways: [redirect]
+  tcp: [{{route: [{{destination: {{host: iperf.bench.svc.cluster.local}}}}]}}]
+""")
         for name, vip, port, backend in [("iperf", "127.96.20.1", 5201, P_IPERF), ("closed", "127.96.20.2", 9, P_CLOSED)]:
             f.write(f"""---
 apiVersion: networking.istio.io/v1
@@ -121,16 +151,27 @@ spec:
             log.seek(0)
             raise SystemExit("agent did not start:\n" + log.read())
         time.sleep(0.5)  # iperf3 server up
-        direct, balanced = [], []
+        rule = ["-t", "nat", "OUTPUT", "-p", "tcp", "-d", "127.96.30.1", "--dport", "5201", "-j", "REDIRECT",
+                "--to-ports", str(P_GATEWAY)]
+        iptables = subprocess.run(["iptables-legacy", rule[0], rule[1], "-A", *rule[2:]], capture_output=True).returncode == 0
+        if iptables:
+            cleanups.append(lambda: subprocess.run(["iptables-legacy", rule[0], rule[1], "-D", *rule[2:]]))
+        direct, balanced, via_bpf, via_iptables = [], [], [], []
         for _ in range(ROUNDS):
             direct.append(iperf(plain, "127.0.0.1", P_IPERF))
             balanced.append(iperf(captured, "127.96.20.1", 5201))
+            via_bpf.append(iperf(captured, "127.96.20.3", 5201))
+            if iptables:
+                via_iptables.append(iperf(plain, "127.96.30.1", 5201))
         base = connect_latency(plain, "127.0.0.1", P_CLOSED)
         miss = connect_latency(captured, "127.0.0.1", P_CLOSED)
         hit = connect_latency(captured, "127.96.20.2", 9)
         result = {
             "iperf_direct_gbps": statistics.median(direct), "iperf_balanced_gbps": statistics.median(balanced),
-            "iperf_raw": {"direct": direct, "balanced": balanced},
+            "iperf_raw": {"direct": direct, "balanced": balanced, "agent_via_bpf": via_bpf,
+                          "agent_via_iptables": via_iptables},
+            "iperf_agent_via_bpf_gbps": statistics.median(via_bpf),
+            "iperf_agent_via_iptables_gbps": statistics.median(via_iptables) if via_iptables else None,
             "connects": CONNECTS,
             "connect_median_ns": {"no_programs": base["median_ns"], "programs_miss": miss["median_ns"],
                                   "programs_rewrite": hit["median_ns"]},
@@ -139,6 +180,8 @@ spec:
         }
         print(json.dumps(result))
     finally:
+        for c in cleanups:
+            c()
         for p in reversed(procs):
             p.terminate()
             try:
