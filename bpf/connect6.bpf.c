@@ -1,16 +1,21 @@
-// cgroup/connect6: IPv6 services dialled by the workloads are balanced here. Services that need the agent are
-// not captured over IPv6 yet (counted as misses); the agent listens on IPv4.
+// cgroup/connect6: the IPv6 twin of connect4. Connections that need the agent go to its listener on [::1].
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <asm-generic/errno.h>
 #include "lib/maps.h"
 #include "lib/balance.h"
+#include "lib/dns.h"
 
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 
 SEC("cgroup/connect6")
 int sl_connect6(struct bpf_sock_addr *ctx) {
+    if (ctx->type == SOCK_DGRAM) {
+        sl_redirect_dns6(ctx);
+        return 1;
+    }
     if (ctx->type != SOCK_STREAM) return 1;
     sl_count(SL_COUNT_CONNECTS);
     if (bpf_map_lookup_elem(&sl_exclude_ports, &(__u16){(__u16)ctx->user_port})) {
@@ -25,18 +30,35 @@ int sl_connect6(struct bpf_sock_addr *ctx) {
     struct sl_service *svc = bpf_map_lookup_elem(&sl_services6, &key);
     if (!svc) return 1;
     __u64 cgroup_id = bpf_get_current_cgroup_id();
-    struct sl_backend6 b;
-    if (svc->action != SL_ACTION_BALANCE || sl_pick_backend6(svc, cgroup_id, &b) < 0) {
-        sl_count(SL_COUNT_MISSES);
-        return 1;
-    }
     struct sl_original_dst6 dst = {
         .addr = {key.addr[0], key.addr[1], key.addr[2], key.addr[3]},
         .port = key.port,
-        .flags = SL_DST_BALANCED,
         .cgroup_id = cgroup_id,
     };
     __u64 cookie = bpf_get_socket_cookie(ctx);
+    if (svc->action != SL_ACTION_BALANCE) {
+        __u32 zero = 0;
+        struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+        if (!cfg || cfg->agent_port == 0) {
+            sl_count(SL_COUNT_MISSES);
+            return 1;
+        }
+        dst.flags = SL_DST_REDIRECTED;
+        bpf_map_update_elem(&sl_dst6_by_cookie, &cookie, &dst, BPF_ANY);
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = 0;
+        ctx->user_ip6[3] = SL_LOOPBACK6_W3;
+        ctx->user_port = cfg->agent_port;
+        sl_count(SL_COUNT_REDIRECTED);
+        return 1;
+    }
+    struct sl_backend6 b;
+    if (sl_pick_backend6(svc, cgroup_id, &b) < 0) {
+        sl_count(SL_COUNT_MISSES);
+        return 1;
+    }
+    dst.flags = SL_DST_BALANCED;
     bpf_map_update_elem(&sl_dst6_by_cookie, &cookie, &dst, BPF_ANY);
     ctx->user_ip6[0] = b.addr[0];
     ctx->user_ip6[1] = b.addr[1];

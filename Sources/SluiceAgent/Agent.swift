@@ -112,8 +112,8 @@ public final class Agent: @unchecked Sendable {
     public private(set) var datapath: Datapath?
     /// The listener the programs send captured connections to.
     private var capture: OutboundCapture?
-    /// Answers the captured workloads' DNS queries for mesh hosts.
-    private var dns: DNSServer?
+    /// Answer the captured workloads' DNS queries for mesh hosts (IPv4 and IPv6 loopback).
+    private var dns: [DNSServer] = []
 
     /// Mesh host names and their service addresses, as the DNS listener answers them.
     static func meshHosts(_ snapshot: NodeSnapshot) -> [String: [IPAddress]] {
@@ -131,7 +131,13 @@ public final class Agent: @unchecked Sendable {
         guard let cgroup = options.cgroup else { return }
         let adopting = access("\(options.pinDirectory)/link_sl_connect4", F_OK) == 0
         do throws(BPFError) {
-            let path = cgroup.hasPrefix("/") ? cgroup : try Mounts.ensureCgroup2() + "/" + cgroup
+            let mount = try Mounts.ensureCgroup2()
+            let path = cgroup.hasPrefix("/") ? cgroup : mount + "/" + cgroup
+            // An agent inside the cgroup it captures would capture its own upstream connections.
+            if let own = Mounts.ownCgroup(mount: mount), own == path || own.hasPrefix(path + "/") {
+                throw BPFError("the agent runs inside \(path), the cgroup it would capture; run it outside "
+                               + "(systemd: its own slice, not the workloads')")
+            }
             let dp = try Datapath(objectDirectory: options.bpfDirectory ?? Self.defaultBPFDirectory(),
                                   pinDirectory: options.pinDirectory)
             do throws(BPFError) {
@@ -148,19 +154,22 @@ public final class Agent: @unchecked Sendable {
             }
             datapath = dp
             if options.dnsPort != 0 {
-                let dns = DNSServer(upstream: options.dnsUpstream ?? DNSServer.systemResolver())
-                dns.update(hosts: Self.meshHosts(snapshot))
-                do {
-                    try dns.start(address: EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.dnsPort))
-                } catch {
-                    throw BPFError("\(error)")
+                // Queries arrive on 127.0.0.1 from IPv4 sockets and on [::1] from IPv6 ones.
+                for ip in [IPAddress.v4(UInt32(0x7f00_0001).bigEndian), IPAddress("::1")!] {
+                    let server = DNSServer(upstream: options.dnsUpstream ?? DNSServer.systemResolver())
+                    server.update(hosts: Self.meshHosts(snapshot))
+                    do {
+                        try server.start(address: EndpointAddress(ip: ip, port: options.dnsPort))
+                    } catch {
+                        throw BPFError("\(error)")
+                    }
+                    dns.append(server)
                 }
-                self.dns = dns
             }
-            capture = OutboundCapture(address: EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.outboundPort),
-                                      originalDestination: { [dp] ip, port in
-                                          dp.originalDestination(clientIPv4: ip, port: port)?.address
-                                      })
+            capture = OutboundCapture(
+                addresses: [EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.outboundPort),
+                            EndpointAddress(ip: IPAddress("::1")!, port: options.outboundPort)],
+                originalDestination: { [dp] ip, port in dp.originalDestination(client: ip, port: port)?.address })
             let kernel = snapshot.bpfServices.filter(\.isL4Only).count
             logger.info("capturing", metadata: ["cgroup": "\(path)", "adopted": "\(adopting)",
                                                 "kernel_balanced": "\(kernel)",
@@ -313,7 +322,7 @@ public final class Agent: @unchecked Sendable {
             return false
         }
         health.update(runtime)
-        dns?.update(hosts: Self.meshHosts(snapshot))
+        for d in dns { d.update(hosts: Self.meshHosts(snapshot)) }
         current.withLock { $0 = runtime }
         reloads.add(1, ordering: .relaxed)
         logger.info("configuration applied", metadata: ["listeners": "\(snapshot.listeners.count)",
@@ -332,7 +341,7 @@ public final class Agent: @unchecked Sendable {
         server?.drain(timeout: options.drainTimeout)
         server?.wait()
         health.stop()
-        dns?.stop()
+        for d in dns { d.stop() }
         http.shutdown()
         logger.info("stopped")
     }

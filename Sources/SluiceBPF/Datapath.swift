@@ -28,6 +28,8 @@ public final class Datapath: @unchecked Sendable {
         Program(object: "sendmsg4.bpf.o", name: "sl_sendmsg4", attachType: BPF_CGROUP_UDP4_SENDMSG),
         Program(object: "recvmsg4.bpf.o", name: "sl_recvmsg4", attachType: BPF_CGROUP_UDP4_RECVMSG),
         Program(object: "connect6.bpf.o", name: "sl_connect6", attachType: BPF_CGROUP_INET6_CONNECT),
+        Program(object: "sendmsg6.bpf.o", name: "sl_sendmsg6", attachType: BPF_CGROUP_UDP6_SENDMSG),
+        Program(object: "recvmsg6.bpf.o", name: "sl_recvmsg6", attachType: BPF_CGROUP_UDP6_RECVMSG),
         Program(object: "getpeername6.bpf.o", name: "sl_getpeername6", attachType: BPF_CGROUP_INET6_GETPEERNAME),
     ]
 
@@ -43,6 +45,7 @@ public final class Datapath: @unchecked Sendable {
     let configFD: Int32
     let countersFD: Int32
     let peersFD: Int32
+    let peers6FD: Int32
     let services6FD: Int32
     let slots6FD: Int32
     let excludedCIDRsFD: Int32
@@ -65,6 +68,7 @@ public final class Datapath: @unchecked Sendable {
                            + "CONFIG_CGROUP_BPF")
         }
         try Mounts.ensureBPFFS()
+        let fresh = access(pinDirectory, F_OK) != 0
         try Mounts.makeDirectories(pinDirectory)
         var loaded: [String: OpaquePointer] = [:]
         do throws(BPFError) {
@@ -73,6 +77,8 @@ public final class Datapath: @unchecked Sendable {
             }
         } catch {
             for o in loaded.values { bpf_object__close(o) }
+            // Maps pinned by the objects that did load go too, unless a previous agent's state was there.
+            if fresh { try? Self.uninstall(pinDirectory: pinDirectory) }
             throw error
         }
         objects = loaded
@@ -83,11 +89,12 @@ public final class Datapath: @unchecked Sendable {
         configFD = fd("sl_config")
         countersFD = fd("sl_counters")
         peersFD = fd("sl_dst_by_peer")
+        peers6FD = fd("sl_dst6_by_peer")
         services6FD = fd("sl_services6")
         slots6FD = fd("sl_slots6")
         excludedCIDRsFD = fd("sl_exclude_cidrs")
         excludedPortsFD = fd("sl_exclude_ports")
-        if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD, services6FD, slots6FD]
+        if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD, services6FD, slots6FD, peers6FD]
             .contains(where: { $0 < 0 }) {
             for o in loaded.values { bpf_object__close(o) }
             throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")
@@ -250,10 +257,36 @@ public final class Datapath: @unchecked Sendable {
                                    cgroupID: dst.cgroup_id)
     }
 
+    /// Looks up a connection from an IPv4 or IPv6 client (`accept`'s peer address).
+    public func originalDestination(client: IPAddress, port: UInt16) -> OriginalDestination? {
+        switch client {
+        case .v4(let a):
+            return originalDestination(clientIPv4: a, port: port)
+        case .v6(let hi, let lo):
+            var key = sl_peer_key6()
+            withUnsafeMutableBytes(of: &key.addr) { raw in
+                raw.storeBytes(of: hi, toByteOffset: 0, as: UInt64.self)
+                raw.storeBytes(of: lo, toByteOffset: 8, as: UInt64.self)
+            }
+            key.port = port.bigEndian
+            var dst = sl_original_dst6()
+            guard bpf_map_lookup_elem(peers6FD, &key, &dst) == 0 else { return nil }
+            let (dhi, dlo) = withUnsafeBytes(of: dst.addr) { ($0.load(fromByteOffset: 0, as: UInt64.self),
+                                                               $0.load(fromByteOffset: 8, as: UInt64.self)) }
+            return OriginalDestination(address: EndpointAddress(ip: .v6(dhi, dlo), port: UInt16(bigEndian: dst.port)),
+                                       cgroupID: dst.cgroup_id)
+        }
+    }
+
     public struct OriginalDestination: Sendable, Equatable {
         public var address: EndpointAddress
         /// The client's cgroup (its inode number): which workload dialled.
         public var cgroupID: UInt64
+
+        public init(address: EndpointAddress, cgroupID: UInt64) {
+            self.address = address
+            self.cgroupID = cgroupID
+        }
     }
 
     /// Removes what an agent pinned under `pinDirectory` without loading anything (the object files may be

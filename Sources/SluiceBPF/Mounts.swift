@@ -26,6 +26,15 @@ public enum Mounts {
         return fallback
     }
 
+    /// This process's cgroup2 directory (from `/proc/self/cgroup`'s `0::` line), under `mount`.
+    public static func ownCgroup(mount: String) -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("0::") {
+            return mount + String(line.dropFirst(3))
+        }
+        return nil
+    }
+
     /// Makes sure `/sys/fs/bpf` is a bpffs, mounting it when it is not.
     public static func ensureBPFFS(_ path: String = "/sys/fs/bpf") throws(BPFError) {
         var fs = statfs()

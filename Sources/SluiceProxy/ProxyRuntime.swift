@@ -134,8 +134,9 @@ public final class ListenerRuntime: @unchecked Sendable {
         capture = nil
     }
 
-    init(capture: OutboundCapture, services: [EndpointAddress: ClusterRuntime]) {
-        config = NodeSnapshot.Listener(name: "outbound-capture", address: capture.address, protocol: .tcp, routes: [])
+    init(capture: OutboundCapture, address: EndpointAddress, services: [EndpointAddress: ClusterRuntime]) {
+        config = NodeSnapshot.Listener(name: "outbound-capture-\(address.ip.isIPv4 ? "v4" : "v6")", address: address,
+                                       protocol: .tcp, routes: [])
         clusters = []
         weights = []
         totalWeight = 0
@@ -145,12 +146,17 @@ public final class ListenerRuntime: @unchecked Sendable {
 
     /// The cluster for a connection accepted on the capture listener, from the client's address.
     func capturedCluster(peer: Socket.Address) -> ClusterRuntime? {
-        guard let capture, let captured, peer.family == AF_INET else { return nil }
-        let (ip, port) = withUnsafeBytes(of: peer.storage) { raw in
-            (raw.loadUnaligned(fromByteOffset: 4, as: UInt32.self),
-             UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self)))
+        guard let capture, let captured else { return nil }
+        let client: (IPAddress, UInt16)? = withUnsafeBytes(of: peer.storage) { raw in
+            let port = UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+            switch peer.family {
+            case AF_INET: return (.v4(raw.loadUnaligned(fromByteOffset: 4, as: UInt32.self)), port)
+            case AF_INET6: return (.v6(raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self),
+                                       raw.loadUnaligned(fromByteOffset: 16, as: UInt64.self)), port)
+            default: return nil
+            }
         }
-        guard let original = capture.originalDestination(ip, port) else { return nil }
+        guard let (ip, port) = client, let original = capture.originalDestination(ip, port) else { return nil }
         return captured[original]
     }
 }
@@ -158,12 +164,14 @@ public final class ListenerRuntime: @unchecked Sendable {
 /// Where the BPF programs send connections to services the agent must see, and how the agent finds where each
 /// was going. The lookup runs on the worker that accepted (one map lookup).
 public struct OutboundCapture: Sendable {
-    public var address: EndpointAddress
-    /// Client IPv4 (network order) and port -> the address the client dialled.
-    public var originalDestination: @Sendable (UInt32, UInt16) -> EndpointAddress?
+    /// The listeners (IPv4 and IPv6 loopback, the same port).
+    public var addresses: [EndpointAddress]
+    /// Client address and port -> the address the client dialled.
+    public var originalDestination: @Sendable (IPAddress, UInt16) -> EndpointAddress?
 
-    public init(address: EndpointAddress, originalDestination: @escaping @Sendable (UInt32, UInt16) -> EndpointAddress?) {
-        self.address = address
+    public init(addresses: [EndpointAddress],
+                originalDestination: @escaping @Sendable (IPAddress, UInt16) -> EndpointAddress?) {
+        self.addresses = addresses
         self.originalDestination = originalDestination
     }
 }
@@ -199,7 +207,8 @@ public final class ProxyRuntime: @unchecked Sendable {
         let byName = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0) })
         var listeners = snapshot.listeners.map { ListenerRuntime(config: $0, clusters: byName) }
         if let capture {
-            listeners.append(ListenerRuntime(capture: capture, services: capturedNames.compactMapValues { byName[$0] }))
+            let services = capturedNames.compactMapValues { byName[$0] }
+            for a in capture.addresses { listeners.append(ListenerRuntime(capture: capture, address: a, services: services)) }
         }
         self.listeners = listeners
     }

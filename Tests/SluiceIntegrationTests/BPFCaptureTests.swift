@@ -435,6 +435,74 @@ final class BPFCaptureTests: XCTestCase {
         XCTAssertEqual(answer, "six fd99::7 80\n", "balanced to [::1] in the kernel; getpeername shows the service. \(problem)")
         backend.terminate()
         backend.waitUntilExit()
+
+        // Capture to the agent over IPv6: a stand-in agent inside the namespace listens on [::1]:15001 (TCP) and
+        // [::1]:15053 (DNS, echoing queries as replies); this test looks the original destination up as the
+        // agent would.
+        try dp.setAgent(address: "127.0.0.1", port: 15001, dnsPort: 15053)
+        try dp.apply([NodeSnapshot.BPFService(address: EndpointAddress(parsing: "[fd99::8]:80")!, protocol: .tcp,
+                                              host: "web.test", action: .proxy(reason: "HTTP"))])
+        let agentScript = scratch.appendingPathComponent("agent6.py")
+        try """
+            import socket
+            t = socket.socket(socket.AF_INET6)
+            t.bind(("::1", 15001))
+            t.listen()
+            u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            u.bind(("::1", 15053))
+            print("ready", flush=True)
+            c, peer = t.accept()
+            print("peer", peer[0], peer[1], flush=True)
+            c.sendall(b"agent\\n")
+            c.close()
+            data, addr = u.recvfrom(512)
+            u.sendto(data[:2] + bytes([data[2] | 0x80]) + data[3:], addr)
+            """.write(to: agentScript, atomically: true, encoding: .utf8)
+        let standIn = Process()
+        standIn.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        standIn.arguments = ["ip", "netns", "exec", ns, "python3", agentScript.path]
+        let standInOut = Pipe()
+        standIn.standardOutput = standInOut
+        try standIn.run()
+        processes.append(standIn)
+        var standInText = ""
+        while !standInText.contains("ready") {
+            let d = standInOut.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            standInText += String(decoding: d, as: UTF8.self)
+        }
+        try """
+            import socket
+            s = socket.socket(socket.AF_INET6)
+            s.settimeout(5)
+            s.connect(("fd99::8", 80))
+            print("tcp", s.makefile().readline().strip(), *s.getpeername()[:2])
+            u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            u.settimeout(5)
+            u.sendto(bytes([0x12, 0x34, 1, 0]) + bytes(8), ("fd99::53", 53))
+            data, src = u.recvfrom(512)
+            print("dns", src[0], src[1], data[2] >> 7)
+            """.write(to: script, atomically: true, encoding: .utf8)
+        let client2 = Process()
+        client2.executableURL = URL(fileURLWithPath: "/bin/sh")
+        client2.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec ip netns exec \(ns) python3 \(script.path)"]
+        let client2Out = Pipe(), client2Err = Pipe()
+        client2.standardOutput = client2Out
+        client2.standardError = client2Err
+        try client2.run()
+        processes.append(client2)
+        let lines = String(decoding: client2Out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        client2.waitUntilExit()
+        XCTAssertEqual(lines, "tcp agent fd99::8 80\ndns fd99::53 53 1\n",
+                       String(decoding: client2Err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+        standIn.waitUntilExit()
+        standInText += String(decoding: standInOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let peer = try XCTUnwrap(standInText.split(separator: "\n").first { $0.hasPrefix("peer") }?.split(separator: " "))
+        let found = dp.originalDestination(client: IPAddress(String(peer[1]))!, port: UInt16(peer[2])!)
+        var st = stat()
+        stat(cgroup, &st)
+        XCTAssertEqual(found, Datapath.OriginalDestination(address: EndpointAddress(parsing: "[fd99::8]:80")!,
+                                                           cgroupID: UInt64(st.st_ino)))
     }
 
     /// DNS queries to port 53 from the cgroup reach the agent's DNS listener: mesh hosts are answered with their
@@ -506,6 +574,42 @@ final class BPFCaptureTests: XCTestCase {
             "unknown 2 []",
         ], String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
         XCTAssertEqual(dp.counters().dnsQueries, 3, "two sendto and one connect")
+    }
+
+    func testACorruptObjectFileIsNamedAndNothingIsLeftBehind() throws {
+        let dir = scratch.appendingPathComponent("corrupt")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        for f in try FileManager.default.contentsOfDirectory(atPath: objectDirectory) {
+            try FileManager.default.copyItem(atPath: "\(objectDirectory)/\(f)", toPath: dir.appendingPathComponent(f).path)
+        }
+        try Data("not an ELF file".utf8).write(to: dir.appendingPathComponent("sockops.bpf.o"))
+        XCTAssertThrowsError(try Datapath(objectDirectory: dir.path, pinDirectory: pinDirectory)) { error in
+            XCTAssertTrue("\(error)".contains("corrupt/sockops.bpf.o"), "\(error)")
+        }
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 0)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory), "no maps left pinned")
+    }
+
+    func testTheAgentRefusesToCaptureItsOwnCgroup() throws {
+        let config = scratch.appendingPathComponent("config")
+        try FileManager.default.createDirectory(at: config, withIntermediateDirectories: true)
+        try Harness.mesh(ports: [9]).write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+        let binary = Harness.root.appendingPathComponent(".build/debug/sluice").path
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec \(binary) agent --local-config \(config.path) "
+                       + "--cgroup \(cgroup) --pin-dir \(pinDirectory) --bpf-dir \(objectDirectory) --workers 1 "
+                       + "--metrics 127.0.0.1:0 --readiness 127.0.0.1:0 --admin 127.0.0.1:0 --dns-port 0"]
+        let err = Pipe()
+        p.standardError = err
+        try p.run()
+        processes.append(p)
+        let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 1)
+        XCTAssertTrue(text.contains("runs inside") && text.contains("the cgroup it would capture"), text)
+        XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 0, "nothing attached")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(pinDirectory)/link_sl_connect4"))
     }
 
     func testAMissingObjectFileIsNamed() {

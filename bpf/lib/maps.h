@@ -79,6 +79,14 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_dst6_by_cookie SEC(".maps");
 
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct sl_peer_key6);
+    __type(value, struct sl_original_dst6);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_dst6_by_peer SEC(".maps");
+
 /* Destinations never touched: the control plane, configured CIDRs, and ports such as the agent's own. */
 struct {
     __uint(type, BPF_MAP_TYPE_LPM_TRIE);

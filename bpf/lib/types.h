@@ -69,6 +69,7 @@ struct sl_backend {
 };
 
 /* config array (one entry): where captured connections go. */
+/* The agent's IPv6 listeners are on ::1 with the same ports. */
 struct sl_config {
     sl_u32 agent_addr; /* the agent's outbound listener, e.g. 127.0.0.1 */
     sl_u16 agent_port; /* e.g. 15001 */
@@ -120,6 +121,13 @@ struct sl_original_dst6 {
     sl_u64 cgroup_id;
 };
 
+/* sl_dst6_by_peer key: an IPv6 client's address as the agent's accept sees it. */
+struct sl_peer_key6 {
+    sl_u32 addr[4];
+    sl_u16 port;
+    sl_u16 pad;
+};
+
 /* sl_exclude_cidrs key (an LPM trie key: prefix length, then the address). */
 struct sl_cidr_key {
     sl_u32 prefixlen;
@@ -144,5 +152,6 @@ SL_STATIC_ASSERT(sizeof(struct sl_cidr_key) == 8, "sl_cidr_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_service_key6) == 20, "sl_service_key6 layout");
 SL_STATIC_ASSERT(sizeof(struct sl_backend6) == 20, "sl_backend6 layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst6) == 32, "sl_original_dst6 layout");
+SL_STATIC_ASSERT(sizeof(struct sl_peer_key6) == 20, "sl_peer_key6 layout");
 
 #endif
