@@ -15,6 +15,8 @@ struct ServiceUnit: Sendable, Hashable {
     var exportTo: [String]
     /// The service, its clusters, BPF map entries and rate limits.
     var items: [SnapshotItem]
+    /// Their keys, built once here rather than in every node's snapshot (some format addresses).
+    var keys: [SnapshotItem.Key]
     /// Namespaces of the workloads behind it: a policy there may change how the kernel may treat it.
     var endpointNamespaces: Set<String>
     var problems: [Diagnostic]
@@ -166,7 +168,7 @@ extension MeshCompiler {
             guard let r = resources[k], case .rateLimitPolicy(let rl) = r.spec else { continue }
             items.append(.rateLimit(Named(namespace: k.namespace, name: k.name, spec: rl)))
         }
-        return ServiceUnit(host: host, namespace: namespace, exportTo: se.exportTo, items: items,
+        return ServiceUnit(host: host, namespace: namespace, exportTo: se.exportTo, items: items, keys: items.map(\.key),
                            endpointNamespaces: endpointNamespaces, problems: problems)
     }
 

@@ -136,11 +136,18 @@ public struct MeshCompiler: Sendable {
     public func snapshot(for node: String) -> NodeSnapshot {
         let local = nodeLocal(node)
         var items = local.items
-        for host in units.keys where isVisible(host: host, to: local.scope) { items += units[host]!.items }
-        for key in virtualServicesVisible(to: local.scope) {
-            if let item = virtualServiceItem(key) { items.append(item) }
+        var keys = items.map(\.key)
+        for unit in units.values where isVisible(unit, to: local.scope) {
+            items += unit.items
+            keys += unit.keys
         }
-        return NodeSnapshot(node: node, mesh: mesh, items: items)
+        for key in virtualServicesVisible(to: local.scope) {
+            if let item = virtualServiceItem(key) {
+                items.append(item)
+                keys.append(item.key)
+            }
+        }
+        return NodeSnapshot(node: node, mesh: mesh, items: items, keys: keys)
     }
 
     // MARK: - Incremental

@@ -83,14 +83,16 @@ extension NodeSnapshot {
 
     /// Builds a snapshot from items in any order; lists come out sorted by key.
     public init<S: Sequence>(node: String, mesh: MeshConfig, items: S) where S.Element == SnapshotItem {
-        self.init(node: node, mesh: mesh)
-        // Keys are built once per item (some format addresses), and an index permutation is sorted rather than
-        // the items themselves, which are large.
         let all = Array(items)
-        let keys = all.map(\.key)
+        self.init(node: node, mesh: mesh, items: all, keys: all.map(\.key))
+    }
+
+    /// Builds a snapshot from items and their keys (`keys[i]` is `items[i].key`), in any order.
+    init(node: String, mesh: MeshConfig, items all: [SnapshotItem], keys: [SnapshotItem.Key]) {
+        self.init(node: node, mesh: mesh)
+        // An index permutation is sorted rather than the items themselves, which are large.
         for i in keys.indices.sorted(by: { keys[$0] < keys[$1] }) {
-            let item = all[i]
-            switch item {
+            switch all[i] {
             case .workload(let w): workloads.append(w)
             case .listener(let l): listeners.append(l)
             case .service(let s): services.append(s)
