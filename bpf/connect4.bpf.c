@@ -2,6 +2,7 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 #include <asm-generic/errno.h>
 #include "lib/maps.h"
 #include "lib/balance.h"
@@ -29,7 +30,14 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
         .proto = IPPROTO_TCP,
     };
     struct sl_service *svc = bpf_map_lookup_elem(&sl_services, &key);
-    if (!svc) return 1;  // not a mesh service: untouched
+    if (!svc) {
+        // Not a mesh service: untouched, unless the mesh admits only its registry (loopback always passes).
+        if (sl_registry_only() && (bpf_ntohl(ctx->user_ip4) >> 24) != 127) {
+            sl_count(SL_COUNT_DENIED);
+            return 0;
+        }
+        return 1;
+    }
 
     __u64 cgroup_id = bpf_get_current_cgroup_id();
     struct sl_original_dst dst = {

@@ -28,7 +28,14 @@ int sl_connect6(struct bpf_sock_addr *ctx) {
         .proto = IPPROTO_TCP,
     };
     struct sl_service *svc = bpf_map_lookup_elem(&sl_services6, &key);
-    if (!svc) return 1;
+    if (!svc) {
+        int loopback = !key.addr[0] && !key.addr[1] && !key.addr[2] && key.addr[3] == SL_LOOPBACK6_W3;
+        if (sl_registry_only() && !loopback) {
+            sl_count(SL_COUNT_DENIED);
+            return 0;
+        }
+        return 1;
+    }
     __u64 cgroup_id = bpf_get_current_cgroup_id();
     struct sl_original_dst6 dst = {
         .addr = {key.addr[0], key.addr[1], key.addr[2], key.addr[3]},

@@ -142,8 +142,7 @@ public final class Agent: @unchecked Sendable {
                                   pinDirectory: options.pinDirectory)
             do throws(BPFError) {
                 try dp.attach(cgroup: path)
-                try dp.setAgent(address: "127.0.0.1", port: options.outboundPort,
-                                dnsPort: options.dnsPort == 0 ? nil : options.dnsPort)
+                try setAgent(dp, snapshot)
                 // The agent's own ports are never captured, whatever a service declares.
                 try dp.setExclusions(cidrs: options.captureExclusions,
                                      ports: [options.outboundPort, 15000, 15008, 15020, 15021, 15053])
@@ -190,10 +189,18 @@ public final class Agent: @unchecked Sendable {
             ("sluice_bpf_excluded_total", "Connects to excluded destinations, left alone", c.excluded),
             ("sluice_bpf_misses_total", "Service entries without a usable backend table", c.misses),
             ("sluice_bpf_dns_queries_total", "DNS queries sent to the agent's DNS listener", c.dnsQueries),
+            ("sluice_bpf_denied_total", "Connects refused: not a service while the mesh is REGISTRY_ONLY", c.denied),
         ] {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(value)\n"
         }
         return out
+    }
+
+    /// Where captured connections and queries go, and whether the mesh admits only its registry.
+    private func setAgent(_ dp: Datapath, _ snapshot: NodeSnapshot) throws(BPFError) {
+        try dp.setAgent(address: "127.0.0.1", port: options.outboundPort,
+                        dnsPort: options.dnsPort == 0 ? nil : options.dnsPort,
+                        registryOnly: snapshot.mesh.outboundTrafficPolicy == .registryOnly)
     }
 
     /// `bpf/` objects: beside the build output (`.build/bpf`), then the installed location.
@@ -305,9 +312,12 @@ public final class Agent: @unchecked Sendable {
             return false
         }
         if current.withLock({ $0?.snapshot == snapshot }) { return true }
-        if let datapath, current.withLock({ $0?.snapshot.bpfServices }) != snapshot.bpfServices {
+        if let datapath, current.withLock({ ($0?.snapshot.bpfServices, $0?.snapshot.mesh) })
+            != (snapshot.bpfServices, snapshot.mesh)
+        {
             do {
                 try datapath.apply(snapshot.bpfServices)
+                try setAgent(datapath, snapshot)
             } catch {
                 logger.error("configuration update rejected: BPF: \(error); still serving the last good configuration")
                 return false

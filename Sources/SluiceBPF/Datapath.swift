@@ -82,6 +82,20 @@ public final class Datapath: @unchecked Sendable {
             throw error
         }
         objects = loaded
+        // Programs are pinned too (`prog_NAME`), replacing a previous agent's, so bpftool and operators find them.
+        for p in Self.programs {
+            guard let object = loaded[p.object], let program = bpf_object__find_program_by_name(object, p.name) else {
+                continue
+            }
+            let pin = "\(pinDirectory)/prog_\(p.name)"
+            unlink(pin)
+            let rc = bpf_program__pin(program, pin)
+            if rc != 0 {
+                for o in loaded.values { bpf_object__close(o) }
+                if fresh { try? Self.uninstall(pinDirectory: pinDirectory) }
+                throw .errno("pin program \(p.name) at \(pin)", rc)
+            }
+        }
         let first = loaded[Self.programs[0].object]!
         func fd(_ name: String) -> Int32 { bpf_object__find_map_by_name(first, name).map { bpf_map__fd($0) } ?? -1 }
         servicesFD = fd("sl_services")
@@ -178,11 +192,16 @@ public final class Datapath: @unchecked Sendable {
 
     /// Sets where captured connections go (the agent's outbound listener) and, when `dnsPort` is set, where
     /// DNS queries (UDP to port 53) go.
-    public func setAgent(address: String, port: UInt16, dnsPort: UInt16? = nil) throws(BPFError) {
+    /// - Parameter registryOnly: Istio's `outboundTrafficPolicy: REGISTRY_ONLY`: connects to anything but a
+    ///   service, an excluded destination or loopback are refused in the kernel.
+    public func setAgent(address: String, port: UInt16, dnsPort: UInt16? = nil, registryOnly: Bool = false)
+        throws(BPFError)
+    {
         var cfg = sl_config()
         guard inet_pton(AF_INET, address, &cfg.agent_addr) == 1 else { throw BPFError("'\(address)' is not an IPv4 address") }
         cfg.agent_port = port.bigEndian
         cfg.dns_port = (dnsPort ?? 0).bigEndian
+        cfg.flags = registryOnly ? UInt32(SL_CONFIG_REGISTRY_ONLY.rawValue) : 0
         var zero: UInt32 = 0
         let rc = bpf_map_update_elem(configFD, &zero, &cfg, 0)
         if rc != 0 { throw .errno("write sl_config", rc) }
@@ -233,6 +252,7 @@ public final class Datapath: @unchecked Sendable {
         for p in Self.programs { unlink("\(pinDirectory)/link_\(p.name)") }
         for l in links { bpf_link__destroy(l) }
         links = []
+        for p in Self.programs { unlink("\(pinDirectory)/prog_\(p.name)") }
         for o in objects.values {
             var map = bpf_object__next_map(o, nil)
             while let m = map {
@@ -319,7 +339,7 @@ public final class Datapath: @unchecked Sendable {
         }
         return Counters(connects: read(SL_COUNT_CONNECTS), balanced: read(SL_COUNT_BALANCED),
                         redirected: read(SL_COUNT_REDIRECTED), misses: read(SL_COUNT_MISSES),
-                        excluded: read(SL_COUNT_EXCLUDED), dnsQueries: read(SL_COUNT_DNS))
+                        excluded: read(SL_COUNT_EXCLUDED), dnsQueries: read(SL_COUNT_DNS), denied: read(SL_COUNT_DENIED))
     }
 
     public struct Counters: Sendable, Equatable {
@@ -329,6 +349,7 @@ public final class Datapath: @unchecked Sendable {
         public var misses: UInt64
         public var excluded: UInt64
         public var dnsQueries: UInt64
+        public var denied: UInt64
     }
 
     /// Programs attached to `cgroup` (0 after ``uninstall()``), through the kernel's own query.

@@ -610,6 +610,58 @@ final class BPFCaptureTests: XCTestCase {
         XCTAssertTrue(text.contains("runs inside") && text.contains("the cgroup it would capture"), text)
         XCTAssertEqual(Datapath.attachedPrograms(cgroup: cgroup), 0, "nothing attached")
         XCTAssertFalse(FileManager.default.fileExists(atPath: "\(pinDirectory)/link_sl_connect4"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: pinDirectory))
+    }
+
+    func testRegistryOnlyRefusesConnectsToUnknownDestinations() throws {
+        // In a namespace of the test's own, an unknown destination has no route: not denied, a connect fails with
+        // ENETUNREACH (101) and nothing leaves the machine; denied, it fails with EPERM (1).
+        let ns = "sluice-test-\(UUID().uuidString.prefix(8))"
+        let ip = Process()
+        ip.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        ip.arguments = ["sh", "-c", "ip netns add \(ns) && ip netns exec \(ns) ip link set lo up"]
+        try ip.run()
+        ip.waitUntilExit()
+        defer {
+            let del = Process()
+            del.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            del.arguments = ["ip", "netns", "del", ns]
+            try? del.run()
+            del.waitUntilExit()
+        }
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        try dp.attach(cgroup: cgroup)
+        let script = scratch.appendingPathComponent("registry.py")
+        try """
+            import socket
+            out = []
+            for host in ["10.9.9.9", "127.0.0.1"]:
+                s = socket.socket()
+                s.settimeout(2)
+                try:
+                    s.connect((host, 1))
+                    out.append("connected")
+                except OSError as e:
+                    out.append(str(e.errno))
+            print(" ".join(out))
+            """.write(to: script, atomically: true, encoding: .utf8)
+        func run() throws -> String {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/bin/sh")
+            p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec ip netns exec \(ns) python3 \(script.path)"]
+            let out = Pipe()
+            p.standardOutput = out
+            try p.run()
+            processes.append(p)
+            defer { p.waitUntilExit() }
+            return String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        }
+        try dp.setAgent(address: "127.0.0.1", port: 15001, registryOnly: true)
+        XCTAssertEqual(try run(), "\(EPERM) \(ECONNREFUSED)\n", "denied; loopback still passes")
+        XCTAssertEqual(dp.counters().denied, 1)
+        try dp.setAgent(address: "127.0.0.1", port: 15001, registryOnly: false)
+        XCTAssertEqual(try run(), "\(ENETUNREACH) \(ECONNREFUSED)\n", "ALLOW_ANY: untouched")
     }
 
     func testAMissingObjectFileIsNamed() {

@@ -110,6 +110,13 @@ static __always_inline void sl_count(__u32 which) {
     if (v) *v += 1;
 }
 
+/* True when the mesh admits only its registry's services (REGISTRY_ONLY). */
+static __always_inline int sl_registry_only(void) {
+    __u32 zero = 0;
+    struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+    return cfg && (cfg->flags & SL_CONFIG_REGISTRY_ONLY);
+}
+
 /* True when the destination is on an exclusion list. */
 static __always_inline int sl_excluded(__u32 addr, __u16 port) {
     if (bpf_map_lookup_elem(&sl_exclude_ports, &port)) return 1;

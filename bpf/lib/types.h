@@ -38,6 +38,7 @@ enum sl_counter {
     SL_COUNT_MISSES = 3,     /* a service whose slot table was missing (an update in flight or a bug) */
     SL_COUNT_EXCLUDED = 4,   /* destination on the exclusion list */
     SL_COUNT_DNS = 5,        /* DNS queries (UDP to port 53) sent to the agent's DNS listener */
+    SL_COUNT_DENIED = 6,     /* connects refused: not a service while the mesh is REGISTRY_ONLY */
     SL_COUNT_MAX = 8,
 };
 
@@ -74,6 +75,13 @@ struct sl_config {
     sl_u32 agent_addr; /* the agent's outbound listener, e.g. 127.0.0.1 */
     sl_u16 agent_port; /* e.g. 15001 */
     sl_u16 dns_port;   /* the agent's DNS listener on agent_addr, e.g. 15053; 0: DNS is not captured */
+    sl_u32 flags;      /* enum sl_config_flags */
+};
+
+enum sl_config_flags {
+    /* Istio's outboundTrafficPolicy REGISTRY_ONLY: TCP connects to anything but a service, an excluded
+     * destination or loopback are refused (EPERM) and counted as denied. */
+    SL_CONFIG_REGISTRY_ONLY = 1,
 };
 
 /* How a connection's destination was rewritten (sl_original_dst.flags). */
@@ -145,7 +153,7 @@ struct sl_cidr_key {
 SL_STATIC_ASSERT(sizeof(struct sl_service_key) == 8, "sl_service_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_service) == 16, "sl_service layout");
 SL_STATIC_ASSERT(sizeof(struct sl_backend) == 8, "sl_backend layout");
-SL_STATIC_ASSERT(sizeof(struct sl_config) == 8, "sl_config layout");
+SL_STATIC_ASSERT(sizeof(struct sl_config) == 12, "sl_config layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst) == 16, "sl_original_dst layout");
 SL_STATIC_ASSERT(sizeof(struct sl_peer_key) == 8, "sl_peer_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_cidr_key) == 8, "sl_cidr_key layout");
