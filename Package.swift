@@ -28,6 +28,8 @@ let package = Package(
         // libyaml's event parser, read by SluiceModel's own tree builder (Yams' Node tree cost half the decode time).
         .systemLibrary(name: "CLibYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
         .target(name: "SluiceModel", dependencies: ["CLibYAML"]),
+        // HTTP/1.1 parsing and body framing: pure Swift, no I/O (the L7 proxy's wire layer).
+        .target(name: "SluiceHTTP"),
         .target(name: "SluiceTelemetry", dependencies: ["CSluiceLinux"]),
         .target(name: "SluiceRing", dependencies: ["CSluiceLinux"]),
         .target(name: "SluiceBPF", dependencies: ["CSluiceLinux", "SluiceModel"]),
@@ -52,6 +54,7 @@ let package = Package(
         .executableTarget(name: "SluiceBench", dependencies: ["SluiceModel"], path: "Benchmarks/SluiceBench"),
         .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
+        .testTarget(name: "SluiceHTTPTests", dependencies: ["SluiceHTTP"]),
         .testTarget(name: "SluiceBPFTests", dependencies: ["SluiceBPF", "SluiceModel", "CSluiceLinux"]),
         .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing"]),
         .testTarget(
