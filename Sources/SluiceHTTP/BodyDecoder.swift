@@ -8,6 +8,8 @@ public struct BodyDecoder: Sendable {
 
     enum State: Sendable, Equatable {
         case length(remaining: UInt64)
+        /// Everything until the connection closes is body.
+        case untilClose
         /// Reading a chunk-size line.
         case size(value: UInt64, digits: Int, inExtension: Bool, lineBytes: Int, sawCR: Bool)
         case data(remaining: UInt64)
@@ -26,6 +28,7 @@ public struct BodyDecoder: Sendable {
         case .none: state = .done
         case .contentLength(let n): state = n == 0 ? .done : .length(remaining: n)
         case .chunked: state = .size(value: 0, digits: 0, inExtension: false, lineBytes: 0, sawCR: false)
+        case .untilClose: state = .untilClose
         }
     }
 
@@ -37,6 +40,9 @@ public struct BodyDecoder: Sendable {
             switch state {
             case .done:
                 return i
+            case .untilClose:
+                onData(i..<b.count)
+                return b.count
             case .length(let remaining):
                 let n = Int(min(UInt64(b.count - i), remaining))
                 onData(i..<(i + n))

@@ -8,9 +8,12 @@ public enum HTTP1Error: Error, Equatable, Sendable {
     case headersTooLarge
     /// A transfer coding other than chunked: 501.
     case notImplemented(String)
+    /// An upstream's response head that cannot be relayed safely: the client gets 502.
+    case badResponse(String)
 
     public var status: Int {
         switch self {
+        case .badResponse: 502
         case .badRequest: 400
         case .uriTooLong: 414
         case .headersTooLarge: 431
@@ -32,6 +35,8 @@ public enum BodyFraming: Equatable, Sendable {
     case none
     case contentLength(UInt64)
     case chunked
+    /// A response without length: the body ends when the upstream closes.
+    case untilClose
 }
 
 /// A parsed request head. Zero-copy: every field is a range into the head's bytes, which the caller keeps
@@ -49,5 +54,17 @@ public struct HTTP1RequestHead: Sendable {
     /// `Upgrade` requested (WebSocket and others): after the response, bytes are relayed opaquely.
     public var upgrade: Bool
     /// Bytes of the head, CRLFCRLF included: where the body starts in the buffer.
+    public var length: Int
+}
+
+/// A parsed response head (from an upstream), zero-copy like ``HTTP1RequestHead``.
+public struct HTTP1ResponseHead: Sendable {
+    public var status: Int
+    public var reason: Range<Int>
+    public var minorVersion: Int
+    public var headers: [(name: Range<Int>, value: Range<Int>)]
+    public var framing: BodyFraming
+    /// The upstream connection may be reused for another request.
+    public var keepAlive: Bool
     public var length: Int
 }

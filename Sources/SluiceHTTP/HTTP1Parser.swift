@@ -45,10 +45,9 @@ public enum HTTP1Parser {
         return nil
     }
 
-    private static func parse(_ b: UnsafeRawBufferPointer, headLength: Int, limits: HTTP1Limits) throws
-        -> HTTP1RequestHead
-    {
-        // Every line must end in CRLF; a CR or LF anywhere else, or a NUL, is refused.
+    /// The head's lines, without their CRLF. Every line must end in CRLF; a CR or LF anywhere else, or a NUL, is
+    /// refused.
+    static func lines(_ b: UnsafeRawBufferPointer, headLength: Int) throws -> [Range<Int>] {
         var lines: [Range<Int>] = []
         var start = 0
         var i = 0
@@ -66,38 +65,24 @@ public enum HTTP1Parser {
             if c == 0 { throw HTTP1Error.badRequest("NUL byte") }
             i += 1
         }
-        guard let requestLine = lines.first else { throw HTTP1Error.badRequest("empty request") }
+        guard !lines.isEmpty else { throw HTTP1Error.badRequest("empty head") }
+        return lines
+    }
 
-        // request-line = method SP request-target SP HTTP-version
-        let rl = requestLine
-        guard let sp1 = (rl.lowerBound..<rl.upperBound).first(where: { b[$0] == 0x20 }) else {
-            throw HTTP1Error.badRequest("malformed request line")
-        }
-        let method = rl.lowerBound..<sp1
-        guard !method.isEmpty, method.allSatisfy({ isToken(b[$0]) }) else { throw HTTP1Error.badRequest("bad method") }
-        guard let sp2 = ((sp1 + 1)..<rl.upperBound).first(where: { b[$0] == 0x20 }) else {
-            throw HTTP1Error.badRequest("malformed request line")
-        }
-        let target = (sp1 + 1)..<sp2
-        if target.count > limits.maxURIBytes { throw HTTP1Error.uriTooLong }
-        guard !target.isEmpty, target.allSatisfy({ b[$0] > 0x20 && b[$0] < 0x7F }) else {
-            throw HTTP1Error.badRequest("bad request target")
-        }
-        let version = (sp2 + 1)..<rl.upperBound
-        guard version.count == 8, equals(b, version.prefix(7), "HTTP/1."), b[version.lowerBound + 7] == 0x30
-            || b[version.lowerBound + 7] == 0x31
-        else { throw HTTP1Error.badRequest("unsupported HTTP version") }
-        let minor = Int(b[version.lowerBound + 7] - 0x30)
-
+    /// What the header fields say about framing and the connection.
+    struct Fields {
         var headers: [(name: Range<Int>, value: Range<Int>)] = []
-        headers.reserveCapacity(lines.count - 1)
         var contentLength: UInt64?
         var transferEncoding = false
-        var chunked = false
         var connectionClose = false, connectionKeepAlive = false, expectContinue = false, upgrade = false
-        var host = 0
-        for line in lines.dropFirst() {
-            if headers.count >= limits.maxHeaderCount { throw HTTP1Error.headersTooLarge }
+        var hostCount = 0
+    }
+
+    static func fields(_ b: UnsafeRawBufferPointer, _ lines: ArraySlice<Range<Int>>, limits: HTTP1Limits) throws -> Fields {
+        var f = Fields()
+        f.headers.reserveCapacity(lines.count)
+        for line in lines {
+            if f.headers.count >= limits.maxHeaderCount { throw HTTP1Error.headersTooLarge }
             guard let first = b[safe: line.lowerBound] else { throw HTTP1Error.badRequest("empty header line") }
             if first == 0x20 || first == 0x09 { throw HTTP1Error.badRequest("obs-fold (line folding)") }
             guard let colon = line.first(where: { b[$0] == 0x3A }) else { throw HTTP1Error.badRequest("header without colon") }
@@ -111,43 +96,127 @@ public enum HTTP1Parser {
             for j in value where b[j] < 0x20 && b[j] != 0x09 || b[j] == 0x7F {
                 throw HTTP1Error.badRequest("control character in a header value")
             }
-            headers.append((name, value))
+            f.headers.append((name, value))
             if nameEquals(b, name, "content-length") {
-                guard contentLength == nil else { throw HTTP1Error.badRequest("duplicate Content-Length") }
+                guard f.contentLength == nil else { throw HTTP1Error.badRequest("duplicate Content-Length") }
                 guard !value.isEmpty, value.count <= 19, value.allSatisfy({ b[$0] >= 0x30 && b[$0] <= 0x39 }) else {
                     throw HTTP1Error.badRequest("malformed Content-Length")
                 }
-                contentLength = value.reduce(0) { $0 * 10 + UInt64(b[$1] - 0x30) }
+                f.contentLength = value.reduce(0) { $0 * 10 + UInt64(b[$1] - 0x30) }
             } else if nameEquals(b, name, "transfer-encoding") {
-                guard !transferEncoding else { throw HTTP1Error.badRequest("duplicate Transfer-Encoding") }
-                transferEncoding = true
+                guard !f.transferEncoding else { throw HTTP1Error.badRequest("duplicate Transfer-Encoding") }
+                f.transferEncoding = true
                 // Only `chunked`, alone: anything else (gzip, chunked twice, chunked not last) is refused.
                 guard valueEquals(b, value, "chunked") else {
                     throw HTTP1Error.notImplemented("transfer coding other than chunked")
                 }
-                chunked = true
             } else if nameEquals(b, name, "connection") {
                 for token in commaTokens(b, value) {
-                    if valueEquals(b, token, "close") { connectionClose = true }
-                    if valueEquals(b, token, "keep-alive") { connectionKeepAlive = true }
-                    if valueEquals(b, token, "upgrade") { upgrade = true }
+                    if valueEquals(b, token, "close") { f.connectionClose = true }
+                    if valueEquals(b, token, "keep-alive") { f.connectionKeepAlive = true }
+                    if valueEquals(b, token, "upgrade") { f.upgrade = true }
                 }
             } else if nameEquals(b, name, "expect") {
-                expectContinue = valueEquals(b, value, "100-continue")
+                f.expectContinue = valueEquals(b, value, "100-continue")
             } else if nameEquals(b, name, "host") {
-                host += 1
+                f.hostCount += 1
             }
         }
-        if transferEncoding && contentLength != nil {
+        if f.transferEncoding && f.contentLength != nil {
             throw HTTP1Error.badRequest("both Content-Length and Transfer-Encoding")
         }
-        if minor == 1 && host != 1 { throw HTTP1Error.badRequest(host == 0 ? "missing Host" : "duplicate Host") }
-        if transferEncoding && minor == 0 { throw HTTP1Error.badRequest("Transfer-Encoding in an HTTP/1.0 request") }
-        let framing: BodyFraming = chunked ? .chunked : contentLength.map { $0 == 0 ? .none : .contentLength($0) } ?? .none
+        return f
+    }
+
+    /// `HTTP/1.0` or `HTTP/1.1` at `r`: the minor version.
+    static func version(_ b: UnsafeRawBufferPointer, _ r: Range<Int>) -> Int? {
+        guard r.count == 8, equals(b, r.prefix(7), "HTTP/1."), b[r.lowerBound + 7] == 0x30 || b[r.lowerBound + 7] == 0x31
+        else { return nil }
+        return Int(b[r.lowerBound + 7] - 0x30)
+    }
+
+    private static func parse(_ b: UnsafeRawBufferPointer, headLength: Int, limits: HTTP1Limits) throws
+        -> HTTP1RequestHead
+    {
+        let lines = try lines(b, headLength: headLength)
+        // request-line = method SP request-target SP HTTP-version
+        let rl = lines[0]
+        guard let sp1 = (rl.lowerBound..<rl.upperBound).first(where: { b[$0] == 0x20 }) else {
+            throw HTTP1Error.badRequest("malformed request line")
+        }
+        let method = rl.lowerBound..<sp1
+        guard !method.isEmpty, method.allSatisfy({ isToken(b[$0]) }) else { throw HTTP1Error.badRequest("bad method") }
+        guard let sp2 = ((sp1 + 1)..<rl.upperBound).first(where: { b[$0] == 0x20 }) else {
+            throw HTTP1Error.badRequest("malformed request line")
+        }
+        let target = (sp1 + 1)..<sp2
+        if target.count > limits.maxURIBytes { throw HTTP1Error.uriTooLong }
+        guard !target.isEmpty, target.allSatisfy({ b[$0] > 0x20 && b[$0] < 0x7F }) else {
+            throw HTTP1Error.badRequest("bad request target")
+        }
+        guard let minor = version(b, (sp2 + 1)..<rl.upperBound) else {
+            throw HTTP1Error.badRequest("unsupported HTTP version")
+        }
+        let f = try fields(b, lines.dropFirst(), limits: limits)
+        if minor == 1 && f.hostCount != 1 { throw HTTP1Error.badRequest(f.hostCount == 0 ? "missing Host" : "duplicate Host") }
+        if f.transferEncoding && minor == 0 { throw HTTP1Error.badRequest("Transfer-Encoding in an HTTP/1.0 request") }
+        let framing: BodyFraming = f.transferEncoding ? .chunked
+            : f.contentLength.map { $0 == 0 ? .none : .contentLength($0) } ?? .none
         return HTTP1RequestHead(
-            method: method, target: target, minorVersion: minor, headers: headers, framing: framing,
-            keepAlive: minor == 1 ? !connectionClose : connectionKeepAlive && !connectionClose,
-            expectContinue: expectContinue, upgrade: upgrade, length: headLength)
+            method: method, target: target, minorVersion: minor, headers: f.headers, framing: framing,
+            keepAlive: minor == 1 ? !f.connectionClose : f.connectionKeepAlive && !f.connectionClose,
+            expectContinue: f.expectContinue, upgrade: f.upgrade, length: headLength)
+    }
+
+    /// Parses an upstream's response head at the start of `bytes`. `requestMethodIsHEAD`: the response has no
+    /// body whatever its headers say (RFC 9112 6.3). Problems are ``HTTP1Error/badResponse(_:)`` (502).
+    public static func parseResponseHead(_ bytes: UnsafeRawBufferPointer, requestMethodIsHEAD: Bool = false,
+                                         limits: HTTP1Limits = HTTP1Limits()) -> ResponseResult {
+        guard let end = headEnd(bytes, limit: limits.maxHeadBytes) else {
+            return bytes.count >= limits.maxHeadBytes ? .error(.badResponse("response head too large")) : .incomplete
+        }
+        do {
+            let lines = try lines(bytes, headLength: end)
+            let sl = lines[0]
+            // status-line = HTTP-version SP 3DIGIT SP [reason-phrase]
+            guard sl.count >= 12, let minor = version(bytes, sl.lowerBound..<(sl.lowerBound + 8)),
+                bytes[sl.lowerBound + 8] == 0x20,
+                (9..<12).allSatisfy({ bytes[sl.lowerBound + $0] >= 0x30 && bytes[sl.lowerBound + $0] <= 0x39 }),
+                sl.count == 12 || bytes[sl.lowerBound + 12] == 0x20
+            else { return .error(.badResponse("malformed status line")) }
+            let status = (9..<12).reduce(0) { $0 * 10 + Int(bytes[sl.lowerBound + $1] - 0x30) }
+            guard status >= 100 else { return .error(.badResponse("malformed status line")) }
+            let f = try fields(bytes, lines.dropFirst(), limits: limits)
+            let framing: BodyFraming
+            if requestMethodIsHEAD || status < 200 || status == 204 || status == 304 {
+                framing = .none
+            } else if f.transferEncoding {
+                framing = .chunked
+            } else if let n = f.contentLength {
+                framing = n == 0 ? .none : .contentLength(n)
+            } else {
+                framing = .untilClose
+            }
+            let keepAlive = framing != .untilClose
+                && (minor == 1 ? !f.connectionClose : f.connectionKeepAlive && !f.connectionClose)
+            return .head(HTTP1ResponseHead(
+                status: status, reason: min(sl.lowerBound + 13, sl.upperBound)..<sl.upperBound, minorVersion: minor,
+                headers: f.headers, framing: framing, keepAlive: keepAlive, length: end))
+        } catch let e as HTTP1Error {
+            switch e {
+            case .badRequest(let why), .notImplemented(let why): return .error(.badResponse(why))
+            case .headersTooLarge: return .error(.badResponse("too many response header fields"))
+            default: return .error(e)
+            }
+        } catch {
+            return .error(.badResponse("unexpected"))
+        }
+    }
+
+    public enum ResponseResult: Sendable {
+        case head(HTTP1ResponseHead)
+        case incomplete
+        case error(HTTP1Error)
     }
 
     /// tchar (RFC 9110 5.6.2).

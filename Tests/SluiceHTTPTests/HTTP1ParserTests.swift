@@ -203,3 +203,53 @@ final class BodyDecoderTests: XCTestCase {
         XCTAssertFalse(d.isDone)
     }
 }
+
+final class HTTP1ResponseHeadTests: XCTestCase {
+    func parse(_ text: String, head: Bool = false) -> HTTP1Parser.ResponseResult {
+        Array(text.utf8).withUnsafeBytes { HTTP1Parser.parseResponseHead($0, requestMethodIsHEAD: head) }
+    }
+
+    func response(_ text: String, head: Bool = false) -> HTTP1ResponseHead? {
+        if case .head(let h) = parse(text, head: head) { return h }
+        XCTFail("\(parse(text, head: head))")
+        return nil
+    }
+
+    func testFramingFollowsStatusMethodAndHeaders() throws {
+        let ok = try XCTUnwrap(response("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"))
+        XCTAssertEqual(ok.status, 200)
+        XCTAssertEqual(String(decoding: Array("HTTP/1.1 200 OK\r\n".utf8)[ok.reason], as: UTF8.self), "OK")
+        XCTAssertEqual(ok.framing, .contentLength(12))
+        XCTAssertTrue(ok.keepAlive)
+        XCTAssertEqual(try XCTUnwrap(response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")).framing, .chunked)
+        for status in ["204 No Content", "304 Not Modified", "100 Continue", "101 Switching Protocols"] {
+            XCTAssertEqual(try XCTUnwrap(response("HTTP/1.1 \(status)\r\nContent-Length: 5\r\n\r\n")).framing, .none, status)
+        }
+        XCTAssertEqual(try XCTUnwrap(response("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", head: true)).framing, .none,
+                       "a response to HEAD has no body")
+        let eof = try XCTUnwrap(response("HTTP/1.1 200 OK\r\nServer: old\r\n\r\n"))
+        XCTAssertEqual(eof.framing, .untilClose)
+        XCTAssertFalse(eof.keepAlive, "a body delimited by close cannot share the connection")
+        XCTAssertFalse(try XCTUnwrap(response("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")).keepAlive)
+        XCTAssertEqual(try XCTUnwrap(response("HTTP/1.1 503\r\nContent-Length: 0\r\n\r\n")).status, 503,
+                       "the reason phrase is optional")
+    }
+
+    func testUnsafeResponsesAre502() {
+        for text in ["HTTP/1.1 2OO OK\r\n\r\n", "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "HTTP/2 200\r\n\r\n",
+                     "HTTP/1.1 200 OK\r\n folded\r\n\r\n", "HTTP/1.1 099 Low\r\n\r\n"] {
+            guard case .error(let e) = parse(text) else { XCTFail(text.debugDescription); continue }
+            XCTAssertEqual(e.status, 502, text.debugDescription)
+        }
+    }
+
+    func testBodyUntilCloseTakesEverything() throws {
+        var d = BodyDecoder(.untilClose)
+        var seen = 0
+        let used = try Array("abc".utf8).withUnsafeBytes { b in try d.feed(b) { seen += $0.count } }
+        XCTAssertEqual(used, 3)
+        XCTAssertEqual(seen, 3)
+        XCTAssertFalse(d.isDone, "only the connection's close ends it")
+    }
+}
