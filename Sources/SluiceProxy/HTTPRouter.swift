@@ -1,0 +1,175 @@
+import SluiceModel
+
+/// What routing looks at in a request: decoded once per request by the L7 pipeline.
+public struct HTTPRequestFacts: Sendable {
+    public var method: String
+    /// The path without the query string.
+    public var path: String
+    public var query: [String: String]
+    public var authority: String
+    public var scheme: String
+    /// Lower-case names.
+    public var headers: [String: String]
+    public var port: UInt16
+    /// Labels of the calling workload (from its cgroup -> workload), empty when it is outside the mesh.
+    public var sourceLabels: [String: String]
+    /// `namespace/name` of the gateway the request came through, nil for mesh (sidecar-less capture) traffic.
+    public var gateway: String?
+
+    public init(method: String, path: String, query: [String: String] = [:], authority: String, scheme: String = "http",
+                headers: [String: String] = [:], port: UInt16, sourceLabels: [String: String] = [:],
+                gateway: String? = nil) {
+        self.method = method
+        self.path = path
+        self.query = query
+        self.authority = authority
+        self.scheme = scheme
+        self.headers = headers
+        self.port = port
+        self.sourceLabels = sourceLabels
+        self.gateway = gateway
+    }
+
+    /// Splits a request target into path and query parameters (first value wins, as Envoy matches them).
+    public static func split(target: String) -> (path: String, query: [String: String]) {
+        guard let q = target.firstIndex(of: "?") else { return (target, [:]) }
+        var query: [String: String] = [:]
+        for pair in target[target.index(after: q)...].split(separator: "&") {
+            let kv = pair.split(separator: "=", maxSplits: 1)
+            let key = String(kv[0])
+            if query[key] == nil { query[key] = kv.count == 2 ? String(kv[1]) : "" }
+        }
+        return (String(target[..<q]), query)
+    }
+}
+
+/// A string matcher with its regex compiled once (Istio's regexes are RE2, matched against the whole value).
+struct CompiledMatch: @unchecked Sendable {
+    let match: StringMatch
+    /// Swift's `Regex` is not `Sendable`; this one is built once and only read.
+    let regex: Regex<AnyRegexOutput>?
+
+    init(_ m: StringMatch) {
+        match = m
+        if case .regex(let pattern) = m { regex = try? Regex(pattern) } else { regex = nil }
+    }
+
+    func matches(_ value: String, ignoreCase: Bool = false) -> Bool {
+        switch match {
+        case .exact(let s): return ignoreCase ? value.lowercased() == s.lowercased() : value == s
+        case .prefix(let s): return ignoreCase ? value.lowercased().hasPrefix(s.lowercased()) : value.hasPrefix(s)
+        case .regex: return regex.map { (try? $0.wholeMatch(in: value)) != nil } ?? false
+        }
+    }
+}
+
+/// Routes HTTP requests with a node's VirtualServices, Istio's way: the VirtualServices whose `hosts` cover the
+/// request's authority (exact before wildcard), then their `http` routes in order; the first route whose match
+/// list is empty or has a matching entry wins. Built once per snapshot off the data plane; read-only after.
+public final class HTTPRouter: @unchecked Sendable {
+    struct Route {
+        let virtualService: String
+        let index: Int
+        let route: HTTPRoute
+        let matches: [Condition]
+    }
+
+    /// One `HTTPMatchRequest`: every set field must match.
+    struct Condition {
+        let source: HTTPMatch
+        let uri: CompiledMatch?
+        let scheme: CompiledMatch?
+        let method: CompiledMatch?
+        let authority: CompiledMatch?
+        let headers: [(String, CompiledMatch)]
+        let withoutHeaders: [(String, CompiledMatch)]
+        let query: [(String, CompiledMatch)]
+
+        init(_ m: HTTPMatch) {
+            source = m
+            uri = m.uri.map(CompiledMatch.init)
+            scheme = m.scheme.map(CompiledMatch.init)
+            method = m.method.map(CompiledMatch.init)
+            authority = m.authority.map(CompiledMatch.init)
+            headers = m.headers.sorted { $0.key < $1.key }.map { ($0.key, CompiledMatch($0.value)) }
+            withoutHeaders = m.withoutHeaders.sorted { $0.key < $1.key }.map { ($0.key, CompiledMatch($0.value)) }
+            query = m.queryParams.sorted { $0.key < $1.key }.map { ($0.key, CompiledMatch($0.value)) }
+        }
+
+        func matches(_ r: HTTPRequestFacts) -> Bool {
+            if let uri, !uri.matches(r.path, ignoreCase: source.ignoreUriCase) { return false }
+            if let scheme, !scheme.matches(r.scheme) { return false }
+            if let method, !method.matches(r.method) { return false }
+            if let authority, !authority.matches(r.authority) { return false }
+            if let port = source.port, port != r.port { return false }
+            for (name, m) in headers {
+                guard let v = r.headers[name], m.matches(v) else { return false }
+            }
+            for (name, m) in withoutHeaders {
+                if let v = r.headers[name], m.matches(v) { return false }
+            }
+            for (name, m) in query {
+                guard let v = r.query[name], m.matches(v) else { return false }
+            }
+            if !source.sourceLabels.allSatisfy({ r.sourceLabels[$0.key] == $0.value }) { return false }
+            if !source.gateways.isEmpty {
+                guard let g = r.gateway, source.gateways.contains(where: { $0 == g || g.hasSuffix("/" + $0) }) else {
+                    return false
+                }
+            }
+            return true
+        }
+    }
+
+    /// Routes by exact host, then wildcard hosts by longest suffix.
+    private let exact: [String: [Route]]
+    private let wildcards: [(suffix: String, routes: [Route])]
+
+    /// - Parameter virtualServices: in the snapshot's order (sorted by namespace/name), which breaks ties between
+    ///   VirtualServices for the same host deterministically.
+    public init(virtualServices: [Named<VirtualService>]) {
+        var exact: [String: [Route]] = [:]
+        var wild: [String: [Route]] = [:]
+        for vs in virtualServices {
+            let routes = vs.spec.http.enumerated().map { i, r in
+                Route(virtualService: vs.qualifiedName, index: i, route: r, matches: r.match.map(Condition.init))
+            }
+            for host in vs.spec.hosts {
+                let h = host.lowercased()
+                if h == "*" {
+                    wild["", default: []] += routes
+                } else if h.hasPrefix("*.") {
+                    wild[String(h.dropFirst()), default: []] += routes
+                } else {
+                    exact[h, default: []] += routes
+                }
+            }
+        }
+        self.exact = exact
+        wildcards = wild.sorted { $0.key.count > $1.key.count }.map { ($0.key, $0.value) }
+    }
+
+    /// The first route that matches `request`, with the VirtualService it came from; nil: no route (404 in Istio).
+    public func route(_ request: HTTPRequestFacts) -> (virtualService: String, index: Int, route: HTTPRoute)? {
+        var host = request.authority.lowercased()
+        if let colon = host.lastIndex(of: ":"), !host.hasSuffix("]") { host = String(host[..<colon]) }
+        let candidates = exact[host] ?? wildcards.first { host.hasSuffix($0.suffix) }?.routes ?? []
+        for r in candidates where r.matches.isEmpty || r.matches.contains(where: { $0.matches(request) }) {
+            return (r.virtualService, r.index, r.route)
+        }
+        return nil
+    }
+
+    /// The destination of `route` for one request: weighted by `weight` (Istio: missing weights mean one
+    /// destination taking all), `random` in `0..<100`.
+    public static func destination(of route: HTTPRoute, random: Int) -> VirtualService.RouteDestination? {
+        guard route.route.count > 1 else { return route.route.first }
+        var x = random
+        for d in route.route {
+            let w = d.weight ?? 0
+            if x < w { return d }
+            x -= w
+        }
+        return route.route.last
+    }
+}
