@@ -68,6 +68,12 @@ public struct HTTPRetry: Sendable, Hashable, Encodable {
     /// Envoy retry conditions (`5xx`, `gateway-error`, `connect-failure`, `retriable-4xx`, `reset`, ...) and
     /// status codes, as Istio passes them through.
     public var retryOn: [String]
+
+    public init(attempts: Int, perTryTimeout: Duration?, retryOn: [String]) {
+        self.attempts = attempts
+        self.perTryTimeout = perTryTimeout
+        self.retryOn = retryOn
+    }
 }
 
 public struct HTTPFault: Sendable, Hashable, Encodable {
