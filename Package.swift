@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "SluiceTelemetry", dependencies: ["CSluiceLinux"]),
         .target(name: "SluiceRing", dependencies: ["CSluiceLinux"]),
         .target(name: "SluiceBPF", dependencies: ["CSluiceLinux", "SluiceModel"]),
-        .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "CSluiceLinux"]),
+        .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "SluiceHTTP", "CSluiceLinux"]),
         .target(
             name: "SluiceAgent",
             dependencies: [
@@ -56,7 +56,7 @@ let package = Package(
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
         .testTarget(name: "SluiceHTTPTests", dependencies: ["SluiceHTTP"]),
         .testTarget(name: "SluiceBPFTests", dependencies: ["SluiceBPF", "SluiceModel", "CSluiceLinux"]),
-        .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing"]),
+        .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceHTTP"]),
         .testTarget(
             name: "SluiceIntegrationTests",
             dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent", "SluiceBPF"]

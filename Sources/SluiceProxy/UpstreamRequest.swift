@@ -1,0 +1,118 @@
+import SluiceHTTP
+import SluiceModel
+
+/// Builds the request head sent upstream from the client's parsed head and the chosen route: the rewritten
+/// path and authority, the route's and destination's header operations, hop-by-hop fields removed, and the
+/// `x-forwarded-*` / `x-request-id` fields a mesh adds. The body follows unchanged with its framing
+/// (`Content-Length` or `chunked` bytes as received), so it is forwarded without re-encoding.
+public enum UpstreamRequest {
+    /// Fields that describe one connection, never forwarded (RFC 9110 7.6.1), plus those named in `Connection`.
+    static let hopByHop: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
+                                        "proxy-authenticate", "proxy-authorization"]
+
+    public struct Context: Sendable {
+        public var clientAddress: String
+        public var scheme: String
+        public var requestID: String
+        /// Prefix the route matched (`match.uri.prefix`), which `rewrite.uri` replaces; nil: replace the whole path.
+        public var matchedPrefix: String?
+        public init(clientAddress: String, scheme: String = "http", requestID: String, matchedPrefix: String? = nil) {
+            self.clientAddress = clientAddress
+            self.scheme = scheme
+            self.requestID = requestID
+            self.matchedPrefix = matchedPrefix
+        }
+    }
+
+    /// The upstream request head for `head` (parsed from `bytes`), routed by `route` to `destination`.
+    public static func head(_ head: HTTP1RequestHead, in bytes: UnsafeRawBufferPointer, route: HTTPRoute?,
+                            destination: VirtualService.RouteDestination?, context: Context) -> [UInt8] {
+        func text(_ r: Range<Int>) -> String { String(decoding: UnsafeRawBufferPointer(rebasing: bytes[r]), as: UTF8.self) }
+        var target = text(head.target)
+        if let rewrite = route?.rewrite?.uri {
+            let (path, _) = HTTPRequestFacts.split(target: target)
+            let query = target.dropFirst(path.count)
+            if let prefix = context.matchedPrefix, path.hasPrefix(prefix) {
+                target = rewrite + path.dropFirst(prefix.count) + query
+            } else {
+                target = rewrite + query
+            }
+        }
+        // Hop-by-hop fields, and any the client's Connection field names.
+        var drop = hopByHop
+        var fields: [(String, String)] = []
+        for (n, v) in head.headers {
+            let name = text(n).lowercased()
+            if name == "connection" {
+                for token in text(v).split(separator: ",") {
+                    drop.insert(String(token.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }
+                        .reversed()).lowercased())
+                }
+            }
+            fields.append((name, text(v)))
+        }
+        if head.upgrade { drop.remove("upgrade") }
+        fields.removeAll { drop.contains($0.0) }
+        if let authority = route?.rewrite?.authority {
+            fields.removeAll { $0.0 == "host" }
+            fields.append(("host", authority))
+        }
+        // x-forwarded-for grows by the client; the request keeps one id across the mesh.
+        if let i = fields.firstIndex(where: { $0.0 == "x-forwarded-for" }) {
+            fields[i].1 += ", " + context.clientAddress
+        } else {
+            fields.append(("x-forwarded-for", context.clientAddress))
+        }
+        fields.removeAll { $0.0 == "x-forwarded-proto" }
+        fields.append(("x-forwarded-proto", context.scheme))
+        if !fields.contains(where: { $0.0 == "x-request-id" }) { fields.append(("x-request-id", context.requestID)) }
+        // Istio applies the route's operations, then the destination's.
+        for ops in [route?.headers?.request, destination?.headers?.request].compactMap({ $0 }) {
+            let removed = Set(ops.remove.map { $0.lowercased() })
+            fields.removeAll { removed.contains($0.0) }
+            for (k, v) in ops.set.sorted(by: { $0.key < $1.key }) {
+                let name = k.lowercased()
+                fields.removeAll { $0.0 == name }
+                fields.append((name, v))
+            }
+            for (k, v) in ops.add.sorted(by: { $0.key < $1.key }) { fields.append((k.lowercased(), v)) }
+        }
+        if head.upgrade { fields.append(("connection", "upgrade")) }
+
+        var out: [UInt8] = []
+        out.reserveCapacity(head.length + 128)
+        out += bytes[head.method]
+        out.append(0x20)
+        out += Array(target.utf8)
+        out += Array(" HTTP/1.1\r\n".utf8)
+        for (n, v) in fields {
+            out += Array(n.utf8)
+            out += [0x3A, 0x20]
+            out += Array(v.utf8)
+            out += [0x0D, 0x0A]
+        }
+        out += [0x0D, 0x0A]
+        return out
+    }
+}
+
+/// Istio's fault injection for one request: whether to delay it, and whether to answer it with an error instead
+/// of routing it. `random` draws uniformly in `0..<1` (one draw per fault kind).
+public enum FaultInjection {
+    public struct Decision: Sendable, Equatable {
+        public var delay: Duration?
+        public var abort: HTTPFault.Abort.Kind?
+        public init(delay: Duration?, abort: HTTPFault.Abort.Kind?) {
+            self.delay = delay
+            self.abort = abort
+        }
+    }
+
+    public static func decide(_ fault: HTTPFault?, random: () -> Double) -> Decision {
+        guard let fault else { return Decision(delay: nil, abort: nil) }
+        var d = Decision(delay: nil, abort: nil)
+        if let delay = fault.delay, random() * 100 < delay.percentage { d.delay = delay.fixedDelay }
+        if let abort = fault.abort, random() * 100 < abort.percentage { d.abort = abort.kind }
+        return d
+    }
+}
