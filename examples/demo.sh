@@ -21,6 +21,39 @@ for i in 1 2 3 4; do
 done
 echo
 curl -s 127.0.0.1:15020/metrics | grep '^istio_tcp_connections_opened_total' | sed 's/{.*}/{...}/'
+
+# Kernel capture (root only): the same backends behind service addresses, dialled from a cgroup.
+if [ "$(id -u)" = 0 ]; then
+  CG2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
+  if [ -z "$CG2" ]; then mkdir -p /run/sluice/cgroup2 && mount -t cgroup2 none /run/sluice/cgroup2 && CG2=/run/sluice/cgroup2; fi
+  CG=$CG2/sluice-demo
+  PIN=/sys/fs/bpf/sluice-demo
+  mkdir -p "$CG"
+  $BIN agent --local-config examples/capture --node demo-node --cgroup "$CG" --pin-dir $PIN --workers 1 \
+    --metrics 127.0.0.1:15030 --readiness 127.0.0.1:15031 --admin 127.0.0.1:15032 --outbound-port 15101 \
+    --dns-port 15153 --dns-upstream 127.0.0.1:9 2>/dev/null &
+  CAPTURE=$!
+  trap 'kill $BACKENDS $AGENT $CAPTURE 2>/dev/null; wait 2>/dev/null; $BIN agent --uninstall-bpf --pin-dir '$PIN' >/dev/null; rmdir '"$CG"' 2>/dev/null' EXIT
+  for _ in $(seq 50); do curl -sf 127.0.0.1:15031/healthz/ready >/dev/null && break; sleep 0.1; done
+  echo
+  echo "Kernel capture: a process in cgroup $CG dials service addresses (examples/capture/mesh.yaml)."
+  sh -c "echo \$\$ > $CG/cgroup.procs && exec python3 -" <<'PY'
+import socket, struct
+for i in range(4):
+    s = socket.create_connection(("127.96.0.10", 9000))
+    print("  echo.demo (127.96.0.10:9000, balanced in the kernel) answered by", s.recv(64).decode().strip(),
+          "- peer seen by the app:", "%s:%d" % s.getpeername())
+s = socket.create_connection(("127.96.0.11", 80))
+print("  web.demo (127.96.0.11:80, HTTP: captured to the agent) answered by", s.recv(64).decode().strip())
+q = struct.pack(">HHHHHH", 7, 0x100, 1, 0, 0, 0) + b"".join(bytes([len(l)]) + l.encode() for l in "echo.demo.svc.cluster.local".split(".")) + b"\0\0\1\0\1"
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.sendto(q, ("127.0.0.53", 53))
+r, src = u.recvfrom(512)
+print("  DNS echo.demo.svc.cluster.local ->", socket.inet_ntoa(r[-4:]), "(answered by the agent; reply from %s:%d)" % src)
+PY
+  curl -s 127.0.0.1:15030/metrics | grep -E '^sluice_bpf_(connects|balanced|redirected|dns_queries)_total' | sed 's/^/  /'
+fi
 if [ -t 0 ] && [ -z "${DEMO_EXIT:-}" ]; then
   echo "Agent keeps running; press Ctrl-C to stop."
   wait $AGENT
