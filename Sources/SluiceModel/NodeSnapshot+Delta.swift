@@ -149,3 +149,74 @@ extension EndpointAddress: Encodable {
         try c.encode(description)
     }
 }
+
+// MARK: - Istio-shaped JSON for enums with payloads (synthesized Codable would write `{"exact":{"_0":...}}`)
+
+/// A coding key made from a string, for the hand-written encodings below.
+struct NamedKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init(_ s: String) { stringValue = s }
+    init?(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+}
+
+extension StringMatch {
+    /// `{"exact": "v"}`, `{"prefix": "v"}` or `{"regex": "v"}`, as Istio writes a StringMatch.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: NamedKey.self)
+        switch self {
+        case .exact(let s): try c.encode(s, forKey: NamedKey("exact"))
+        case .prefix(let s): try c.encode(s, forKey: NamedKey("prefix"))
+        case .regex(let s): try c.encode(s, forKey: NamedKey("regex"))
+        }
+    }
+}
+
+extension LoadBalancerSettings {
+    /// `{"simple": "ROUND_ROBIN"}` or `{"consistentHash": {"useSourceIp": true, "maglev": {"tableSize": n}}}`.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: NamedKey.self)
+        switch self {
+        case .simple(let s): try c.encode(s, forKey: NamedKey("simple"))
+        case .consistentHash(_, let size):
+            var h = c.nestedContainer(keyedBy: NamedKey.self, forKey: NamedKey("consistentHash"))
+            try h.encode(true, forKey: NamedKey("useSourceIp"))
+            if let size {
+                var m = h.nestedContainer(keyedBy: NamedKey.self, forKey: NamedKey("maglev"))
+                try m.encode(size, forKey: NamedKey("tableSize"))
+            }
+        }
+    }
+}
+
+extension HTTPFault.Abort.Kind {
+    /// `{"httpStatus": 500}` or `{"grpcStatus": "UNAVAILABLE"}`.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: NamedKey.self)
+        switch self {
+        case .httpStatus(let s): try c.encode(s, forKey: NamedKey("httpStatus"))
+        case .grpcStatus(let s): try c.encode(s, forKey: NamedKey("grpcStatus"))
+        }
+    }
+}
+
+extension RateLimitPolicy.Key {
+    /// `"none"`, `"sourceIp"`, `"sourcePrincipal"` or `{"header": "name"}`.
+    public func encode(to encoder: any Encoder) throws {
+        switch self {
+        case .header(let h):
+            var c = encoder.container(keyedBy: NamedKey.self)
+            try c.encode(h, forKey: NamedKey("header"))
+        case .none:
+            var c = encoder.singleValueContainer()
+            try c.encode("none")
+        case .sourceIP:
+            var c = encoder.singleValueContainer()
+            try c.encode("sourceIp")
+        case .sourcePrincipal:
+            var c = encoder.singleValueContainer()
+            try c.encode("sourcePrincipal")
+        }
+    }
+}
