@@ -35,10 +35,15 @@ public enum Mounts {
         return nil
     }
 
+    /// True when `path` is a mounted bpffs.
+    public static func isBPFFS(_ path: String = "/sys/fs/bpf") -> Bool {
+        var fs = statfs()
+        return statfs(path, &fs) == 0 && UInt(fs.f_type) == UInt(BPF_FS_MAGIC)
+    }
+
     /// Makes sure `/sys/fs/bpf` is a bpffs, mounting it when it is not.
     public static func ensureBPFFS(_ path: String = "/sys/fs/bpf") throws(BPFError) {
-        var fs = statfs()
-        if statfs(path, &fs) == 0, UInt(fs.f_type) == UInt(BPF_FS_MAGIC) { return }
+        if isBPFFS(path) { return }
         try makeDirectories(path)
         guard mount("bpf", path, "bpf", 0, nil) == 0 else { throw .errno("mount bpffs at \(path)", errno) }
     }

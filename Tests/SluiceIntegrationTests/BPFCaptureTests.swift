@@ -9,6 +9,28 @@ import XCTest
 /// Service addresses are in 127.0.0.0/8, so a connect the programs fail to rewrite is refused on loopback
 /// instead of leaving the machine.
 final class BPFCaptureTests: XCTestCase {
+    /// Mounts these tests made because the host had none (a fresh CI machine): undone after the last test.
+    nonisolated(unsafe) static var mountedCgroup2: String?
+    nonisolated(unsafe) static var mountedBPFFS = false
+
+    override class func setUp() {
+        super.setUp()
+        guard geteuid() == 0 else { return }
+        if Mounts.cgroup2() == nil { mountedCgroup2 = try? Mounts.ensureCgroup2() }
+        if !Mounts.isBPFFS() { mountedBPFFS = (try? Mounts.ensureBPFFS()) != nil }
+    }
+
+    override class func tearDown() {
+        if let m = mountedCgroup2 { umount2(m, 0) }
+        // Only if nothing else was pinned meanwhile (the kernel's own iterator files aside).
+        if mountedBPFFS, let left = try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/bpf"),
+            Set(left).isSubset(of: ["maps.debug", "progs.debug"])
+        {
+            umount2("/sys/fs/bpf", 0)
+        }
+        super.tearDown()
+    }
+
     var cgroup = ""
     var pinDirectory = ""
     var datapath: Datapath?
