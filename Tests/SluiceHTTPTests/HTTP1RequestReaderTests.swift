@@ -1,0 +1,67 @@
+@testable import SluiceHTTP
+import XCTest
+
+final class HTTP1RequestReaderTests: XCTestCase {
+    /// Feeds `wire` in pieces of `step`, answering each request before reading the next (as the worker does).
+    func read(_ wire: String, step: Int, limits: HTTP1Limits = HTTP1Limits()) -> [String] {
+        var reader = HTTP1RequestReader(limits: limits)
+        var log: [String] = []
+        var body: [UInt8] = []
+        var pending = Array(wire.utf8)
+        var stopped = false
+        while !pending.isEmpty && !stopped {
+            let piece = Array(pending.prefix(step))
+            let used = piece.withUnsafeBytes { b in
+                reader.feed(b) { event in
+                    switch event {
+                    case .head(let h, let bytes):
+                        log.append("head " + String(decoding: bytes[h.method], as: UTF8.self) + " "
+                                   + String(decoding: bytes[h.target], as: UTF8.self))
+                    case .body(let r): body += piece[r]
+                    case .end:
+                        log.append("end body=" + String(decoding: body, as: UTF8.self))
+                        body = []
+                    case .error(let e):
+                        log.append("error \(e.status)")
+                        stopped = true
+                    }
+                }
+            }
+            pending.removeFirst(used)
+            reader.next()  // the response went out
+        }
+        return log
+    }
+
+    func testPipelinedRequestsWithBodiesInAnyPieces() {
+        let wire = "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+            + "PUT /b HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+            + "GET /c HTTP/1.1\r\nHost: h\r\n\r\n"
+        let expected = ["head POST /a", "end body=hello", "head PUT /b", "end body=abcde", "head GET /c", "end body="]
+        for step in [1, 2, 5, 13, 4096] {
+            XCTAssertEqual(read(wire, step: step), expected, "pieces of \(step)")
+        }
+    }
+
+    func testBadRequestsStopTheConnection() {
+        let wire = "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+            + "GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+        XCTAssertEqual(read(wire, step: 7), ["error 400"], "nothing after the bad head is read")
+        XCTAssertEqual(read("PUT /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", step: 3),
+                       ["head PUT /a", "error 400"])
+    }
+
+    func testHeadsAreBoundedAcrossPieces() {
+        var limits = HTTP1Limits()
+        limits.maxHeadBytes = 256
+        let wire = "GET / HTTP/1.1\r\nHost: h\r\n" + String(repeating: "X-Pad: 0123456789\r\n", count: 40)
+        XCTAssertEqual(read(wire, step: 10, limits: limits), ["error 431"])
+    }
+
+    func testSlowlorisIsVisibleToTheWorker() {
+        var reader = HTTP1RequestReader()
+        XCTAssertFalse(reader.isInsideHead)
+        _ = Array("GET / HT".utf8).withUnsafeBytes { reader.feed($0) { _ in } }
+        XCTAssertTrue(reader.isInsideHead, "a header timeout applies while a head dribbles in")
+    }
+}
