@@ -1,13 +1,27 @@
-/// Reads HTTP/1.1 requests off one client connection, whatever the receive buffers' boundaries: accumulates a
-/// head (bounded by the limits), then delimits its body, then stops at the request's end so that a pipelined
-/// next request waits until this one is answered. No I/O: the worker feeds received bytes and acts on events.
+/// A parsed message head: what ``HTTP1Reader`` needs of it.
+public protocol HTTP1MessageHead: Sendable {
+    var length: Int { get }
+    var framing: BodyFraming { get }
+}
+
+extension HTTP1RequestHead: HTTP1MessageHead {}
+extension HTTP1ResponseHead: HTTP1MessageHead {}
+
+/// Reads requests off a client connection.
+public typealias HTTP1RequestReader = HTTP1Reader<HTTP1RequestHead>
+/// Reads responses off an upstream connection.
+public typealias HTTP1ResponseReader = HTTP1Reader<HTTP1ResponseHead>
+
+/// Reads HTTP/1.1 messages off one connection, whatever the receive buffers' boundaries: accumulates a head
+/// (bounded by the limits), then delimits its body, then stops at the message's end so that a pipelined next
+/// message waits until this one is dealt with. No I/O: the worker feeds received bytes and acts on events.
 ///
 /// Only head bytes are copied (into one bounded buffer per connection); body bytes are reported as ranges of
 /// the buffer being fed, to be forwarded from it.
-public struct HTTP1RequestReader: Sendable {
+public struct HTTP1Reader<Head: HTTP1MessageHead>: Sendable {
     public enum Event {
         /// A complete head; its ranges index `headBytes`.
-        case head(HTTP1RequestHead, headBytes: [UInt8])
+        case head(Head, headBytes: [UInt8])
         /// Body bytes: a range of the buffer passed to ``feed(_:_:)``.
         case body(Range<Int>)
         /// The request (head and body) is complete; the connection may carry the next one.
@@ -27,9 +41,14 @@ public struct HTTP1RequestReader: Sendable {
     public let limits: HTTP1Limits
     var state = State.head
     var headBuffer: [UInt8] = []
+    /// Responses only: the request being answered was a HEAD (no body, whatever the headers say).
+    public var answeringHEAD = false
+    private let parse: @Sendable (UnsafeRawBufferPointer, HTTP1Limits, Bool) -> ParseResult
 
-    public init(limits: HTTP1Limits = HTTP1Limits()) {
-        self.limits = limits
+    enum ParseResult {
+        case head(Head)
+        case incomplete
+        case error(HTTP1Error)
     }
 
     /// Feeds received bytes. Returns how many were used: fewer than given when a request ended (the rest is the
@@ -44,7 +63,7 @@ public struct HTTP1RequestReader: Sendable {
                 let room = limits.maxHeadBytes - headBuffer.count
                 let take = min(room, bytes.count - used)
                 headBuffer.append(contentsOf: bytes[used..<(used + take)])
-                let result = headBuffer.withUnsafeBytes { HTTP1Parser.parseRequestHead($0, limits: limits) }
+                let result = headBuffer.withUnsafeBytes { parse($0, limits, answeringHEAD) }
                 switch result {
                 case .incomplete:
                     used += take
@@ -104,5 +123,32 @@ public struct HTTP1RequestReader: Sendable {
     public var isInsideHead: Bool {
         if case .head = state { return !headBuffer.isEmpty }
         return false
+    }
+}
+
+extension HTTP1Reader where Head == HTTP1RequestHead {
+    public init(limits: HTTP1Limits = HTTP1Limits()) {
+        self.limits = limits
+        parse = { b, l, _ in
+            switch HTTP1Parser.parseRequestHead(b, limits: l) {
+            case .head(let h): .head(h)
+            case .incomplete: .incomplete
+            case .error(let e): .error(e)
+            }
+        }
+    }
+}
+
+extension HTTP1Reader where Head == HTTP1ResponseHead {
+    /// A response with `untilClose` framing ends when the upstream closes: the worker ends it then.
+    public init(limits: HTTP1Limits = HTTP1Limits()) {
+        self.limits = limits
+        parse = { b, l, head in
+            switch HTTP1Parser.parseResponseHead(b, requestMethodIsHEAD: head, limits: l) {
+            case .head(let h): .head(h)
+            case .incomplete: .incomplete
+            case .error(let e): .error(e)
+            }
+        }
     }
 }

@@ -65,3 +65,48 @@ final class HTTP1RequestReaderTests: XCTestCase {
         XCTAssertTrue(reader.isInsideHead, "a header timeout applies while a head dribbles in")
     }
 }
+
+final class HTTP1ResponseReaderTests: XCTestCase {
+    func events(_ wire: String, head: Bool = false, step: Int) -> [String] {
+        var reader = HTTP1ResponseReader()
+        reader.answeringHEAD = head
+        var log: [String] = [], body: [UInt8] = []
+        var pending = Array(wire.utf8)
+        var stopped = false
+        while !pending.isEmpty && !stopped {
+            let piece = Array(pending.prefix(step))
+            let used = piece.withUnsafeBytes { b in
+                reader.feed(b) { e in
+                    switch e {
+                    case .head(let h, _): log.append("head \(h.status)")
+                    case .body(let r): body += piece[r]
+                    case .end:
+                        log.append("end " + String(decoding: body, as: UTF8.self))
+                        body = []
+                    case .error(let e):
+                        log.append("error \(e.status)")
+                        stopped = true
+                    }
+                }
+            }
+            pending.removeFirst(used)
+            reader.next()
+        }
+        if !body.isEmpty { log.append("open " + String(decoding: body, as: UTF8.self)) }
+        return log
+    }
+
+    func testInterimThenFinalResponseWithChunkedBody() {
+        let wire = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+        for step in [1, 9, 4096] {
+            XCTAssertEqual(events(wire, step: step), ["head 100", "end ", "head 200", "end body"])
+        }
+    }
+
+    func testHeadResponsesHaveNoBodyAndUntilCloseStaysOpen() {
+        XCTAssertEqual(events("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", head: true, step: 5), ["head 200", "end "])
+        XCTAssertEqual(events("HTTP/1.0 200 OK\r\n\r\nstreamed until close", step: 6),
+                       ["head 200", "open streamed until close"], "the worker ends it when the upstream closes")
+        XCTAssertEqual(events("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n", step: 64), ["error 502"])
+    }
+}
