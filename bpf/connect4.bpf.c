@@ -29,8 +29,8 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
         .port = (__u16)ctx->user_port,
         .proto = IPPROTO_TCP,
     };
-    struct sl_service *svc = bpf_map_lookup_elem(&sl_services, &key);
-    if (!svc) {
+    struct sl_service *found = bpf_map_lookup_elem(&sl_services, &key);
+    if (!found) {
         // Not a mesh service: untouched, unless the mesh admits only its registry (loopback always passes).
         if (sl_registry_only() && (bpf_ntohl(ctx->user_ip4) >> 24) != 127) {
             sl_count(SL_COUNT_DENIED);
@@ -39,6 +39,9 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
         return 1;
     }
 
+    // One copy: every field below comes from the same version of the entry.
+    struct sl_service svc_copy = *found;
+    const struct sl_service *svc = &svc_copy;
     __u64 cgroup_id = bpf_get_current_cgroup_id();
     struct sl_original_dst dst = {
         .addr = ctx->user_ip4,

@@ -27,8 +27,8 @@ int sl_connect6(struct bpf_sock_addr *ctx) {
         .port = (__u16)ctx->user_port,
         .proto = IPPROTO_TCP,
     };
-    struct sl_service *svc = bpf_map_lookup_elem(&sl_services6, &key);
-    if (!svc) {
+    struct sl_service *found = bpf_map_lookup_elem(&sl_services6, &key);
+    if (!found) {
         int loopback = !key.addr[0] && !key.addr[1] && !key.addr[2] && key.addr[3] == SL_LOOPBACK6_W3;
         if (sl_registry_only() && !loopback) {
             sl_count(SL_COUNT_DENIED);
@@ -36,6 +36,9 @@ int sl_connect6(struct bpf_sock_addr *ctx) {
         }
         return 1;
     }
+    // One copy: every field below comes from the same version of the entry.
+    struct sl_service svc_copy = *found;
+    const struct sl_service *svc = &svc_copy;
     __u64 cgroup_id = bpf_get_current_cgroup_id();
     struct sl_original_dst6 dst = {
         .addr = {key.addr[0], key.addr[1], key.addr[2], key.addr[3]},

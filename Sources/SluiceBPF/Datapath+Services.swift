@@ -109,12 +109,19 @@ extension Datapath {
                 throw BPFError("the update needs \(needed) IPv\(v4 ? 4 : 6) backend slots; \(free) are free")
             }
         }
-        for (key, entry) in changed.sorted(by: { $0.value.address < $1.value.address }) {
-            try install(key, entry, table: tables[key]!)
-        }
+        // Stale entries go first, so replacing many addresses never needs room for both sets.
         for key in installed.keys where desired[key] == nil {
             _ = key.withRaw { bpf_map_delete_elem(key.isV4 ? servicesFD : services6FD, $0) }
-            if let old = installed.removeValue(forKey: key) { release(old.value, v4: key.isV4) }
+            if let old = installed.removeValue(forKey: key) { retired.append((old.value, key.isV4)) }
+        }
+        // Ranges replaced during this update are freed only once it is over: a connect that read an old entry
+        // must not find its range rewritten for another service by the next install.
+        defer {
+            for (v, v4) in retired { release(v, v4: v4) }
+            retired = []
+        }
+        for (key, entry) in changed.sorted(by: { $0.value.address < $1.value.address }) {
+            try install(key, entry, table: tables[key]!)
         }
     }
 
@@ -126,13 +133,20 @@ extension Datapath {
         var value = sl_service()
         value.id = entry.host.utf8.reduce(2_166_136_261 as UInt32) { ($0 ^ UInt32($1)) &* 16_777_619 }  // FNV-1a
         switch entry.action {
+        case .balance where table.count == 0:
+            // No backend of the address's family (an IPv6 address of a service with IPv4 endpoints only): the
+            // agent takes these connections.
+            value.action = UInt8(SL_ACTION_PROXY.rawValue)
         case .proxy:
             value.action = UInt8(SL_ACTION_PROXY.rawValue)
         case .balance(let lb, _):
             value.action = UInt8(SL_ACTION_BALANCE.rawValue)
             value.lb = UInt8(lb == .maglev ? SL_LB_MAGLEV.rawValue : SL_LB_RANDOM.rawValue)
-            // Checked against the free total before any write.
-            let base = key.isV4 ? allocator.allocate(table.count)! : allocator6.allocate(table.count)!
+            // The total was checked before any write; a fragmented array can still lack one contiguous range.
+            guard let base = key.isV4 ? allocator.allocate(table.count) : allocator6.allocate(table.count) else {
+                throw BPFError("no \(table.count) contiguous backend slots are free for \(entry.address); "
+                               + "\(key.isV4 ? allocator.available : allocator6.available) are free in pieces")
+            }
             value.slot_base = UInt32(base)
             value.slots = UInt16(table.count)
             for i in 0..<table.count {
@@ -153,7 +167,7 @@ extension Datapath {
             release(value, v4: key.isV4)
             throw .errno("write the services map for \(entry.address)", rc)
         }
-        if let old = installed[key] { release(old.value, v4: key.isV4) }
+        if let old = installed[key] { retired.append((old.value, key.isV4)) }
         installed[key] = Installed(value: value, entry: entry)
     }
 

@@ -55,6 +55,8 @@ public final class Datapath: @unchecked Sendable {
     var installed: [ServiceKey: Installed] = [:]
     var allocator = SlotAllocator(capacity: Int(SL_MAX_SLOTS))
     var allocator6 = SlotAllocator(capacity: Int(SL_MAX_SLOTS6))
+    /// Slot ranges replaced during the current ``apply(_:)``, freed when it ends.
+    var retired: [(sl_service, Bool)] = []
 
     /// Loads every program object from `objectDirectory`. Maps are pinned in `pinDirectory` by name; maps
     /// already pinned there (a previous agent's) are reused with their contents.
@@ -110,7 +112,7 @@ public final class Datapath: @unchecked Sendable {
         excludedPortsFD = fd("sl_exclude_ports")
         if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD, services6FD, slots6FD, peers6FD]
             .contains(where: { $0 < 0 }) {
-            for o in loaded.values { bpf_object__close(o) }
+            // Every stored property is set here, so deinit runs and closes the objects.
             throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")
         }
         adoptInstalledServices()
@@ -148,6 +150,9 @@ public final class Datapath: @unchecked Sendable {
         let cg = open(cgroup, O_RDONLY | O_DIRECTORY)
         guard cg >= 0 else { throw .errno("open cgroup \(cgroup)", errno, hint: "it must be a cgroup2 directory") }
         defer { close(cg) }
+        var st = stat()
+        fstat(cg, &st)
+        let cgroupID = UInt64(st.st_ino)  // a cgroup2 directory's inode number is its cgroup id
         var made: [(OpaquePointer, String)] = []
         for p in Self.programs {
             guard let object = objects[p.object], let program = bpf_object__find_program_by_name(object, p.name) else {
@@ -155,7 +160,14 @@ public final class Datapath: @unchecked Sendable {
                 throw BPFError("program \(p.name) is missing from \(p.object); rebuild it (make bpf)")
             }
             let pin = "\(pinDirectory)/link_\(p.name)"
-            if access(pin, F_OK) == 0, let old = bpf_link__open(pin) {
+            var pinned = access(pin, F_OK) == 0 ? bpf_link__open(pin) : nil
+            if let old = pinned, !Self.link(old, isOn: cgroupID) {
+                // Pinned by an agent that captured another cgroup: that one is let go, this one attached below.
+                unlink(pin)
+                bpf_link__destroy(old)
+                pinned = nil
+            }
+            if let old = pinned {
                 // A previous agent's link: swap in this agent's program without a moment detached.
                 let rc = bpf_link__update_program(old, program)
                 if rc != 0 {
@@ -180,6 +192,14 @@ public final class Datapath: @unchecked Sendable {
             made.append((link, pin))
             links.append(link)
         }
+    }
+
+    /// Whether a cgroup link is attached to the cgroup with id `cgroupID`.
+    static func link(_ link: OpaquePointer, isOn cgroupID: UInt64) -> Bool {
+        var info = bpf_link_info()
+        var length = UInt32(MemoryLayout<bpf_link_info>.size)
+        guard bpf_obj_get_info_by_fd(bpf_link__fd(link), &info, &length) == 0 else { return true }
+        return info.cgroup.cgroup_id == cgroupID
     }
 
     private func rollBack(_ made: [(OpaquePointer, String)]) {

@@ -114,11 +114,11 @@ extension MeshCompiler {
             if se.workloadSelector != nil { selectingServiceEntries[ns, default: []].insert(key) }
         case .destinationRule(let dr): destinationRulesByHost[dr.host, default: []].insert(key)
         case .healthCheck(let hc):
-            if let other = healthChecksByHost[hc.host], other != key {
+            if let other = healthChecksByHost[hc.host]?.first(where: { $0 != key }) {
                 problems.append(Self.error(r, "spec.host", "\(hc.host) already has a HealthCheck (\(other))",
                                            hint: "keep one HealthCheck per host"))
             }
-            healthChecksByHost[hc.host] = key
+            healthChecksByHost[hc.host, default: []].insert(key)
         case .rateLimitPolicy(let rl): rateLimitsByHost[rl.host, default: []].insert(key)
         case .workloadEntry(let we):
             let a = r.metadata.annotations
@@ -156,7 +156,7 @@ extension MeshCompiler {
             for h in se.hosts { Self.drop(key, from: &serviceEntriesByHost, at: h) }
             Self.drop(key, from: &selectingServiceEntries, at: ns)
         case .destinationRule(let dr): Self.drop(key, from: &destinationRulesByHost, at: dr.host)
-        case .healthCheck(let hc): if healthChecksByHost[hc.host] == key { healthChecksByHost[hc.host] = nil }
+        case .healthCheck(let hc): Self.drop(key, from: &healthChecksByHost, at: hc.host)
         case .rateLimitPolicy(let rl): Self.drop(key, from: &rateLimitsByHost, at: rl.host)
         case .workloadEntry: workloads.remove(key)
         case .virtualService(let vs):

@@ -130,7 +130,8 @@ extension MeshCompiler {
                 continue
             }
             if routes.isEmpty { continue }
-            listeners.append(.init(name: "\(key.namespace)/\(key.name):\(server.port.number)", address: addr,
+            let where_ = server.bind.map { "\($0):\(server.port.number)" } ?? "\(server.port.number)"
+            listeners.append(.init(name: "\(key.namespace)/\(key.name):\(where_)", address: addr,
                                    protocol: server.port.protocol, routes: routes))
         }
         gatewayProducts[key] = GatewayProduct(node: r.metadata.annotations[SluiceAnnotation.node],

@@ -89,7 +89,7 @@ extension MeshCompiler {
                                          hint: "merge the two DestinationRules into one"))
         }
         var healthCheck: HealthCheck?
-        if let k = healthChecksByHost[host], case .healthCheck(let hc)? = resources[k]?.spec { healthCheck = hc }
+        if let k = healthChecksByHost[host]?.min(), case .healthCheck(let hc)? = resources[k]?.spec { healthCheck = hc }
         let namespace = seResource.metadata.namespace
 
         // Candidate endpoints: inline ones, then the WorkloadEntries the selector picks.
@@ -154,7 +154,8 @@ extension MeshCompiler {
                     maxConnections: policy.connectionPool?.maxConnections, httpPool: policy.connectionPool?.http,
                     tls: policy.tls, healthCheck: healthCheck)))
             }
-            for vip in se.addresses {
+            // The addresses belong to the ServiceEntry, not to each of its hosts: one map entry, from its first host.
+            for vip in se.hosts.first == host ? se.addresses : [] {
                 guard let ip = IPAddress(vip) else { continue }  // a CIDR range: matched by the agent, not the map
                 let action = kernelAction(host: host, port: port, entry: se, rule: dr, policy: topPolicy,
                                           healthCheck: healthCheck, endpoints: allEndpoints,

@@ -67,7 +67,7 @@ public struct MeshCompiler: Sendable {
     /// ServiceEntries with a workloadSelector, by namespace: the ones a WorkloadEntry there may join.
     var selectingServiceEntries: [String: Set<ResourceKey>] = [:]
     var destinationRulesByHost: [String: Set<ResourceKey>] = [:]
-    var healthChecksByHost: [String: ResourceKey] = [:]
+    var healthChecksByHost: [String: Set<ResourceKey>] = [:]
     var rateLimitsByHost: [String: Set<ResourceKey>] = [:]
     var workloads = WorkloadTable()
     /// Mesh-bound VirtualServices by the hosts they route.
@@ -162,7 +162,9 @@ public struct MeshCompiler: Sendable {
         } catch {
             // Put the previous resources back and recompile what they touch: the state is a function of the
             // resources, so this restores it exactly, and is cheaper than copying the whole state up front.
-            let undo: [ResourceChange] = originals.map { key, old in old.map { .upsert($0) } ?? .delete(key) }
+            // Deletes first, in key order, so a kind that allows one resource (MeshConfig) never sees two.
+            let undo: [ResourceChange] = originals.filter { $0.value == nil }.keys.sorted().map { .delete($0) }
+                + originals.values.compactMap { $0 }.sorted { $0.key < $1.key }.map { .upsert($0) }
             _ = try? applyInPlace(undo)
             throw error
         }
@@ -186,8 +188,6 @@ public struct MeshCompiler: Sendable {
         for h in touched.hosts { unitsBefore[h] = units[h] }
         var vsBefore: [ResourceKey: Resource] = [:]
         for k in touched.virtualServices { vsBefore[k] = resources[k] }
-        var gatewaysBefore: [ResourceKey: GatewayProduct] = [:]
-        for k in touched.gateways { gatewaysBefore[k] = gatewayProducts[k] }
         var scopesBefore: [String: NodeScope] = [:]
         for n in touched.nodes { scopesBefore[n] = scopes[n] }
 
@@ -218,11 +218,6 @@ public struct MeshCompiler: Sendable {
         let hostChanges = touched.hosts.sorted().map { h in
             ItemChange(old: unitsBefore[h]?.items ?? [], new: units[h]?.items ?? [])
         }
-        let changedGateways = touched.gateways.sorted().filter { gatewaysBefore[$0] != gatewayProducts[$0] }
-            .map { k in
-                (k, ItemChange(old: gatewaysBefore[k]?.listeners.map { .listener($0) } ?? [],
-                               new: gatewayProducts[k]?.listeners.map { .listener($0) } ?? []))
-            }
         let vsChanges = touched.virtualServices.sorted().map { k in
             (vsBefore[k], resources[k], ItemChange(old: vsBefore[k].flatMap(Self.item).map { [$0] } ?? [],
                                                    new: resources[k].flatMap(Self.item).map { [$0] } ?? []))
@@ -249,13 +244,6 @@ public struct MeshCompiler: Sendable {
                 for k in was.symmetricDifference(now) where !touched.virtualServices.contains(k) {
                     guard let item = virtualServiceItem(k) else { continue }
                     diff.add(ItemChange(old: [item], new: [item]), was: was.contains(k), now: now.contains(k))
-                }
-            }
-            if !rescoped {
-                // Listeners of a gateway whose routes changed with a service's ports; its nodes are as they were.
-                for (k, change) in changedGateways {
-                    guard let gw = resources[k], gatewayRuns(gw, on: node) else { continue }
-                    diff.add(change, was: true, now: true)
                 }
             }
             for (h, change) in zip(sortedHosts, hostChanges) {
@@ -338,15 +326,23 @@ struct Touched {
     var virtualServices: Set<ResourceKey> = []
     var nodes: Set<String> = []
 
+    /// Gateway listeners name clusters by port: recompile them, and the node-local parts of every node (which
+    /// listeners a node keeps depends on the others it runs). Free when the mesh has no gateway.
+    mutating func touchGateways(_ m: MeshCompiler) {
+        guard !m.gatewayKeys.isEmpty else { return }
+        gateways.formUnion(m.gatewayKeys)
+        nodes.formUnion(m.nodes)
+    }
+
     mutating func note(_ r: Resource, in m: MeshCompiler) {
         switch r.spec {
         case .serviceEntry(let se):
             hosts.formUnion(se.hosts)
-            // A gateway route to one of these hosts may now point at a port or subset that is gone.
-            gateways.formUnion(m.gatewayKeys)
+            // A gateway route to one of these hosts may now name another port, or one that is gone.
+            touchGateways(m)
         case .destinationRule(let dr):
             hosts.insert(dr.host)
-            gateways.formUnion(m.gatewayKeys)
+            touchGateways(m)
         case .healthCheck(let hc): hosts.insert(hc.host)
         case .rateLimitPolicy(let rl): hosts.insert(rl.host)
         case .workloadEntry(let we):

@@ -27,7 +27,8 @@ public struct DNSQuery: Sendable, Equatable {
         func u16(_ i: Int) -> UInt16 { UInt16(bytes[i]) << 8 | UInt16(bytes[i + 1]) }
         let flags = u16(2)
         let isResponse = flags & 0x8000 != 0, opcode = (flags >> 11) & 0xF
-        guard !isResponse, opcode == 0, u16(4) == 1, u16(6) == 0, u16(8) == 0 else { return nil }
+        // One question; an additional record is allowed (EDNS's OPT, which resolvers add) and not echoed.
+        guard !isResponse, opcode == 0, u16(4) == 1, u16(6) == 0, u16(8) == 0, u16(10) <= 1 else { return nil }
         var i = 12
         var labels: [String] = []
         var length = 0
@@ -57,7 +58,9 @@ public struct DNSQuery: Sendable, Equatable {
     /// The response: `addresses` of the asked family as answers (none is NODATA: the name exists, not with
     /// that type), or NXDOMAIN when `addresses` is nil.
     public func answer(_ addresses: [IPAddress]?, ttl: UInt32 = 30) -> [UInt8] {
-        let records = (addresses ?? []).filter { type == Self.typeAAAA ? !$0.isIPv4 : $0.isIPv4 }
+        let records = (addresses ?? []).filter { ip in
+            type == Self.typeA ? ip.isIPv4 : type == Self.typeAAAA ? !ip.isIPv4 : false  // other types: NODATA
+        }
         let rcode: UInt16 = addresses == nil ? 3 : 0
         let flags: UInt16 = 0x8000 | 0x0400 | (recursionDesired ? 0x0100 : 0) | 0x0080 | rcode  // QR AA RD RA
         var out: [UInt8] = []

@@ -90,15 +90,16 @@ public final class DNSServer: @unchecked Sendable {
             }
             guard n > 0 else { continue }
             let query = Array(buffer[0..<n])
-            if let q = DNSQuery(query), q.qclass == DNSQuery.classIN,
-                q.type == DNSQuery.typeA || q.type == DNSQuery.typeAAAA,
-                let addresses = hosts.withLock({ $0[q.name] })
-            {
+            // A mesh host is answered here for every type (NODATA but for A/AAAA): relaying it would get an
+            // NXDOMAIN that tells resolvers the name does not exist.
+            if let q = DNSQuery(query), q.qclass == DNSQuery.classIN, let addresses = hosts.withLock({ $0[q.name] }) {
                 reply(q.answer(addresses), to: from, length: fromLength)
             } else {
                 relay(query, to: from, length: fromLength)
             }
         }
+        // Relays reply through this socket: wait for them before closing it.
+        relays.sync(flags: .barrier) {}
         close(fd)
     }
 
@@ -119,10 +120,12 @@ public final class DNSServer: @unchecked Sendable {
             let s = socket(up.family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard s >= 0 else { return }
             defer { close(s) }
+            // Connected: the kernel drops datagrams from anyone but the upstream.
             var dst = up
-            let sent = query.withUnsafeBytes { b in
-                withUnsafePointer(to: &dst.storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(s, b.baseAddress, b.count, 0, $0, up.length) } }
+            let connected = withUnsafePointer(to: &dst.storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, up.length) }
             }
+            let sent = connected == 0 ? query.withUnsafeBytes { send(s, $0.baseAddress, $0.count, 0) } : -1
             var p = pollfd(fd: s, events: Int16(POLLIN), revents: 0)
             var answer = [UInt8](repeating: 0, count: 65535)
             guard sent == query.count, poll(&p, 1, relayTimeoutMilliseconds) > 0 else {
@@ -130,7 +133,10 @@ public final class DNSServer: @unchecked Sendable {
                 return
             }
             let n = answer.withUnsafeMutableBytes { recv(s, $0.baseAddress, $0.count, 0) }
-            if n > 0 { reply(Array(answer[0..<n]), to: client, length: length) }
+            // Only the answer to this query (same id), as a resolver would check.
+            if n >= 12, answer[0] == query[0], answer[1] == query[1] {
+                reply(Array(answer[0..<n]), to: client, length: length)
+            }
         }
     }
 

@@ -686,6 +686,17 @@ final class BPFCaptureTests: XCTestCase {
         XCTAssertEqual(try run(), "\(ENETUNREACH) \(ECONNREFUSED)\n", "ALLOW_ANY: untouched")
     }
 
+    /// An IPv6 service address whose endpoints are all IPv4 has nothing the kernel could rewrite to: it goes to
+    /// the agent instead (review finding: this crashed the update).
+    func testAnAddressWithoutBackendsOfItsFamilyGoesToTheAgent() throws {
+        let dp = try Datapath(objectDirectory: objectDirectory, pinDirectory: pinDirectory)
+        datapath = dp
+        let backends = [NodeSnapshot.BPFService.Backend(address: EndpointAddress(parsing: "127.0.0.1:80")!, weight: 1)]
+        try dp.apply([NodeSnapshot.BPFService(address: EndpointAddress(parsing: "[fd99::9]:80")!, protocol: .tcp,
+                                              host: "mixed.test", action: .balance(loadBalancing: .random, backends: backends))])
+        try dp.apply([])
+    }
+
     func testAMissingObjectFileIsNamed() {
         XCTAssertThrowsError(try Datapath(objectDirectory: "/nonexistent", pinDirectory: pinDirectory)) { error in
             XCTAssertTrue("\(error)".contains("/nonexistent/connect4.bpf.o"), "\(error)")

@@ -23,7 +23,7 @@ final class DecodingTests: XCTestCase {
         let snap = try SnapshotCompiler().compile(resources)
         XCTAssertEqual(snap.listeners.count, 1)
         let l = snap.listeners[0]
-        XCTAssertEqual(l.name, "shop/edge:8443")
+        XCTAssertEqual(l.name, "shop/edge:127.0.0.1:8443")
         XCTAssertEqual(l.address, EndpointAddress(parsing: "127.0.0.1:8443"))
         XCTAssertEqual(l.routes.map(\.weight), [80, 20])
         let primary = try XCTUnwrap(snap.cluster(named: l.routes[0].cluster))

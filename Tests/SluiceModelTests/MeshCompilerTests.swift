@@ -248,6 +248,70 @@ final class MeshCompilerTests: XCTestCase {
         XCTAssertEqual(m.snapshot(for: "node-b"), before)
     }
 
+    /// A rejected batch leaves exactly the state before it, even where an index keeps one resource per host or
+    /// per mesh (found by review: a second HealthCheck, a MeshConfig renamed in a failing batch).
+    func testRejectedBatchesRestoreOneOfAKindIndexes() throws {
+        let base = Self.twoNamespaces + """
+
+            ---
+            apiVersion: sluice.dev/v1
+            kind: HealthCheck
+            metadata: {name: hc1, namespace: shop}
+            spec: {host: ratings.shop.svc.cluster.local}
+            """
+        var m = try MeshCompiler(Self.decode(base))
+        let before = m.nodes.map { m.snapshot(for: $0) }
+        let secondCheck = Self.decode("""
+            apiVersion: sluice.dev/v1
+            kind: HealthCheck
+            metadata: {name: hc2, namespace: shop}
+            spec: {host: ratings.shop.svc.cluster.local}
+            """)
+        XCTAssertThrowsError(try m.apply(secondCheck.map { .upsert($0) }))
+        XCTAssertEqual(m.nodes.map { m.snapshot(for: $0) }, before)
+
+        let renamed = Self.decode("""
+            apiVersion: sluice.dev/v1
+            kind: MeshConfig
+            metadata: {name: mesh2, namespace: istio-system}
+            spec: {trustDomain: example.org}
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: bad, namespace: shop}
+            spec:
+              hosts: [ratings.shop.svc.cluster.local]
+              http: [{route: [{destination: {host: ratings.shop.svc.cluster.local, subset: nope}}]}]
+            """)
+        for _ in 0..<10 {
+            let batch: [ResourceChange] = [.delete(ResourceKey(kind: .meshConfig, namespace: "istio-system", name: "mesh"))]
+                + renamed.map { .upsert($0) }
+            XCTAssertThrowsError(try m.apply(batch))
+            XCTAssertEqual(m.mesh.trustDomain, "example.org")
+            XCTAssertEqual(m.nodes.map { m.snapshot(for: $0) }, before)
+        }
+    }
+
+    func testAServiceEntryWithSeveralHostsHasOneMapEntryPerAddress() throws {
+        let yaml = """
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {name: two, namespace: shop}
+            spec:
+              hosts: [a.shop.svc.cluster.local, b.shop.svc.cluster.local]
+              addresses: [10.96.5.5]
+              resolution: STATIC
+              ports: [{number: 80, name: tcp, protocol: TCP}]
+              endpoints: [{address: 10.1.5.5}]
+            ---
+
+            """ + Self.workload("w", ns: "shop", app: "x", ip: "10.1.0.1", node: "n")
+        let m = try MeshCompiler(Self.decode(yaml))
+        let snap = m.snapshot(for: "n")
+        XCTAssertEqual(snap.bpfServices.map(\.host), ["a.shop.svc.cluster.local"])
+        XCTAssertEqual(NodeSnapshot(node: "n", mesh: snap.mesh, items: snap.items), snap, "keys are unique")
+    }
+
     /// Random edits of a small mesh: after each, every node's old snapshot plus its delta equals a fresh
     /// compile, and nodes without a delta are unchanged.
     func testDeltasMatchFullRecompilesUnderRandomChanges() throws {

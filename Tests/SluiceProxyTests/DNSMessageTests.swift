@@ -35,6 +35,18 @@ final class DNSMessageTests: XCTestCase {
         XCTAssertEqual(DNSServer.servfail(q)[3] & 0x0F, 2)
     }
 
+    func testEDNSQueriesAndOtherTypesForMeshHosts() throws {
+        var edns = Self.query("db.shop.svc.cluster.local")
+        edns[11] = 1
+        edns += [0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]  // OPT: root name, type 41, size 4096, no options
+        let q = try XCTUnwrap(DNSQuery(edns), "an OPT record does not hide a mesh name")
+        XCTAssertEqual(q.name, "db.shop.svc.cluster.local")
+        let srv = try XCTUnwrap(DNSQuery(Self.query("db.shop.svc.cluster.local", type: 33)))
+        let a = srv.answer([IPAddress("10.96.0.7")!])
+        XCTAssertEqual(a[3] & 0x0F, 0, "NOERROR")
+        XCTAssertEqual(Array(a[6..<8]), [0, 0], "no records: NODATA for SRV of a mesh host")
+    }
+
     func testRefusesWhatItDoesNotAnswer() {
         var response = Self.query("a.b")
         response[2] |= 0x80

@@ -12,6 +12,9 @@ struct {
     __uint(max_entries, SL_MAX_SERVICES);
     __type(key, struct sl_service_key);
     __type(value, struct sl_service);
+    /* Not preallocated: a replaced element is freed after an RCU grace period, so a reader never sees it
+     * reused by a later update mid-read. */
+    __uint(map_flags, BPF_F_NO_PREALLOC);
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_services SEC(".maps");
 
@@ -60,6 +63,7 @@ struct {
     __uint(max_entries, SL_MAX_SERVICES);
     __type(key, struct sl_service_key6);
     __type(value, struct sl_service);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_services6 SEC(".maps");
 
