@@ -64,8 +64,7 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
         return 1;
     }
     // The agent must see this connection: remember where it was going and send it to the agent.
-    __u32 zero = 0;
-    struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+    struct sl_config *cfg = sl_config_get();
     if (!cfg || cfg->agent_port == 0) {
         sl_count(SL_COUNT_MISSES);
         return 1;

@@ -18,7 +18,7 @@ int sl_connect6(struct bpf_sock_addr *ctx) {
     }
     if (ctx->type != SOCK_STREAM) return 1;
     sl_count(SL_COUNT_CONNECTS);
-    if (bpf_map_lookup_elem(&sl_exclude_ports, &(__u16){(__u16)ctx->user_port})) {
+    if (sl_port_excluded((__u16)ctx->user_port)) {
         sl_count(SL_COUNT_EXCLUDED);
         return 1;
     }
@@ -29,8 +29,7 @@ int sl_connect6(struct bpf_sock_addr *ctx) {
     };
     struct sl_service *found = bpf_map_lookup_elem(&sl_services6, &key);
     if (!found) {
-        int loopback = !key.addr[0] && !key.addr[1] && !key.addr[2] && key.addr[3] == SL_LOOPBACK6_W3;
-        if (sl_registry_only() && !loopback) {
+        if (sl_registry_only() && !sl_is_loopback6(key.addr)) {
             sl_count(SL_COUNT_DENIED);
             return 0;
         }
@@ -47,19 +46,14 @@ int sl_connect6(struct bpf_sock_addr *ctx) {
     };
     __u64 cookie = bpf_get_socket_cookie(ctx);
     if (svc->action != SL_ACTION_BALANCE) {
-        __u32 zero = 0;
-        struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+        struct sl_config *cfg = sl_config_get();
         if (!cfg || cfg->agent_port == 0) {
             sl_count(SL_COUNT_MISSES);
             return 1;
         }
         dst.flags = SL_DST_REDIRECTED;
         bpf_map_update_elem(&sl_dst6_by_cookie, &cookie, &dst, BPF_ANY);
-        ctx->user_ip6[0] = 0;
-        ctx->user_ip6[1] = 0;
-        ctx->user_ip6[2] = 0;
-        ctx->user_ip6[3] = SL_LOOPBACK6_W3;
-        ctx->user_port = cfg->agent_port;
+        sl_to_loopback6(ctx, cfg->agent_port);
         sl_count(SL_COUNT_REDIRECTED);
         return 1;
     }

@@ -6,11 +6,7 @@
 
 SEC("cgroup/getpeername4")
 int sl_getpeername4(struct bpf_sock_addr *ctx) {
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct sl_original_dst *dst = bpf_map_lookup_elem(&sl_dst_by_cookie, &cookie);
-    if (!dst) return 1;
-    ctx->user_ip4 = dst->addr;
-    ctx->user_port = dst->port;
+    sl_restore_original4(ctx);
     return 1;
 }
 

@@ -10,8 +10,7 @@
 /* Rewrites a UDP destination of port 53 to the agent's DNS listener. Returns 1 when rewritten. */
 static __always_inline int sl_redirect_dns(struct bpf_sock_addr *ctx) {
     if ((__u16)ctx->user_port != SL_DNS_PORT_BE) return 0;
-    __u32 zero = 0;
-    struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+    struct sl_config *cfg = sl_config_get();
     if (!cfg || cfg->dns_port == 0) return 0;
     if (sl_excluded(ctx->user_ip4, (__u16)ctx->user_port)) return 0;
     struct sl_original_dst dst = {
@@ -28,16 +27,12 @@ static __always_inline int sl_redirect_dns(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
-/* ::1 in the four 32-bit words of bpf_sock_addr.user_ip6 (network order). */
-#define SL_LOOPBACK6_W3 0x01000000
-
 /* The IPv6 twin of sl_redirect_dns: to [::1]:dns_port. */
 static __always_inline int sl_redirect_dns6(struct bpf_sock_addr *ctx) {
     if ((__u16)ctx->user_port != SL_DNS_PORT_BE) return 0;
-    __u32 zero = 0;
-    struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+    struct sl_config *cfg = sl_config_get();
     if (!cfg || cfg->dns_port == 0) return 0;
-    if (bpf_map_lookup_elem(&sl_exclude_ports, &(__u16){(__u16)ctx->user_port})) return 0;
+    if (sl_port_excluded((__u16)ctx->user_port)) return 0;
     struct sl_original_dst6 dst = {
         .addr = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]},
         .port = (__u16)ctx->user_port,
@@ -46,11 +41,7 @@ static __always_inline int sl_redirect_dns6(struct bpf_sock_addr *ctx) {
     };
     __u64 cookie = bpf_get_socket_cookie(ctx);
     bpf_map_update_elem(&sl_dst6_by_cookie, &cookie, &dst, BPF_ANY);
-    ctx->user_ip6[0] = 0;
-    ctx->user_ip6[1] = 0;
-    ctx->user_ip6[2] = 0;
-    ctx->user_ip6[3] = SL_LOOPBACK6_W3;
-    ctx->user_port = cfg->dns_port;
+    sl_to_loopback6(ctx, cfg->dns_port);
     sl_count(SL_COUNT_DNS);
     return 1;
 }

@@ -114,16 +114,65 @@ static __always_inline void sl_count(__u32 which) {
     if (v) *v += 1;
 }
 
+/* The agent's settings (one entry), or 0 before the agent wrote them. */
+static __always_inline struct sl_config *sl_config_get(void) {
+    __u32 zero = 0;
+    return bpf_map_lookup_elem(&sl_config, &zero);
+}
+
 /* True when the mesh admits only its registry's services (REGISTRY_ONLY). */
 static __always_inline int sl_registry_only(void) {
-    __u32 zero = 0;
-    struct sl_config *cfg = bpf_map_lookup_elem(&sl_config, &zero);
+    struct sl_config *cfg = sl_config_get();
     return cfg && (cfg->flags & SL_CONFIG_REGISTRY_ONLY);
+}
+
+/* ::1 in the four 32-bit words of bpf_sock_addr.user_ip6 (network order). */
+#define SL_LOOPBACK6_W3 0x01000000
+
+static __always_inline int sl_is_loopback6(const __u32 *a) {
+    return !a[0] && !a[1] && !a[2] && a[3] == SL_LOOPBACK6_W3;
+}
+
+/* Rewrites the destination to [::1]:port (the agent's IPv6 listeners; port in network order). */
+static __always_inline void sl_to_loopback6(struct bpf_sock_addr *ctx, __u16 port) {
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = 0;
+    ctx->user_ip6[3] = SL_LOOPBACK6_W3;
+    ctx->user_port = port;
+}
+
+/* Shows the socket's recorded original destination in place of the address in ctx (getpeername, recvmsg).
+ * Returns 1 when one was recorded. */
+static __always_inline int sl_restore_original4(struct bpf_sock_addr *ctx) {
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct sl_original_dst *dst = bpf_map_lookup_elem(&sl_dst_by_cookie, &cookie);
+    if (!dst) return 0;
+    ctx->user_ip4 = dst->addr;
+    ctx->user_port = dst->port;
+    return 1;
+}
+
+static __always_inline int sl_restore_original6(struct bpf_sock_addr *ctx) {
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct sl_original_dst6 *dst = bpf_map_lookup_elem(&sl_dst6_by_cookie, &cookie);
+    if (!dst) return 0;
+    ctx->user_ip6[0] = dst->addr[0];
+    ctx->user_ip6[1] = dst->addr[1];
+    ctx->user_ip6[2] = dst->addr[2];
+    ctx->user_ip6[3] = dst->addr[3];
+    ctx->user_port = dst->port;
+    return 1;
+}
+
+/* True when connects to this destination port are never touched. */
+static __always_inline int sl_port_excluded(__u16 port) {
+    return bpf_map_lookup_elem(&sl_exclude_ports, &port) != 0;
 }
 
 /* True when the destination is on an exclusion list. */
 static __always_inline int sl_excluded(__u32 addr, __u16 port) {
-    if (bpf_map_lookup_elem(&sl_exclude_ports, &port)) return 1;
+    if (sl_port_excluded(port)) return 1;
     struct sl_cidr_key k = {.prefixlen = 32, .addr = addr};
     return bpf_map_lookup_elem(&sl_exclude_cidrs, &k) != 0;
 }
