@@ -16,6 +16,23 @@ func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
 func ms(_ from: UInt64, _ to: UInt64) -> Double { Double(to - from) / 1e6 }
 func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .utf8)!) }
 
+/// Service `i`'s ServiceEntry. Every other service is private to its namespace, as teams often do.
+func serviceEntryYAML(_ i: Int, namespace ns: String, port: Int) -> String {
+    """
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: svc\(i), namespace: \(ns)}
+    spec:
+      hosts: [svc\(i).\(ns).svc.cluster.local]
+      addresses: [10.\(96 + i / 62_500).\(i / 250 % 250).\(i % 250 + 1)]
+      location: MESH_INTERNAL
+      resolution: STATIC
+      ports: [{number: \(port), name: \(i % 3 == 0 ? "http" : "tcp"), protocol: \(i % 3 == 0 ? "HTTP" : "TCP")}]
+      workloadSelector: {labels: {app: svc\(i)}}
+    \(i % 2 == 1 ? "  exportTo: [\".\"]\n" : "")
+    """
+}
+
 /// A mesh like a large cluster's: services in namespaces, workloads spread over nodes, canaries for some.
 func meshYAML(_ s: Shape, range: Range<Int>? = nil) -> String {
     var out = ""
@@ -23,21 +40,7 @@ func meshYAML(_ s: Shape, range: Range<Int>? = nil) -> String {
     out.reserveCapacity(range.count * s.endpointsPerService * 330)
     for i in range {
         let ns = "ns\(i % s.namespaces)", host = "svc\(i).\(ns).svc.cluster.local"
-        // Every other service is private to its namespace, as teams often do.
-        out += """
-            ---
-            apiVersion: networking.istio.io/v1
-            kind: ServiceEntry
-            metadata: {name: svc\(i), namespace: \(ns)}
-            spec:
-              hosts: [\(host)]
-              addresses: [10.\(96 + i / 62_500).\(i / 250 % 250).\(i % 250 + 1)]
-              location: MESH_INTERNAL
-              resolution: STATIC
-              ports: [{number: 9080, name: \(i % 3 == 0 ? "http" : "tcp"), protocol: \(i % 3 == 0 ? "HTTP" : "TCP")}]
-              workloadSelector: {labels: {app: svc\(i)}}
-            \(i % 2 == 1 ? "  exportTo: [\".\"]\n" : "")
-            """
+        out += "---\n" + serviceEntryYAML(i, namespace: ns, port: 9080)
         for e in 0..<s.endpointsPerService {
             let n = (i * s.endpointsPerService + e) % s.nodes
             out += """
@@ -218,19 +221,7 @@ for k in 0..<21 {
     times.append(ms(t0, now()))
     fanout.append(delta.nodes.count)
     // The same service's port changes (its clusters are renamed on every node that sees it).
-    let moved = decodeAll("""
-        apiVersion: networking.istio.io/v1
-        kind: ServiceEntry
-        metadata: {name: svc\(i), namespace: \(ns)}
-        spec:
-          hosts: [svc\(i).\(ns).svc.cluster.local]
-          addresses: [10.96.\(i / 250 % 250).\(i % 250 + 1)]
-          location: MESH_INTERNAL
-          resolution: STATIC
-          ports: [{number: 9081, name: \(i % 3 == 0 ? "http" : "tcp"), protocol: \(i % 3 == 0 ? "HTTP" : "TCP")}]
-          workloadSelector: {labels: {app: svc\(i)}}
-        \(i % 2 == 1 ? "  exportTo: [\".\"]" : "")
-        """)
+    let moved = decodeAll(serviceEntryYAML(i, namespace: ns, port: 9081))
     let t2 = now()
     _ = try compiler.apply(moved.map { .upsert($0) })
     portTimes.append(ms(t2, now()))

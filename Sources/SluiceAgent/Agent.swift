@@ -154,9 +154,11 @@ public final class Agent: @unchecked Sendable {
             datapath = dp
             if options.dnsPort != 0 {
                 // Queries arrive on 127.0.0.1 from IPv4 sockets and on [::1] from IPv6 ones.
+                let hosts = Self.meshHosts(snapshot)
+                let upstream = options.dnsUpstream ?? DNSServer.systemResolver()
                 for ip in [IPAddress.v4(UInt32(0x7f00_0001).bigEndian), IPAddress("::1")!] {
-                    let server = DNSServer(upstream: options.dnsUpstream ?? DNSServer.systemResolver())
-                    server.update(hosts: Self.meshHosts(snapshot))
+                    let server = DNSServer(upstream: upstream)
+                    server.update(hosts: hosts)
                     do {
                         try server.start(address: EndpointAddress(ip: ip, port: options.dnsPort))
                     } catch {
@@ -332,7 +334,10 @@ public final class Agent: @unchecked Sendable {
             return false
         }
         health.update(runtime)
-        for d in dns { d.update(hosts: Self.meshHosts(snapshot)) }
+        if !dns.isEmpty {
+            let hosts = Self.meshHosts(snapshot)
+            for d in dns { d.update(hosts: hosts) }
+        }
         current.withLock { $0 = runtime }
         reloads.add(1, ordering: .relaxed)
         logger.info("configuration applied", metadata: ["listeners": "\(snapshot.listeners.count)",

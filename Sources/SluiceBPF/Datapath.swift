@@ -268,21 +268,10 @@ public final class Datapath: @unchecked Sendable {
 
     /// Detaches every program and removes every pin: the host is as before the agent ran.
     public func uninstall() throws(BPFError) {
-        for l in links { bpf_link__unpin(l) }
-        for p in Self.programs { unlink("\(pinDirectory)/link_\(p.name)") }
+        // Close this agent's link descriptors; removing the pins then lets the kernel detach the programs.
         for l in links { bpf_link__destroy(l) }
         links = []
-        for p in Self.programs { unlink("\(pinDirectory)/prog_\(p.name)") }
-        for o in objects.values {
-            var map = bpf_object__next_map(o, nil)
-            while let m = map {
-                bpf_map__unpin(m, nil)
-                map = bpf_object__next_map(o, m)
-            }
-        }
-        if rmdir(pinDirectory) != 0 && errno != ENOENT {
-            throw .errno("remove \(pinDirectory)", errno, hint: "something else is pinned there")
-        }
+        try Self.uninstall(pinDirectory: pinDirectory)
     }
 
     /// Where a connection the agent accepted was going, and which cgroup dialled it: looked up by the client's

@@ -48,16 +48,25 @@ struct CompiledMatch: @unchecked Sendable {
     let match: StringMatch
     /// Swift's `Regex` is not `Sendable`; this one is built once and only read.
     let regex: Regex<AnyRegexOutput>?
+    /// The exact or prefix text, lower-cased once for `ignoreUriCase`.
+    let lowered: String
 
     init(_ m: StringMatch) {
         match = m
-        if case .regex(let pattern) = m { regex = try? Regex(pattern) } else { regex = nil }
+        switch m {
+        case .regex(let pattern):
+            regex = try? Regex(pattern)
+            lowered = ""
+        case .exact(let s), .prefix(let s):
+            regex = nil
+            lowered = s.lowercased()
+        }
     }
 
     func matches(_ value: String, ignoreCase: Bool = false) -> Bool {
         switch match {
-        case .exact(let s): return ignoreCase ? value.lowercased() == s.lowercased() : value == s
-        case .prefix(let s): return ignoreCase ? value.lowercased().hasPrefix(s.lowercased()) : value.hasPrefix(s)
+        case .exact(let s): return ignoreCase ? value.lowercased() == lowered : value == s
+        case .prefix(let s): return ignoreCase ? value.lowercased().hasPrefix(lowered) : value.hasPrefix(s)
         case .regex: return regex.map { (try? $0.wholeMatch(in: value)) != nil } ?? false
         }
     }
