@@ -29,7 +29,6 @@ extension MeshCompiler {
         var policies: Set<ResourceKey> = []
         for w in runs {
             let ns = w.resource.namespace
-            local.scope.namespaces.insert(ns)
             local.items.append(.workload(.init(
                 namespace: ns, name: w.resource.name, address: w.entry.address, labels: w.entry.labels,
                 serviceAccount: w.entry.serviceAccount ?? "default",
@@ -49,11 +48,10 @@ extension MeshCompiler {
             default: break
             }
         }
+        let running = gatewaysRunning(on: node)
+        local.scope = Self.scope(namespaces: Set(runs.map(\.resource.namespace)), gateways: running)
         var bound: Set<EndpointAddress> = []
-        for k in gatewayKeys.sorted() {
-            guard let gw = resources[k], gatewayRuns(gw, on: node), let product = gatewayProducts[k] else { continue }
-            local.scope.gateways.insert("\(k.namespace)/\(k.name)")
-            local.scope.gatewayHosts.formUnion(product.hosts)
+        for (_, product) in running {
             // Two gateways on one node cannot bind one address; the first in key order keeps it.
             for l in product.listeners where bound.insert(l.address).inserted { local.items.append(.listener(l)) }
         }
@@ -62,10 +60,20 @@ extension MeshCompiler {
 
     /// Just the scope of `node` (what ``nodeLocal(_:)`` computes, without building the items).
     func nodeScope(_ node: String) -> NodeScope {
-        var scope = NodeScope()
-        scope.namespaces = workloads.namespaces(on: node)
-        for k in gatewayKeys {
-            guard let gw = resources[k], gatewayRuns(gw, on: node), let product = gatewayProducts[k] else { continue }
+        Self.scope(namespaces: workloads.namespaces(on: node), gateways: gatewaysRunning(on: node))
+    }
+
+    /// The gateways that run on `node`, in key order, with their compiled listeners.
+    func gatewaysRunning(on node: String) -> [(ResourceKey, GatewayProduct)] {
+        gatewayKeys.sorted().compactMap { k in
+            guard let gw = resources[k], gatewayRuns(gw, on: node), let product = gatewayProducts[k] else { return nil }
+            return (k, product)
+        }
+    }
+
+    static func scope(namespaces: Set<String>, gateways: [(ResourceKey, GatewayProduct)]) -> NodeScope {
+        var scope = NodeScope(namespaces: namespaces)
+        for (k, product) in gateways {
             scope.gateways.insert("\(k.namespace)/\(k.name)")
             scope.gatewayHosts.formUnion(product.hosts)
         }
@@ -167,7 +175,7 @@ extension MeshCompiler {
             problems.append(Self.undefinedSubset(subset, host: dest.host, r: r, path: path))
             return nil
         }
-        return "outbound|\(port)|\(dest.subset ?? "")|\(dest.host)"
+        return NodeSnapshot.Cluster.name(port: port, subset: dest.subset, host: dest.host)
     }
 
     func hasSubset(_ name: String, host: String) -> Bool {

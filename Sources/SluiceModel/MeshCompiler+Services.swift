@@ -146,7 +146,7 @@ extension MeshCompiler {
                     allEndpoints.filter { e in s.labels.allSatisfy { e.labels[$0.key] == $0.value } }
                 } ?? allEndpoints
                 items.append(.cluster(.init(
-                    name: "outbound|\(port.number)|\(subset?.name ?? "")|\(host)", serviceHost: host,
+                    name: NodeSnapshot.Cluster.name(port: port.number, subset: subset?.name, host: host), serviceHost: host,
                     servicePort: port.number, subset: subset?.name, protocol: port.protocol, endpoints: endpoints,
                     loadBalancer: policy.loadBalancer ?? .simple(.roundRobin), outlierDetection: policy.outlierDetection,
                     connectTimeout: policy.connectionPool?.connectTimeout ?? mesh.connectTimeout,

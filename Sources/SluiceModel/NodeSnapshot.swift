@@ -76,6 +76,11 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         /// How connections to the endpoints are secured (`trafficPolicy.tls`).
         public var tls: ClientTLSSettings?
         public var healthCheck: HealthCheck?
+
+        /// Istio's cluster naming, `outbound|PORT|SUBSET|HOST`.
+        public static func name(port: UInt16, subset: String?, host: String) -> String {
+            "outbound|\(port)|\(subset ?? "")|\(host)"
+        }
     }
 
     public struct Endpoint: Sendable, Hashable, Encodable {

@@ -197,7 +197,7 @@ public final class ProxyRuntime: @unchecked Sendable {
         var capturedNames: [EndpointAddress: String] = [:]
         if capture != nil {
             for b in snapshot.bpfServices where !b.isL4Only {
-                let name = "outbound|\(b.address.port)||\(b.host)"
+                let name = NodeSnapshot.Cluster.name(port: b.address.port, subset: nil, host: b.host)
                 capturedNames[b.address] = name
                 used.insert(name)
             }
