@@ -204,9 +204,13 @@ extension MeshCompiler {
         if endpoints.count > Self.maxKernelBackends {
             return .proxy(reason: "\(endpoints.count) endpoints exceed the map's \(Self.maxKernelBackends)")
         }
-        for w in workloads {
-            if let reason = policyNeedingAgent(namespace: w.resource.namespace, labels: w.entry.labels, port: port) {
-                return .proxy(reason: reason)
+        // A selector picks workloads of the ServiceEntry's own namespace: one policy list serves them all.
+        if let ns = workloads.first?.resource.namespace {
+            let keys = policyKeys(for: ns)
+            for w in workloads where !keys.isEmpty {
+                if let reason = policyNeedingAgent(keys, namespace: ns, labels: w.entry.labels, port: port) {
+                    return .proxy(reason: reason)
+                }
             }
         }
         let lb: NodeSnapshot.BPFService.LoadBalancing
@@ -215,8 +219,9 @@ extension MeshCompiler {
     }
 
     /// The first policy that makes traffic to this workload need the agent: authorization, JWT, or strict mTLS.
-    private func policyNeedingAgent(namespace: String, labels: [String: String], port: ServicePort) -> String? {
-        for k in policyKeys(for: namespace) {
+    private func policyNeedingAgent(_ keys: [ResourceKey], namespace: String, labels: [String: String],
+                                    port: ServicePort) -> String? {
+        for k in keys {
             guard let r = resources[k], policy(r, selects: namespace, labels: labels) else { continue }
             switch r.spec {
             case .authorizationPolicy: return "\(k) authorizes its workloads"
