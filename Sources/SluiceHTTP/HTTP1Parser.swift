@@ -235,6 +235,12 @@ public enum HTTP1Parser {
         return true
     }
 
+    /// Whether field name `r` of `b` is `lower` (a lower-case literal), ignoring ASCII case.
+    @inline(__always)
+    public static func fieldName(_ b: UnsafeRawBufferPointer, _ r: Range<Int>, is lower: StaticString) -> Bool {
+        nameEquals(b, r, lower)
+    }
+
     /// ASCII case-insensitive comparison with a lower-case literal.
     static func nameEquals(_ b: UnsafeRawBufferPointer, _ r: Range<Int>, _ lower: StaticString) -> Bool {
         guard r.count == lower.utf8CodeUnitCount else { return false }

@@ -43,6 +43,9 @@ public struct HTTP1Reader<Head: HTTP1MessageHead>: Sendable {
     var headBuffer: [UInt8] = []
     /// Responses only: the request being answered was a HEAD (no body, whatever the headers say).
     public var answeringHEAD = false
+    /// Report body bytes as received, with their chunked framing (size lines, trailers), instead of only the data:
+    /// what a proxy forwards unchanged.
+    public var framedBody = false
     private let parse: @Sendable (UnsafeRawBufferPointer, HTTP1Limits, Bool) -> ParseResult
 
     enum ParseResult {
@@ -96,7 +99,11 @@ public struct HTTP1Reader<Head: HTTP1MessageHead>: Sendable {
                 let rest = UnsafeRawBufferPointer(rebasing: bytes[used...])
                 let base = used
                 do {
-                    let n = try decoder.feed(rest) { r in emit(.body((base + r.lowerBound)..<(base + r.upperBound))) }
+                    let framed = framedBody
+                    let n = try decoder.feed(rest) { r in
+                        if !framed { emit(.body((base + r.lowerBound)..<(base + r.upperBound))) }
+                    }
+                    if framed && n > 0 { emit(.body(base..<(base + n))) }
                     used += n
                 } catch {
                     state = .failed

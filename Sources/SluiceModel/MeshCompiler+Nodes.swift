@@ -89,7 +89,8 @@ extension MeshCompiler {
         return workloads.on(node: node).contains { w in gw.selector.allSatisfy { w.entry.labels[$0.key] == $0.value } }
     }
 
-    /// Compiles one Gateway's L4 listeners: each TCP/TLS server takes the first tcp route (in VirtualService key
+    /// Compiles one Gateway's listeners: an HTTP server becomes an HTTP listener routed per request by the
+    /// VirtualServices bound to the gateway; a TCP/TLS server takes the first tcp route (in VirtualService key
     /// order) bound to the gateway that matches its port.
     mutating func recompileGateway(_ key: ResourceKey) {
         guard let r = resources[key], case .gateway(let gw) = r.spec else {
@@ -102,10 +103,24 @@ extension MeshCompiler {
         var bound: Set<EndpointAddress> = []
         let ref = "\(key.namespace)/\(key.name)"
         let bindings = (virtualServicesByGateway[ref] ?? []).sorted()
-        for (si, server) in gw.servers.enumerated() where server.port.protocol.isL4 {
+        for (si, server) in gw.servers.enumerated() {
             let addr = EndpointAddress(ip: IPAddress(server.bind ?? "0.0.0.0")!, port: server.port.number)
             if !bound.insert(addr).inserted {
                 problems.append(Self.error(r, "spec.servers[\(si)].port", "\(addr) is declared by two servers"))
+                continue
+            }
+            let where_ = server.bind.map { "\($0):\(server.port.number)" } ?? "\(server.port.number)"
+            if !server.port.protocol.isL4 {
+                // HTTP servers route each request with the VirtualServices bound to the gateway.
+                let httpHosts = httpDestinationHosts(bindings, port: server.port.number, gateway: ref)
+                if httpHosts == nil {
+                    problems.append(Self.warning(r, "spec.servers[\(si)]",
+                                                 "no VirtualService http route is bound to this gateway; every request gets 404",
+                                                 hint: "bind a VirtualService with gateways: [\(ref)] and http routes"))
+                }
+                hosts.formUnion(httpHosts ?? [])
+                listeners.append(.init(name: "\(key.namespace)/\(key.name):\(where_)", address: addr,
+                                       protocol: server.port.protocol, routes: [], gateway: ref))
                 continue
             }
             var chosen: [NodeSnapshot.WeightedCluster]?
@@ -138,12 +153,31 @@ extension MeshCompiler {
                 continue
             }
             if routes.isEmpty { continue }
-            let where_ = server.bind.map { "\($0):\(server.port.number)" } ?? "\(server.port.number)"
             listeners.append(.init(name: "\(key.namespace)/\(key.name):\(where_)", address: addr,
-                                   protocol: server.port.protocol, routes: routes))
+                                   protocol: server.port.protocol, routes: routes, gateway: ref))
         }
         gatewayProducts[key] = GatewayProduct(node: r.metadata.annotations[SluiceAnnotation.node],
                                               listeners: listeners, hosts: hosts, problems: problems)
+    }
+
+    /// Hosts the http routes of `bindings` send to through `gateway`'s server on `port`; nil when no http route
+    /// applies there.
+    func httpDestinationHosts(_ bindings: [ResourceKey], port: UInt16, gateway: String) -> Set<String>? {
+        var hosts: Set<String>?
+        for k in bindings {
+            guard let vsr = resources[k], case .virtualService(let vs) = vsr.spec else { continue }
+            for route in vs.http {
+                let applies = route.match.isEmpty || route.match.contains { m in
+                    (m.port == nil || m.port == port)
+                        && (m.gateways.isEmpty || m.gateways.contains { ($0.contains("/") ? $0 : "\(k.namespace)/\($0)") == gateway })
+                }
+                guard applies else { continue }
+                hosts = hosts ?? []
+                for d in route.route { hosts!.insert(d.destination.host) }
+                if let m = route.mirror { hosts!.insert(m.host) }
+            }
+        }
+        return hosts
     }
 
     /// The cluster a route destination names, or nil with an error that says which part is missing.

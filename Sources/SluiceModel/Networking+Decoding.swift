@@ -190,11 +190,22 @@ extension TrafficPolicy {
                                       hint: "use a prime such as 65537")
                     }
                 }
-                if ch.bool("useSourceIp") == true {
-                    policy.loadBalancer = .consistentHash(key: .sourceIP, tableSize: tableSize)
+                var keys: [LoadBalancerSettings.HashKey] = []
+                if ch.bool("useSourceIp") == true { keys.append(.sourceIP) }
+                if let h = ch.string("httpHeaderName") { keys.append(.header(h.lowercased())) }
+                if let q = ch.string("httpQueryParameterName") { keys.append(.queryParameter(q)) }
+                if let c = ch.child("httpCookie"), c.expectMapping() {
+                    c.checkKeys(["name", "path", "ttl", "attributes"])
+                    if let name = c.string("name") { keys.append(.cookie(name)) } else {
+                        c.sink.error("\(c.path).name", c.line, "httpCookie needs a name")
+                    }
+                }
+                if keys.count == 1 {
+                    policy.loadBalancer = .consistentHash(key: keys[0], tableSize: tableSize)
                 } else {
-                    ch.sink.error(ch.path, ch.line, "only useSourceIp hashing applies to TCP traffic",
-                                  hint: "set useSourceIp: true")
+                    ch.sink.error(ch.path, ch.line, keys.isEmpty ? "consistentHash names no hash key" :
+                                    "useSourceIp, httpHeaderName, httpCookie and httpQueryParameterName are mutually exclusive",
+                                  hint: "set exactly one of them")
                 }
             }
         }

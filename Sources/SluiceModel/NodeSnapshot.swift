@@ -40,15 +40,23 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         public var name: String
         public var address: EndpointAddress
         public var `protocol`: PortProtocol
-        /// Weighted destinations of the first matching TCP route.
+        /// Weighted destinations of the first matching TCP route; empty on HTTP listeners, which route each
+        /// request with the VirtualServices bound to ``gateway``.
         public var routes: [WeightedCluster]
+        /// `namespace/name` of the Gateway that declares the listener.
+        public var gateway: String?
 
-        public init(name: String, address: EndpointAddress, protocol: PortProtocol, routes: [WeightedCluster]) {
+        public init(name: String, address: EndpointAddress, protocol: PortProtocol, routes: [WeightedCluster],
+                    gateway: String? = nil) {
             self.name = name
             self.address = address
             self.protocol = `protocol`
             self.routes = routes
+            self.gateway = gateway
         }
+
+        /// Requests are parsed and routed one by one (HTTP/1.1, HTTP/2, gRPC), not relayed as a byte stream.
+        public var isHTTP: Bool { !`protocol`.isL4 }
     }
 
     public struct WeightedCluster: Sendable, Hashable, Encodable {

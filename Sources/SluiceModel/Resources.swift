@@ -216,6 +216,10 @@ public enum LoadBalancerSettings: Sendable, Hashable, Encodable {
     }
     public enum HashKey: Sendable, Hashable, Encodable {
         case sourceIP
+        /// HTTP only: a request header (lower-case name), cookie, or query parameter.
+        case header(String)
+        case cookie(String)
+        case queryParameter(String)
     }
     case simple(Simple)
     /// Istio's `consistentHash` with `maglev` (the default when no table kind is named).

@@ -78,6 +78,8 @@ struct CompiledMatch: @unchecked Sendable {
 public final class HTTPRouter: @unchecked Sendable {
     struct Route {
         let virtualService: String
+        /// Position in the routes the router was built with (VirtualServices in order, then their http routes).
+        let ordinal: Int
         let index: Int
         let route: HTTPRoute
         let matches: [Condition]
@@ -133,15 +135,26 @@ public final class HTTPRouter: @unchecked Sendable {
     /// Routes by exact host, then wildcard hosts by longest suffix.
     private let exact: [String: [Route]]
     private let wildcards: [(suffix: String, routes: [Route])]
+    /// Some route matches on headers / query parameters: only then does the pipeline decode them per request.
+    public let needsHeaders: Bool
+    public let needsQuery: Bool
 
     /// - Parameter virtualServices: in the snapshot's order (sorted by namespace/name), which breaks ties between
     ///   VirtualServices for the same host deterministically.
     public init(virtualServices: [Named<VirtualService>]) {
         var exact: [String: [Route]] = [:]
         var wild: [String: [Route]] = [:]
+        var ordinal = 0
+        var needsHeaders = false, needsQuery = false
         for vs in virtualServices {
             let routes = vs.spec.http.enumerated().map { i, r in
-                Route(virtualService: vs.qualifiedName, index: i, route: r, matches: r.match.map(Condition.init))
+                defer { ordinal += 1 }
+                for m in r.match {
+                    needsHeaders = needsHeaders || !m.headers.isEmpty || !m.withoutHeaders.isEmpty
+                    needsQuery = needsQuery || !m.queryParams.isEmpty
+                }
+                return Route(virtualService: vs.qualifiedName, ordinal: ordinal, index: i, route: r,
+                             matches: r.match.map(Condition.init))
             }
             for host in vs.spec.hosts {
                 let h = host.lowercased()
@@ -155,18 +168,34 @@ public final class HTTPRouter: @unchecked Sendable {
             }
         }
         self.exact = exact
+        self.needsHeaders = needsHeaders
+        self.needsQuery = needsQuery
         wildcards = wild.sorted { $0.key.count > $1.key.count }.map { ($0.key, $0.value) }
     }
 
     /// The first route that matches `request`, with the VirtualService it came from; nil: no route (404 in Istio).
     public func route(_ request: HTTPRequestFacts) -> (virtualService: String, index: Int, route: HTTPRoute)? {
-        var host = request.authority.lowercased()
+        first(request).map { ($0.virtualService, $0.index, $0.route) }
+    }
+
+    /// The ``Route/ordinal`` of the first route that matches `request`, and the match entry that matched (nil
+    /// when the route has no match list).
+    public func match(_ request: HTTPRequestFacts) -> (ordinal: Int, condition: Int?)? {
+        guard let r = first(request) else { return nil }
+        return (r.ordinal, r.matches.isEmpty ? nil : r.matches.firstIndex { $0.matches(request) })
+    }
+
+    /// Whether some VirtualService names `authority`'s host (exactly or by wildcard).
+    public func hasHost(_ authority: String) -> Bool { !candidates(authority).isEmpty }
+
+    private func candidates(_ authority: String) -> [Route] {
+        var host = authority.lowercased()
         if let colon = host.lastIndex(of: ":"), !host.hasSuffix("]") { host = String(host[..<colon]) }
-        let candidates = exact[host] ?? wildcards.first { host.hasSuffix($0.suffix) }?.routes ?? []
-        for r in candidates where r.matches.isEmpty || r.matches.contains(where: { $0.matches(request) }) {
-            return (r.virtualService, r.index, r.route)
-        }
-        return nil
+        return exact[host] ?? wildcards.first { host.hasSuffix($0.suffix) }?.routes ?? []
+    }
+
+    private func first(_ request: HTTPRequestFacts) -> Route? {
+        candidates(request.authority).first { r in r.matches.isEmpty || r.matches.contains(where: { $0.matches(request) }) }
     }
 
     /// The destination of `route` for one request: weighted by `weight` (Istio: missing weights mean one

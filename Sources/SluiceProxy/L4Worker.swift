@@ -1,5 +1,6 @@
 import CSluiceLinux
 import Glibc
+import SluiceHTTP
 import SluiceModel
 import SluiceRing
 import SluiceTelemetry
@@ -53,6 +54,8 @@ public final class L4Worker: RingHandler {
     enum Op: UInt8 {
         case accept = 0, connect, connectTimeout, recvDown, recvUp, sendDown, sendUp, ignore, errorDown, errorUp
         case readableDown, readableUp, writableDown, writableUp
+        // HTTP: downstream connection ops (slot in `hconns`), upstream ops (slot in `ups`), the worker's timer.
+        case hRecv = 32, hSend, uConnect, uConnectTimeout, uSend, uRecv, timer
     }
 
     enum Phase: UInt8 { case free, connecting, relaying, closing }
@@ -115,13 +118,34 @@ public final class L4Worker: RingHandler {
     let splice: Bool
     let pipes: PipePool
 
+    // HTTP state (see L4Worker+HTTP.swift).
+    var hconns: ContiguousArray<HTTPConn> = []
+    var hfree: [UInt32] = []
+    var ups: ContiguousArray<UpConn> = []
+    var upFree: [UInt32] = []
+    var httpStalled: [(slot: UInt32, generation: UInt32, up: Bool)] = []
+    var httpEvents: [HTTP1RequestReader.Event] = []
+    var httpResponseEvents: [HTTP1ResponseReader.Event] = []
+    /// Placeholders swapped in while a connection's reader is being fed (keeps the reader's buffer uniquely owned).
+    var idleReader = HTTP1RequestReader()
+    var idleResponseReader = HTTP1ResponseReader()
+    var timers = TimerHeap()
+    let timerSpec = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
+    var rateBuckets: [RateLimitKey: TokenBucket] = [:]
+    var requestMetrics = RequestMetrics()
+    /// Workers sharing the listeners (rate limits are split among them).
+    let workerCount: Int
+    let httpLimits: HTTP1Limits
+
     /// - Parameters:
     ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
     ///   - listenerCounters: connection counters shared across workers, one per listener.
     public init(index: Int, runtime: ProxyRuntime, listenFDs: [Int32], listenerCounters: [SharedCounter],
                 connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox, splice: Bool = false,
-                onAttached: (() -> Void)? = nil) {
+                workerCount: Int = 1, httpLimits: HTTP1Limits = HTTP1Limits(), onAttached: (() -> Void)? = nil) {
         self.index = index
+        self.workerCount = workerCount
+        self.httpLimits = httpLimits
         self.onAttached = onAttached
         self.splice = splice
         self.runtime = runtime
@@ -215,7 +239,7 @@ public final class L4Worker: RingHandler {
         checkDrained()
     }
 
-    private func checkDrained() {
+    func checkDrained() {
         if draining && openCount == 0 { finished = true }
     }
 
@@ -224,6 +248,7 @@ public final class L4Worker: RingHandler {
             for slot in conns.indices where conns[slot].phase == .connecting || conns[slot].phase == .relaying {
                 fail(UInt32(slot), reset: true)
             }
+            for slot in hconns.indices where hconns[slot].phase == .open { teardownHTTP(UInt32(slot), reset: true) }
         }
         if now - lastIdleScan >= 1_000_000_000 {
             lastIdleScan = now
@@ -232,6 +257,7 @@ public final class L4Worker: RingHandler {
                 buffersDirty = false
             }
             if openCount == 0 { pipes.drainPool() }
+            scanHTTP(now: now)
             for slot in conns.indices where conns[slot].phase == .relaying {
                 let c = conns[slot]
                 if let cl = c.cluster, now - c.lastActive > cl.runtime.idleTimeoutNanos {
@@ -265,14 +291,22 @@ public final class L4Worker: RingHandler {
         let lr = runtime.listeners[l.runtimeIndex]
         let cr: ClusterRuntime
         if lr.capture != nil {
-            // Captured by the BPF programs: the cluster follows from where the client was going.
-            guard let c = lr.capturedCluster(peer: Socket.peerAddress(fd)) else {
+            // Captured by the BPF programs: the service follows from where the client was going.
+            guard let (service, original) = lr.capturedService(peer: Socket.peerAddress(fd)) else {
                 l.counter.add(-1)
                 shard.add(stats.captureUnknown)
                 close(fd)
                 return
             }
-            cr = c
+            if service.isHTTP, let table = lr.http {
+                acceptHTTP(fd: fd, listener: li, table: table, captured: service.cluster, port: original.port)
+                return
+            }
+            cr = service.cluster
+        } else if let table = lr.http {
+            let port = lr.config.address.port == 0 ? Socket.localPort(fd) : lr.config.address.port
+            acceptHTTP(fd: fd, listener: li, table: table, captured: nil, port: port)
+            return
         } else if lr.clusters.count == 1 {
             cr = lr.clusters[0]
         } else {
@@ -413,6 +447,10 @@ public final class L4Worker: RingHandler {
             return
         }
         if op == .ignore { return }
+        if op.rawValue >= Op.hRecv.rawValue {
+            completeHTTP(op, ud, result: result, flags: flags)
+            return
+        }
         let slot = ud.slot
         let i = Int(slot)
         // A completion always belongs to the slot's current incarnation: slots are reused only once no
@@ -479,7 +517,7 @@ public final class L4Worker: RingHandler {
             if conns[i].phase == .relaying {
                 if result < 0 { failRelay(slot, reset: false) } else { spliceOut(slot, op == .writableDown ? .upstream : .downstream) }
             }
-        case .accept, .ignore:
+        case .accept, .ignore, .hRecv, .hSend, .uConnect, .uConnectTimeout, .uSend, .uRecv, .timer:
             break
         }
         if conns[i].phase == .closing && conns[i].pending == 0 { free(slot) }

@@ -39,6 +39,9 @@ public final class ClusterRuntime: @unchecked Sendable {
     public let connectTimeout: UnsafeMutablePointer<__kernel_timespec>
     public let idleTimeoutNanos: UInt64
     public let active = SharedCounter()
+    /// Requests in flight and retries outstanding, over all workers (`connectionPool.http` circuit breakers).
+    public let activeRequests = SharedCounter()
+    public let activeRetries = SharedCounter()
     let metrics: ClusterMetrics
 
     init(config: NodeSnapshot.Cluster, registry: MetricsRegistry) {
@@ -113,39 +116,52 @@ struct ClusterMetrics: Sendable {
     }
 }
 
-/// One listener's routing: weighted clusters of its TCP route, or, for the capture listener, the cluster of
-/// each captured service address.
+/// A service address the BPF programs send to the agent: its default cluster, and whether its port speaks HTTP
+/// (then requests go through the L7 pipeline).
+struct CapturedService {
+    let cluster: ClusterRuntime
+    let isHTTP: Bool
+}
+
+/// One listener's routing: weighted clusters of its TCP route, per-request routes of an HTTP listener, or, for the
+/// capture listener, the service of each captured address.
 public final class ListenerRuntime: @unchecked Sendable {
     public let config: NodeSnapshot.Listener
     public let clusters: [ClusterRuntime]
     public let weights: [Int]
     public let totalWeight: Int
-    /// Set on the capture listener: the cluster for each original destination.
-    let captured: [EndpointAddress: ClusterRuntime]?
+    /// HTTP listeners (and the capture listener, for captured HTTP services): the routes.
+    let http: HTTPRouteTable?
+    /// Set on the capture listener: the service for each original destination.
+    let captured: [EndpointAddress: CapturedService]?
     let capture: OutboundCapture?
 
-    init(config: NodeSnapshot.Listener, clusters: [String: ClusterRuntime]) {
+    init(config: NodeSnapshot.Listener, clusters: [String: ClusterRuntime], http: HTTPRouteTable?) {
         self.config = config
         // The compiler guarantees every route names a cluster of the snapshot.
         self.clusters = config.routes.map { clusters[$0.cluster]! }
         weights = config.routes.map(\.weight)
         totalWeight = weights.reduce(0, +)
+        self.http = config.isHTTP ? http : nil
         captured = nil
         capture = nil
     }
 
-    init(capture: OutboundCapture, address: EndpointAddress, services: [EndpointAddress: ClusterRuntime]) {
+    init(capture: OutboundCapture, address: EndpointAddress, services: [EndpointAddress: CapturedService],
+         http: HTTPRouteTable) {
         config = NodeSnapshot.Listener(name: "outbound-capture-\(address.ip.isIPv4 ? "v4" : "v6")", address: address,
                                        protocol: .tcp, routes: [])
         clusters = []
         weights = []
         totalWeight = 0
         captured = services
+        self.http = http
         self.capture = capture
     }
 
-    /// The cluster for a connection accepted on the capture listener, from the client's address.
-    func capturedCluster(peer: Socket.Address) -> ClusterRuntime? {
+    /// The service of a connection accepted on the capture listener, from the client's address, and the address
+    /// the client dialled.
+    func capturedService(peer: Socket.Address) -> (CapturedService, EndpointAddress)? {
         guard let capture, let captured else { return nil }
         let client: (IPAddress, UInt16)? = withUnsafeBytes(of: peer.storage) { raw in
             let port = UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
@@ -157,7 +173,7 @@ public final class ListenerRuntime: @unchecked Sendable {
             }
         }
         guard let (ip, port) = client, let original = capture.originalDestination(ip, port) else { return nil }
-        return captured[original]
+        return captured[original].map { ($0, original) }
     }
 }
 
@@ -191,25 +207,43 @@ public final class ProxyRuntime: @unchecked Sendable {
         self.snapshot = snapshot
         var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
-        // Only clusters a listener routes to get sockets, health state and metrics; the rest of the snapshot's
-        // clusters are for the L7 path.
-        var used = Set(snapshot.listeners.flatMap { $0.routes.map(\.cluster) })
-        var capturedNames: [EndpointAddress: String] = [:]
-        if capture != nil {
-            for b in snapshot.bpfServices where !b.isL4Only {
-                let name = NodeSnapshot.Cluster.name(port: b.address.port, subset: nil, host: b.host)
-                capturedNames[b.address] = name
-                used.insert(name)
-            }
-        }
-        clusters = snapshot.clusters.filter { used.contains($0.name) }
+        // Only clusters traffic can reach get sockets, health state and metrics: those of TCP routes, and every
+        // cluster once an HTTP listener or the capture listener may route requests.
+        let routesRequests = capture != nil || snapshot.listeners.contains(where: \.isHTTP)
+        let used = Set(snapshot.listeners.flatMap { $0.routes.map(\.cluster) })
+        clusters = snapshot.clusters.filter { routesRequests || used.contains($0.name) }
             .map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry) }
         let byName = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0) })
-        var listeners = snapshot.listeners.map { ListenerRuntime(config: $0, clusters: byName) }
+        var limits: [String: [RateLimitRuntime]] = [:]
+        var nextLimit = 0
+        for p in snapshot.rateLimits {
+            for l in p.spec.local {
+                limits[p.spec.host, default: []].append(RateLimitRuntime(id: nextLimit, policy: p.qualifiedName, local: l))
+                nextLimit += 1
+            }
+        }
+        rateLimitCount = nextLimit
+        func table(_ gateway: String?) -> HTTPRouteTable {
+            HTTPRouteTable(virtualServices: snapshot.virtualServices, gateway: gateway, snapshot: snapshot,
+                           clusters: byName, rateLimits: limits)
+        }
+        var listeners = snapshot.listeners.map { l in
+            ListenerRuntime(config: l, clusters: byName, http: l.isHTTP ? table(l.gateway) : nil)
+        }
         if let capture {
-            let services = capturedNames.compactMapValues { byName[$0] }
-            for a in capture.addresses { listeners.append(ListenerRuntime(capture: capture, address: a, services: services)) }
+            var services: [EndpointAddress: CapturedService] = [:]
+            for b in snapshot.bpfServices where !b.isL4Only {
+                let name = NodeSnapshot.Cluster.name(port: b.address.port, subset: nil, host: b.host)
+                if let c = byName[name] { services[b.address] = CapturedService(cluster: c, isHTTP: !b.protocol.isL4) }
+            }
+            let mesh = table(nil)
+            for a in capture.addresses {
+                listeners.append(ListenerRuntime(capture: capture, address: a, services: services, http: mesh))
+            }
         }
         self.listeners = listeners
     }
+
+    /// Local rate-limit entries over all policies (each worker keeps its share of each).
+    let rateLimitCount: Int
 }

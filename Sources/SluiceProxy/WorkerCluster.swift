@@ -11,6 +11,8 @@ final class WorkerCluster {
     var outlier: OutlierDetector?
     var active: [Int]
     var rng: FastRandom
+    /// Idle pooled HTTP/1.1 connections per endpoint (slots of the worker's upstream table), most recent last.
+    var idle: [[UInt32]]
 
     init(runtime: ClusterRuntime, seed: UInt64) {
         self.runtime = runtime
@@ -21,6 +23,7 @@ final class WorkerCluster {
             OutlierDetector(settings: $0, endpointCount: runtime.weights.count)
         }
         active = Array(repeating: 0, count: runtime.weights.count)
+        idle = Array(repeating: [], count: runtime.weights.count)
         rng = FastRandom(seed: seed)
     }
 

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""HTTP/1.1 L7 benchmark: Sluice's gateway listener vs haproxy 2.6 (mode http, nbthread 1) vs nginx (one worker,
+proxy_pass with upstream keep-alive) vs direct, interleaved in one run on loopback.
+
+Every proxy runs the same policy: 10 route rules (9 path rules that do not match the benchmark's path, then a
+catch-all) and a 90/10 weighted split over two backends (two nginx ports); Sluice also counts Istio's request
+metrics. wrk: 1 thread, 64 keep-alive connections, small responses. Prints JSON (medians and raw rounds) on
+stdout; progress on stderr.
+
+Also measured: RSS per idle keep-alive HTTP connection (each connection has served one request) on Sluice and
+haproxy.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLUICE = os.path.join(ROOT, ".build/release/sluice")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+CONNS = 64
+import resource
+_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", str(min(5000, (_NOFILE - 300) // 2))))
+
+P_V1, P_V2 = 26201, 26202
+P_HA, P_NGX, P_SL = 26301, 26401, 26501
+PREFIXES = [f"/api/r{i}" for i in range(9)]
+
+procs = []
+tmp = tempfile.mkdtemp(prefix="sluice-bench-http-")
+
+
+def start(cmd, **kw):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+    procs.append(p)
+    return p
+
+
+def wait_port(port, timeout=15):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def setup():
+    backends = os.path.join(tmp, "backends.conf")
+    with open(backends, "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {tmp}/backends.pid; error_log {tmp}/backends.err;
+events {{ worker_connections 65536; }}
+http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  server {{ listen 127.0.0.1:{P_V1} reuseport backlog=65535; location / {{ return 200 "v1 ok\\n"; }} }}
+  server {{ listen 127.0.0.1:{P_V2} reuseport backlog=65535; location / {{ return 200 "v2 ok\\n"; }} }} }}
+""")
+    start(["nginx", "-c", backends, "-p", tmp])
+
+    ha = os.path.join(tmp, "haproxy-http.cfg")
+    acls = "".join(f"  acl r{i} path_beg {p}\n  use_backend b{i} if r{i}\n" for i, p in enumerate(PREFIXES))
+    bks = "".join(f"backend b{i}\n  server s 127.0.0.1:{P_V1}\n" for i in range(len(PREFIXES)))
+    with open(ha, "w") as f:
+        f.write(f"""global
+  nbthread 1
+  maxconn {IDLE_CONNS + 200}
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout http-keep-alive 1h
+  http-reuse always
+frontend web
+  bind 127.0.0.1:{P_HA}
+{acls}  default_backend split
+backend split
+  balance random
+  server v1 127.0.0.1:{P_V1} weight 90
+  server v2 127.0.0.1:{P_V2} weight 10
+{bks}""")
+    start(["haproxy", "-f", ha])
+
+    ngx = os.path.join(tmp, "nginx-proxy.conf")
+    locs = "".join(f"    location {p} {{ proxy_pass http://127.0.0.1:{P_V1}; }}\n" for p in PREFIXES)
+    with open(ngx, "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {tmp}/proxy.pid; error_log {tmp}/proxy.err;
+events {{ worker_connections 65536; }}
+http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  split_clients "$request_id" $pool {{ 90% v1; * v2; }}
+  upstream v1 {{ server 127.0.0.1:{P_V1}; keepalive 128; }}
+  upstream v2 {{ server 127.0.0.1:{P_V2}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{P_NGX} backlog=65535;
+    proxy_http_version 1.1; proxy_set_header Connection "";
+{locs}    location / {{ proxy_pass http://$pool; }} }} }}
+""")
+    start(["nginx", "-c", ngx, "-p", tmp])
+
+    mesh = os.path.join(tmp, "mesh")
+    os.makedirs(mesh)
+    rules = "".join(f"""  - match: [{{uri: {{prefix: {p}}}}}]
+    route: [{{destination: {{host: app.bench.svc.cluster.local, subset: v1}}}}]
+""" for p in PREFIXES)
+    with open(os.path.join(mesh, "mesh.yaml"), "w") as f:
+        f.write(f"""apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: web, namespace: bench}}
+spec:
+  servers:
+  - port: {{number: {P_SL}, name: http, protocol: HTTP}}
+    bind: 127.0.0.1
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: app, namespace: bench}}
+spec:
+  hosts: ["*"]
+  gateways: [web]
+  http:
+{rules}  - route:
+    - {{destination: {{host: app.bench.svc.cluster.local, subset: v1}}, weight: 90}}
+    - {{destination: {{host: app.bench.svc.cluster.local, subset: v2}}, weight: 10}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: app, namespace: bench}}
+spec:
+  hosts: [app.bench.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {P_V1}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http: {P_V2}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: app, namespace: bench}}
+spec:
+  host: app.bench.svc.cluster.local
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+""")
+    agent = start([SLUICE, "agent", "--local-config", mesh, "--workers", "1", "--metrics", "127.0.0.1:26520",
+                   "--readiness", "127.0.0.1:26521", "--admin", "127.0.0.1:26522", "--state-dir", tmp],
+                  stderr=open(os.path.join(tmp, "agent.log"), "w"))
+    for p in [P_V1, P_V2, P_HA, P_NGX, P_SL]:
+        wait_port(p)
+    ha_pid = int(subprocess.check_output(["pgrep", "-n", "-f", f"haproxy -f {ha}"]).split()[0])
+    return agent.pid, ha_pid
+
+
+def wrk(port):
+    out = subprocess.check_output(["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS}s", "--latency",
+                                   f"http://127.0.0.1:{port}/app/item"], text=True)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if non2xx or errors:
+        print(f"  wrk on {port}: non-2xx {non2xx and non2xx.group(1)}, errors {errors and errors.group(1)}",
+              file=sys.stderr)
+    return rps, p99
+
+
+def idle_keepalive_rss(pid, port):
+    """KiB of proxy RSS per idle keep-alive connection that has served one request."""
+    time.sleep(0.5)
+    before = rss_kib(pid)
+    socks = []
+    for _ in range(IDLE_CONNS):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /app/item HTTP/1.1\r\nHost: bench\r\n\r\n")
+        socks.append(s)
+    for s in socks:
+        data = b""
+        while b"ok\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    time.sleep(1)
+    after = rss_kib(pid)
+    for s in socks:
+        s.close()
+    time.sleep(1)
+    return (after - before) / IDLE_CONNS
+
+
+def metrics_count():
+    out = subprocess.run(["curl", "-s", "http://127.0.0.1:26520/metrics"], capture_output=True, text=True).stdout
+    return sum(float(l.split()[-1]) for l in out.splitlines() if l.startswith("istio_requests_total{"))
+
+
+def main():
+    if not os.path.exists(SLUICE):
+        raise SystemExit("build first: make build-release")
+    agent_pid, ha_pid = setup()
+    targets = {"direct": P_V1, "haproxy": P_HA, "nginx": P_NGX, "sluice": P_SL}
+    raw = {n: {"rps": [], "p99_ms": []} for n in targets}
+    for r in range(ROUNDS):
+        for name, port in targets.items():
+            rps, p99 = wrk(port)
+            raw[name]["rps"].append(rps)
+            raw[name]["p99_ms"].append(p99)
+            print(f"round {r + 1} {name:8s} {rps:9.0f} req/s  p99 {p99:.2f} ms", file=sys.stderr)
+    counted = metrics_count()
+    sl_conn = idle_keepalive_rss(agent_pid, P_SL)
+    ha_conn = idle_keepalive_rss(ha_pid, P_HA)
+    med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in raw.items()}
+    json.dump({"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS, "raw": raw, "median": med,
+               "sluice_requests_counted": counted, "idle_conns": IDLE_CONNS,
+               "idle_keepalive_kib_per_conn": {"sluice": sl_conn, "haproxy": ha_conn}}, sys.stdout, indent=2)
+    print()
+
+
+def print_table(h):
+    m = h["median"]
+    print(f"\nHTTP/1.1 L7 (`Benchmarks/bench_http.py`: wrk -t1 -c{h['connections']} keep-alive, 10 route rules, 90/10 "
+          f"split, one worker/thread each; medians of {h['rounds']} rounds of {h['seconds']}s):\n")
+    print("| metric | direct | haproxy 2.6 | nginx | sluice | sluice / haproxy | target |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| requests/s | {m['direct']['rps']:,.0f} | {m['haproxy']['rps']:,.0f} | {m['nginx']['rps']:,.0f} | "
+          f"{m['sluice']['rps']:,.0f} | {m['sluice']['rps'] / m['haproxy']['rps']:.2f}x | >= 1.2x |")
+    print(f"| p99 latency, ms | {m['direct']['p99_ms']:.2f} | {m['haproxy']['p99_ms']:.2f} | {m['nginx']['p99_ms']:.2f} | "
+          f"{m['sluice']['p99_ms']:.2f} | {m['sluice']['p99_ms'] / m['haproxy']['p99_ms']:.2f}x | <= 1.0x |")
+    k = h["idle_keepalive_kib_per_conn"]
+    print(f"| RSS per idle keep-alive connection ({h['idle_conns']}), KiB | - | {k['haproxy']:.2f} | - | "
+          f"{k['sluice']:.2f} | - | <= 4 KiB |")
+    print(f"\nistio_requests_total counted {h['sluice_requests_counted']:,.0f} requests during the run.")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--print":
+        print_table(json.load(sys.stdin))
+        sys.exit(0)
+    try:
+        main()
+    finally:
+        for p in reversed(procs):
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=10)
+            except Exception:
+                p.kill()
+        subprocess.run(["pkill", "-f", f"nginx -c {tmp}"], check=False)
+        subprocess.run(["pkill", "-f", f"haproxy -f {tmp}"], check=False)

@@ -1,0 +1,1127 @@
+import CSluiceLinux
+import Glibc
+import SluiceHTTP
+import SluiceModel
+import SluiceRing
+
+/// The HTTP/1.1 pipeline on a worker's ring: parse -> route -> fault -> rate limit -> destination -> circuit
+/// breaker -> upstream (pooled keep-alive connections) -> retries and timeouts -> response -> metrics.
+///
+/// Memory per request is bounded: at most one receive buffer per direction is held while its bytes are being
+/// forwarded (the side is not read again until they are sent), whatever the body's size. Bodies are forwarded
+/// from the receive buffers without copying; only heads are rebuilt, and request bodies up to
+/// ``L4Worker/replayLimit`` are kept for retries.
+extension L4Worker {
+    /// Request bodies up to this size are kept so a retry can send them again (Envoy's retry buffer).
+    static let replayLimit = 64 << 10
+    /// A request head must arrive within this time once it has started (slowloris).
+    static let headerTimeoutNanos: UInt64 = 10_000_000_000
+    /// An idle keep-alive client connection is closed after this long.
+    static let keepAliveIdleNanos: UInt64 = 3_600_000_000_000
+    /// An idle pooled upstream connection is closed after this long (Istio's default idleTimeout is 1 hour; the
+    /// pool is kept shorter so upstreams that close idle connections sooner are rarely met on a stale one).
+    static let upstreamIdleNanos: UInt64 = 60_000_000_000
+
+    enum TimerKind: UInt64 { case request = 0, perTry = 1, wake = 2 }
+
+    // MARK: - accept
+
+    func acceptHTTP(fd: Int32, listener li: Int, table: HTTPRouteTable, captured: ClusterRuntime?, port: UInt16) {
+        let slot = allocateHTTP()
+        let i = Int(slot)
+        Socket.setNoDelay(fd)
+        hconns[i].fd = fd
+        hconns[i].phase = .open
+        hconns[i].listener = Int32(li)
+        hconns[i].table = table
+        hconns[i].captured = captured
+        hconns[i].port = port
+        hconns[i].lastActive = loop.now
+        hconns[i].headStarted = loop.now
+        hconns[i].reader = HTTP1RequestReader(limits: httpLimits)
+        hconns[i].reader.framedBody = true
+        let peer = Socket.peerAddress(fd).description
+        hconns[i].client = peer.hasPrefix("[") ? String(peer.dropFirst().prefix { $0 != "]" })
+            : String(peer.prefix { $0 != ":" })
+        openCount += 1
+        shard.addSigned(stats.activeConnections, 1)
+        receiveDown(slot)
+    }
+
+    private func allocateHTTP() -> UInt32 {
+        if let s = hfree.popLast() { return s }
+        hconns.append(HTTPConn())
+        return UInt32(hconns.count - 1)
+    }
+
+    private func allocateUp() -> UInt32 {
+        if let s = upFree.popLast() { return s }
+        ups.append(UpConn())
+        return UInt32(ups.count - 1)
+    }
+
+    @inline(__always)
+    private func trackDown(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ slot: UInt32, _ op: Op) {
+        io_uring_sqe_set_data64(sqe, UserData(slot: slot, generation: hconns[Int(slot)].generation, op: op.rawValue).raw)
+        hconns[Int(slot)].pending += 1
+    }
+
+    @inline(__always)
+    private func trackUp(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ u: UInt32, _ op: Op) {
+        io_uring_sqe_set_data64(sqe, UserData(slot: u, generation: ups[Int(u)].generation, op: op.rawValue).raw)
+        ups[Int(u)].pending += 1
+    }
+
+    // MARK: - completions
+
+    func completeHTTP(_ op: Op, _ ud: UserData, result: Int32, flags: UInt32) {
+        let buffer: Int32 = flags & sl_cqe_f_buffer() != 0 ? Int32(flags >> sl_cqe_buffer_shift()) : -1
+        if buffer >= 0 {
+            buffers.taken()
+            buffersDirty = true
+            shard.addSigned(stats.buffersInUse, 1)
+        }
+        switch op {
+        case .timer:
+            timers.fired()
+            fireTimers()
+        case .hRecv, .hSend:
+            let i = Int(ud.slot)
+            guard i < hconns.count, hconns[i].generation & 0xFF_FFFF == ud.generation else {
+                if buffer >= 0 { giveBack(UInt16(buffer)) }
+                return
+            }
+            hconns[i].pending -= 1
+            if op == .hRecv { receivedDown(ud.slot, result: result, buffer: buffer) } else { sentDown(ud.slot, result: result) }
+            if hconns[i].phase == .closing && hconns[i].pending == 0 { freeHTTP(ud.slot) }
+        default:
+            let u = Int(ud.slot)
+            guard u < ups.count, ups[u].generation & 0xFF_FFFF == ud.generation else {
+                if buffer >= 0 { giveBack(UInt16(buffer)) }
+                return
+            }
+            ups[u].pending -= 1
+            let owner = owningConn(ud.slot)
+            switch op {
+            case .uConnect:
+                if let owner { upConnected(owner, ud.slot, result: result) }
+            case .uSend:
+                if let owner { sentUp(owner, result: result) }
+            case .uRecv:
+                if let owner {
+                    receivedUp(owner, result: result, buffer: buffer)
+                } else if buffer >= 0 {
+                    giveBack(UInt16(buffer))
+                }
+            default:
+                break
+            }
+            if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
+        }
+        armTimer()
+    }
+
+    /// The downstream slot whose exchange uses upstream connection `u`, if it is still using it.
+    private func owningConn(_ u: UInt32) -> UInt32? {
+        let c = ups[Int(u)]
+        guard c.phase == .busy || c.phase == .connecting else { return nil }
+        let i = Int(c.owner)
+        guard hconns[i].generation == c.ownerGeneration, hconns[i].phase == .open, hconns[i].ex?.up == Int32(u) else {
+            return nil
+        }
+        return c.owner
+    }
+
+    /// Returns a provided buffer to the kernel and lets a stalled receive go.
+    func giveBack(_ id: UInt16) {
+        buffers.recycle(id)
+        shard.addSigned(stats.buffersInUse, -1)
+        while let w = httpStalled.popLast() {
+            let i = Int(w.slot)
+            guard hconns[i].generation == w.generation, hconns[i].phase == .open else { continue }
+            if w.up {
+                if hconns[i].ex != nil { receiveUp(w.slot) }
+            } else {
+                receiveDown(w.slot)
+            }
+            break
+        }
+    }
+
+    // MARK: - downstream reading
+
+    private func receiveDown(_ slot: UInt32) {
+        let i = Int(slot)
+        guard hconns[i].phase == .open, !hconns[i].receiving, hconns[i].inBuffer < 0, !hconns[i].closeAfterFlush else {
+            return
+        }
+        let s = loop.uring.sqe()
+        io_uring_prep_recv(s, hconns[i].fd, nil, buffers.size, 0)
+        s.pointee.flags |= sl_iosqe_buffer_select()
+        s.pointee.buf_group = buffers.group
+        trackDown(s, slot, .hRecv)
+        hconns[i].receiving = true
+    }
+
+    private func receivedDown(_ slot: UInt32, result: Int32, buffer: Int32) {
+        let i = Int(slot)
+        hconns[i].receiving = false
+        guard hconns[i].phase == .open else {
+            if buffer >= 0 { giveBack(UInt16(buffer)) }
+            return
+        }
+        if buffer >= 0 {
+            guard result > 0 else {
+                giveBack(UInt16(buffer))
+                return
+            }
+            if hconns[i].ex == nil && !hconns[i].reader.isInsideHead { hconns[i].headStarted = loop.now }
+            hconns[i].lastActive = loop.now
+            hconns[i].inBuffer = buffer
+            hconns[i].inPos = 0
+            hconns[i].inLength = result
+            pumpDown(slot)
+            return
+        }
+        if result == -ENOBUFS {
+            httpStalled.append((slot, hconns[i].generation, false))
+            return
+        }
+        // The client went away (FIN or error). A request already read completes only if the client still waits
+        // for it: on a FIN with the request complete, the response is sent, then the connection closed.
+        if result == 0, let ex = hconns[i].ex, ex.requestDone, !ex.tunnel {
+            hconns[i].closeAfterFlush = true
+            return
+        }
+        if hconns[i].ex != nil { hconns[i].ex!.flag = .downstreamReset }
+        teardownHTTP(slot, reset: result < 0)
+    }
+
+    /// Feeds the held receive buffer to the request reader and acts on what it finds.
+    private func pumpDown(_ slot: UInt32) {
+        let i = Int(slot)
+        while hconns[i].phase == .open, hconns[i].inBuffer >= 0, hconns[i].inPos < hconns[i].inLength {
+            let id = UInt16(hconns[i].inBuffer)
+            let start = Int(hconns[i].inPos)
+            if hconns[i].ex?.tunnel == true {
+                hconns[i].ex!.upQueue.append(.buffer(id, start..<Int(hconns[i].inLength)))
+                hconns[i].inRefs += 1
+                hconns[i].inPos = hconns[i].inLength
+                break
+            }
+            let bytes = UnsafeRawBufferPointer(start: buffers.pointer(id) + start, count: Int(hconns[i].inLength) - start)
+            var reader = hconns[i].reader
+            hconns[i].reader = idleReader
+            httpEvents.removeAll(keepingCapacity: true)
+            let used = reader.feed(bytes) { httpEvents.append($0) }
+            hconns[i].reader = reader
+            hconns[i].inPos += Int32(used)
+            for e in httpEvents {
+                guard hconns[i].phase == .open else { break }
+                switch e {
+                case .head(let head, let headBytes):
+                    begin(slot, head, headBytes)
+                case .body(let r):
+                    requestBody(slot, id, (r.lowerBound + start)..<(r.upperBound + start))
+                case .end:
+                    hconns[i].ex?.requestDone = true
+                case .error(let err):
+                    respondLocally(slot, status: err.status, flag: .downstreamProtocolError, close: true)
+                }
+            }
+            if used == 0 || used < bytes.count && hconns[i].ex != nil { break }
+        }
+        releaseInputIfDone(slot)
+        flushUp(slot)
+        receiveDown(slot)
+        // A local answer waits for the rest of the request body before the next request.
+        if hconns[i].ex?.local == true && hconns[i].ex?.requestDone == true { finishIfSent(slot) }
+    }
+
+    private func releaseInputIfDone(_ slot: UInt32) {
+        let i = Int(slot)
+        if hconns[i].inBuffer >= 0 && hconns[i].inRefs == 0 && hconns[i].inPos >= hconns[i].inLength {
+            let id = UInt16(hconns[i].inBuffer)
+            hconns[i].inBuffer = -1
+            giveBack(id)
+        }
+    }
+
+    private func requestBody(_ slot: UInt32, _ id: UInt16, _ r: Range<Int>) {
+        let i = Int(slot)
+        guard hconns[i].ex != nil, !hconns[i].ex!.local else { return }
+        if hconns[i].ex!.replay != nil {
+            if hconns[i].ex!.replay!.count + r.count > Self.replayLimit {
+                hconns[i].ex!.replay = nil
+            } else {
+                hconns[i].ex!.replay!.append(contentsOf: UnsafeRawBufferPointer(start: buffers.pointer(id) + r.lowerBound, count: r.count))
+            }
+        }
+        hconns[i].ex!.upQueue.append(.buffer(id, r))
+        hconns[i].inRefs += 1
+    }
+
+    // MARK: - one request
+
+    /// A request head arrived: route it, apply the route's stages, and send it upstream (or answer it here).
+    private func begin(_ slot: UInt32, _ head: HTTP1RequestHead, _ headBytes: [UInt8]) {
+        let i = Int(slot)
+        var ex = Exchange(start: hconns[i].headStarted)
+        hconns[i].requests += 1
+        let facts = headBytes.withUnsafeBytes { raw in requestFacts(slot, head, raw) }
+        ex.isHEAD = facts.method == "HEAD"
+        ex.clientKeepAlive = head.keepAlive && !draining
+        ex.upgrade = head.upgrade
+        ex.response = HTTP1ResponseReader(limits: httpLimits)
+        ex.response.answeringHEAD = ex.isHEAD
+        ex.response.framedBody = true
+        hconns[i].ex = ex
+        let table = hconns[i].table!
+
+        // Route: the first VirtualService route that matches; captured traffic without one goes to the service.
+        var route: RouteRuntime?
+        var condition: Int?
+        if let m = table.router.match(facts) {
+            route = table.routes[m.ordinal]
+            condition = m.condition
+        }
+        let cluster: ClusterRuntime?
+        var destination: VirtualService.RouteDestination?
+        if let route {
+            if let r = route.route.redirect {
+                let location = HTTPResponses.redirectLocation(r, scheme: facts.scheme, authority: facts.authority,
+                                                              path: facts.path)
+                hconns[i].ex!.route = route
+                respondLocally(slot, status: r.redirectCode, headers: [("location", location)], body: "")
+                return
+            }
+            if let d = route.route.directResponse {
+                hconns[i].ex!.route = route
+                respondLocally(slot, status: d.status, body: d.body ?? "")
+                return
+            }
+            let fault = FaultInjection.decide(route.route.fault) { Double(self.rng.next() >> 11) / Double(1 << 53) }
+            if let abort = fault.abort {
+                hconns[i].ex!.route = route
+                switch abort {
+                case .httpStatus(let s): respondLocally(slot, status: s, flag: .faultInjected, body: "fault filter abort")
+                case .grpcStatus(let g):
+                    respondLocally(slot, status: 200, flag: .faultInjected,
+                                   headers: [("content-type", "application/grpc"), ("grpc-status", Self.grpcCode(g))], body: "")
+                }
+                return
+            }
+            if let delay = fault.delay {
+                hconns[i].ex!.wakeAt = loop.now &+ delay.clampedNanoseconds
+                hconns[i].ex!.flag = .delayInjected
+            }
+            for limit in route.rateLimits where limit.applies(facts) {
+                if let retryAfter = takeToken(limit, facts: facts) {
+                    hconns[i].ex!.route = route
+                    respondLocally(slot, status: limit.local.status, flag: .rateLimited,
+                                   headers: [("retry-after", String(retryAfter)),
+                                             ("x-ratelimit-limit", String(limit.local.tokenBucket.maxTokens)),
+                                             ("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", String(retryAfter))],
+                                   body: "local_rate_limited")
+                    return
+                }
+            }
+            let pick = route.clusters.count == 1 ? 0 : route.pick(rng.next(below: route.totalWeight))
+            cluster = route.clusters[pick]
+            destination = route.route.route[pick]
+        } else if let c = hconns[i].captured, !table.router.hasHost(facts.authority) {
+            cluster = c
+        } else {
+            respondLocally(slot, status: 404, flag: .noRoute, body: "")
+            return
+        }
+        hconns[i].ex!.route = route
+        guard let cluster, let wc = clusters[ObjectIdentifier(cluster)] else {
+            respondLocally(slot, status: 503, flag: .noHealthyUpstream, body: "no healthy upstream")
+            return
+        }
+        hconns[i].ex!.cluster = wc
+        hconns[i].ex!.hadBody = head.framing != .none
+        if case .consistentHash(let key, _) = cluster.config.loadBalancer {
+            hconns[i].ex!.hash = Self.hashKey(key, facts: facts, client: hconns[i].client)
+        }
+        // Circuit breaker: requests in flight to the cluster, over all workers.
+        if let max = cluster.config.httpPool?.http2MaxRequests {
+            if cluster.activeRequests.add(1) >= Int64(max) {
+                cluster.activeRequests.add(-1)
+                overflow(slot)
+                return
+            }
+            hconns[i].ex!.counted = true
+        }
+        if (route?.retry.attempts ?? 0) == 0 { hconns[i].ex!.replay = nil }
+        let prefix: String? = condition.flatMap { c in
+            if case .prefix(let p)? = route?.route.match[c].uri { return p }
+            return nil
+        }
+        let upHead = headBytes.withUnsafeBytes { raw in
+            UpstreamRequest.head(head, in: raw, route: route?.route, destination: destination,
+                                 context: .init(clientAddress: hconns[i].client, scheme: facts.scheme,
+                                                requestID: requestID(), matchedPrefix: prefix))
+        }
+        let p = malloc(upHead.count)!
+        upHead.withUnsafeBytes { _ = memcpy(p, $0.baseAddress!, upHead.count) }
+        hconns[i].ex!.upHead = p
+        hconns[i].ex!.upHeadLength = upHead.count
+        if let t = route?.timeoutNanos, t > 0 {
+            hconns[i].ex!.deadline = loop.now &+ t
+            schedule(slot, .request, at: hconns[i].ex!.deadline)
+        }
+        if hconns[i].ex!.wakeAt > 0 {
+            schedule(slot, .wake, at: hconns[i].ex!.wakeAt)
+        } else {
+            dispatch(slot)
+        }
+    }
+
+    /// What routing looks at, decoded from the head once (headers and query only when some route matches on
+    /// them).
+    private func requestFacts(_ slot: UInt32, _ head: HTTP1RequestHead, _ raw: UnsafeRawBufferPointer) -> HTTPRequestFacts {
+        let i = Int(slot)
+        let table = hconns[i].table!
+        func text(_ r: Range<Int>) -> String { String(decoding: UnsafeRawBufferPointer(rebasing: raw[r]), as: UTF8.self) }
+        var authority = ""
+        var headers: [String: String] = [:]
+        for (n, v) in head.headers {
+            if n.count == 4 && HTTP1Parser.fieldName(raw, n, is: "host") { authority = text(v) }
+            if table.needsHeaders { headers[text(n).lowercased()] = text(v) }
+        }
+        let target = text(head.target)
+        var path = target, query: [String: String] = [:]
+        if table.router.needsQuery {
+            (path, query) = HTTPRequestFacts.split(target: target)
+        } else if let q = target.firstIndex(of: "?") {
+            path = String(target[..<q])
+        }
+        return HTTPRequestFacts(method: text(head.method), path: path, query: query, authority: authority,
+                                headers: headers, port: hconns[i].port, gateway: table.gateway)
+    }
+
+    static func hashKey(_ key: LoadBalancerSettings.HashKey, facts: HTTPRequestFacts, client: String) -> UInt64 {
+        var h = Hasher()
+        switch key {
+        case .header(let name): h.combine(facts.headers[name.lowercased()] ?? "")
+        case .cookie(let name): h.combine(Self.cookie(name, in: facts.headers["cookie"] ?? ""))
+        case .queryParameter(let name): h.combine(facts.query[name] ?? "")
+        case .sourceIP: h.combine(client)
+        }
+        return UInt64(bitPattern: Int64(h.finalize()))
+    }
+
+    static func cookie(_ name: String, in header: String) -> String {
+        for part in header.split(separator: ";") {
+            let kv = part.split(separator: "=", maxSplits: 1)
+            if kv.count == 2 && kv[0].trimmingSpaces == name { return String(kv[1]) }
+        }
+        return ""
+    }
+
+    /// Takes a token from this worker's share of `limit` for the request's key; nil when admitted, else the
+    /// seconds until the bucket refills.
+    private func takeToken(_ limit: RateLimitRuntime, facts: HTTPRequestFacts) -> Int? {
+        let value: String
+        switch limit.local.key {
+        case .none: value = ""
+        case .header(let h): value = facts.headers[h] ?? ""
+        case .sourceIP, .sourcePrincipal: value = ""
+        }
+        let key = RateLimitKey(id: limit.id, value: value)
+        var bucket = rateBuckets[key] ?? TokenBucket.share(of: limit.local.tokenBucket, worker: index, workers: workerCount,
+                                                           now: loop.now)
+        defer { rateBuckets[key] = bucket }
+        return bucket.take(now: loop.now) ? nil : bucket.retryAfterSeconds(now: loop.now)
+    }
+
+    static func grpcCode(_ s: String) -> String {
+        let names = ["OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+                     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+                     "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"]
+        if Int(s) != nil { return s }
+        return names.firstIndex(of: s.uppercased()).map(String.init) ?? "2"
+    }
+
+    private func requestID() -> String {
+        let a = rng.next(), b = rng.next()
+        let hex = String(a, radix: 16) + String(b, radix: 16)
+        return String(repeating: "0", count: max(0, 32 - hex.count)) + hex
+    }
+
+    private func overflow(_ slot: UInt32) {
+        if let wc = hconns[Int(slot)].ex?.cluster { shard.add(wc.runtime.metrics.closedOverflow) }
+        respondLocally(slot, status: 503, flag: .upstreamOverflow, headers: [("x-envoy-overloaded", "true")],
+                       body: "upstream connect error or disconnect/reset before headers. reset reason: overflow")
+    }
+
+    // MARK: - upstream
+
+    /// Picks an endpoint and an upstream connection for the exchange: a pooled idle one, or a new connect.
+    private func dispatch(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex, let wc = ex.cluster else { return }
+        guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: Int(ex.lastEndpoint)) else {
+            respondLocally(slot, status: 503, flag: .noHealthyUpstream, body: "no healthy upstream")
+            return
+        }
+        hconns[i].ex!.lastEndpoint = Int32(e)
+        while let u = wc.idle[e].popLast() {
+            guard ups[Int(u)].phase == .idle else { continue }
+            ups[Int(u)].phase = .busy
+            ups[Int(u)].owner = slot
+            ups[Int(u)].ownerGeneration = hconns[i].generation
+            hconns[i].ex!.up = Int32(u)
+            hconns[i].ex!.reused = true
+            startAttempt(slot)
+            return
+        }
+        if let max = wc.runtime.config.maxConnections, wc.runtime.active.add(1) >= Int64(max) {
+            wc.runtime.active.add(-1)
+            overflow(slot)
+            return
+        } else if wc.runtime.config.maxConnections == nil {
+            wc.runtime.active.add(1)
+        }
+        let addr = wc.runtime.addresses + e
+        let fd = Socket.stream(family: addr.pointee.family)
+        guard fd >= 0 else {
+            wc.runtime.active.add(-1)
+            attemptFailed(slot, .connectFailure)
+            return
+        }
+        Socket.setNoDelay(fd)
+        let u = allocateUp()
+        ups[Int(u)].fd = fd
+        ups[Int(u)].phase = .connecting
+        ups[Int(u)].cluster = wc
+        ups[Int(u)].endpoint = Int32(e)
+        ups[Int(u)].owner = slot
+        ups[Int(u)].ownerGeneration = hconns[i].generation
+        ups[Int(u)].connectStart = loop.now
+        hconns[i].ex!.up = Int32(u)
+        hconns[i].ex!.reused = false
+        let s = loop.uring.sqe()
+        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
+        }
+        s.pointee.flags |= sl_iosqe_io_link()
+        trackUp(s, u, .uConnect)
+        let t = loop.uring.sqe()
+        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
+        trackUp(t, u, .uConnectTimeout)
+    }
+
+    private func upConnected(_ slot: UInt32, _ u: UInt32, result: Int32) {
+        let wc = ups[Int(u)].cluster!
+        let e = Int(ups[Int(u)].endpoint)
+        if result == 0 {
+            ups[Int(u)].phase = .busy
+            shard.add(wc.runtime.metrics.opened)
+            shard.observe(wc.runtime.metrics.connectDuration, Double(loop.now - ups[Int(u)].connectStart) / 1e6)
+            startAttempt(slot)
+            return
+        }
+        shard.add(wc.runtime.metrics.connectFailures)
+        if wc.outlier?.recordFailure(e, now: loop.now) == true { shard.add(wc.runtime.metrics.ejections) }
+        attemptFailed(slot, .connectFailure)
+    }
+
+    /// The upstream connection is ready: send the head (then the body already read) and read the response.
+    private func startAttempt(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex else { return }
+        hconns[i].ex!.upQueue.insert(.borrowed(ex.upHead!, length: ex.upHeadLength), at: 0)
+        if let route = ex.route, route.perTryTimeoutNanos > 0 {
+            hconns[i].ex!.tryDeadline = loop.now &+ route.perTryTimeoutNanos
+            schedule(slot, .perTry, at: hconns[i].ex!.tryDeadline)
+        }
+        let e = Int(ex.lastEndpoint)
+        ex.cluster!.active[e] += 1
+        receiveUp(slot)
+        flushUp(slot)
+    }
+
+    private func flushUp(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex, ex.up >= 0, !ex.upSending, let seg = ex.upQueue.first,
+            ups[Int(ex.up)].phase == .busy else { return }
+        let u = UInt32(ex.up)
+        let s = loop.uring.sqe()
+        let base = seg.buffer >= 0 ? buffers.pointer(UInt16(seg.buffer)) : seg.owned!
+        io_uring_prep_send(s, ups[Int(u)].fd, base + Int(seg.offset), Int(seg.length), Int32(MSG_NOSIGNAL))
+        trackUp(s, u, .uSend)
+        hconns[i].ex!.upSending = true
+    }
+
+    private func sentUp(_ slot: UInt32, result: Int32) {
+        let i = Int(slot)
+        hconns[i].ex!.upSending = false
+        guard result >= 0 else {
+            attemptFailed(slot, .reset)
+            return
+        }
+        var seg = hconns[i].ex!.upQueue[0]
+        if result < seg.length {
+            seg.offset += result
+            seg.length -= result
+            hconns[i].ex!.upQueue[0] = seg
+        } else {
+            hconns[i].ex!.upQueue.removeFirst()
+            finishSegment(slot, seg, downSide: false)
+        }
+        flushUp(slot)
+    }
+
+    /// A sent (or dropped) segment no longer needs its memory.
+    private func finishSegment(_ slot: UInt32, _ seg: Segment, downSide: Bool) {
+        let i = Int(slot)
+        if seg.buffer >= 0 {
+            if downSide {
+                hconns[i].ex?.upRefs -= 1
+                releaseUpstreamInputIfDone(slot)
+            } else {
+                hconns[i].inRefs -= 1
+                if hconns[i].inRefs == 0 && hconns[i].inPos >= hconns[i].inLength {
+                    releaseInputIfDone(slot)
+                    receiveDown(slot)
+                }
+            }
+        } else if seg.frees {
+            free(seg.owned)
+        }
+    }
+
+    private func receiveUp(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex, ex.up >= 0, !ex.upReceiving, ex.upBuffer < 0, !ex.responseDone || ex.tunnel,
+            ups[Int(ex.up)].phase == .busy else { return }
+        let u = UInt32(ex.up)
+        let s = loop.uring.sqe()
+        io_uring_prep_recv(s, ups[Int(u)].fd, nil, buffers.size, 0)
+        s.pointee.flags |= sl_iosqe_buffer_select()
+        s.pointee.buf_group = buffers.group
+        trackUp(s, u, .uRecv)
+        hconns[i].ex!.upReceiving = true
+    }
+
+    private func receivedUp(_ slot: UInt32, result: Int32, buffer: Int32) {
+        let i = Int(slot)
+        hconns[i].ex!.upReceiving = false
+        if buffer >= 0 && result > 0 {
+            hconns[i].ex!.upBuffer = buffer
+            hconns[i].ex!.upPos = 0
+            hconns[i].ex!.upLength = result
+            hconns[i].ex!.gotBytes = true
+            pumpUp(slot)
+            return
+        }
+        if buffer >= 0 { giveBack(UInt16(buffer)) }
+        if result == -ENOBUFS {
+            httpStalled.append((slot, hconns[i].generation, true))
+            return
+        }
+        let ex = hconns[i].ex!
+        if ex.tunnel {
+            // An upgraded connection ends when either side closes.
+            hconns[i].ex!.responseDone = true
+            hconns[i].ex!.requestDone = true
+            hconns[i].closeAfterFlush = true
+            finishIfSent(slot)
+            return
+        }
+        if ex.responseStarted {
+            if result == 0, ex.responseUntilClose {
+                // The body was delimited by the close: so it is for the client.
+                hconns[i].ex!.responseDone = true
+                hconns[i].ex!.upReusable = false
+                hconns[i].closeAfterFlush = true
+                finishIfSent(slot)
+            } else {
+                // Truncated: the client must not mistake what it got for a complete response.
+                hconns[i].ex!.flag = .upstreamReset
+                teardownHTTP(slot, reset: true)
+            }
+            return
+        }
+        attemptFailed(slot, .reset)
+    }
+
+    private func pumpUp(_ slot: UInt32) {
+        let i = Int(slot)
+        while hconns[i].phase == .open, let ex = hconns[i].ex, ex.upBuffer >= 0, ex.upPos < ex.upLength {
+            let id = UInt16(ex.upBuffer)
+            let start = Int(ex.upPos)
+            if ex.tunnel {
+                hconns[i].outQueue.append(.buffer(id, start..<Int(ex.upLength)))
+                hconns[i].ex!.upRefs += 1
+                hconns[i].ex!.upPos = ex.upLength
+                break
+            }
+            let bytes = UnsafeRawBufferPointer(start: buffers.pointer(id) + start, count: Int(ex.upLength) - start)
+            var reader = ex.response
+            hconns[i].ex!.response = idleResponseReader
+            httpResponseEvents.removeAll(keepingCapacity: true)
+            let used = reader.feed(bytes) { httpResponseEvents.append($0) }
+            hconns[i].ex!.response = reader
+            hconns[i].ex!.upPos += Int32(used)
+            for e in httpResponseEvents {
+                guard hconns[i].phase == .open, hconns[i].ex != nil else { return }
+                switch e {
+                case .head(let h, let headBytes):
+                    if !responseHead(slot, h, headBytes) { return }
+                case .body(let r):
+                    hconns[i].outQueue.append(.buffer(id, (r.lowerBound + start)..<(r.upperBound + start)))
+                    hconns[i].ex!.upRefs += 1
+                case .end:
+                    if hconns[i].ex!.interim {
+                        // A 1xx response: the final one follows on the same connection.
+                        hconns[i].ex!.interim = false
+                        hconns[i].ex!.response.next()
+                    } else {
+                        hconns[i].ex!.responseDone = true
+                    }
+                case .error:
+                    if hconns[i].ex!.responseStarted {
+                        hconns[i].ex!.flag = .upstreamProtocolError
+                        teardownHTTP(slot, reset: true)
+                        return
+                    }
+                    hconns[i].ex!.upReusable = false
+                    closeUpstream(slot)
+                    respondLocally(slot, status: 502, flag: .upstreamProtocolError, body: "upstream sent an invalid response")
+                    return
+                }
+            }
+            guard hconns[i].ex != nil else { return }
+            if hconns[i].ex!.tunnel { continue }
+            if hconns[i].ex!.responseDone {
+                // Bytes after the response: the upstream is out of step; never reuse it.
+                if hconns[i].ex!.upPos < hconns[i].ex!.upLength { hconns[i].ex!.upReusable = false }
+                hconns[i].ex!.upPos = hconns[i].ex!.upLength
+            }
+            if used == 0 { break }
+        }
+        releaseUpstreamInputIfDone(slot)
+        flushDown(slot)
+        receiveUp(slot)
+        // Bytes the client sent after the upgrade request now go through the tunnel.
+        if hconns[i].ex?.tunnel == true && hconns[i].inBuffer >= 0 { pumpDown(slot) }
+    }
+
+    /// Handles a response head. Returns false when the attempt was dropped for a retry.
+    private func responseHead(_ slot: UInt32, _ h: HTTP1ResponseHead, _ headBytes: [UInt8]) -> Bool {
+        let i = Int(slot)
+        let ex = hconns[i].ex!
+        let wc = ex.cluster!
+        let e = Int(ex.lastEndpoint)
+        if h.status >= 100 && h.status < 200 && h.status != 101 {
+            hconns[i].outQueue.append(Segment.copy(headBytes))
+            hconns[i].ex!.interim = true
+            return true
+        }
+        let grpc = Self.grpcStatus(h, headBytes)
+        if let o = wc.outlier {
+            _ = o
+            if h.status >= 500 {
+                if wc.outlier!.recordFailure(e, now: loop.now) { shard.add(wc.runtime.metrics.ejections) }
+            } else {
+                wc.outlier!.recordSuccess(e)
+            }
+        }
+        let policy = ex.route?.retry ?? .istioDefault
+        let decision = policy.decide(.response(status: h.status, grpcStatus: grpc), retriesDone: ex.retries,
+                                     bodyReplayable: ex.requestDone && (ex.replay != nil || !ex.hadBody),
+                                     budgetAllows: retryBudgetAllows(wc), random: rng.next())
+        if case .retry(let after) = decision {
+            hconns[i].ex!.upReusable = false
+            closeUpstream(slot)
+            retry(slot, after: after)
+            return false
+        }
+        hconns[i].ex!.status = h.status
+        hconns[i].ex!.responseStarted = true
+        hconns[i].ex!.tryDeadline = 0
+        hconns[i].ex!.responseUntilClose = h.framing == .untilClose
+        if !h.keepAlive { hconns[i].ex!.upReusable = false }
+        var ops: [HeaderOperations.Ops] = []
+        if let o = ex.route?.route.headers?.response { ops.append(o) }
+        let closing = !ex.clientKeepAlive || h.framing == .untilClose || draining
+        if closing { hconns[i].closeAfterFlush = true }
+        let upgrade = h.status == 101 && ex.upgrade
+        hconns[i].outQueue.append(HTTPResponses.downstreamHead(h, headBytes, ops: ops, close: closing && !upgrade,
+                                                               upgrade: upgrade))
+        if upgrade {
+            hconns[i].ex!.tunnel = true
+            hconns[i].ex!.upReusable = false
+            hconns[i].closeAfterFlush = false
+            hconns[i].reader = idleReader  // the connection no longer carries HTTP/1.1 requests
+        }
+        return true
+    }
+
+    static func grpcStatus(_ h: HTTP1ResponseHead, _ bytes: [UInt8]) -> Int? {
+        bytes.withUnsafeBytes { raw in
+            for (n, v) in h.headers where n.count == 11 {
+                if String(decoding: UnsafeRawBufferPointer(rebasing: raw[n]), as: UTF8.self).lowercased() == "grpc-status" {
+                    return Int(String(decoding: UnsafeRawBufferPointer(rebasing: raw[v]), as: UTF8.self))
+                }
+            }
+            return nil
+        }
+    }
+
+    private func retryBudgetAllows(_ wc: WorkerCluster) -> Bool {
+        guard let max = wc.runtime.config.httpPool?.maxRetries else { return true }
+        return wc.runtime.activeRetries.current < Int64(max)
+    }
+
+    private func releaseUpstreamInputIfDone(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex, ex.upBuffer >= 0, ex.upRefs == 0, ex.upPos >= ex.upLength else { return }
+        hconns[i].ex!.upBuffer = -1
+        giveBack(UInt16(ex.upBuffer))
+        receiveUp(slot)
+    }
+
+    /// An attempt failed before a response head: retry (per the route's policy) or answer with the error.
+    private func attemptFailed(_ slot: UInt32, _ outcome: AttemptOutcome) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex else { return }
+        let reusedAndSilent = ex.reused && !ex.gotBytes && outcome == .reset
+        hconns[i].ex!.upReusable = false
+        closeUpstream(slot)
+        // A pooled connection the upstream had closed: try a fresh one, not counted as a retry (Envoy does too).
+        if reusedAndSilent && ex.requestDone && (ex.replay != nil || !ex.hadBody) {
+            retry(slot, after: .zero, counts: false)
+            return
+        }
+        let policy = ex.route?.retry ?? .istioDefault
+        let decision = policy.decide(outcome, retriesDone: ex.retries,
+                                     bodyReplayable: ex.requestDone && (ex.replay != nil || !ex.hadBody),
+                                     budgetAllows: ex.cluster.map(retryBudgetAllows) ?? false, random: rng.next())
+        if case .retry(let after) = decision {
+            retry(slot, after: after)
+            return
+        }
+        let retried = ex.retries > 0
+        switch outcome {
+        case .connectFailure:
+            respondLocally(slot, status: 503, flag: retried ? .upstreamRetryLimitExceeded : .upstreamConnectFailure,
+                           body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+        case .perTryTimeout:
+            respondLocally(slot, status: 504, flag: .upstreamRequestTimeout, body: "upstream request timeout")
+        default:
+            respondLocally(slot, status: 503, flag: retried ? .upstreamRetryLimitExceeded : .upstreamReset,
+                           body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination")
+        }
+    }
+
+    /// Sends the request again after `after`: the head and the kept body, on another connection.
+    private func retry(_ slot: UInt32, after: Duration, counts: Bool = true) {
+        let i = Int(slot)
+        guard var ex = hconns[i].ex else { return }
+        for seg in ex.upQueue { finishQueued(slot, seg, downSide: false) }
+        ex = hconns[i].ex!
+        ex.upQueue.removeAll()
+        if let body = ex.replay, !body.isEmpty { ex.upQueue.append(Segment.copy(body)) }
+        if counts {
+            ex.retries += 1
+            ex.retriesCounted += 1
+            ex.cluster!.runtime.activeRetries.add(1)
+            shard.add(retryCounter(ex.cluster!))
+        }
+        ex.response = HTTP1ResponseReader(limits: httpLimits)
+        ex.response.answeringHEAD = ex.isHEAD
+        ex.response.framedBody = true
+        ex.gotBytes = false
+        ex.interim = false
+        ex.tryDeadline = 0
+        hconns[i].ex = ex
+        let wait = after.clampedNanoseconds
+        if wait == 0 {
+            dispatch(slot)
+        } else {
+            hconns[i].ex!.wakeAt = loop.now &+ wait
+            schedule(slot, .wake, at: hconns[i].ex!.wakeAt)
+        }
+    }
+
+    /// Drops a queued segment without sending it.
+    private func finishQueued(_ slot: UInt32, _ seg: Segment, downSide: Bool) {
+        let i = Int(slot)
+        if seg.buffer >= 0 {
+            if downSide { hconns[i].ex?.upRefs -= 1 } else { hconns[i].inRefs -= 1 }
+        } else if seg.frees {
+            free(seg.owned)
+        }
+    }
+
+    private func retryCounter(_ wc: WorkerCluster) -> Int {
+        registry.counter("sluice_http_retries_total", help: "Requests sent again by a route's retry policy",
+                         labels: [("cluster", wc.runtime.config.name)])
+    }
+
+    /// Releases the exchange's upstream connection: back to the pool when it can carry another request.
+    private func closeUpstream(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex, ex.up >= 0 else { return }
+        let u = UInt32(ex.up)
+        hconns[i].ex!.up = -1
+        hconns[i].ex!.upSending = false
+        hconns[i].ex!.upReceiving = false
+        if ex.upBuffer >= 0 && ex.upRefs == 0 {
+            hconns[i].ex!.upBuffer = -1
+            giveBack(UInt16(ex.upBuffer))
+        }
+        let wc = ups[Int(u)].cluster!
+        if ups[Int(u)].phase == .busy { wc.active[Int(ups[Int(u)].endpoint)] -= 1 }
+        let reusable = ex.upReusable && ups[Int(u)].phase == .busy && ex.requestDone && ex.upQueue.isEmpty
+            && ex.responseDone && !draining
+            && (wc.runtime.config.httpPool?.maxRequestsPerConnection.map { ups[Int(u)].requests + 1 < $0 } ?? true)
+        if reusable {
+            ups[Int(u)].phase = .idle
+            ups[Int(u)].requests += 1
+            ups[Int(u)].idleSince = loop.now
+            wc.idle[Int(ups[Int(u)].endpoint)].append(u)
+            return
+        }
+        stopUp(u)
+    }
+
+    private func stopUp(_ u: UInt32) {
+        let c = ups[Int(u)]
+        guard c.phase != .closing && c.phase != .free else { return }
+        if c.phase == .busy || c.phase == .idle { shard.add(c.cluster!.runtime.metrics.closed) }
+        ups[Int(u)].phase = .closing
+        c.cluster!.runtime.active.add(-1)
+        if c.pending > 0 {
+            let s = loop.uring.sqe()
+            io_uring_prep_cancel_fd(s, c.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
+            io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
+        } else {
+            freeUp(u)
+        }
+    }
+
+    private func freeUp(_ u: UInt32) {
+        let i = Int(u)
+        if ups[i].fd >= 0 { close(ups[i].fd) }
+        let gen = (ups[i].generation + 1) & 0xFF_FFFF
+        ups[i] = UpConn()
+        ups[i].generation = gen
+        upFree.append(u)
+    }
+
+    // MARK: - downstream writing
+
+    /// Answers the current request from the proxy (creating the exchange if the head never parsed).
+    func respondLocally(_ slot: UInt32, status: Int, flag: ResponseFlag = .none, headers: [(String, String)] = [],
+                        body: String? = nil, close: Bool = false) {
+        let i = Int(slot)
+        if hconns[i].ex == nil { hconns[i].ex = Exchange(start: hconns[i].headStarted) }
+        hconns[i].ex!.upReusable = false
+        closeUpstream(slot)
+        for seg in hconns[i].ex!.upQueue { finishQueued(slot, seg, downSide: false) }
+        hconns[i].ex!.upQueue.removeAll()
+        hconns[i].ex!.local = true
+        hconns[i].ex!.status = status
+        if flag != .none { hconns[i].ex!.flag = flag }
+        hconns[i].ex!.responseStarted = true
+        hconns[i].ex!.responseDone = true
+        let closing = close || !hconns[i].ex!.clientKeepAlive || draining
+        if closing { hconns[i].closeAfterFlush = true }
+        if close { hconns[i].ex!.requestDone = true }
+        var extra = headers
+        if hconns[i].ex!.upHead == nil { extra.append(("x-request-id", requestID())) }
+        hconns[i].outQueue.append(.copy(HTTPResponses.local(status: status, headers: extra, body: body, close: closing,
+                                                            isHEAD: hconns[i].ex!.isHEAD)))
+        flushDown(slot)
+    }
+
+    private func flushDown(_ slot: UInt32) {
+        let i = Int(slot)
+        guard hconns[i].phase == .open, !hconns[i].sending, let seg = hconns[i].outQueue.first else { return }
+        let s = loop.uring.sqe()
+        let base = seg.buffer >= 0 ? buffers.pointer(UInt16(seg.buffer)) : seg.owned!
+        io_uring_prep_send(s, hconns[i].fd, base + Int(seg.offset), Int(seg.length), Int32(MSG_NOSIGNAL))
+        trackDown(s, slot, .hSend)
+        hconns[i].sending = true
+    }
+
+    private func sentDown(_ slot: UInt32, result: Int32) {
+        let i = Int(slot)
+        hconns[i].sending = false
+        guard hconns[i].phase == .open else { return }
+        guard result >= 0 else {
+            hconns[i].ex?.flag = .downstreamReset
+            teardownHTTP(slot, reset: true)
+            return
+        }
+        hconns[i].lastActive = loop.now
+        var seg = hconns[i].outQueue[0]
+        if result < seg.length {
+            seg.offset += result
+            seg.length -= result
+            hconns[i].outQueue[0] = seg
+        } else {
+            hconns[i].outQueue.removeFirst()
+            finishSegment(slot, seg, downSide: true)
+        }
+        flushDown(slot)
+        finishIfSent(slot)
+    }
+
+    /// Once the response is out and the request read: count it, and take the next one.
+    private func finishIfSent(_ slot: UInt32) {
+        let i = Int(slot)
+        guard hconns[i].phase == .open, !hconns[i].sending, hconns[i].outQueue.isEmpty else { return }
+        guard let ex = hconns[i].ex else {
+            if hconns[i].closeAfterFlush { teardownHTTP(slot, reset: false) }
+            return
+        }
+        guard ex.responseDone, !ex.tunnel || hconns[i].closeAfterFlush else { return }
+        if !ex.requestDone {
+            if ex.local && !hconns[i].closeAfterFlush {
+                // Keep reading (and dropping) the rest of the body; the exchange ends with it.
+                return
+            }
+            hconns[i].closeAfterFlush = true
+        }
+        endExchange(slot)
+        if hconns[i].closeAfterFlush || draining {
+            teardownHTTP(slot, reset: false)
+            return
+        }
+        hconns[i].reader.next()
+        hconns[i].headStarted = loop.now
+        pumpDown(slot)
+    }
+
+    /// Metrics, circuit-breaker counts and the upstream connection of the finished exchange.
+    private func endExchange(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex else { return }
+        closeUpstream(slot)
+        let m = requestMetrics.slots(registry, cluster: ex.cluster?.runtime, code: ex.status, flags: ex.flag.rawValue,
+                                     gateway: hconns[i].table?.gateway)
+        shard.add(m.total)
+        shard.observe(m.duration, Double(loop.now &- ex.start) / 1e6)
+        if ex.counted { ex.cluster?.runtime.activeRequests.add(-1) }
+        if ex.retriesCounted > 0 { ex.cluster?.runtime.activeRetries.add(Int64(-ex.retriesCounted)) }
+        for seg in ex.upQueue { finishQueued(slot, seg, downSide: false) }
+        if ex.upBuffer >= 0 {
+            // A send from it may still be in flight when the connection is being torn down.
+            if hconns[i].sending { hconns[i].spareBuffer = ex.upBuffer } else { giveBack(UInt16(ex.upBuffer)) }
+        }
+        if let p = ex.upHead { free(p) }
+        hconns[i].ex = nil
+    }
+
+    // MARK: - timers
+
+    private func schedule(_ slot: UInt32, _ kind: TimerKind, at deadline: UInt64) {
+        let tag = UInt64(slot) | UInt64(hconns[Int(slot)].generation) << 32 | kind.rawValue << 56
+        timers.schedule(at: deadline, tag: tag)
+    }
+
+    func armTimer() {
+        guard let d = timers.nextToArm() else { return }
+        timerSpec.pointee = __kernel_timespec(tv_sec: Int64(d / 1_000_000_000), tv_nsec: Int64(d % 1_000_000_000))
+        let s = loop.uring.sqe()
+        io_uring_prep_timeout(s, timerSpec, 0, UInt32(IORING_TIMEOUT_ABS))
+        io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.timer.rawValue).raw)
+    }
+
+    private func fireTimers() {
+        let now = EventLoop.monotonicNanos()
+        while let t = timers.popDue(now: now) {
+            let slot = UInt32(truncatingIfNeeded: t.tag)
+            let gen = UInt32(truncatingIfNeeded: t.tag >> 32) & 0xFF_FFFF
+            let i = Int(slot)
+            guard i < hconns.count, hconns[i].generation == gen, hconns[i].phase == .open, let ex = hconns[i].ex else { continue }
+            switch TimerKind(rawValue: t.tag >> 56) {
+            case .request where ex.deadline == t.deadline && !ex.responseDone:
+                if ex.responseStarted {
+                    hconns[i].ex!.flag = .upstreamRequestTimeout
+                    teardownHTTP(slot, reset: true)
+                } else {
+                    hconns[i].ex!.upReusable = false
+                    respondLocally(slot, status: 504, flag: .upstreamRequestTimeout, body: "upstream request timeout")
+                }
+            case .perTry where ex.tryDeadline == t.deadline && !ex.responseStarted:
+                attemptFailed(slot, .perTryTimeout)
+            case .wake where ex.wakeAt == t.deadline:
+                hconns[i].ex!.wakeAt = 0
+                if ex.up < 0 && !ex.local { dispatch(slot) }
+            default:
+                break
+            }
+        }
+    }
+
+    // MARK: - closing
+
+    func teardownHTTP(_ slot: UInt32, reset: Bool) {
+        let i = Int(slot)
+        guard hconns[i].phase == .open else { return }
+        if hconns[i].ex != nil {
+            hconns[i].ex!.upReusable = false
+            if !hconns[i].ex!.responseDone || !hconns[i].ex!.requestDone {
+                if hconns[i].ex!.flag == .none { hconns[i].ex!.flag = .downstreamReset }
+                if !hconns[i].ex!.responseStarted { hconns[i].ex!.status = 0 }
+            }
+            endExchange(slot)
+        }
+        hconns[i].phase = .closing
+        listeners[Int(hconns[i].listener)].counter.add(-1)
+        if reset { Socket.setLingerZero(hconns[i].fd) }
+        if hconns[i].pending > 0 {
+            let s = loop.uring.sqe()
+            io_uring_prep_cancel_fd(s, hconns[i].fd, UInt32(IORING_ASYNC_CANCEL_ALL))
+            io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
+        } else {
+            freeHTTP(slot)
+        }
+    }
+
+    /// Frees the slot once no operation is pending: only then may the buffers its sends read from be reused.
+    private func freeHTTP(_ slot: UInt32) {
+        let i = Int(slot)
+        if hconns[i].fd >= 0 { close(hconns[i].fd) }
+        for seg in hconns[i].outQueue {
+            if seg.buffer < 0 && seg.frees { free(seg.owned) }
+        }
+        if hconns[i].inBuffer >= 0 { giveBack(UInt16(hconns[i].inBuffer)) }
+        if hconns[i].spareBuffer >= 0 { giveBack(UInt16(hconns[i].spareBuffer)) }
+        let gen = (hconns[i].generation + 1) & 0xFF_FFFF
+        hconns[i] = HTTPConn()
+        hconns[i].generation = gen
+        hfree.append(slot)
+        openCount -= 1
+        shard.addSigned(stats.activeConnections, -1)
+        checkDrained()
+    }
+
+    /// Periodic checks (from the worker's tick): slow heads, idle keep-alive clients, idle pooled upstreams.
+    func scanHTTP(now: UInt64) {
+        for i in hconns.indices where hconns[i].phase == .open && hconns[i].ex == nil {
+            let slot = UInt32(i)
+            if hconns[i].reader.isInsideHead && now &- hconns[i].headStarted > Self.headerTimeoutNanos {
+                respondLocally(slot, status: 408, flag: .downstreamProtocolError, body: "header timeout", close: true)
+            } else if draining || now &- hconns[i].lastActive > Self.keepAliveIdleNanos {
+                teardownHTTP(slot, reset: false)
+            }
+        }
+        for u in ups.indices where ups[u].phase == .idle {
+            let wc = ups[u].cluster!
+            let limit = wc.runtime.config.httpPool?.idleTimeout?.clampedNanoseconds ?? Self.upstreamIdleNanos
+            if draining || now &- ups[u].idleSince > limit {
+                wc.idle[Int(ups[u].endpoint)].removeAll { $0 == UInt32(u) }
+                stopUp(UInt32(u))
+            }
+        }
+    }
+}
