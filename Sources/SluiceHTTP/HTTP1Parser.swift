@@ -241,6 +241,9 @@ public enum HTTP1Parser {
         nameEquals(b, r, lower)
     }
 
+    /// The comma-separated, trimmed elements of field value `r` of `b`.
+    public static func tokens(_ b: UnsafeRawBufferPointer, _ r: Range<Int>) -> [Range<Int>] { commaTokens(b, r) }
+
     /// ASCII case-insensitive comparison with a lower-case literal.
     static func nameEquals(_ b: UnsafeRawBufferPointer, _ r: Range<Int>, _ lower: StaticString) -> Bool {
         guard r.count == lower.utf8CodeUnitCount else { return false }

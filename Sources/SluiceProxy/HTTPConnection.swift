@@ -52,8 +52,9 @@ enum ResponseFlag: String {
     case downstreamProtocolError = "DPE"
 }
 
-/// One request and its response on a downstream connection.
-struct Exchange {
+/// One request and its response on a downstream connection. A class: the pipeline stages update it in place
+/// through the connection's reference instead of copying a large struct in and out of the connection table.
+final class Exchange {
     var start: UInt64
     var route: RouteRuntime?
     var cluster: WorkerCluster?

@@ -1,3 +1,4 @@
+import Glibc
 import SluiceHTTP
 import SluiceModel
 
@@ -62,11 +63,13 @@ enum HTTPResponses {
         return true
     }
 
-    /// The head sent to the client for an upstream's response head.
+    /// The head sent to the client for an upstream's response head; nil when the upstream's bytes can go as they
+    /// are.
     static func downstreamHead(_ h: HTTP1ResponseHead, _ bytes: [UInt8], ops: [HeaderOperations.Ops],
-                               close: Bool, upgrade: Bool) -> Segment {
+                               close: Bool, upgrade: Bool) -> Segment? {
         bytes.withUnsafeBytes { raw in
-            if ops.isEmpty && !close && passesUnchanged(h, raw) { return Segment.copy(raw) }
+            if ops.isEmpty && !close && !upgrade && passesUnchanged(h, raw) { return nil }
+            if ops.isEmpty && !upgrade, let fast = fastDownstreamHead(h, bytes, close: close) { return fast }
             func text(_ r: Range<Int>) -> String { String(decoding: UnsafeRawBufferPointer(rebasing: raw[r]), as: UTF8.self) }
             var fields: [(String, String)] = []
             var drop: Set<String> = ["connection", "keep-alive", "proxy-connection"]
@@ -85,6 +88,48 @@ enum HTTPResponses {
             if upgrade { out += "connection: upgrade\r\n" } else if close { out += "connection: close\r\n" }
             out += "\r\n"
             return Segment.copy(Array(out.utf8))
+        }
+    }
+
+    /// ``downstreamHead(_:_:ops:close:upgrade:)`` without header operations, written byte for byte: the status
+    /// line and every field but the upstream's hop-by-hop ones, then `connection: close` when closing. Nil when
+    /// the upstream's `Connection` field names other fields to drop (the general path handles that).
+    ///
+    /// Hand-written because nearly every upstream sends `Connection: keep-alive`, so this runs per response.
+    static func fastDownstreamHead(_ h: HTTP1ResponseHead, _ bytes: [UInt8], close: Bool) -> Segment? {
+        bytes.withUnsafeBytes { b -> Segment? in
+            let out = malloc(h.length + 32)!.assumingMemoryBound(to: UInt8.self)
+            var n = 0
+            var lineEnd = 0
+            while lineEnd + 1 < h.length && !(b[lineEnd] == 0x0D && b[lineEnd + 1] == 0x0A) { lineEnd += 1 }
+            // HTTP/1.0 upstreams: the client hears HTTP/1.1 from the proxy.
+            for k in 0..<lineEnd { out[n] = b[k]; n += 1 }
+            if h.minorVersion == 0 { out[7] = 0x31 }
+            out[n] = 0x0D; out[n + 1] = 0x0A; n += 2
+            for (name, value) in h.headers {
+                let len = name.count
+                if len == 10 && HTTP1Parser.fieldName(b, name, is: "connection") {
+                    for t in HTTP1Parser.tokens(b, value) where !HTTP1Parser.fieldName(b, t, is: "keep-alive")
+                        && !HTTP1Parser.fieldName(b, t, is: "close") {
+                        free(out)
+                        return nil
+                    }
+                    continue
+                }
+                if (len == 10 && HTTP1Parser.fieldName(b, name, is: "keep-alive"))
+                    || (len == 16 && HTTP1Parser.fieldName(b, name, is: "proxy-connection")) { continue }
+                // name ": " value CRLF, copied from the line as received (value trimmed by the parser).
+                for k in name { out[n] = b[k]; n += 1 }
+                out[n] = 0x3A; out[n + 1] = 0x20; n += 2
+                for k in value { out[n] = b[k]; n += 1 }
+                out[n] = 0x0D; out[n + 1] = 0x0A; n += 2
+            }
+            if close {
+                let text: StaticString = "connection: close\r\n"
+                for k in 0..<text.utf8CodeUnitCount { out[n] = text.utf8Start[k]; n += 1 }
+            }
+            out[n] = 0x0D; out[n + 1] = 0x0A; n += 2
+            return Segment(buffer: -1, owned: UnsafeMutableRawPointer(out), offset: 0, length: Int32(n), frees: true)
         }
     }
 

@@ -132,15 +132,20 @@ struct RequestMetrics {
     struct Key: Hashable {
         var cluster: ObjectIdentifier?
         var code: Int
-        var flags: String
+        var flag: ResponseFlag
     }
     var cache: [Key: RequestMetricSlots] = [:]
+    /// The last series used: consecutive requests mostly share one.
+    var last: RequestMetricSlots?
+    var lastKey: Key?
     static let buckets: [Double] = [0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                                     300000, 600000, 1800000, 3600000]
 
-    mutating func slots(_ registry: MetricsRegistry, cluster: ClusterRuntime?, code: Int, flags: String,
+    mutating func slots(_ registry: MetricsRegistry, cluster: ClusterRuntime?, code: Int, flag: ResponseFlag,
                         gateway: String?) -> RequestMetricSlots {
-        let key = Key(cluster: cluster.map(ObjectIdentifier.init), code: code, flags: flags)
+        let key = Key(cluster: cluster.map(ObjectIdentifier.init), code: code, flag: flag)
+        if let last, lastKey == key { return last }
+        defer { lastKey = key; last = cache[key] }
         if let s = cache[key] { return s }
         let host = cluster?.config.serviceHost ?? "unknown"
         let parts = host.split(separator: ".")
@@ -151,7 +156,7 @@ struct RequestMetrics {
             ("destination_service_name", host == "unknown" ? "unknown" : parts.first.map(String.init) ?? host),
             ("destination_service_namespace", parts.count > 1 ? String(parts[1]) : "unknown"),
             ("destination_version", cluster?.config.subset ?? "unknown"),
-            ("request_protocol", "http"), ("response_code", String(code)), ("response_flags", flags),
+            ("request_protocol", "http"), ("response_code", String(code)), ("response_flags", flag.rawValue),
             ("connection_security_policy", "none"),
         ]
         let s = RequestMetricSlots(

@@ -159,6 +159,9 @@ extension L4Worker {
         io_uring_prep_recv(s, hconns[i].fd, nil, buffers.size, 0)
         s.pointee.flags |= sl_iosqe_buffer_select()
         s.pointee.buf_group = buffers.group
+        // Between requests of a keep-alive client nothing is there yet: wait for readiness instead of trying
+        // a receive that fails first.
+        if hconns[i].ex == nil && hconns[i].requests > 0 { s.pointee.ioprio |= UInt16(IORING_RECVSEND_POLL_FIRST) }
         trackDown(s, slot, .hRecv)
         hconns[i].receiving = true
     }
@@ -359,15 +362,26 @@ extension L4Worker {
             if case .prefix(let p)? = route?.route.match[c].uri { return p }
             return nil
         }
-        let upHead = headBytes.withUnsafeBytes { raw in
-            UpstreamRequest.head(head, in: raw, route: route?.route, destination: destination,
-                                 context: .init(clientAddress: hconns[i].client, scheme: facts.scheme,
-                                                requestID: requestID(), matchedPrefix: prefix))
+        let plain = route.map { $0.route.rewrite == nil && $0.route.headers?.request == nil } ?? true
+            && destination?.headers?.request == nil
+        let fast = plain ? headBytes.withUnsafeBytes { raw in
+            UpstreamRequest.fastHead(head, in: raw, clientAddress: hconns[i].client, scheme: facts.scheme,
+                                     requestID: (rng.next(), rng.next()))
+        } : nil
+        if let (p, n) = fast {
+            hconns[i].ex!.upHead = p
+            hconns[i].ex!.upHeadLength = n
+        } else {
+            let upHead = headBytes.withUnsafeBytes { raw in
+                UpstreamRequest.head(head, in: raw, route: route?.route, destination: destination,
+                                     context: .init(clientAddress: hconns[i].client, scheme: facts.scheme,
+                                                    requestID: requestID(), matchedPrefix: prefix))
+            }
+            let p = malloc(upHead.count)!
+            upHead.withUnsafeBytes { _ = memcpy(p, $0.baseAddress!, upHead.count) }
+            hconns[i].ex!.upHead = p
+            hconns[i].ex!.upHeadLength = upHead.count
         }
-        let p = malloc(upHead.count)!
-        upHead.withUnsafeBytes { _ = memcpy(p, $0.baseAddress!, upHead.count) }
-        hconns[i].ex!.upHead = p
-        hconns[i].ex!.upHeadLength = upHead.count
         if let t = route?.timeoutNanos, t > 0 {
             hconns[i].ex!.deadline = loop.now &+ t
             schedule(slot, .request, at: hconns[i].ex!.deadline)
@@ -603,6 +617,8 @@ extension L4Worker {
         io_uring_prep_recv(s, ups[Int(u)].fd, nil, buffers.size, 0)
         s.pointee.flags |= sl_iosqe_buffer_select()
         s.pointee.buf_group = buffers.group
+        // The first receive of an attempt is posted with the request: the response cannot be there yet.
+        if !ex.gotBytes { s.pointee.ioprio |= UInt16(IORING_RECVSEND_POLL_FIRST) }
         trackUp(s, u, .uRecv)
         hconns[i].ex!.upReceiving = true
     }
@@ -655,13 +671,14 @@ extension L4Worker {
             let id = UInt16(ex.upBuffer)
             let start = Int(ex.upPos)
             if ex.tunnel {
-                hconns[i].outQueue.append(.buffer(id, start..<Int(ex.upLength)))
-                hconns[i].ex!.upRefs += 1
+                enqueueDown(slot, .buffer(id, start..<Int(ex.upLength)))
                 hconns[i].ex!.upPos = ex.upLength
                 break
             }
             let bytes = UnsafeRawBufferPointer(start: buffers.pointer(id) + start, count: Int(ex.upLength) - start)
             var reader = ex.response
+            // A head that starts with this buffer can be forwarded from it (no copy) when it passes unchanged.
+            var headAt: Int? = reader.isInsideHead || ex.interim ? nil : start
             hconns[i].ex!.response = idleResponseReader
             httpResponseEvents.removeAll(keepingCapacity: true)
             let used = reader.feed(bytes) { httpResponseEvents.append($0) }
@@ -671,10 +688,10 @@ extension L4Worker {
                 guard hconns[i].phase == .open, hconns[i].ex != nil else { return }
                 switch e {
                 case .head(let h, let headBytes):
-                    if !responseHead(slot, h, headBytes) { return }
+                    if !responseHead(slot, h, headBytes, inBuffer: headAt.map { (id, $0) }) { return }
+                    headAt = nil
                 case .body(let r):
-                    hconns[i].outQueue.append(.buffer(id, (r.lowerBound + start)..<(r.upperBound + start)))
-                    hconns[i].ex!.upRefs += 1
+                    enqueueDown(slot, .buffer(id, (r.lowerBound + start)..<(r.upperBound + start)))
                 case .end:
                     if hconns[i].ex!.interim {
                         // A 1xx response: the final one follows on the same connection.
@@ -711,8 +728,23 @@ extension L4Worker {
         if hconns[i].ex?.tunnel == true && hconns[i].inBuffer >= 0 { pumpDown(slot) }
     }
 
+    /// Queues part of the exchange's upstream receive buffer for the client, merged with the previous segment
+    /// when they are adjacent (a head and its body leave in one send).
+    private func enqueueDown(_ slot: UInt32, _ seg: Segment) {
+        let i = Int(slot)
+        if var last = hconns[i].outQueue.last, last.buffer == seg.buffer, last.offset + last.length == seg.offset {
+            last.length += seg.length
+            hconns[i].outQueue[hconns[i].outQueue.count - 1] = last
+            return
+        }
+        hconns[i].outQueue.append(seg)
+        hconns[i].ex!.upRefs += 1
+    }
+
     /// Handles a response head. Returns false when the attempt was dropped for a retry.
-    private func responseHead(_ slot: UInt32, _ h: HTTP1ResponseHead, _ headBytes: [UInt8]) -> Bool {
+    /// - Parameter inBuffer: the receive buffer and offset the head starts at, when all of it is there.
+    private func responseHead(_ slot: UInt32, _ h: HTTP1ResponseHead, _ headBytes: [UInt8],
+                              inBuffer: (UInt16, Int)?) -> Bool {
         let i = Int(slot)
         let ex = hconns[i].ex!
         let wc = ex.cluster!
@@ -751,8 +783,13 @@ extension L4Worker {
         let closing = !ex.clientKeepAlive || h.framing == .untilClose || draining
         if closing { hconns[i].closeAfterFlush = true }
         let upgrade = h.status == 101 && ex.upgrade
-        hconns[i].outQueue.append(HTTPResponses.downstreamHead(h, headBytes, ops: ops, close: closing && !upgrade,
-                                                               upgrade: upgrade))
+        if let seg = HTTPResponses.downstreamHead(h, headBytes, ops: ops, close: closing && !upgrade, upgrade: upgrade) {
+            hconns[i].outQueue.append(seg)
+        } else if let (id, at) = inBuffer {
+            enqueueDown(slot, .buffer(id, at..<(at + h.length)))
+        } else {
+            hconns[i].outQueue.append(.copy(headBytes))
+        }
         if upgrade {
             hconns[i].ex!.tunnel = true
             hconns[i].ex!.upReusable = false
@@ -781,8 +818,9 @@ extension L4Worker {
     private func releaseUpstreamInputIfDone(_ slot: UInt32) {
         let i = Int(slot)
         guard let ex = hconns[i].ex, ex.upBuffer >= 0, ex.upRefs == 0, ex.upPos >= ex.upLength else { return }
-        hconns[i].ex!.upBuffer = -1
-        giveBack(UInt16(ex.upBuffer))
+        let id = UInt16(ex.upBuffer)
+        ex.upBuffer = -1
+        giveBack(id)
         receiveUp(slot)
     }
 
@@ -873,8 +911,9 @@ extension L4Worker {
         hconns[i].ex!.upSending = false
         hconns[i].ex!.upReceiving = false
         if ex.upBuffer >= 0 && ex.upRefs == 0 {
-            hconns[i].ex!.upBuffer = -1
-            giveBack(UInt16(ex.upBuffer))
+            let id = UInt16(ex.upBuffer)
+            ex.upBuffer = -1
+            giveBack(id)
         }
         let wc = ups[Int(u)].cluster!
         if ups[Int(u)].phase == .busy { wc.active[Int(ups[Int(u)].endpoint)] -= 1 }
@@ -1005,7 +1044,7 @@ extension L4Worker {
         let i = Int(slot)
         guard let ex = hconns[i].ex else { return }
         closeUpstream(slot)
-        let m = requestMetrics.slots(registry, cluster: ex.cluster?.runtime, code: ex.status, flags: ex.flag.rawValue,
+        let m = requestMetrics.slots(registry, cluster: ex.cluster?.runtime, code: ex.status, flag: ex.flag,
                                      gateway: hconns[i].table?.gateway)
         shard.add(m.total)
         shard.observe(m.duration, Double(loop.now &- ex.start) / 1e6)

@@ -1,3 +1,4 @@
+import Glibc
 import SluiceHTTP
 import SluiceModel
 
@@ -93,6 +94,81 @@ public enum UpstreamRequest {
         }
         out += [0x0D, 0x0A]
         return out
+    }
+}
+
+extension UpstreamRequest {
+    /// The common case of ``head(_:in:route:destination:context:)`` written straight into memory the caller frees:
+    /// no rewrite and no header operations. Returns nil when the request needs the general path (the client's
+    /// `Connection` field names other fields to drop).
+    ///
+    /// Hand-written because it runs for every request: it copies the client's fields byte for byte and appends
+    /// the mesh's own, without building a string per field.
+    public static func fastHead(_ head: HTTP1RequestHead, in b: UnsafeRawBufferPointer, clientAddress: String,
+                                scheme: String, requestID: (UInt64, UInt64)) -> (UnsafeMutableRawPointer, Int)? {
+        let capacity = head.length + 160 + clientAddress.utf8.count
+        let out = malloc(capacity)!.assumingMemoryBound(to: UInt8.self)
+        var n = 0
+        @inline(__always) func put(_ r: Range<Int>) {
+            for k in r { out[n] = b[k]; n += 1 }
+        }
+        @inline(__always) func put(_ s: StaticString) {
+            let p = s.utf8Start
+            for k in 0..<s.utf8CodeUnitCount { out[n] = p[k]; n += 1 }
+        }
+        put(head.method)
+        out[n] = 0x20; n += 1
+        put(head.target)
+        put(" HTTP/1.1\r\n")
+        var forwardedFor = false, hasID = false
+        for (name, value) in head.headers {
+            let len = name.count
+            func named(_ s: StaticString) -> Bool { len == s.utf8CodeUnitCount && HTTP1Parser.fieldName(b, name, is: s) }
+            if named("connection") {
+                // Only "close"/"keep-alive"/"upgrade" tokens are understood here; anything else names fields to drop.
+                for t in HTTP1Parser.tokens(b, value) {
+                    let ok = HTTP1Parser.fieldName(b, t, is: "close") || HTTP1Parser.fieldName(b, t, is: "keep-alive")
+                        || HTTP1Parser.fieldName(b, t, is: "upgrade")
+                    if !ok { free(out); return nil }
+                }
+                continue
+            }
+            if named("keep-alive") || named("proxy-connection") || named("te") || named("trailer")
+                || named("proxy-authenticate") || named("proxy-authorization") || named("x-forwarded-proto")
+                || (named("upgrade") && !head.upgrade) {
+                continue
+            }
+            put(name)
+            put(": ")
+            put(value)
+            if named("x-forwarded-for") {
+                forwardedFor = true
+                put(", ")
+                for c in clientAddress.utf8 { out[n] = c; n += 1 }
+            }
+            if named("x-request-id") { hasID = true }
+            put("\r\n")
+        }
+        if !forwardedFor {
+            put("x-forwarded-for: ")
+            for c in clientAddress.utf8 { out[n] = c; n += 1 }
+            put("\r\n")
+        }
+        put(scheme == "https" ? "x-forwarded-proto: https\r\n" : "x-forwarded-proto: http\r\n")
+        if !hasID {
+            put("x-request-id: ")
+            let digits: StaticString = "0123456789abcdef"
+            for word in [requestID.0, requestID.1] {
+                for shift in stride(from: 60, through: 0, by: -4) {
+                    out[n] = digits.utf8Start[Int((word >> UInt64(shift)) & 0xF)]
+                    n += 1
+                }
+            }
+            put("\r\n")
+        }
+        if head.upgrade { put("connection: upgrade\r\n") }
+        put("\r\n")
+        return (UnsafeMutableRawPointer(out), n)
     }
 }
 
