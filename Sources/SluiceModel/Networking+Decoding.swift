@@ -338,12 +338,31 @@ extension WorkloadEntry {
 
 extension HealthCheck {
     static func decode(_ r: YAMLReader) -> HealthCheck? {
-        r.checkKeys(["host", "interval", "timeout", "unhealthyThreshold", "healthyThreshold"])
+        r.checkKeys(["host", "interval", "timeout", "unhealthyThreshold", "healthyThreshold", "http"])
         guard let host = r.requiredString("host") else { return nil }
+        var http: HealthCheck.HTTPCheck?
+        if let h = r.child("http"), h.expectMapping() {
+            h.checkKeys(["path", "host", "expectedStatuses"])
+            let path = h.string("path") ?? "/"
+            if !path.hasPrefix("/") || path.utf8.contains(where: { $0 <= 0x20 || $0 == 0x7F }) {
+                h.sink.error("\(h.path).path", h.line, "path '\(path)' must start with / and hold no spaces or control bytes")
+            }
+            var statuses: [ClosedRange<Int>] = []
+            for item in h.array("expectedStatuses") where item.expectMapping() {
+                item.checkKeys(["start", "end"])
+                let start = item.int("start", in: 100...599), end = item.int("end", in: 100...600)
+                guard let start, let end, start < end else {
+                    item.sink.error(item.path, item.line, "a status range needs start < end (end exclusive, 100...600)")
+                    continue
+                }
+                statuses.append(start...(end - 1))
+            }
+            http = .init(path: path, host: h.string("host"), expectedStatuses: statuses.isEmpty ? [200...200] : statuses)
+        }
         return HealthCheck(host: host, interval: r.duration("interval") ?? .seconds(5),
                            timeout: r.duration("timeout") ?? .seconds(1),
                            unhealthyThreshold: r.int("unhealthyThreshold", in: 1...100) ?? 2,
-                           healthyThreshold: r.int("healthyThreshold", in: 1...100) ?? 1)
+                           healthyThreshold: r.int("healthyThreshold", in: 1...100) ?? 1, http: http)
     }
 }
 

@@ -324,4 +324,14 @@ public struct HealthCheck: Sendable, Hashable, Encodable {
     public var timeout: Duration
     public var unhealthyThreshold: Int
     public var healthyThreshold: Int
+    /// Set for HTTP checks: `GET path` must answer with one of the expected statuses; else a TCP connect check.
+    public var http: HTTPCheck?
+
+    public struct HTTPCheck: Sendable, Hashable, Encodable {
+        public var path: String
+        /// `Host` sent with the check (the service host unless set).
+        public var host: String?
+        /// Statuses that count as healthy (Envoy's default: 200 only).
+        public var expectedStatuses: [ClosedRange<Int>]
+    }
 }

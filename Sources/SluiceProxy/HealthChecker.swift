@@ -3,7 +3,7 @@ import SluiceModel
 import SluiceRing
 import Synchronization
 
-/// Active TCP health checks on a thread of their own (control path, never a data-plane worker). Each round
+/// Active TCP and HTTP health checks on a thread of their own (control path, never a data-plane worker). Each round
 /// connects to every endpoint of every checked cluster at once and waits up to the check's timeout; results
 /// go to the clusters' ``HealthTable``s, which workers read without locks.
 public final class HealthChecker: @unchecked Sendable {
@@ -57,8 +57,12 @@ public final class HealthChecker: @unchecked Sendable {
     private func check(_ c: ClusterRuntime, _ hc: HealthCheck) {
         let n = c.config.endpoints.count
         var s = streaks[ObjectIdentifier(c)] ?? Array(repeating: Streak(), count: n)
+        let request = hc.http.map {
+            Array("GET \($0.path) HTTP/1.1\r\nHost: \($0.host ?? c.config.serviceHost)\r\nUser-Agent: sluice-health\r\nConnection: close\r\n\r\n".utf8)
+        }
         let results = Self.probe(addresses: (0..<n).map { c.addresses[$0] },
-                                 timeoutMillis: Int32(clamping: hc.timeout.milliseconds))
+                                 timeoutMillis: Int32(clamping: hc.timeout.milliseconds), request: request,
+                                 expected: hc.http?.expectedStatuses ?? [])
         for i in 0..<n {
             if results[i] {
                 s[i].ok += 1
@@ -73,11 +77,14 @@ public final class HealthChecker: @unchecked Sendable {
         streaks[ObjectIdentifier(c)] = s
     }
 
-    /// Connects to all addresses in parallel; true where the TCP handshake completed within the timeout.
-    static func probe(addresses: [Socket.Address], timeoutMillis: Int32) -> [Bool] {
+    /// Connects to all addresses in parallel; true where the TCP handshake completed within the timeout and,
+    /// for HTTP checks (`request` set), the response's status is one of `expected`.
+    static func probe(addresses: [Socket.Address], timeoutMillis: Int32, request: [UInt8]? = nil,
+                      expected: [ClosedRange<Int>] = []) -> [Bool] {
         var result = Array(repeating: false, count: addresses.count)
         var pfds: [pollfd] = []
         var index: [Int] = []
+        var received: [[UInt8]] = []
         for (i, a) in addresses.enumerated() {
             let fd = Socket.stream(family: a.family)
             guard fd >= 0 else { continue }
@@ -85,34 +92,60 @@ public final class HealthChecker: @unchecked Sendable {
             let rc = withUnsafePointer(to: &addr.storage) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, addr.length) }
             }
-            if rc == 0 {
-                result[i] = true
-                close(fd)
-            } else if errno == EINPROGRESS {
+            if rc == 0 || errno == EINPROGRESS {
                 pfds.append(pollfd(fd: fd, events: Int16(POLLOUT), revents: 0))
                 index.append(i)
+                received.append([])
             } else {
                 close(fd)
             }
         }
         let deadline = EventLoop.monotonicNanos() + UInt64(max(1, timeoutMillis)) * 1_000_000
         var open = pfds.count
+        func finish(_ k: Int, _ ok: Bool) {
+            result[index[k]] = ok
+            close(pfds[k].fd)
+            pfds[k].fd = -1
+            open -= 1
+        }
         while open > 0 {
             let now = EventLoop.monotonicNanos()
             guard now < deadline else { break }
             let rc = poll(&pfds, nfds_t(pfds.count), Int32((deadline - now) / 1_000_000) + 1)
             if rc <= 0 { if rc < 0 && errno == EINTR { continue }; break }
             for k in pfds.indices where pfds[k].fd >= 0 && pfds[k].revents != 0 {
-                var err: Int32 = 0
-                var len = socklen_t(4)
-                getsockopt(pfds[k].fd, SOL_SOCKET, SO_ERROR, &err, &len)
-                result[index[k]] = err == 0
-                close(pfds[k].fd)
-                pfds[k].fd = -1
-                open -= 1
+                if pfds[k].events == Int16(POLLOUT) {
+                    var err: Int32 = 0
+                    var len = socklen_t(4)
+                    getsockopt(pfds[k].fd, SOL_SOCKET, SO_ERROR, &err, &len)
+                    guard err == 0, let request else { finish(k, err == 0); continue }
+                    // The request is a few dozen bytes: one send on a fresh socket takes it whole.
+                    let sent = request.withUnsafeBytes { send(pfds[k].fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                    guard sent == request.count else { finish(k, false); continue }
+                    pfds[k].events = Int16(POLLIN)
+                    pfds[k].revents = 0
+                    continue
+                }
+                var buf = [UInt8](repeating: 0, count: 512)
+                let n = recv(pfds[k].fd, &buf, buf.count, Int32(MSG_DONTWAIT))
+                if n <= 0 { finish(k, false); continue }
+                received[k] += buf[0..<n]
+                if let status = statusCode(received[k]) {
+                    finish(k, expected.contains { $0.contains(status) })
+                } else if received[k].count > 1024 {
+                    finish(k, false)
+                }
             }
         }
         for p in pfds where p.fd >= 0 { close(p.fd) }
         return result
+    }
+
+    /// The status of a response whose status line has arrived (`HTTP/1.x NNN`), nil before that.
+    static func statusCode(_ b: [UInt8]) -> Int? {
+        guard b.count >= 12, b.starts(with: Array("HTTP/1.".utf8)) else { return b.count >= 12 ? 0 : nil }
+        let digits = b[9..<12]
+        guard digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return 0 }
+        return digits.reduce(0) { $0 * 10 + Int($1 - 0x30) }
     }
 }

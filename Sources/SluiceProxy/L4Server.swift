@@ -1,4 +1,5 @@
 import Glibc
+import SluiceHTTP
 import SluiceModel
 import SluiceRing
 import SluiceTelemetry
@@ -15,9 +16,16 @@ public final class L4Server: @unchecked Sendable {
         public var bufferSize: Int
         /// Relay plain TCP with splice(2) (zero-copy through kernel pipes) instead of user-space buffers.
         public var splice: Bool
+        /// Request head limits on HTTP listeners (431 / 414 beyond them).
+        public var httpLimits: HTTP1Limits
+        /// A request head must be complete this long after its first byte (slowloris); checked once a second.
+        public var headerTimeout: Duration
         public init(workers: Int = 1, connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256,
-                    bufferSize: Int = 64 << 10, splice: Bool = true) {
+                    bufferSize: Int = 64 << 10, splice: Bool = true, httpLimits: HTTP1Limits = HTTP1Limits(),
+                    headerTimeout: Duration = .seconds(10)) {
             self.splice = splice
+            self.httpLimits = httpLimits
+            self.headerTimeout = headerTimeout
             self.workers = workers
             self.connectionLimit = connectionLimit
             self.bufferCount = bufferCount
@@ -133,7 +141,8 @@ public final class L4Server: @unchecked Sendable {
                 if w == 0 { features.withLock { $0 = loop.uring.features } }
                 let worker = L4Worker(index: w, runtime: runtime, listenFDs: fds, listenerCounters: counters,
                                       connectionLimit: opts.connectionLimit, registry: registry, mailbox: mailbox,
-                                      splice: opts.splice,
+                                      splice: opts.splice, workerCount: opts.workers, httpLimits: opts.httpLimits,
+                                      headerTimeout: opts.headerTimeout,
                                       onAttached: { self.readyCount.add(1, ordering: .releasing) })
                 loop.run(worker)
             })

@@ -14,8 +14,6 @@ import SluiceRing
 extension L4Worker {
     /// Request bodies up to this size are kept so a retry can send them again (Envoy's retry buffer).
     static let replayLimit = 64 << 10
-    /// A request head must arrive within this time once it has started (slowloris).
-    static let headerTimeoutNanos: UInt64 = 10_000_000_000
     /// An idle keep-alive client connection is closed after this long.
     static let keepAliveIdleNanos: UInt64 = 3_600_000_000_000
     /// An idle pooled upstream connection is closed after this long (Istio's default idleTimeout is 1 hour; the
@@ -477,7 +475,9 @@ extension L4Worker {
     private func dispatch(_ slot: UInt32) {
         let i = Int(slot)
         guard let ex = hconns[i].ex, let wc = ex.cluster else { return }
-        guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: Int(ex.lastEndpoint)) else {
+        // A retry prefers another endpoint, but goes back to the same one when it is the only one available.
+        guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: Int(ex.lastEndpoint))
+            ?? (ex.lastEndpoint >= 0 ? wc.pick(now: loop.now, clientHash: ex.hash, excluding: -1) : nil) else {
             respondLocally(slot, status: 503, flag: .noHealthyUpstream, body: "no healthy upstream")
             return
         }
@@ -1148,7 +1148,7 @@ extension L4Worker {
     func scanHTTP(now: UInt64) {
         for i in hconns.indices where hconns[i].phase == .open && hconns[i].ex == nil {
             let slot = UInt32(i)
-            if hconns[i].reader.isInsideHead && now &- hconns[i].headStarted > Self.headerTimeoutNanos {
+            if hconns[i].reader.isInsideHead && now &- hconns[i].headStarted > headerTimeoutNanos {
                 respondLocally(slot, status: 408, flag: .downstreamProtocolError, body: "header timeout", close: true)
             } else if draining || now &- hconns[i].lastActive > Self.keepAliveIdleNanos {
                 teardownHTTP(slot, reset: false)

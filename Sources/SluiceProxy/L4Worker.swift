@@ -136,14 +136,17 @@ public final class L4Worker: RingHandler {
     /// Workers sharing the listeners (rate limits are split among them).
     let workerCount: Int
     let httpLimits: HTTP1Limits
+    let headerTimeoutNanos: UInt64
 
     /// - Parameters:
     ///   - listenFDs: one SO_REUSEPORT socket per listener of `runtime`, in the same order; the worker owns them.
     ///   - listenerCounters: connection counters shared across workers, one per listener.
     public init(index: Int, runtime: ProxyRuntime, listenFDs: [Int32], listenerCounters: [SharedCounter],
                 connectionLimit: Int, registry: MetricsRegistry, mailbox: WorkerMailbox, splice: Bool = false,
-                workerCount: Int = 1, httpLimits: HTTP1Limits = HTTP1Limits(), onAttached: (() -> Void)? = nil) {
+                workerCount: Int = 1, httpLimits: HTTP1Limits = HTTP1Limits(), headerTimeout: Duration = .seconds(10),
+                onAttached: (() -> Void)? = nil) {
         self.index = index
+        headerTimeoutNanos = headerTimeout.clampedNanoseconds
         self.workerCount = workerCount
         self.httpLimits = httpLimits
         self.onAttached = onAttached

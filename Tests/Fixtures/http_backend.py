@@ -9,7 +9,9 @@
   /drop                 close the connection without answering
   /half                 announce 1000 bytes, send 10, close (a response cut short)
   /chunked              200 with a chunked body of three chunks
+  /upgrade              101 Switching Protocols (Upgrade: echo), then echo raw bytes until the client closes
   anything else         200, body NAME
+A server whose NAME starts with "fail" answers every request with 503.
 
 Prints "ports P1 P2 ..." then "ready". Port 0 picks a free port.
 """
@@ -26,6 +28,8 @@ lock = threading.Lock()
 def handler_for(name):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Head and body leave in separate writes: without TCP_NODELAY the body waits for a delayed ACK (40 ms).
+        disable_nagle_algorithm = True
 
         def log_message(self, *args):
             pass
@@ -58,6 +62,21 @@ def handler_for(name):
         def handle_any(self):
             req = self.body()
             parts = self.path.split("?")[0].split("/")
+            if name.startswith("fail"):
+                return self.reply(503, name.encode())
+            if len(parts) >= 2 and parts[1] == "upgrade":
+                self.send_response(101)
+                self.send_header("Upgrade", "echo")
+                self.send_header("Connection", "Upgrade")
+                self.end_headers()
+                self.wfile.flush()
+                while True:
+                    data = self.connection.recv(65536)
+                    if not data:
+                        break
+                    self.connection.sendall(data)
+                self.close_connection = True
+                return
             if len(parts) >= 3 and parts[1] == "status":
                 return self.reply(int(parts[2]), name.encode())
             if len(parts) >= 4 and parts[1] == "flaky":

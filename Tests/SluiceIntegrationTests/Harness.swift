@@ -19,10 +19,10 @@ enum Harness {
     }
 
     /// Starts `Tests/Fixtures/backend.py` with the given specs (use port 0) and returns it with the bound ports.
-    static func backends(_ specs: [String]) throws -> (Process, [UInt16]) {
+    static func backends(_ specs: [String], script: String = "backend.py") throws -> (Process, [UInt16]) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", root.appendingPathComponent("Tests/Fixtures/backend.py").path] + specs
+        p.arguments = ["python3", root.appendingPathComponent("Tests/Fixtures/\(script)").path] + specs
         let out = Pipe()
         p.standardOutput = out
         try p.run()
@@ -57,7 +57,7 @@ enum Harness {
 
     /// Compiles `yaml` (listener ports are replaced by free ones) and starts a proxy on it.
     static func proxy(_ yaml: String, workers: Int = 2, connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256,
-                      splice: Bool = true) throws -> Proxy
+                      splice: Bool = true, headerTimeout: Duration = .seconds(10)) throws -> Proxy
     {
         let (resources, diagnostics) = ResourceDecoder.decode(yaml, file: "test.yaml")
         let errors = diagnostics.filter { $0.severity == .error }
@@ -67,7 +67,7 @@ enum Harness {
         let registry = MetricsRegistry()
         let runtime = ProxyRuntime(snapshot: snap, registry: registry)
         let server = L4Server(options: .init(workers: workers, connectionLimit: connectionLimit, bufferCount: bufferCount,
-                                             splice: splice),
+                                             splice: splice, headerTimeout: headerTimeout),
                               registry: registry)
         try server.start(runtime)
         let health = HealthChecker()

@@ -1,0 +1,436 @@
+import Foundation
+import Glibc
+import SluiceModel
+import SluiceProxy
+import SluiceRing
+import XCTest
+
+/// The HTTP/1.1 pipeline end to end on loopback: a gateway HTTP listener on the real io_uring workers, Python
+/// HTTP/1.1 backends (`Tests/Fixtures/http_backend.py`) and curl as the client. Each test would fail if the
+/// feature it names were missing.
+final class HTTPProxyTests: XCTestCase {
+    var cleanups: [() -> Void] = []
+
+    override func setUp() { Harness.raiseFileLimit() }
+
+    override func tearDown() {
+        for c in cleanups.reversed() { c() }
+        cleanups = []
+    }
+
+    /// Starts HTTP backends named v1, v2, ... (names starting with "fail" answer 503 to everything).
+    func backends(_ names: [String]) throws -> [UInt16] {
+        let (p, ports) = try Harness.backends(names.map { "\($0):0" }, script: "http_backend.py")
+        cleanups.append { p.terminate(); p.waitUntilExit() }
+        return ports
+    }
+
+    func proxy(_ yaml: String, workers: Int = 2, headerTimeout: Duration = .seconds(10)) throws -> Harness.Proxy {
+        let p = try Harness.proxy(yaml, workers: workers, headerTimeout: headerTimeout)
+        cleanups.append { p.stop() }
+        return p
+    }
+
+    /// A gateway on an HTTP port, one VirtualService with `routes`, a service with one endpoint per port (labels
+    /// `version: NAME`), subsets for each, and `policy` as the DestinationRule's trafficPolicy.
+    static func mesh(_ endpoints: [(name: String, port: UInt16)], routes: String, policy: String = "",
+                     extra: String = "") -> String {
+        let eps = endpoints.map { "  - {address: 127.0.0.1, ports: {http: \($0.port)}, labels: {version: \($0.name)}}" }
+            .joined(separator: "\n")
+        let subsets = endpoints.map { "  - {name: \($0.name), labels: {version: \($0.name)}}" }.joined(separator: "\n")
+        let indent = { (s: String, n: Int) in
+            s.split(separator: "\n", omittingEmptySubsequences: false).map { String(repeating: " ", count: n) + $0 }
+                .joined(separator: "\n")
+        }
+        return """
+            apiVersion: networking.istio.io/v1
+            kind: Gateway
+            metadata: {name: web, namespace: test}
+            spec:
+              servers:
+              - port: {number: 1080, name: http, protocol: HTTP}
+                bind: 127.0.0.1
+                hosts: ["*"]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: app, namespace: test}
+            spec:
+              hosts: ["*"]
+              gateways: [web]
+              http:
+            \(indent(routes, 2))
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {name: app, namespace: test}
+            spec:
+              hosts: [app.test.svc.cluster.local]
+              resolution: STATIC
+              ports: [{number: 80, name: http, protocol: HTTP}]
+              endpoints:
+            \(eps)
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: app, namespace: test}
+            spec:
+              host: app.test.svc.cluster.local
+            \(policy.isEmpty ? "" : "  trafficPolicy:\n" + indent(policy, 4))
+              subsets:
+            \(subsets)
+            """ + extra
+    }
+
+    struct CurlResult {
+        var lines: [String]
+        var status: Int32
+    }
+
+    /// Runs curl; `-w` output lines come back in `lines`.
+    @discardableResult
+    func curl(_ args: [String]) throws -> CurlResult {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        p.arguments = ["-s", "--max-time", "20"] + args
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return CurlResult(lines: String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init),
+                          status: p.terminationStatus)
+    }
+
+    /// `count` requests to `path` over curl's reused connections; each line is "CODE BACKEND".
+    func requests(_ port: UInt16, _ path: String, count: Int, extra: [String] = []) throws -> [String] {
+        let cfg = FileManager.default.temporaryDirectory.appendingPathComponent("curl-\(UUID().uuidString).cfg")
+        var text = ""
+        for _ in 0..<count { text += "url = \"http://127.0.0.1:\(port)\(path)\"\noutput = \"/dev/null\"\n" }
+        try text.write(to: cfg, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: cfg) }
+        return try curl(extra + ["-K", cfg.path, "-w", "%{http_code} %header{x-backend}\n"]).lines
+    }
+
+    // MARK: - routing and traffic management
+
+    func testWeightedSplitSendsTheConfiguredShareToEachSubset() throws {
+        let ports = try backends(["v1", "v2"])
+        let p = try proxy(Self.mesh([("v1", ports[0]), ("v2", ports[1])], routes: """
+            - route:
+              - destination: {host: app.test.svc.cluster.local, subset: v1}
+                weight: 90
+              - destination: {host: app.test.svc.cluster.local, subset: v2}
+                weight: 10
+            """))
+        let lines = try requests(p.port, "/item", count: 2000)
+        XCTAssertEqual(lines.count, 2000)
+        XCTAssertEqual(lines.filter { $0.hasPrefix("200 ") }.count, 2000)
+        let v2 = lines.filter { $0 == "200 v2" }.count
+        // 10% of 2,000 = 200; a binomial's 4.5 sigma is ~60.
+        XCTAssertTrue((140...260).contains(v2), "v2 got \(v2) of 2000, configured 10%")
+        XCTAssertEqual(p.metric("istio_requests_total"), 2000)
+    }
+
+    func testRoutesMatchByPathHeaderAndMethodFirstMatchWins() throws {
+        let ports = try backends(["v1", "v2"])
+        let p = try proxy(Self.mesh([("v1", ports[0]), ("v2", ports[1])], routes: """
+            - match: [{headers: {x-canary: {exact: "yes"}}}]
+              route: [{destination: {host: app.test.svc.cluster.local, subset: v2}}]
+            - match: [{uri: {prefix: /v2}}, {method: {exact: DELETE}}]
+              route: [{destination: {host: app.test.svc.cluster.local, subset: v2}}]
+            - match: [{uri: {regex: "/static/[0-9]+"}}]
+              directResponse: {status: 204}
+            - match: [{uri: {exact: /old}}]
+              redirect: {uri: /new, redirectCode: 301}
+            - match: [{uri: {prefix: /nowhere}}]
+              route: [{destination: {host: missing.test.svc.cluster.local}}]
+            - match: [{uri: {prefix: /}}]
+              route: [{destination: {host: app.test.svc.cluster.local, subset: v1}}]
+            """))
+        let base = "http://127.0.0.1:\(p.port)"
+        let fmt = ["-o", "/dev/null", "-w", "%{http_code} %header{x-backend}"]
+        XCTAssertEqual(try curl(fmt + ["\(base)/x"]).lines, ["200 v1"])
+        XCTAssertEqual(try curl(fmt + ["-H", "x-canary: yes", "\(base)/x"]).lines, ["200 v2"])
+        XCTAssertEqual(try curl(fmt + ["\(base)/v2/a"]).lines, ["200 v2"])
+        XCTAssertEqual(try curl(fmt + ["-X", "DELETE", "\(base)/x"]).lines, ["200 v2"])
+        XCTAssertEqual(try curl(fmt + ["\(base)/static/42"]).lines, ["204 "])
+        XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code} %header{location}", "\(base)/old"]).lines,
+                       ["301 http://127.0.0.1:\(p.port)/new"])
+        XCTAssertEqual(try curl(fmt + ["\(base)/nowhere"]).lines.first?.prefix(3), "503")
+    }
+
+    func testRewriteAndHeaderOperationsReachTheBackendAndTheClient() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - match: [{uri: {prefix: /api}}]
+              rewrite: {uri: /headers}
+              headers:
+                request:
+                  set: {x-route: api}
+                  remove: [x-secret]
+                response:
+                  add: {x-served-by: sluice}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        let r = try curl(["-i", "-H", "x-secret: s3", "-H", "x-forwarded-for: 10.0.0.9", "http://127.0.0.1:\(p.port)/api"])
+        let text = r.lines.joined(separator: "\n")
+        XCTAssertTrue(text.contains("x-served-by: sluice"), text)
+        XCTAssertTrue(text.contains("x-route: api"), text)
+        XCTAssertFalse(text.contains("x-secret"), text)
+        XCTAssertTrue(text.contains("x-forwarded-for: 10.0.0.9, 127.0.0.1"), text)
+        XCTAssertTrue(text.contains("x-request-id: "), text)
+    }
+
+    func testRetriesHideABackendThatFailsTwiceThenSucceeds() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - match: [{uri: {prefix: /flaky/retried}}]
+              retries: {attempts: 3, retryOn: 5xx}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+              retries: {attempts: 0}
+            """))
+        let base = "http://127.0.0.1:\(p.port)"
+        XCTAssertEqual(try curl(["\(base)/flaky/retried/2"]).lines, ["v1 attempt 3"])
+        // The same backend without retries: the client sees the first failure.
+        XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", "\(base)/flaky/plain/2"]).lines, ["503"])
+        XCTAssertEqual(p.metric("sluice_http_retries_total"), 2)
+        // A POST body is sent again in full on each retry.
+        XCTAssertEqual(try curl(["--data-binary", "payload-123", "\(base)/flaky/retried-post/1"]).lines,
+                       ["v1 attempt 2"])
+    }
+
+    func testRequestTimeoutAnswers504AtTheDeadline() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - timeout: 300ms
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        let start = Date()
+        let r = try curl(["-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:\(p.port)/delay/3000"])
+        let elapsed = Date().timeIntervalSince(start)
+        XCTAssertEqual(r.lines, ["504"])
+        XCTAssertGreaterThanOrEqual(elapsed, 0.3)
+        XCTAssertLessThan(elapsed, 1.5)
+        XCTAssertEqual(try curl(["http://127.0.0.1:\(p.port)/delay/10"]).lines, ["v1"])
+    }
+
+    func testFaultInjectionDelaysAndAborts() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - match: [{uri: {prefix: /slow}}]
+              fault: {delay: {fixedDelay: 400ms, percentage: {value: 100}}}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            - match: [{uri: {prefix: /teapot}}]
+              fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            - match: [{uri: {prefix: /half}}]
+              fault: {abort: {httpStatus: 500, percentage: {value: 50}}}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        let start = Date()
+        XCTAssertEqual(try curl(["http://127.0.0.1:\(p.port)/slow"]).lines, ["v1"])
+        XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(start), 0.4)
+        XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:\(p.port)/teapot"]).lines,
+                       ["418"])
+        let lines = try requests(p.port, "/half", count: 600)
+        let aborted = lines.filter { $0.hasPrefix("500") }.count
+        XCTAssertTrue((225...375).contains(aborted), "aborted \(aborted) of 600 at 50%")
+    }
+
+    func testOutlierDetectionEjectsTheFailingHostAndLetsItBack() throws {
+        let ports = try backends(["v1", "fail1"])
+        let p = try proxy(Self.mesh([("v1", ports[0]), ("fail1", ports[1])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+              retries: {attempts: 0}
+            """, policy: """
+            loadBalancer: {simple: ROUND_ROBIN}
+            outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100}
+            """), workers: 1)
+        let first = try requests(p.port, "/x", count: 40)
+        // Round robin alternates until the failing host has failed 3 times in a row; then only v1 answers.
+        XCTAssertEqual(first.filter { $0.hasPrefix("503") }.count, 3, "\(first)")
+        XCTAssertTrue(first.suffix(30).allSatisfy { $0 == "200 v1" })
+        XCTAssertEqual(p.metric("sluice_outlier_ejections_total"), 1)
+        Thread.sleep(forTimeInterval: 2.2)
+        // Back after the ejection time: it gets traffic (and fails) again.
+        let later = try requests(p.port, "/x", count: 10)
+        XCTAssertGreaterThan(later.filter { $0.hasPrefix("503") }.count, 0, "\(later)")
+    }
+
+    func testCircuitBreakerOverflowAnswers503WithOverloadedHeader() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+            """, policy: "connectionPool: {http: {http2MaxRequests: 1}}"))
+        let base = "http://127.0.0.1:\(p.port)"
+        let slow = Process()
+        slow.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        slow.arguments = ["-s", "-o", "/dev/null", "\(base)/delay/1500"]
+        try slow.run()
+        defer { slow.waitUntilExit() }
+        Thread.sleep(forTimeInterval: 0.4)
+        let r = try curl(["-o", "/dev/null", "-w", "%{http_code} %header{x-envoy-overloaded}", "\(base)/x"])
+        XCTAssertEqual(r.lines, ["503 true"])
+        Thread.sleep(forTimeInterval: 1.5)
+        XCTAssertEqual(try curl(["\(base)/x"]).lines, ["v1"])
+    }
+
+    func testLocalRateLimitAnswers429BeyondTheBucketOverAllWorkers() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+            """, extra: """
+
+            ---
+            apiVersion: sluice.dev/v1
+            kind: RateLimitPolicy
+            metadata: {name: app, namespace: test}
+            spec:
+              host: app.test.svc.cluster.local
+              local:
+              - tokenBucket: {maxTokens: 20, tokensPerFill: 20, fillInterval: 60s}
+            """), workers: 2)
+        // Many connections so both workers take requests.
+        let cfg = FileManager.default.temporaryDirectory.appendingPathComponent("rl-\(UUID().uuidString).cfg")
+        var text = ""
+        for i in 0..<100 { text += "url = \"http://127.0.0.1:\(p.port)/r\(i)\"\noutput = \"/dev/null\"\n" }
+        try text.write(to: cfg, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: cfg) }
+        let lines = try curl(["--parallel", "--parallel-max", "16", "-K", cfg.path, "-w",
+                              "%{http_code} %header{retry-after}\n"]).lines
+        let ok = lines.filter { $0.hasPrefix("200") }.count
+        let limited = lines.filter { $0.hasPrefix("429") }
+        XCTAssertEqual(ok + limited.count, 100)
+        // The workers' shares add up to the bucket: never more than 20 in the fill interval.
+        XCTAssertLessThanOrEqual(ok, 20)
+        XCTAssertGreaterThanOrEqual(ok, 10, "at least one worker's share is admitted")
+        XCTAssertTrue(limited.allSatisfy { Int($0.split(separator: " ").last ?? "") ?? 0 >= 1 }, "\(limited.prefix(3))")
+    }
+
+    // MARK: - HTTP/1.1 behaviour
+
+    func testKeepAlivePipeliningAndChunkedBodiesInBothDirections() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let c = try Client(port: p.port)
+        defer { c.close() }
+        // Three requests in one write: answered in order on the one connection.
+        XCTAssertTrue(c.send("GET /a HTTP/1.1\r\nHost: t\r\n\r\nPOST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + "5\r\nhello\r\n6\r\n-world\r\n0\r\n\r\nGET /chunked HTTP/1.1\r\nHost: t\r\n\r\n"))
+        var got = ""
+        let end = Date().addingTimeInterval(5)
+        while !got.contains("0\r\n\r\n") && Date() < end {
+            guard let d = c.receive(), !d.isEmpty else { break }
+            got += String(decoding: d, as: UTF8.self)
+        }
+        let first = got.range(of: "\r\n\r\nv1")!, second = got.range(of: "hello-world")!, third = got.range(of: "one-")!
+        XCTAssertLessThan(first.lowerBound, second.lowerBound)
+        XCTAssertLessThan(second.lowerBound, third.lowerBound)
+        XCTAssertTrue(got.contains("4\r\none-\r\n4\r\ntwo-\r\n5\r\nthree\r\n0\r\n\r\n"), got)
+        XCTAssertEqual(got.components(separatedBy: "HTTP/1.1 200").count - 1, 3)
+    }
+
+    func testLargeBodiesStreamThroughWithBoundedBuffers() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let dir = FileManager.default.temporaryDirectory
+        let input = dir.appendingPathComponent("body-\(UUID().uuidString)"), output = dir.appendingPathComponent("out-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: input); try? FileManager.default.removeItem(at: output) }
+        var bytes = [UInt8](repeating: 0, count: 8 << 20)
+        for i in bytes.indices { bytes[i] = UInt8(truncatingIfNeeded: i &* 2_654_435_761 >> 13) }
+        try Data(bytes).write(to: input)
+        let r = try curl(["--data-binary", "@\(input.path)", "-o", output.path, "http://127.0.0.1:\(p.port)/echo"])
+        XCTAssertEqual(r.status, 0)
+        XCTAssertEqual(try Data(contentsOf: output), Data(bytes))
+        // One buffer per direction at most while streaming; none once done.
+        XCTAssertTrue(p.eventually { p.metric("sluice_worker_buffers_in_use") == 0 })
+    }
+
+    func testSmugglingShapesAre400AndClosed() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let attacks = [
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
+            "GET / HTTP/1.1\r\nHost: t\r\nX-A: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: t\rX: y\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ]
+        for a in attacks {
+            let c = try Client(port: p.port)
+            XCTAssertTrue(c.send(a))
+            let reply = String(decoding: c.receiveAll() ?? [], as: UTF8.self)
+            XCTAssertTrue(reply.hasPrefix("HTTP/1.1 400"), "\(a.debugDescription) -> \(reply)")
+            XCTAssertTrue(reply.contains("connection: close"))
+            c.close()
+        }
+        let long = try Client(port: p.port)
+        XCTAssertTrue(long.send("GET /" + String(repeating: "a", count: 9000) + " HTTP/1.1\r\nHost: t\r\n\r\n"))
+        XCTAssertTrue(String(decoding: long.receiveAll() ?? [], as: UTF8.self).hasPrefix("HTTP/1.1 414"))
+        long.close()
+    }
+
+    func testSlowlorisIsCutOffByTheHeaderTimeout() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"),
+                          headerTimeout: .seconds(1))
+        let c = try Client(port: p.port, timeout: 6)
+        defer { c.close() }
+        let start = Date()
+        var cut = false
+        for byte in "GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ".utf8 + Array(repeating: UInt8(ascii: "a"), count: 200) {
+            if !c.send([byte]) { cut = true; break }
+            Thread.sleep(forTimeInterval: 0.05)
+            if Date().timeIntervalSince(start) > 4 { break }
+        }
+        let reply = String(decoding: c.receiveAll() ?? [], as: UTF8.self)
+        XCTAssertTrue(cut || reply.hasPrefix("HTTP/1.1 408"), reply)
+        XCTAssertLessThan(Date().timeIntervalSince(start), 4)
+    }
+
+    func testUpstreamDyingMidResponseNeverLooksComplete() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let r = try curl(["-o", "/dev/null", "http://127.0.0.1:\(p.port)/half"])
+        XCTAssertNotEqual(r.status, 0, "a response cut short must fail at the client")
+        // Closed before any response: a clean 503, not a hang.
+        XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:\(p.port)/drop"]).lines,
+                       ["503"])
+        XCTAssertEqual(try curl(["http://127.0.0.1:\(p.port)/ok"]).lines, ["v1"])
+    }
+
+    func testUpgradeIsRelayedAsATunnel() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let c = try Client(port: p.port)
+        defer { c.close() }
+        XCTAssertTrue(c.send("GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"))
+        var got = ""
+        while !got.contains("\r\n\r\n"), let d = c.receive(), !d.isEmpty { got += String(decoding: d, as: UTF8.self) }
+        XCTAssertTrue(got.hasPrefix("HTTP/1.1 101"), got)
+        XCTAssertTrue(c.send("ping-through-the-tunnel"))
+        XCTAssertEqual(c.receive(exactly: 23).map { String(decoding: $0, as: UTF8.self) }, "ping-through-the-tunnel")
+    }
+
+    func testRequestMetricsCarryIstioLabels() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - match: [{uri: {prefix: /ok}}]
+              route: [{destination: {host: app.test.svc.cluster.local, subset: v1}}]
+            """))
+        _ = try requests(p.port, "/ok", count: 5)
+        _ = try requests(p.port, "/none", count: 2)
+        let text = p.registry.render()
+        let ok = text.split(separator: "\n").first { $0.hasPrefix("istio_requests_total{") && $0.contains("response_code=\"200\"") }
+        XCTAssertNotNil(ok)
+        XCTAssertTrue(ok?.contains("destination_service=\"app.test.svc.cluster.local\"") ?? false, String(ok ?? ""))
+        XCTAssertTrue(ok?.contains("destination_version=\"v1\"") ?? false)
+        XCTAssertTrue(ok?.hasSuffix(" 5") ?? false, String(ok ?? ""))
+        let nr = text.split(separator: "\n").first { $0.hasPrefix("istio_requests_total{") && $0.contains("response_code=\"404\"") }
+        XCTAssertTrue(nr?.contains("response_flags=\"NR\"") ?? false, String(nr ?? ""))
+        XCTAssertTrue(nr?.hasSuffix(" 2") ?? false)
+        XCTAssertTrue(text.contains("istio_request_duration_milliseconds_bucket{"))
+    }
+}
