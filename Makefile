@@ -8,7 +8,7 @@ BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 
-.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf clean
+.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf bench-http fuzz clean
 
 all: build
 
@@ -44,14 +44,33 @@ build: deps bpf
 build-release: deps
 	$(SWIFT) build $(RELEASE_FLAGS)
 
-# All tiers: pure unit tests, loopback integration tests (in-process and the sluice binary).
+# All tiers: pure unit tests, loopback integration tests (in-process and the sluice binary), then a short fuzz run
+# of the HTTP/1.1 wire layer from its corpus of smuggling shapes.
 test: deps bpf
 	$(SWIFT) build
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --disable-swift-testing
+	$(MAKE) fuzz FUZZ_SECONDS=20
+
+# libFuzzer (+ AddressSanitizer) on the HTTP/1.1 parser and streaming reader; FUZZ_SECONDS sets the budget.
+FUZZ_SECONDS ?= 120
+.build/fuzz/http1: $(wildcard Sources/SluiceHTTP/*.swift) Fuzz/HTTP1Fuzz.swift
+	@mkdir -p .build/fuzz
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name SluiceHTTPFuzz \
+	  Sources/SluiceHTTP/*.swift Fuzz/HTTP1Fuzz.swift -o $@ 2>&1 | grep -v "Cannot export local symbol" || true
+
+fuzz: .build/fuzz/http1
+	@rm -rf .build/fuzz/http1-work && mkdir -p .build/fuzz/http1-work
+	.build/fuzz/http1 -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=5 -rss_limit_mb=1024 -print_final_stats=1 \
+	  .build/fuzz/http1-work Fuzz/corpus/http1 2>&1 | grep -E "Done|ERROR|SUMMARY|stat::number_of_executed_units"; \
+	  test $${PIPESTATUS[0]} -eq 0
 
 demo: build
 	@bash examples/demo.sh
+
+# Only the HTTP/1.1 L7 comparison (wrk against sluice, haproxy, nginx, direct).
+bench-http: bench-deps build-release
+	@python3 Benchmarks/bench_http.py | python3 Benchmarks/bench_http.py --print
 
 bench: bench-deps bpf build-release
 	@bash Benchmarks/bench.sh

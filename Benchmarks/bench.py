@@ -235,6 +235,14 @@ def print_control_plane(cp):
     print(f"| one service changes its port | {cp['incremental_port_ms_median']:.1f} ms median | <= 50 ms |")
 
 
+def http_l7():
+    """Runs bench_http.py (HTTP/1.1 through each proxy with wrk); returns its JSON figures."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "Benchmarks/bench_http.py")], capture_output=True,
+                         text=True, check=True)
+    sys.stderr.write(out.stderr)
+    return json.loads(out.stdout)
+
+
 def kernel_path():
     """Runs bench_bpf.py (root): kernel-balanced throughput and the connect latency the programs add."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "Benchmarks/bench_bpf.py")], capture_output=True,
@@ -286,6 +294,7 @@ def main():
     ha_idle, ha_per = idle_rss(haproxy_pid, P_HA["sink"])
     cfg_rate, cfg_seconds = config_decode_rate()
     cp = control_plane()
+    h7 = http_l7()
     kp = kernel_path() if os.geteuid() == 0 else None
     med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in results.items()}
     summary = {
@@ -296,6 +305,7 @@ def main():
                 "haproxy_idle_kib": ha_idle, "haproxy_kib_per_conn": ha_per, "connections": IDLE_CONNS},
         "config": {"resources_per_second": cfg_rate, "seconds_for_9999": cfg_seconds},
         "control_plane": cp,
+        "http": h7,
         "kernel_path": kp,
     }
     os.makedirs(os.path.join(ROOT, "Benchmarks/out"), exist_ok=True)
@@ -314,6 +324,8 @@ def main():
     print(f"| idle RSS, MB | - | {ha_idle / 1024:.1f} | {sl_idle / 1024:.1f} | - | - |")
     print(f"\nconfig: `sluice validate` on 9,999 resources (3,333 services x 10 endpoints): "
           f"{cfg_seconds * 1000:.0f} ms end to end, {cfg_rate:,.0f} resources/s (process start included)")
+    subprocess.run([sys.executable, os.path.join(ROOT, "Benchmarks/bench_http.py"), "--print"],
+                   input=json.dumps(h7), text=True, check=True)
     print_control_plane(cp)
     if kp:
         print_kernel_path(kp)

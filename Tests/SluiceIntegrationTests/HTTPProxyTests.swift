@@ -259,6 +259,28 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertGreaterThan(later.filter { $0.hasPrefix("503") }.count, 0, "\(later)")
     }
 
+    func testActiveHTTPHealthCheckTakesAnEndpointThatAnswers503OutOfRotation() throws {
+        let ports = try backends(["v1", "fail1"])
+        let p = try proxy(Self.mesh([("v1", ports[0]), ("fail1", ports[1])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+              retries: {attempts: 0}
+            """, policy: "loadBalancer: {simple: ROUND_ROBIN}", extra: """
+
+            ---
+            apiVersion: sluice.dev/v1
+            kind: HealthCheck
+            metadata: {name: app, namespace: test}
+            spec:
+              host: app.test.svc.cluster.local
+              interval: 100ms
+              timeout: 500ms
+              unhealthyThreshold: 1
+              http: {path: /healthz, expectedStatuses: [{start: 200, end: 300}]}
+            """))
+        // The TCP handshake to fail1 succeeds; only the HTTP status tells it is unhealthy.
+        XCTAssertTrue(p.eventually(5) { (try? self.requests(p.port, "/x", count: 10))?.allSatisfy { $0 == "200 v1" } ?? false })
+    }
+
     func testCircuitBreakerOverflowAnswers503WithOverloadedHeader() throws {
         let ports = try backends(["v1"])
         let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
