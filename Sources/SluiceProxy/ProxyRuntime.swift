@@ -232,9 +232,15 @@ public final class ProxyRuntime: @unchecked Sendable {
         }
         if let capture {
             var services: [EndpointAddress: CapturedService] = [:]
+            var portProtocols: [String: [UInt16: PortProtocol]] = [:]
+            for s in snapshot.services {
+                for p in s.ports { portProtocols[s.host, default: [:]][p.number] = p.protocol }
+            }
             for b in snapshot.bpfServices where !b.isL4Only {
                 let name = NodeSnapshot.Cluster.name(port: b.address.port, subset: nil, host: b.host)
-                if let c = byName[name] { services[b.address] = CapturedService(cluster: c, isHTTP: !b.protocol.isL4) }
+                // The service port's declared protocol picks the pipeline (the BPF entry only knows TCP/UDP).
+                let http = portProtocols[b.host]?[b.address.port].map { !$0.isL4 && $0 != .udp } ?? false
+                if let c = byName[name] { services[b.address] = CapturedService(cluster: c, isHTTP: http) }
             }
             let mesh = table(nil)
             for a in capture.addresses {

@@ -287,6 +287,97 @@ final class BPFCaptureTests: XCTestCase {
         try Datapath.uninstall(pinDirectory: pinDirectory)  // nothing there: not an error
     }
 
+    /// Captured connections to an HTTP service port go through the L7 pipeline: the service's VirtualService
+    /// routes each request (by header to a subset, by path to a fault), on one captured keep-alive connection.
+    func testCapturedHTTPRequestsAreRoutedByTheServicesVirtualService() throws {
+        let (backend, ports) = try Harness.backends(["v1:0", "v2:0"], script: "http_backend.py")
+        processes.append(backend)
+        let config = scratch.appendingPathComponent("config")
+        try FileManager.default.createDirectory(at: config, withIntermediateDirectories: true)
+        try """
+            apiVersion: networking.istio.io/v1
+            kind: WorkloadEntry
+            metadata: {name: client, namespace: shop, annotations: {sluice.dev/node: n1}}
+            spec: {address: 127.0.0.2, labels: {app: client}}
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {name: web, namespace: shop}
+            spec:
+              hosts: [web.shop.svc.cluster.local]
+              addresses: [127.96.12.2]
+              location: MESH_INTERNAL
+              resolution: STATIC
+              ports: [{number: 80, name: http, protocol: HTTP}]
+              endpoints:
+              - {address: 127.0.0.1, ports: {http: \(ports[0])}, labels: {version: v1}}
+              - {address: 127.0.0.1, ports: {http: \(ports[1])}, labels: {version: v2}}
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: web, namespace: shop}
+            spec:
+              host: web.shop.svc.cluster.local
+              subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: web, namespace: shop}
+            spec:
+              hosts: [web.shop.svc.cluster.local]
+              http:
+              - match: [{headers: {x-canary: {exact: "yes"}}}]
+                route: [{destination: {host: web.shop.svc.cluster.local, subset: v2}}]
+              - match: [{uri: {prefix: /teapot}}]
+                fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+                route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
+              - route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
+            """.write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: Harness.root.appendingPathComponent(".build/debug/sluice").path)
+        agent.arguments = ["agent", "--local-config", config.path, "--node", "n1", "--cgroup", cgroup,
+                           "--pin-dir", pinDirectory, "--bpf-dir", objectDirectory, "--workers", "1",
+                           "--outbound-port", String(Harness.deadPort()), "--dns-port", "0",
+                           "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        let err = Pipe()
+        agent.standardError = err
+        try agent.run()
+        processes.append(agent)
+        var log = ""
+        let deadline = Date().addingTimeInterval(20)
+        while !log.contains("agent ready") && Date() < deadline && agent.isRunning {
+            let d = err.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            log += String(decoding: d, as: UTF8.self)
+        }
+        XCTAssertTrue(log.contains("via_agent=1"), log)
+        let script = scratch.appendingPathComponent("http_client.py")
+        try """
+            import http.client
+            c = http.client.HTTPConnection("127.96.12.2", 80, timeout=5)
+            out = []
+            for path, headers in [("/a", {}), ("/b", {"x-canary": "yes"}), ("/teapot", {}), ("/c", {})]:
+                headers["Host"] = "web.shop.svc.cluster.local"
+                c.request("GET", path, headers=headers)
+                r = c.getresponse()
+                out.append("%d %s" % (r.status, r.getheader("x-backend") or "-"))
+                r.read()
+            print(",".join(out))
+            """.write(to: script, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec python3 \(script.path)"]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        processes.append(p)
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(text.trimmingCharacters(in: .whitespacesAndNewlines), "200 v1,200 v2,418 -,200 v1", log)
+        agent.terminate()
+        agent.waitUntilExit()
+    }
+
     /// The agent binary end to end: it captures a cgroup, balances an L4-only service in the kernel, follows
     /// config changes, keeps the kernel path working after it exits, and `--uninstall-bpf` removes everything.
     func testAgentLifecycleWithCaptureOnACgroup() throws {
@@ -312,7 +403,7 @@ final class BPFCaptureTests: XCTestCase {
                   ports: [{number: 5432, name: tcp, protocol: TCP}]
                   endpoints: [\(eps)]
                 ---
-                # HTTP: the kernel sends these connections to the agent, which forwards them.
+                # Outlier detection needs the agent: the kernel sends these connections to it, which forwards them.
                 apiVersion: networking.istio.io/v1
                 kind: ServiceEntry
                 metadata: {name: web, namespace: shop}
@@ -321,8 +412,15 @@ final class BPFCaptureTests: XCTestCase {
                   addresses: [127.96.11.2]
                   location: MESH_INTERNAL
                   resolution: STATIC
-                  ports: [{number: 80, name: http, protocol: HTTP}]
-                  endpoints: [{address: 127.0.0.1, ports: {http: \(ports[0])}}]
+                  ports: [{number: 80, name: tcp, protocol: TCP}]
+                  endpoints: [{address: 127.0.0.1, ports: {tcp: \(ports[0])}}]
+                ---
+                apiVersion: networking.istio.io/v1
+                kind: DestinationRule
+                metadata: {name: web, namespace: shop}
+                spec:
+                  host: web.shop.svc.cluster.local
+                  trafficPolicy: {outlierDetection: {consecutiveGatewayErrors: 5}}
                 """.write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
         }
         try write(ports)
