@@ -49,6 +49,10 @@ public enum HTTP1Parser {
     /// refused.
     static func lines(_ b: UnsafeRawBufferPointer, headLength: Int) throws -> [Range<Int>] {
         var lines: [Range<Int>] = []
+        // One allocation of the right size instead of doubling as lines are found.
+        var count = 0
+        for i in 0..<headLength where b[i] == 0x0A { count += 1 }
+        lines.reserveCapacity(count)
         var start = 0
         var i = 0
         let end = headLength - 2  // the final empty line
@@ -111,7 +115,7 @@ public enum HTTP1Parser {
                     throw HTTP1Error.notImplemented("transfer coding other than chunked")
                 }
             } else if nameEquals(b, name, "connection") {
-                for token in commaTokens(b, value) {
+                forEachToken(b, value) { token in
                     if valueEquals(b, token, "close") { f.connectionClose = true }
                     if valueEquals(b, token, "keep-alive") { f.connectionKeepAlive = true }
                     if valueEquals(b, token, "upgrade") { f.upgrade = true }
@@ -263,15 +267,21 @@ public enum HTTP1Parser {
     /// The comma-separated elements of a field value, trimmed.
     static func commaTokens(_ b: UnsafeRawBufferPointer, _ r: Range<Int>) -> [Range<Int>] {
         var out: [Range<Int>] = []
+        forEachToken(b, r) { out.append($0) }
+        return out
+    }
+
+    /// Calls `body` with each comma-separated, trimmed element of a field value (no allocation).
+    @inline(__always)
+    public static func forEachToken(_ b: UnsafeRawBufferPointer, _ r: Range<Int>, _ body: (Range<Int>) -> Void) {
         var s = r.lowerBound
         for i in r.lowerBound...r.upperBound where i == r.upperBound || b[i] == 0x2C {
             var a = s, z = i
             while a < z, b[a] == 0x20 || b[a] == 0x09 { a += 1 }
             while z > a, b[z - 1] == 0x20 || b[z - 1] == 0x09 { z -= 1 }
-            if a < z { out.append(a..<z) }
+            if a < z { body(a..<z) }
             s = i + 1
         }
-        return out
     }
 }
 

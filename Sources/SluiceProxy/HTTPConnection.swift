@@ -111,6 +111,50 @@ final class Exchange {
     var responseUntilClose = false
     var hadBody = false
 
+    /// Makes a finished exchange ready for the next request (the worker keeps a pool: no allocation per request,
+    /// and the queues keep their capacity).
+    func reset(start: UInt64) {
+        self.start = start
+        route = nil
+        cluster = nil
+        upHead = nil
+        upHeadLength = 0
+        up = -1
+        upQueue.removeAll(keepingCapacity: true)
+        upSending = false
+        requestDone = false
+        if replay == nil { replay = [] } else { replay!.removeAll(keepingCapacity: true) }
+        isHEAD = false
+        clientKeepAlive = true
+        upgrade = false
+        tunnel = false
+        response = HTTP1ResponseReader()
+        upBuffer = -1
+        upPos = 0
+        upLength = 0
+        upRefs = 0
+        upReceiving = false
+        responseStarted = false
+        responseDone = false
+        upReusable = true
+        status = 0
+        flag = ResponseFlag.none
+        retries = 0
+        local = false
+        deadline = 0
+        tryDeadline = 0
+        wakeAt = 0
+        counted = false
+        retriesCounted = 0
+        hash = 0
+        lastEndpoint = -1
+        reused = false
+        gotBytes = false
+        interim = false
+        responseUntilClose = false
+        hadBody = false
+    }
+
     init(start: UInt64) { self.start = start }
 }
 

@@ -109,11 +109,11 @@ enum HTTPResponses {
             for (name, value) in h.headers {
                 let len = name.count
                 if len == 10 && HTTP1Parser.fieldName(b, name, is: "connection") {
-                    for t in HTTP1Parser.tokens(b, value) where !HTTP1Parser.fieldName(b, t, is: "keep-alive")
-                        && !HTTP1Parser.fieldName(b, t, is: "close") {
-                        free(out)
-                        return nil
+                    var other = false
+                    HTTP1Parser.forEachToken(b, value) { t in
+                        other = other || !(HTTP1Parser.fieldName(b, t, is: "keep-alive") || HTTP1Parser.fieldName(b, t, is: "close"))
                     }
+                    if other { free(out); return nil }
                     continue
                 }
                 if (len == 10 && HTTP1Parser.fieldName(b, name, is: "keep-alive"))

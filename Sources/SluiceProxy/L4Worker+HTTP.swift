@@ -267,7 +267,7 @@ extension L4Worker {
     /// A request head arrived: route it, apply the route's stages, and send it upstream (or answer it here).
     private func begin(_ slot: UInt32, _ head: HTTP1RequestHead, _ headBytes: [UInt8]) {
         let i = Int(slot)
-        var ex = Exchange(start: hconns[i].headStarted)
+        let ex = newExchange(start: hconns[i].headStarted)
         hconns[i].requests += 1
         let facts = headBytes.withUnsafeBytes { raw in requestFacts(slot, head, raw) }
         ex.isHEAD = facts.method == "HEAD"
@@ -960,7 +960,7 @@ extension L4Worker {
     func respondLocally(_ slot: UInt32, status: Int, flag: ResponseFlag = .none, headers: [(String, String)] = [],
                         body: String? = nil, close: Bool = false) {
         let i = Int(slot)
-        if hconns[i].ex == nil { hconns[i].ex = Exchange(start: hconns[i].headStarted) }
+        if hconns[i].ex == nil { hconns[i].ex = newExchange(start: hconns[i].headStarted) }
         hconns[i].ex!.upReusable = false
         closeUpstream(slot)
         for seg in hconns[i].ex!.upQueue { finishQueued(slot, seg, downSide: false) }
@@ -1057,6 +1057,13 @@ extension L4Worker {
         }
         if let p = ex.upHead { free(p) }
         hconns[i].ex = nil
+        if exchangePool.count < 4096 { exchangePool.append(ex) }
+    }
+
+    private func newExchange(start: UInt64) -> Exchange {
+        guard let ex = exchangePool.popLast() else { return Exchange(start: start) }
+        ex.reset(start: start)
+        return ex
     }
 
     // MARK: - timers

@@ -126,11 +126,12 @@ extension UpstreamRequest {
             func named(_ s: StaticString) -> Bool { len == s.utf8CodeUnitCount && HTTP1Parser.fieldName(b, name, is: s) }
             if named("connection") {
                 // Only "close"/"keep-alive"/"upgrade" tokens are understood here; anything else names fields to drop.
-                for t in HTTP1Parser.tokens(b, value) {
-                    let ok = HTTP1Parser.fieldName(b, t, is: "close") || HTTP1Parser.fieldName(b, t, is: "keep-alive")
-                        || HTTP1Parser.fieldName(b, t, is: "upgrade")
-                    if !ok { free(out); return nil }
+                var other = false
+                HTTP1Parser.forEachToken(b, value) { t in
+                    other = other || !(HTTP1Parser.fieldName(b, t, is: "close") || HTTP1Parser.fieldName(b, t, is: "keep-alive")
+                        || HTTP1Parser.fieldName(b, t, is: "upgrade"))
                 }
+                if other { free(out); return nil }
                 continue
             }
             if named("keep-alive") || named("proxy-connection") || named("te") || named("trailer")
