@@ -110,6 +110,9 @@ final class Exchange {
     /// The response body ends when the upstream closes.
     var responseUntilClose = false
     var hadBody = false
+    /// A mirrored copy to send once the whole request is read (Istio's `mirror`): its head, and its cluster.
+    var shadowHead: [UInt8]?
+    var shadowCluster: WorkerCluster?
 
     /// Makes a finished exchange ready for the next request (the worker keeps a pool: no allocation per request,
     /// and the queues keep their capacity).
@@ -153,6 +156,8 @@ final class Exchange {
         interim = false
         responseUntilClose = false
         hadBody = false
+        shadowHead = nil
+        shadowCluster = nil
     }
 
     init(start: UInt64) { self.start = start }
@@ -204,4 +209,8 @@ struct UpConn {
     var idleSince: UInt64 = 0
     var requests = 0
     var connectStart: UInt64 = 0
+    /// A mirror's fire-and-forget request: no client waits for it; the bytes to send, freed when it closes.
+    var shadow: UnsafeMutableRawPointer?
+    var shadowLength = 0
+    var shadowSent = 0
 }

@@ -99,6 +99,11 @@ extension L4Worker {
                 return
             }
             ups[u].pending -= 1
+            if ups[u].shadow != nil {
+                shadowEvent(ud.slot, op, result: result, buffer: buffer)
+                if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
+                return
+            }
             let owner = owningConn(ud.slot)
             switch op {
             case .uConnect:
@@ -226,6 +231,7 @@ extension L4Worker {
                     requestBody(slot, id, (r.lowerBound + start)..<(r.upperBound + start))
                 case .end:
                     hconns[i].ex?.requestDone = true
+                    if let ex = hconns[i].ex, ex.shadowHead != nil { mirror(ex) }
                 case .error(let err):
                     respondLocally(slot, status: err.status, flag: .downstreamProtocolError, close: true)
                 }
@@ -379,6 +385,19 @@ extension L4Worker {
             upHead.withUnsafeBytes { _ = memcpy(p, $0.baseAddress!, upHead.count) }
             hconns[i].ex!.upHead = p
             hconns[i].ex!.upHeadLength = upHead.count
+        }
+        if let route, let mirror = route.mirror, let mc = clusters[ObjectIdentifier(mirror)],
+            rng.next(below: 10_000) < route.mirrorShare
+        {
+            // Istio sends the copy with the authority suffixed "-shadow"; its answer is dropped.
+            hconns[i].ex!.shadowCluster = mc
+            hconns[i].ex!.shadowHead = headBytes.withUnsafeBytes { raw in
+                UpstreamRequest.head(head, in: raw, route: route.route, destination: destination,
+                                     context: .init(clientAddress: hconns[i].client, scheme: facts.scheme,
+                                                    requestID: requestID(), matchedPrefix: prefix),
+                                     replacing: [("host", facts.authority + "-shadow"), ("connection", "close")])
+            }
+            if hconns[i].ex!.replay == nil { hconns[i].ex!.replay = [] }
         }
         if let t = route?.timeoutNanos, t > 0 {
             hconns[i].ex!.deadline = loop.now &+ t
@@ -945,8 +964,99 @@ extension L4Worker {
         }
     }
 
+    // MARK: - mirroring
+
+    /// Sends the exchange's mirrored copy (head and the kept body) on a connection of its own.
+    private func mirror(_ ex: Exchange) {
+        guard let head = ex.shadowHead, let wc = ex.shadowCluster else { return }
+        ex.shadowHead = nil
+        // A body too large to keep cannot be copied: the request is not mirrored (counted).
+        guard let body = ex.replay, ex.requestDone else {
+            shard.add(mirrorSkipped(wc))
+            return
+        }
+        guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: -1) else { return }
+        let addr = wc.runtime.addresses + e
+        let fd = Socket.stream(family: addr.pointee.family)
+        guard fd >= 0 else { return }
+        let u = allocateUp()
+        let n = head.count + body.count
+        let p = malloc(max(1, n))!
+        head.withUnsafeBytes { _ = memcpy(p, $0.baseAddress!, head.count) }
+        body.withUnsafeBytes { if let b = $0.baseAddress { _ = memcpy(p + head.count, b, body.count) } }
+        ups[Int(u)].fd = fd
+        ups[Int(u)].phase = .connecting
+        ups[Int(u)].cluster = wc
+        ups[Int(u)].endpoint = Int32(e)
+        ups[Int(u)].shadow = p
+        ups[Int(u)].shadowLength = n
+        ups[Int(u)].connectStart = loop.now
+        wc.runtime.active.add(1)
+        let s = loop.uring.sqe()
+        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { q in
+            q.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
+        }
+        s.pointee.flags |= sl_iosqe_io_link()
+        trackUp(s, u, .uConnect)
+        let t = loop.uring.sqe()
+        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
+        trackUp(t, u, .uConnectTimeout)
+    }
+
+    /// A mirror connection's completions: connect, send everything, read and drop until the upstream closes.
+    private func shadowEvent(_ u: UInt32, _ op: Op, result: Int32, buffer: Int32) {
+        let i = Int(u)
+        if buffer >= 0 { giveBack(UInt16(buffer)) }
+        guard ups[i].phase != .closing else { return }
+        switch op {
+        case .uConnect:
+            guard result == 0 else { stopUp(u); return }
+            ups[i].phase = .busy
+            shard.add(mirrorCounter(ups[i].cluster!))
+            let s = loop.uring.sqe()
+            io_uring_prep_send(s, ups[i].fd, ups[i].shadow!, ups[i].shadowLength, Int32(MSG_NOSIGNAL))
+            trackUp(s, u, .uSend)
+        case .uSend:
+            guard result > 0 else { stopUp(u); return }
+            ups[i].shadow! += Int(result)
+            ups[i].shadowLength -= Int(result)
+            ups[i].shadowSent += Int(result)
+            let s = loop.uring.sqe()
+            if ups[i].shadowLength > 0 {
+                io_uring_prep_send(s, ups[i].fd, ups[i].shadow!, ups[i].shadowLength, Int32(MSG_NOSIGNAL))
+                trackUp(s, u, .uSend)
+            } else {
+                io_uring_prep_recv(s, ups[i].fd, nil, buffers.size, 0)
+                s.pointee.flags |= sl_iosqe_buffer_select()
+                s.pointee.buf_group = buffers.group
+                trackUp(s, u, .uRecv)
+            }
+        case .uRecv:
+            guard result > 0 else { stopUp(u); return }
+            let s = loop.uring.sqe()
+            io_uring_prep_recv(s, ups[i].fd, nil, buffers.size, 0)
+            s.pointee.flags |= sl_iosqe_buffer_select()
+            s.pointee.buf_group = buffers.group
+            trackUp(s, u, .uRecv)
+        default:
+            break
+        }
+    }
+
+    private func mirrorCounter(_ wc: WorkerCluster) -> Int {
+        registry.counter("sluice_http_mirrored_requests_total", help: "Requests copied to a route's mirror",
+                         labels: [("cluster", wc.runtime.config.name)])
+    }
+
+    private func mirrorSkipped(_ wc: WorkerCluster) -> Int {
+        registry.counter("sluice_http_mirror_skipped_total",
+                         help: "Requests not mirrored because their body was too large to keep",
+                         labels: [("cluster", wc.runtime.config.name)])
+    }
+
     private func freeUp(_ u: UInt32) {
         let i = Int(u)
+        if let p = ups[i].shadow { free(p - ups[i].shadowSent) }
         if ups[i].fd >= 0 { close(ups[i].fd) }
         let gen = (ups[i].generation + 1) & 0xFF_FFFF
         ups[i] = UpConn()
@@ -1160,6 +1270,11 @@ extension L4Worker {
             } else if draining || now &- hconns[i].lastActive > Self.keepAliveIdleNanos {
                 teardownHTTP(slot, reset: false)
             }
+        }
+        // A mirror's upstream that neither answers nor closes is dropped after 30 s.
+        for u in ups.indices where ups[u].shadow != nil && ups[u].phase != .closing
+            && now &- ups[u].connectStart > 30_000_000_000 {
+            stopUp(UInt32(u))
         }
         for u in ups.indices where ups[u].phase == .idle {
             let wc = ups[u].cluster!

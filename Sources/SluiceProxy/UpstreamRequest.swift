@@ -26,8 +26,10 @@ public enum UpstreamRequest {
     }
 
     /// The upstream request head for `head` (parsed from `bytes`), routed by `route` to `destination`.
+    /// - Parameter replacing: fields set last, replacing any of the same name (a mirror's `host`, `connection`).
     public static func head(_ head: HTTP1RequestHead, in bytes: UnsafeRawBufferPointer, route: HTTPRoute?,
-                            destination: VirtualService.RouteDestination?, context: Context) -> [UInt8] {
+                            destination: VirtualService.RouteDestination?, context: Context,
+                            replacing: [(String, String)] = []) -> [UInt8] {
         func text(_ r: Range<Int>) -> String { String(decoding: UnsafeRawBufferPointer(rebasing: bytes[r]), as: UTF8.self) }
         var target = text(head.target)
         if let rewrite = route?.rewrite?.uri {
@@ -79,6 +81,10 @@ public enum UpstreamRequest {
             for (k, v) in ops.add.sorted(by: { $0.key < $1.key }) { fields.append((k.lowercased(), v)) }
         }
         if head.upgrade { fields.append(("connection", "upgrade")) }
+        for (name, value) in replacing {
+            fields.removeAll { $0.0 == name }
+            fields.append((name, value))
+        }
 
         var out: [UInt8] = []
         out.reserveCapacity(head.length + 128)

@@ -281,6 +281,27 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertTrue(p.eventually(5) { (try? self.requests(p.port, "/x", count: 10))?.allSatisfy { $0 == "200 v1" } ?? false })
     }
 
+    func testMirrorSendsACopyOfEachRequestAndDropsItsAnswer() throws {
+        let main = try backends(["v1"])
+        let shadow = try backends(["v2"])  // a process of its own: its request counter counts only the copies
+        let p = try proxy(Self.mesh([("v1", main[0]), ("v2", shadow[0])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local, subset: v1}}]
+              mirror: {host: app.test.svc.cluster.local, subset: v2}
+              mirrorPercentage: {value: 100}
+            """))
+        let lines = try requests(p.port, "/flaky/m/1000", count: 10)
+        // The client only ever sees the main backend's answers (503 here: the copy's answers are dropped).
+        XCTAssertEqual(lines, Array(repeating: "503 v1", count: 10))
+        XCTAssertTrue(p.eventually { p.metric("sluice_http_mirrored_requests_total") == 10 })
+        // The shadow backend got the 10 copies: its 11th request (sent directly) is attempt 11.
+        XCTAssertTrue(p.eventually {
+            (try? self.curl(["http://127.0.0.1:\(shadow[0])/flaky/probe-m/0"]).lines) == ["v2 attempt 1"]
+        })
+        let direct = try curl(["http://127.0.0.1:\(shadow[0])/flaky/m/1000"]).lines
+        XCTAssertEqual(direct, ["v2 attempt 11"])
+        XCTAssertEqual(p.metric("istio_requests_total"), 10, "copies are not client requests")
+    }
+
     func testCircuitBreakerOverflowAnswers503WithOverloadedHeader() throws {
         let ports = try backends(["v1"])
         let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
