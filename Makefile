@@ -54,10 +54,11 @@ test: deps bpf
 
 # libFuzzer (+ AddressSanitizer) on the HTTP/1.1 parser and streaming reader; FUZZ_SECONDS sets the budget.
 FUZZ_SECONDS ?= 120
-.build/fuzz/http1: $(wildcard Sources/SluiceHTTP/*.swift) Fuzz/HTTP1Fuzz.swift
+.build/fuzz/http1: $(wildcard Sources/SluiceHTTP/HTTP1*.swift) Sources/SluiceHTTP/BodyDecoder.swift Fuzz/HTTP1Fuzz.swift
 	@mkdir -p .build/fuzz
 	swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name SluiceHTTPFuzz \
-	  Sources/SluiceHTTP/*.swift Fuzz/HTTP1Fuzz.swift -o $@ 2>&1 | grep -v "Cannot export local symbol" || true
+	  Sources/SluiceHTTP/HTTP1*.swift Sources/SluiceHTTP/BodyDecoder.swift Fuzz/HTTP1Fuzz.swift -o $@ 2>&1 \
+	  | grep -v "Cannot export local symbol" || true
 
 fuzz: .build/fuzz/http1
 	@rm -rf .build/fuzz/http1-work && mkdir -p .build/fuzz/http1-work

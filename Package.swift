@@ -32,8 +32,8 @@ let package = Package(
         // libyaml's event parser, read by SluiceModel's own tree builder (Yams' Node tree cost half the decode time).
         .systemLibrary(name: "CLibYAML", pkgConfig: "yaml-0.1", providers: [.apt(["libyaml-dev"])]),
         .target(name: "SluiceModel", dependencies: ["CLibYAML"]),
-        // HTTP/1.1 parsing and body framing: pure Swift, no I/O (the L7 proxy's wire layer).
-        .target(name: "SluiceHTTP", swiftSettings: hotPath),
+        // HTTP/1.1 parsing and body framing (pure Swift) and HTTP/2 sessions on libnghttp2; no I/O (the L7 wire layer).
+        .target(name: "SluiceHTTP", dependencies: ["CSluiceLinux"], swiftSettings: hotPath),
         .target(name: "SluiceTelemetry", dependencies: ["CSluiceLinux"], swiftSettings: hotPath),
         .target(name: "SluiceRing", dependencies: ["CSluiceLinux"], swiftSettings: hotPath),
         .target(name: "SluiceBPF", dependencies: ["CSluiceLinux", "SluiceModel"]),
