@@ -3,7 +3,9 @@ SHELL := /bin/bash
 SWIFT ?= swift
 # Debian packages the build, the tests, the demo and the benchmarks need.
 DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev pkgconf bpftool python3 curl iproute2 \
-                procps
+                procps nghttp2-client python3-pip
+# PyPI packages the tests use (real gRPC clients and servers).
+PY_PACKAGES := grpcio
 BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
@@ -19,6 +21,8 @@ deps:
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@python3 -c "import grpc" 2>/dev/null || { echo "installing: $(PY_PACKAGES) (pip)"; \
+	  python3 -m pip install -q $(PY_PACKAGES) 2>/dev/null || python3 -m pip install -q --break-system-packages $(PY_PACKAGES); }
 
 bench-deps: deps
 	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

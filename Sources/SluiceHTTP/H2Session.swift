@@ -188,11 +188,11 @@ public final class H2Session {
         resume(stream)
     }
 
-    /// Ends this side's body, with trailers if any.
+    /// Ends this side's body, with trailers if any (trailers given earlier are kept).
     public func finish(stream: Int32, trailers: [(name: String, value: String)]? = nil) {
         guard outgoing[stream] != nil else { return }
         outgoing[stream]!.ended = true
-        outgoing[stream]!.trailers = trailers
+        if let trailers { outgoing[stream]!.trailers = trailers }
         resume(stream)
     }
 

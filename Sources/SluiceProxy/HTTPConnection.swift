@@ -192,6 +192,8 @@ struct HTTPConn {
     var requests = 0
     /// A receive buffer of the last exchange that a cancelled send may still read: given back when the slot is freed.
     var spareBuffer: Int32 = -1
+    /// Set once the client spoke the HTTP/2 preface.
+    var h2: H2Downstream?
 }
 
 /// One upstream connection, in use by an exchange or idle in its cluster's pool.
@@ -213,4 +215,6 @@ struct UpConn {
     var shadow: UnsafeMutableRawPointer?
     var shadowLength = 0
     var shadowSent = 0
+    /// An HTTP/2 connection shared by many streams.
+    var h2: H2Upstream?
 }

@@ -52,20 +52,20 @@ extension L4Worker {
         return UInt32(hconns.count - 1)
     }
 
-    private func allocateUp() -> UInt32 {
+    func allocateUp() -> UInt32 {
         if let s = upFree.popLast() { return s }
         ups.append(UpConn())
         return UInt32(ups.count - 1)
     }
 
     @inline(__always)
-    private func trackDown(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ slot: UInt32, _ op: Op) {
+    func trackDown(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ slot: UInt32, _ op: Op) {
         io_uring_sqe_set_data64(sqe, UserData(slot: slot, generation: hconns[Int(slot)].generation, op: op.rawValue).raw)
         hconns[Int(slot)].pending += 1
     }
 
     @inline(__always)
-    private func trackUp(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ u: UInt32, _ op: Op) {
+    func trackUp(_ sqe: UnsafeMutablePointer<io_uring_sqe>, _ u: UInt32, _ op: Op) {
         io_uring_sqe_set_data64(sqe, UserData(slot: u, generation: ups[Int(u)].generation, op: op.rawValue).raw)
         ups[Int(u)].pending += 1
     }
@@ -99,6 +99,11 @@ extension L4Worker {
                 return
             }
             ups[u].pending -= 1
+            if ups[u].h2 != nil {
+                h2UpstreamEvent(ud.slot, op, result: result, buffer: buffer)
+                if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
+                return
+            }
             if ups[u].shadow != nil {
                 shadowEvent(ud.slot, op, result: result, buffer: buffer)
                 if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
@@ -206,9 +211,21 @@ extension L4Worker {
     /// Feeds the held receive buffer to the request reader and acts on what it finds.
     private func pumpDown(_ slot: UInt32) {
         let i = Int(slot)
+        if hconns[i].h2 != nil {
+            pumpH2(slot)
+            return
+        }
         while hconns[i].phase == .open, hconns[i].inBuffer >= 0, hconns[i].inPos < hconns[i].inLength {
             let id = UInt16(hconns[i].inBuffer)
             let start = Int(hconns[i].inPos)
+            if hconns[i].requests == 0 && hconns[i].ex == nil && !hconns[i].reader.isInsideHead
+                && startsHTTP2(UnsafeRawBufferPointer(start: buffers.pointer(id) + start, count: Int(hconns[i].inLength) - start))
+            {
+                // HTTP/2 with prior knowledge (h2c): this connection speaks HTTP/2 from now on.
+                hconns[i].h2 = H2Downstream()
+                pumpH2(slot)
+                return
+            }
             if hconns[i].ex?.tunnel == true {
                 hconns[i].ex!.upQueue.append(.buffer(id, start..<Int(hconns[i].inLength)))
                 hconns[i].inRefs += 1
@@ -949,7 +966,7 @@ extension L4Worker {
         stopUp(u)
     }
 
-    private func stopUp(_ u: UInt32) {
+    func stopUp(_ u: UInt32) {
         let c = ups[Int(u)]
         guard c.phase != .closing && c.phase != .free else { return }
         if c.phase == .busy || c.phase == .idle { shard.add(c.cluster!.runtime.metrics.closed) }
@@ -1054,7 +1071,7 @@ extension L4Worker {
                          labels: [("cluster", wc.runtime.config.name)])
     }
 
-    private func freeUp(_ u: UInt32) {
+    func freeUp(_ u: UInt32) {
         let i = Int(u)
         if let p = ups[i].shadow { free(p - ups[i].shadowSent) }
         if ups[i].fd >= 0 { close(ups[i].fd) }
@@ -1090,7 +1107,7 @@ extension L4Worker {
         flushDown(slot)
     }
 
-    private func flushDown(_ slot: UInt32) {
+    func flushDown(_ slot: UInt32) {
         let i = Int(slot)
         guard hconns[i].phase == .open, !hconns[i].sending, let seg = hconns[i].outQueue.first else { return }
         let s = loop.uring.sqe()
@@ -1223,6 +1240,7 @@ extension L4Worker {
     func teardownHTTP(_ slot: UInt32, reset: Bool) {
         let i = Int(slot)
         guard hconns[i].phase == .open else { return }
+        teardownH2(slot)
         if hconns[i].ex != nil {
             hconns[i].ex!.upReusable = false
             if !hconns[i].ex!.responseDone || !hconns[i].ex!.requestDone {
@@ -1265,6 +1283,19 @@ extension L4Worker {
     func scanHTTP(now: UInt64) {
         for i in hconns.indices where hconns[i].phase == .open && hconns[i].ex == nil {
             let slot = UInt32(i)
+            if let h2 = hconns[i].h2 {
+                // HTTP/2 drains with GOAWAY: streams in flight finish, then the connection closes.
+                if draining && !hconns[i].closeAfterFlush {
+                    h2.session.goAway()
+                    hconns[i].closeAfterFlush = true
+                    flushH2Down(slot)
+                }
+                if (draining && h2.streams.isEmpty && hconns[i].outQueue.isEmpty)
+                    || (h2.streams.isEmpty && now &- hconns[i].lastActive > Self.keepAliveIdleNanos) {
+                    teardownHTTP(slot, reset: false)
+                }
+                continue
+            }
             if hconns[i].reader.isInsideHead && now &- hconns[i].headStarted > headerTimeoutNanos {
                 respondLocally(slot, status: 408, flag: .downstreamProtocolError, body: "header timeout", close: true)
             } else if draining || now &- hconns[i].lastActive > Self.keepAliveIdleNanos {

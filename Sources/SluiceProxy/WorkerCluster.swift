@@ -13,6 +13,8 @@ final class WorkerCluster {
     var rng: FastRandom
     /// Idle pooled HTTP/1.1 connections per endpoint (slots of the worker's upstream table), most recent last.
     var idle: [[UInt32]]
+    /// The worker's HTTP/2 connection per endpoint (shared by all streams routed there).
+    var h2: [Int: H2Upstream] = [:]
 
     init(runtime: ClusterRuntime, seed: UInt64) {
         self.runtime = runtime

@@ -1,0 +1,540 @@
+import CSluiceLinux
+import Glibc
+import SluiceHTTP
+import SluiceModel
+import SluiceRing
+
+/// One HTTP/2 client connection: its session and its streams.
+final class H2Downstream {
+    let session = H2Session(server: true)
+    var streams: [Int32: H2Stream] = [:]
+}
+
+/// One request stream of a client connection, bound to a stream of an upstream HTTP/2 connection.
+final class H2Stream {
+    let id: Int32
+    let start: UInt64
+    var cluster: WorkerCluster?
+    var up: H2Upstream?
+    var upStream: Int32 = -1
+    var status = 0
+    var flag = ResponseFlag.none
+    var answered = false
+    var counted = false
+    /// The route's response header operations.
+    var responseOps: HeaderOperations.Ops?
+    init(id: Int32, start: UInt64) {
+        self.id = id
+        self.start = start
+    }
+}
+
+/// One HTTP/2 connection to an endpoint, shared by every client stream this worker routes there (multiplexed).
+final class H2Upstream {
+    let session = H2Session(server: false)
+    let slot: UInt32
+    let cluster: WorkerCluster
+    let endpoint: Int
+    /// Upstream stream id -> the client connection slot, its generation, and the client's stream id.
+    var streams: [Int32: (slot: UInt32, generation: UInt32, stream: Int32)] = [:]
+    var queue: [Segment] = []
+    var sending = false
+    var connected = false
+    /// GOAWAY received or the connection failed: no new streams.
+    var closing = false
+    init(slot: UInt32, cluster: WorkerCluster, endpoint: Int) {
+        self.slot = slot
+        self.cluster = cluster
+        self.endpoint = endpoint
+    }
+}
+
+/// HTTP/2 and gRPC: a client connection whose first bytes are the HTTP/2 preface (h2c with prior knowledge) is
+/// served by an ``H2Session``; each request stream is routed like an HTTP/1.1 request and forwarded on a shared
+/// HTTP/2 connection to the chosen endpoint (gRPC needs HTTP/2 end to end for its trailers). Flow control links
+/// the two sessions: a stream's received DATA is acknowledged on one side only once the other side sent it.
+extension L4Worker {
+    static let h2Preface: [UInt8] = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+
+    /// Whether the held bytes of a fresh connection start the HTTP/2 preface.
+    func startsHTTP2(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        let n = min(bytes.count, Self.h2Preface.count)
+        guard n >= 4 else { return false }
+        for k in 0..<n where bytes[k] != Self.h2Preface[k] { return false }
+        return true
+    }
+
+    /// Feeds the held receive buffer to the connection's HTTP/2 session.
+    func pumpH2(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let h2 = hconns[i].h2, hconns[i].inBuffer >= 0 else { return }
+        let id = UInt16(hconns[i].inBuffer)
+        let bytes = UnsafeRawBufferPointer(start: buffers.pointer(id) + Int(hconns[i].inPos),
+                                           count: Int(hconns[i].inLength - hconns[i].inPos))
+        let ok = h2.session.receive(bytes)
+        hconns[i].inPos = hconns[i].inLength
+        hconns[i].inBuffer = -1
+        giveBack(id)
+        handleDownstreamEvents(slot, h2)
+        flushH2Down(slot)
+        if !ok {
+            hconns[i].closeAfterFlush = true
+            if hconns[i].outQueue.isEmpty { teardownHTTP(slot, reset: false) }
+            return
+        }
+        receiveDownH2(slot)
+    }
+
+    private func handleDownstreamEvents(_ slot: UInt32, _ h2: H2Downstream) {
+        for e in h2.session.takeEvents() {
+            guard hconns[Int(slot)].phase == .open else { return }
+            switch e {
+            case .headers(let sid, let fields, let endStream):
+                beginStream(slot, h2, sid, fields, endStream: endStream)
+            case .data(let sid, let bytes):
+                guard let s = h2.streams[sid], let up = s.up, s.upStream > 0 else {
+                    h2.session.consume(stream: sid, bytes: bytes.count)
+                    continue
+                }
+                bytes.withUnsafeBytes { up.session.send(stream: s.upStream, $0) }
+                flushH2Up(up)
+            case .end(let sid):
+                if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
+                    up.session.finish(stream: s.upStream)
+                    flushH2Up(up)
+                }
+            case .trailers(let sid, _):
+                // Request trailers are rare (gRPC sends none); the body simply ends.
+                if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
+                    up.session.finish(stream: s.upStream)
+                    flushH2Up(up)
+                }
+            case .drained(let sid, let n):
+                if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
+                    up.session.consume(stream: s.upStream, bytes: n)
+                    flushH2Up(up)
+                }
+            case .closed(let sid, let error):
+                guard let s = h2.streams.removeValue(forKey: sid) else { continue }
+                if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {
+                    up.streams[s.upStream] = nil
+                    if error != 0 || !s.answered { up.session.reset(stream: s.upStream) }
+                    flushH2Up(up)
+                }
+                if error != 0 && s.flag == .none { s.flag = .downstreamReset }
+                endStream(slot, s)
+            case .goaway:
+                break
+            }
+        }
+    }
+
+    /// A request head on stream `sid`: route it and open the upstream stream (or answer it here).
+    private func beginStream(_ slot: UInt32, _ h2: H2Downstream, _ sid: Int32, _ fields: [(name: String, value: String)],
+                             endStream: Bool) {
+        let i = Int(slot)
+        let s = H2Stream(id: sid, start: loop.now)
+        h2.streams[sid] = s
+        var method = "", path = "/", authority = "", scheme = "http"
+        var headers: [String: String] = [:]
+        for (n, v) in fields {
+            switch n {
+            case ":method": method = v
+            case ":path": path = v
+            case ":authority": authority = v
+            case ":scheme": scheme = v
+            default: headers[n] = v
+            }
+        }
+        if authority.isEmpty { authority = headers["host"] ?? "" }
+        let table = hconns[i].table!
+        var query: [String: String] = [:]
+        var bare = path
+        if table.router.needsQuery { (bare, query) = HTTPRequestFacts.split(target: path) } else if let q = path.firstIndex(of: "?") {
+            bare = String(path[..<q])
+        }
+        let facts = HTTPRequestFacts(method: method, path: bare, query: query, authority: authority, scheme: scheme,
+                                     headers: headers, port: hconns[i].port, gateway: table.gateway)
+        var cluster: ClusterRuntime?
+        var route: RouteRuntime?
+        if let m = table.router.match(facts) {
+            route = table.routes[m.ordinal]
+            let r = route!
+            if let d = r.route.directResponse {
+                answerStream(slot, h2, s, status: d.status, body: d.body ?? "")
+                return
+            }
+            if let redirect = r.route.redirect {
+                let location = HTTPResponses.redirectLocation(redirect, scheme: scheme, authority: authority, path: bare)
+                answerStream(slot, h2, s, status: redirect.redirectCode, headers: [("location", location)])
+                return
+            }
+            let fault = FaultInjection.decide(r.route.fault) { Double(self.rng.next() >> 11) / Double(1 << 53) }
+            if case .httpStatus(let code)? = fault.abort {
+                s.flag = .faultInjected
+                answerStream(slot, h2, s, status: code, body: "fault filter abort")
+                return
+            }
+            if case .grpcStatus(let g)? = fault.abort {
+                s.flag = .faultInjected
+                answerStream(slot, h2, s, status: 200, headers: [("content-type", "application/grpc"),
+                                                                 ("grpc-status", Self.grpcCode(g))])
+                return
+            }
+            let pick = r.clusters.count == 1 ? 0 : r.pick(rng.next(below: r.totalWeight))
+            cluster = r.clusters[pick]
+        } else if let c = hconns[i].captured, !table.router.hasHost(authority) {
+            cluster = c
+        } else {
+            s.flag = .noRoute
+            answerStream(slot, h2, s, status: 404)
+            return
+        }
+        guard let cluster, let wc = clusters[ObjectIdentifier(cluster)] else {
+            s.flag = .noHealthyUpstream
+            answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
+            return
+        }
+        s.cluster = wc
+        s.responseOps = route?.route.headers?.response
+        if let max = cluster.config.httpPool?.http2MaxRequests {
+            if cluster.activeRequests.add(1) >= Int64(max) {
+                cluster.activeRequests.add(-1)
+                s.flag = .upstreamOverflow
+                answerStream(slot, h2, s, status: 503, headers: [("x-envoy-overloaded", "true")])
+                return
+            }
+            s.counted = true
+        }
+        // Istio's port protocols: HTTP2 and GRPC ports speak HTTP/2 upstream; HTTP ports HTTP/1.1.
+        guard cluster.config.protocol == .http2 || cluster.config.protocol == .grpc else {
+            s.flag = .upstreamProtocolError
+            answerStream(slot, h2, s, status: 502,
+                         body: "HTTP/2 requests to an HTTP/1.1 port are not translated yet; declare the port HTTP2 or GRPC")
+            return
+        }
+        var hash: UInt64 = 0
+        if case .consistentHash(let key, _) = cluster.config.loadBalancer {
+            hash = Self.hashKey(key, facts: facts, client: hconns[i].client)
+        }
+        guard let up = h2Upstream(wc, hash: hash) else {
+            s.flag = .noHealthyUpstream
+            answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
+            return
+        }
+        // The request as the upstream sees it: the client's fields minus connection-specific ones, plus the mesh's.
+        var out: [(name: String, value: String)] = []
+        out.reserveCapacity(fields.count + 3)
+        var forwarded = false, hasID = false
+        for (n, v) in fields {
+            switch n {
+            case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host": continue
+            case "te" where v != "trailers": continue
+            case ":authority":
+                out.append((n, route?.route.rewrite?.authority ?? v))
+            case ":path":
+                if let rewrite = route?.route.rewrite?.uri {
+                    var prefix: String?
+                    if let m = table.router.match(facts), let c = m.condition, case .prefix(let p)? = route?.route.match[c].uri {
+                        prefix = p
+                    }
+                    let rest = prefix.map { bare.hasPrefix($0) ? String(bare.dropFirst($0.count)) : "" } ?? ""
+                    out.append((n, rewrite + rest + path.dropFirst(bare.count)))
+                } else {
+                    out.append((n, v))
+                }
+            case "x-forwarded-for":
+                forwarded = true
+                out.append((n, v + ", " + hconns[i].client))
+            case "x-request-id":
+                hasID = true
+                out.append((n, v))
+            default:
+                out.append((n, v))
+            }
+        }
+        if !fields.contains(where: { $0.name == ":authority" }), !authority.isEmpty { out.append((":authority", authority)) }
+        if !forwarded { out.append(("x-forwarded-for", hconns[i].client)) }
+        out.append(("x-forwarded-proto", scheme))
+        if !hasID { out.append(("x-request-id", requestIDString())) }
+        if let ops = route?.route.headers?.request { applyH2(ops, to: &out) }
+        let usid = up.session.request(out, endStream: endStream)
+        guard usid > 0 else {
+            s.flag = .upstreamReset
+            answerStream(slot, h2, s, status: 503)
+            return
+        }
+        s.up = up
+        s.upStream = usid
+        up.streams[usid] = (slot, hconns[i].generation, sid)
+        flushH2Up(up)
+    }
+
+    private func applyH2(_ ops: HeaderOperations.Ops, to fields: inout [(name: String, value: String)]) {
+        var plain = fields.filter { !$0.name.hasPrefix(":") }.map { ($0.name, $0.value) }
+        HTTPResponses.apply(ops, to: &plain)
+        fields = fields.filter { $0.name.hasPrefix(":") } + plain.map { (name: $0.0, value: $0.1) }
+    }
+
+    func requestIDString() -> String {
+        let a = rng.next(), b = rng.next()
+        let hex = String(a, radix: 16) + String(b, radix: 16)
+        return String(repeating: "0", count: max(0, 32 - hex.count)) + hex
+    }
+
+    /// Answers a stream from the proxy (no upstream).
+    private func answerStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, status: Int,
+                              headers: [(String, String)] = [], body: String = "") {
+        s.status = status
+        s.answered = true
+        var fields: [(name: String, value: String)] = [(":status", String(status))]
+        for (n, v) in headers { fields.append((n, v)) }
+        if !body.isEmpty { fields.append(("content-type", "text/plain")) }
+        h2.session.respond(stream: s.id, fields, endStream: body.isEmpty)
+        if !body.isEmpty {
+            Array(body.utf8).withUnsafeBytes { h2.session.send(stream: s.id, $0) }
+            h2.session.finish(stream: s.id)
+        }
+    }
+
+    /// Counts a finished stream.
+    private func endStream(_ slot: UInt32, _ s: H2Stream) {
+        let m = requestMetrics.slots(registry, cluster: s.cluster?.runtime, code: s.status, flag: s.flag,
+                                     gateway: hconns[Int(slot)].table?.gateway)
+        shard.add(m.total)
+        shard.observe(m.duration, Double(loop.now &- s.start) / 1e6)
+        if s.counted { s.cluster?.runtime.activeRequests.add(-1) }
+    }
+
+    // MARK: - upstream connections
+
+    /// The worker's HTTP/2 connection to an endpoint of `wc` (one per endpoint, shared), connecting if needed.
+    private func h2Upstream(_ wc: WorkerCluster, hash: UInt64) -> H2Upstream? {
+        guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1) else { return nil }
+        if let existing = wc.h2[e], !existing.closing { return existing }
+        let addr = wc.runtime.addresses + e
+        let fd = Socket.stream(family: addr.pointee.family)
+        guard fd >= 0 else { return nil }
+        Socket.setNoDelay(fd)
+        wc.runtime.active.add(1)
+        let u = allocateUp()
+        let up = H2Upstream(slot: u, cluster: wc, endpoint: e)
+        ups[Int(u)].fd = fd
+        ups[Int(u)].phase = .connecting
+        ups[Int(u)].cluster = wc
+        ups[Int(u)].endpoint = Int32(e)
+        ups[Int(u)].h2 = up
+        ups[Int(u)].connectStart = loop.now
+        wc.h2[e] = up
+        let s = loop.uring.sqe()
+        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { q in
+            q.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
+        }
+        s.pointee.flags |= sl_iosqe_io_link()
+        trackUp(s, u, .uConnect)
+        let t = loop.uring.sqe()
+        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
+        trackUp(t, u, .uConnectTimeout)
+        return up
+    }
+
+    /// Completions on an HTTP/2 upstream connection.
+    func h2UpstreamEvent(_ u: UInt32, _ op: Op, result: Int32, buffer: Int32) {
+        let i = Int(u)
+        guard let up = ups[i].h2 else { return }
+        guard ups[i].phase != .closing else {
+            if buffer >= 0 { giveBack(UInt16(buffer)) }
+            return
+        }
+        switch op {
+        case .uConnect:
+            guard result == 0 else {
+                shard.add(up.cluster.runtime.metrics.connectFailures)
+                if up.cluster.outlier?.recordFailure(up.endpoint, now: loop.now) == true {
+                    shard.add(up.cluster.runtime.metrics.ejections)
+                }
+                failH2Upstream(up, flag: .upstreamConnectFailure)
+                return
+            }
+            ups[i].phase = .busy
+            up.connected = true
+            up.cluster.outlier?.recordSuccess(up.endpoint)
+            shard.add(up.cluster.runtime.metrics.opened)
+            receiveH2Up(u)
+            flushH2Up(up)
+        case .uSend:
+            up.sending = false
+            guard result >= 0 else { failH2Upstream(up, flag: .upstreamReset); return }
+            var seg = up.queue[0]
+            if result < seg.length {
+                seg.offset += result
+                seg.length -= result
+                up.queue[0] = seg
+            } else {
+                up.queue.removeFirst()
+                free(seg.owned)
+            }
+            flushH2Up(up)
+        case .uRecv:
+            guard buffer >= 0, result > 0 else {
+                if buffer >= 0 { giveBack(UInt16(buffer)) }
+                if result == -ENOBUFS {
+                    receiveH2Up(u)  // retried on the next completion; the pool refills as sends finish
+                    return
+                }
+                failH2Upstream(up, flag: .upstreamReset)
+                return
+            }
+            let ok = up.session.receive(UnsafeRawBufferPointer(start: buffers.pointer(UInt16(buffer)), count: Int(result)))
+            giveBack(UInt16(buffer))
+            handleUpstreamEvents(up)
+            if !ok {
+                failH2Upstream(up, flag: .upstreamProtocolError)
+                return
+            }
+            flushH2Up(up)
+            receiveH2Up(u)
+        default:
+            break
+        }
+    }
+
+    private func handleUpstreamEvents(_ up: H2Upstream) {
+        var touched: [UInt32] = []
+        for e in up.session.takeEvents() {
+            let sid: Int32
+            switch e {
+            case .headers(let s, _, _), .trailers(let s, _), .data(let s, _), .end(let s), .closed(let s, _),
+                 .drained(let s, _):
+                sid = s
+            case .goaway:
+                up.closing = true
+                if up.cluster.h2[up.endpoint] === up { up.cluster.h2[up.endpoint] = nil }
+                continue
+            }
+            guard let (slot, gen, dsid) = up.streams[sid], hconns[Int(slot)].generation == gen,
+                hconns[Int(slot)].phase == .open, let h2 = hconns[Int(slot)].h2, let s = h2.streams[dsid] else {
+                if case .data(let s, let b) = e { up.session.consume(stream: s, bytes: b.count) }
+                continue
+            }
+            if !touched.contains(slot) { touched.append(slot) }
+            switch e {
+            case .headers(_, let fields, let endStream):
+                // Interim (1xx) heads are not passed on.
+                let status = Int(fields.first { $0.name == ":status" }?.value ?? "") ?? 502
+                if status < 200 { continue }
+                s.status = status
+                s.answered = true
+                if status >= 500 {
+                    if up.cluster.outlier?.recordFailure(up.endpoint, now: loop.now) == true {
+                        shard.add(up.cluster.runtime.metrics.ejections)
+                    }
+                } else {
+                    up.cluster.outlier?.recordSuccess(up.endpoint)
+                }
+                var out = fields.filter { !["connection", "keep-alive", "transfer-encoding"].contains($0.name) }
+                if let ops = s.responseOps { applyH2(ops, to: &out) }
+                h2.session.respond(stream: dsid, out, endStream: endStream)
+            case .data(_, let bytes):
+                bytes.withUnsafeBytes { h2.session.send(stream: dsid, $0) }
+            case .trailers(_, let fields):
+                h2.session.finish(stream: dsid, trailers: fields)
+            case .end:
+                h2.session.finish(stream: dsid)
+            case .drained(_, let n):
+                h2.session.consume(stream: dsid, bytes: n)
+            case .closed(_, let error):
+                up.streams[sid] = nil
+                if error != 0 {
+                    if !s.answered {
+                        s.flag = .upstreamReset
+                        answerStream(slot, h2, s, status: 503, body: "upstream reset before headers")
+                    } else {
+                        s.flag = .upstreamReset
+                        h2.session.reset(stream: dsid, error: error)
+                    }
+                }
+            case .goaway:
+                break
+            }
+        }
+        for slot in touched { flushH2Down(slot) }
+    }
+
+    /// The upstream connection is gone: streams without a response get 503, the others are reset.
+    private func failH2Upstream(_ up: H2Upstream, flag: ResponseFlag) {
+        up.closing = true
+        if up.cluster.h2[up.endpoint] === up { up.cluster.h2[up.endpoint] = nil }
+        let streams = up.streams
+        up.streams = [:]
+        for (_, (slot, gen, dsid)) in streams {
+            guard hconns[Int(slot)].generation == gen, hconns[Int(slot)].phase == .open, let h2 = hconns[Int(slot)].h2,
+                let s = h2.streams[dsid] else { continue }
+            s.flag = flag
+            if s.answered {
+                h2.session.reset(stream: dsid)
+            } else {
+                answerStream(slot, h2, s, status: 503,
+                             body: "upstream connect error or disconnect/reset before headers")
+            }
+            flushH2Down(slot)
+        }
+        for seg in up.queue where seg.frees { free(seg.owned) }
+        up.queue.removeAll()
+        stopUp(up.slot)
+    }
+
+    private func receiveH2Up(_ u: UInt32) {
+        let s = loop.uring.sqe()
+        io_uring_prep_recv(s, ups[Int(u)].fd, nil, buffers.size, 0)
+        s.pointee.flags |= sl_iosqe_buffer_select()
+        s.pointee.buf_group = buffers.group
+        trackUp(s, u, .uRecv)
+    }
+
+    /// Sends what the upstream session has to say, one send at a time.
+    func flushH2Up(_ up: H2Upstream) {
+        let out = up.session.takeOutput()
+        if !out.isEmpty { up.queue.append(.copy(out)) }
+        guard up.connected, !up.sending, let seg = up.queue.first, ups[Int(up.slot)].phase == .busy else { return }
+        let s = loop.uring.sqe()
+        io_uring_prep_send(s, ups[Int(up.slot)].fd, seg.owned! + Int(seg.offset), Int(seg.length), Int32(MSG_NOSIGNAL))
+        trackUp(s, up.slot, .uSend)
+        up.sending = true
+    }
+
+    /// Sends what the client session has to say (through the connection's ordinary send queue).
+    func flushH2Down(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let h2 = hconns[i].h2 else { return }
+        let out = h2.session.takeOutput()
+        if !out.isEmpty { hconns[i].outQueue.append(.copy(out)) }
+        flushDown(slot)
+    }
+
+    private func receiveDownH2(_ slot: UInt32) {
+        let i = Int(slot)
+        guard hconns[i].phase == .open, !hconns[i].receiving, hconns[i].inBuffer < 0 else { return }
+        let s = loop.uring.sqe()
+        io_uring_prep_recv(s, hconns[i].fd, nil, buffers.size, 0)
+        s.pointee.flags |= sl_iosqe_buffer_select()
+        s.pointee.buf_group = buffers.group
+        trackDown(s, slot, .hRecv)
+        hconns[i].receiving = true
+    }
+
+    /// A client HTTP/2 connection closes: its streams' upstream halves are reset.
+    func teardownH2(_ slot: UInt32) {
+        guard let h2 = hconns[Int(slot)].h2 else { return }
+        for (_, s) in h2.streams {
+            if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {
+                up.streams[s.upStream] = nil
+                up.session.reset(stream: s.upStream)
+                flushH2Up(up)
+            }
+            if s.flag == .none && !s.answered { s.flag = .downstreamReset }
+            endStream(slot, s)
+        }
+        h2.streams.removeAll()
+    }
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""gRPC test fixture (Python grpcio, raw bytes, no generated code).
+
+  grpc_backend.py serve NAME[:PORT] ...   servers; prints "ports P1 ..." then "ready"
+      /test.Echo/Unary      returns NAME + ":" + request
+      /test.Echo/Fail       aborts with NOT_FOUND, details "missing"
+      /test.Echo/Stream     streams N messages (N = int(request)), each NAME + ":" + index
+  grpc_backend.py call TARGET METHOD PAYLOAD [key=value ...]
+      one call through TARGET (host:port); prints "OK <reply>" (streams: replies joined by ","),
+      or "ERR <CODE> <details>"
+"""
+import sys
+import time
+from concurrent import futures
+
+import grpc
+
+
+def serve(specs):
+    servers, ports = [], []
+    for spec in specs:
+        name, _, port = spec.partition(":")
+
+        def unary(request, context, name=name):
+            return name.encode() + b":" + request
+
+        def fail(request, context):
+            context.abort(grpc.StatusCode.NOT_FOUND, "missing")
+
+        def stream(request, context, name=name):
+            for i in range(int(request or b"0")):
+                yield f"{name}:{i}".encode()
+
+        handler = grpc.method_handlers_generic_handler("test.Echo", {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        })
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        server.add_generic_rpc_handlers((handler,))
+        ports.append(server.add_insecure_port(f"127.0.0.1:{port or 0}"))
+        server.start()
+        servers.append(server)
+    print("ports " + " ".join(map(str, ports)), flush=True)
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def call(target, method, payload, metadata):
+    with grpc.insecure_channel(target) as channel:
+        try:
+            if method.endswith("/Stream"):
+                replies = channel.unary_stream(method)(payload.encode(), metadata=metadata, timeout=10)
+                print("OK " + ",".join(r.decode() for r in replies))
+            else:
+                reply = channel.unary_unary(method)(payload.encode(), metadata=metadata, timeout=10)
+                print("OK " + reply.decode())
+        except grpc.RpcError as e:
+            print(f"ERR {e.code().name} {e.details()}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2:])
+    else:
+        md = [tuple(kv.split("=", 1)) for kv in sys.argv[5:]]
+        call(sys.argv[2], sys.argv[3], sys.argv[4], md)

@@ -1,0 +1,119 @@
+import Foundation
+import Glibc
+import SluiceProxy
+import XCTest
+
+/// HTTP/2 and gRPC through a gateway listener: Python grpcio clients and servers, h2load for many streams over
+/// few connections. The clients speak h2c with prior knowledge; the service port is declared GRPC.
+final class H2ProxyTests: XCTestCase {
+    var cleanups: [() -> Void] = []
+
+    override func setUp() { Harness.raiseFileLimit() }
+
+    override func tearDown() {
+        for c in cleanups.reversed() { c() }
+        cleanups = []
+    }
+
+    func grpcBackends(_ names: [String]) throws -> [UInt16] {
+        let (p, ports) = try Harness.backends(["serve"] + names, script: "grpc_backend.py")
+        cleanups.append { p.terminate(); p.waitUntilExit() }
+        return ports
+    }
+
+    func proxy(_ yaml: String) throws -> Harness.Proxy {
+        let p = try Harness.proxy(yaml, workers: 2)
+        cleanups.append { p.stop() }
+        return p
+    }
+
+    static func mesh(_ ports: [UInt16], routes: String) -> String {
+        HTTPProxyTests.mesh(ports.enumerated().map { ("g\($0.offset + 1)", $0.element) }, routes: routes)
+            .replacingOccurrences(of: "name: http, protocol: HTTP}]", with: "name: grpc, protocol: GRPC}]")
+            .replacingOccurrences(of: "ports: {http: ", with: "ports: {grpc: ")
+    }
+
+    /// One gRPC call through the proxy with Python's grpcio client.
+    func call(_ port: UInt16, _ method: String, _ payload: String, metadata: [String] = []) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", Harness.root.appendingPathComponent("Tests/Fixtures/grpc_backend.py").path, "call",
+                       "127.0.0.1:\(port)", method, payload] + metadata
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    func testGRPCUnaryStreamingStatusAndHeaderRoutingCrossTheProxy() throws {
+        let ports = try grpcBackends(["g1", "g2"])
+        let p = try proxy(Self.mesh(ports, routes: """
+            - match: [{headers: {x-canary: {exact: "yes"}}}]
+              route: [{destination: {host: app.test.svc.cluster.local, subset: g2}}]
+            - route: [{destination: {host: app.test.svc.cluster.local, subset: g1}}]
+            """))
+        XCTAssertEqual(try call(p.port, "/test.Echo/Unary", "hi"), "OK g1:hi")
+        XCTAssertEqual(try call(p.port, "/test.Echo/Unary", "hi", metadata: ["x-canary=yes"]), "OK g2:hi")
+        // The status travels in trailers (a trailers-only response here).
+        XCTAssertEqual(try call(p.port, "/test.Echo/Fail", "x"), "ERR NOT_FOUND missing")
+        let stream = try call(p.port, "/test.Echo/Stream", "2000")
+        XCTAssertTrue(stream.hasPrefix("OK g1:0,g1:1,"), String(stream.prefix(80)))
+        XCTAssertEqual(stream.split(separator: ",").count, 2000)
+        XCTAssertTrue(stream.hasSuffix("g1:1999"))
+        XCTAssertEqual(p.metric("istio_requests_total"), 4)
+    }
+
+    func testGRPCFaultAbortAnswersWithTheConfiguredStatus() throws {
+        let ports = try grpcBackends(["g1"])
+        let p = try proxy(Self.mesh(ports, routes: """
+            - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        XCTAssertTrue(try call(p.port, "/test.Echo/Unary", "hi").hasPrefix("ERR UNAVAILABLE"))
+    }
+
+    func testManyStreamsOverFewConnectionsAllSucceed() throws {
+        let ports = try grpcBackends(["g1", "g2"])
+        let p = try proxy(Self.mesh(ports, routes: """
+            - route:
+              - {destination: {host: app.test.svc.cluster.local, subset: g1}, weight: 50}
+              - {destination: {host: app.test.svc.cluster.local, subset: g2}, weight: 50}
+            """))
+        // h2load: 10 connections, 100 concurrent streams each. The servers answer the unknown method with
+        // HTTP 200 and grpc-status UNIMPLEMENTED in trailers, which is a complete HTTP/2 exchange.
+        // One empty gRPC message (flag 0, length 0) as each request's body.
+        let body = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-\(UUID().uuidString).bin")
+        try Data([0, 0, 0, 0, 0]).write(to: body)
+        defer { try? FileManager.default.removeItem(at: body) }
+        let h = Process()
+        h.executableURL = URL(fileURLWithPath: "/usr/bin/h2load")
+        h.arguments = ["-n", "5000", "-c", "10", "-m", "100", "-H", "content-type: application/grpc", "-H", "te: trailers",
+                       "-d", body.path, "http://127.0.0.1:\(p.port)/test.Echo/Nothing"]
+        let out = Pipe()
+        h.standardOutput = out
+        try h.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        h.waitUntilExit()
+        XCTAssertTrue(text.contains("5000 succeeded, 0 failed, 0 errored"), text)
+        XCTAssertTrue(text.contains("status codes: 5000 2xx"), text)
+        XCTAssertEqual(p.metric("istio_requests_total"), 5000)
+    }
+
+    func testHTTP2ClientToAnHTTP1PortGetsAClearError() throws {
+        let (backend, ports) = try Harness.backends(["v1:0"], script: "http_backend.py")
+        cleanups.append { backend.terminate(); backend.waitUntilExit() }
+        let p = try proxy(HTTPProxyTests.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let c = Process()
+        c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        c.arguments = ["-s", "--http2-prior-knowledge", "-w", "\n%{http_code}", "http://127.0.0.1:\(p.port)/"]
+        let out = Pipe()
+        c.standardOutput = out
+        try c.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        c.waitUntilExit()
+        XCTAssertTrue(text.hasSuffix("\n502"), text)
+        XCTAssertTrue(text.contains("declare the port HTTP2 or GRPC"), text)
+    }
+}
