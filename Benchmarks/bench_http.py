@@ -32,6 +32,9 @@ IDLE_CONNS = int(os.environ.get("BENCH_IDLE_CONNS", str(min(5000, (_NOFILE - 300
 
 P_V1, P_V2 = 26201, 26202
 P_HA, P_NGX, P_SL = 26301, 26401, 26501
+# HTTP/2 (h2c): nginx backends, haproxy in h2 mode, Sluice's HTTP2 gateway port.
+P_H2_V1, P_H2_V2, P_H2_HA, P_H2_SL = 26211, 26212, 26311, 26511
+H2_REQUESTS = int(os.environ.get("BENCH_H2_REQUESTS", "200000"))
 PREFIXES = [f"/api/r{i}" for i in range(9)]
 
 procs = []
@@ -70,7 +73,9 @@ def setup():
 events {{ worker_connections 65536; }}
 http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   server {{ listen 127.0.0.1:{P_V1} reuseport backlog=65535; location / {{ return 200 "v1 ok\\n"; }} }}
-  server {{ listen 127.0.0.1:{P_V2} reuseport backlog=65535; location / {{ return 200 "v2 ok\\n"; }} }} }}
+  server {{ listen 127.0.0.1:{P_V2} reuseport backlog=65535; location / {{ return 200 "v2 ok\\n"; }} }}
+  server {{ listen 127.0.0.1:{P_H2_V1} http2 backlog=65535; location / {{ return 200 "v1 ok\\n"; }} }}
+  server {{ listen 127.0.0.1:{P_H2_V2} http2 backlog=65535; location / {{ return 200 "v2 ok\\n"; }} }} }}
 """)
     start(["nginx", "-c", backends, "-p", tmp])
 
@@ -95,7 +100,14 @@ backend split
   balance random
   server v1 127.0.0.1:{P_V1} weight 90
   server v2 127.0.0.1:{P_V2} weight 10
-{bks}""")
+{bks}frontend web2
+  bind 127.0.0.1:{P_H2_HA} proto h2
+  default_backend split2
+backend split2
+  balance random
+  server v1 127.0.0.1:{P_H2_V1} weight 90 proto h2
+  server v2 127.0.0.1:{P_H2_V2} weight 10 proto h2
+""")
     start(["haproxy", "-f", ha])
 
     ngx = os.path.join(tmp, "nginx-proxy.conf")
@@ -127,6 +139,9 @@ spec:
   - port: {{number: {P_SL}, name: http, protocol: HTTP}}
     bind: 127.0.0.1
     hosts: ["*"]
+  - port: {{number: {P_H2_SL}, name: http2, protocol: HTTP2}}
+    bind: 127.0.0.1
+    hosts: ["*"]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -135,6 +150,10 @@ spec:
   hosts: ["*"]
   gateways: [web]
   http:
+  - match: [{{port: {P_H2_SL}}}]
+    route:
+    - {{destination: {{host: app2.bench.svc.cluster.local, subset: v1}}, weight: 90}}
+    - {{destination: {{host: app2.bench.svc.cluster.local, subset: v2}}, weight: 10}}
 {rules}  - route:
     - {{destination: {{host: app.bench.svc.cluster.local, subset: v1}}, weight: 90}}
     - {{destination: {{host: app.bench.svc.cluster.local, subset: v2}}, weight: 10}}
@@ -158,11 +177,31 @@ spec:
   subsets:
   - {{name: v1, labels: {{version: v1}}}}
   - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: app2, namespace: bench}}
+spec:
+  hosts: [app2.bench.svc.cluster.local]
+  resolution: STATIC
+  ports: [{{number: 80, name: http2, protocol: HTTP2}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http2: {P_H2_V1}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http2: {P_H2_V2}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: app2, namespace: bench}}
+spec:
+  host: app2.bench.svc.cluster.local
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
 """)
     agent = start([SLUICE, "agent", "--local-config", mesh, "--workers", "1", "--metrics", "127.0.0.1:26520",
                    "--readiness", "127.0.0.1:26521", "--admin", "127.0.0.1:26522", "--state-dir", tmp],
                   stderr=open(os.path.join(tmp, "agent.log"), "w"))
-    for p in [P_V1, P_V2, P_HA, P_NGX, P_SL]:
+    for p in [P_V1, P_V2, P_HA, P_NGX, P_SL, P_H2_V1, P_H2_V2, P_H2_HA, P_H2_SL]:
         wait_port(p)
     ha_pid = int(subprocess.check_output(["pgrep", "-n", "-f", f"haproxy -f {ha}"]).split()[0])
     return agent.pid, ha_pid
@@ -180,6 +219,17 @@ def wrk(port):
         print(f"  wrk on {port}: non-2xx {non2xx and non2xx.group(1)}, errors {errors and errors.group(1)}",
               file=sys.stderr)
     return rps, p99
+
+
+def h2load(port):
+    """h2c: 100 concurrent streams over 10 connections; returns requests/s (only if every request succeeded)."""
+    out = subprocess.check_output(["h2load", "-n", str(H2_REQUESTS), "-c", "10", "-m", "10",
+                                   f"http://127.0.0.1:{port}/app/item"], text=True)
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    ok = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    if not ok or int(ok.group(1)) != H2_REQUESTS:
+        print(f"  h2load on {port}: {ok and ok.group(0)}", file=sys.stderr)
+    return float(m.group(1))
 
 
 def idle_keepalive_rss(pid, port):
@@ -223,11 +273,20 @@ def main():
             raw[name]["rps"].append(rps)
             raw[name]["p99_ms"].append(p99)
             print(f"round {r + 1} {name:8s} {rps:9.0f} req/s  p99 {p99:.2f} ms", file=sys.stderr)
+    h2_targets = {"direct": P_H2_V1, "haproxy": P_H2_HA, "sluice": P_H2_SL}
+    h2raw = {n: [] for n in h2_targets}
+    for r in range(ROUNDS):
+        for name, port in h2_targets.items():
+            rps = h2load(port)
+            h2raw[name].append(rps)
+            print(f"round {r + 1} h2 {name:8s} {rps:9.0f} req/s", file=sys.stderr)
     counted = metrics_count()
     sl_conn = idle_keepalive_rss(agent_pid, P_SL)
     ha_conn = idle_keepalive_rss(ha_pid, P_HA)
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in raw.items()}
     json.dump({"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS, "raw": raw, "median": med,
+               "h2_raw": h2raw, "h2_median": {n: statistics.median(v) for n, v in h2raw.items()},
+               "h2_requests": H2_REQUESTS,
                "sluice_requests_counted": counted, "idle_conns": IDLE_CONNS,
                "idle_keepalive_kib_per_conn": {"sluice": sl_conn, "haproxy": ha_conn}}, sys.stdout, indent=2)
     print()
@@ -243,6 +302,10 @@ def print_table(h):
           f"{m['sluice']['rps']:,.0f} | {m['sluice']['rps'] / m['haproxy']['rps']:.2f}x | >= 1.2x |")
     print(f"| p99 latency, ms | {m['direct']['p99_ms']:.2f} | {m['haproxy']['p99_ms']:.2f} | {m['nginx']['p99_ms']:.2f} | "
           f"{m['sluice']['p99_ms']:.2f} | {m['sluice']['p99_ms'] / m['haproxy']['p99_ms']:.2f}x | <= 1.0x |")
+    h2 = h.get("h2_median")
+    if h2:
+        print(f"| h2c requests/s (h2load -c10 -m10, {h['h2_requests']:,} requests) | {h2['direct']:,.0f} | "
+              f"{h2['haproxy']:,.0f} | - | {h2['sluice']:,.0f} | {h2['sluice'] / h2['haproxy']:.2f}x | >= 1.2x |")
     k = h["idle_keepalive_kib_per_conn"]
     print(f"| RSS per idle keep-alive connection ({h['idle_conns']}), KiB | - | {k['haproxy']:.2f} | - | "
           f"{k['sluice']:.2f} | - | <= 4 KiB |")
