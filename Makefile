@@ -64,11 +64,22 @@ FUZZ_SECONDS ?= 120
 	  Sources/SluiceHTTP/HTTP1*.swift Sources/SluiceHTTP/BodyDecoder.swift Fuzz/HTTP1Fuzz.swift -o $@ 2>&1 \
 	  | grep -v "Cannot export local symbol" || true
 
-fuzz: .build/fuzz/http1
-	@rm -rf .build/fuzz/http1-work && mkdir -p .build/fuzz/http1-work
-	.build/fuzz/http1 -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=5 -rss_limit_mb=1024 -print_final_stats=1 \
-	  .build/fuzz/http1-work Fuzz/corpus/http1 2>&1 | grep -E "Done|ERROR|SUMMARY|stat::number_of_executed_units"; \
-	  test $${PIPESTATUS[0]} -eq 0
+# The HTTP/2 path: H2Session over libnghttp2, compiled against the C target's header through a module map.
+.build/fuzz/h2: Sources/SluiceHTTP/H2Session.swift Fuzz/H2Fuzz.swift Sources/CSluiceLinux/include/CSluiceLinux.h
+	@mkdir -p .build/fuzz/cmod
+	@printf 'module CSluiceLinux {\n  header "%s/Sources/CSluiceLinux/include/CSluiceLinux.h"\n  link "nghttp2"\n  export *\n}\n' \
+	  "$(CURDIR)" > .build/fuzz/cmod/module.modulemap
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name SluiceH2Fuzz -I .build/fuzz/cmod \
+	  Sources/SluiceHTTP/H2Session.swift Fuzz/H2Fuzz.swift -o $@ 2>&1 | grep -v "Cannot export local symbol" || true
+
+fuzz: .build/fuzz/http1 .build/fuzz/h2
+	@for t in http1 h2; do \
+	  rm -rf .build/fuzz/$$t-work && mkdir -p .build/fuzz/$$t-work; \
+	  echo "fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  .build/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=5 -rss_limit_mb=1024 -print_final_stats=1 \
+	    .build/fuzz/$$t-work Fuzz/corpus/$$t 2>&1 | grep -E "^Done|ERROR|SUMMARY|stat::number_of_executed_units"; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
 
 demo: build
 	@bash examples/demo.sh
