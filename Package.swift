@@ -44,7 +44,7 @@ let package = Package(
         .target(
             name: "SluiceAgent",
             dependencies: [
-                "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing", "SluiceBPF",
+                "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing", "SluiceBPF", "SluiceHTTP",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 BIN=.build/debug/sluice
 python3 Tests/Fixtures/backend.py tag:18081:backend-v1 tag:18082:backend-v2 &
 BACKENDS=$!
-trap 'kill $BACKENDS 2>/dev/null; kill $AGENT 2>/dev/null; wait 2>/dev/null' EXIT
+python3 Tests/Fixtures/http_backend.py v1:18091 v2:18092 </dev/null >/dev/null &
+HTTP_BACKENDS=$!
+trap 'kill $BACKENDS $HTTP_BACKENDS 2>/dev/null; kill $AGENT $L7 2>/dev/null; wait 2>/dev/null' EXIT
 sleep 0.5
 $BIN agent --local-config examples/l4 --metrics 127.0.0.1:15020 --readiness 127.0.0.1:15021 &
 AGENT=$!
@@ -22,6 +24,21 @@ done
 echo
 curl -s 127.0.0.1:15020/metrics | grep '^istio_tcp_connections_opened_total' | sed 's/{.*}/{...}/'
 
+# HTTP: a Gateway listener routes each request with a VirtualService (examples/l7/mesh.yaml).
+$BIN agent --local-config examples/l7 --metrics 127.0.0.1:15040 --readiness 127.0.0.1:15041 --admin 127.0.0.1:15042 \
+  --workers 1 2>/dev/null &
+L7=$!
+for _ in $(seq 50); do curl -sf 127.0.0.1:15041/healthz/ready >/dev/null && break; sleep 0.1; done
+echo
+echo "HTTP gateway on 127.0.0.1:18090 (examples/l7/mesh.yaml):"
+CFG=$(mktemp)
+for _ in $(seq 200); do printf 'url = "http://127.0.0.1:18090/item"\noutput = "/dev/null"\n'; done > "$CFG"
+echo "  canary 90/10 over 200 requests: $(curl -s -K "$CFG" -w '%header{x-backend}\n' | sort | uniq -c | xargs)"
+rm -f "$CFG"
+echo "  /flaky fails twice, retries hide it: $(curl -s 127.0.0.1:18090/flaky/demo-$$/2)"
+echo "  fault injection on /teapot: HTTP $(curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:18090/teapot)"
+curl -s 127.0.0.1:15040/metrics | grep -E '^istio_requests_total' | sed -E 's/\{.*destination_version="([^"]*)".*response_code="([^"]*)".*\}/{version=\1,code=\2}/; s/^/  /'
+
 # Kernel capture (root only): the same backends behind service addresses, dialled from a cgroup.
 if [ "$(id -u)" = 0 ]; then
   CG2=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
@@ -33,7 +50,7 @@ if [ "$(id -u)" = 0 ]; then
     --metrics 127.0.0.1:15030 --readiness 127.0.0.1:15031 --admin 127.0.0.1:15032 --outbound-port 15101 \
     --dns-port 15153 --dns-upstream 127.0.0.1:9 2>/dev/null &
   CAPTURE=$!
-  trap 'kill $BACKENDS $AGENT $CAPTURE 2>/dev/null; wait 2>/dev/null; $BIN agent --uninstall-bpf --pin-dir '$PIN' >/dev/null; rmdir '"$CG"' 2>/dev/null' EXIT
+  trap 'kill $BACKENDS $HTTP_BACKENDS $AGENT $L7 $CAPTURE 2>/dev/null; wait 2>/dev/null; $BIN agent --uninstall-bpf --pin-dir '$PIN' >/dev/null; rmdir '"$CG"' 2>/dev/null' EXIT
   for _ in $(seq 50); do curl -sf 127.0.0.1:15031/healthz/ready >/dev/null && break; sleep 0.1; done
   echo
   echo "Kernel capture: a process in cgroup $CG dials service addresses (examples/capture/mesh.yaml)."
@@ -43,8 +60,13 @@ for i in range(4):
     s = socket.create_connection(("127.96.0.10", 9000))
     print("  echo.demo (127.96.0.10:9000, balanced in the kernel) answered by", s.recv(64).decode().strip(),
           "- peer seen by the app:", "%s:%d" % s.getpeername())
-s = socket.create_connection(("127.96.0.11", 80))
-print("  web.demo (127.96.0.11:80, HTTP: captured to the agent) answered by", s.recv(64).decode().strip())
+import http.client
+for canary in ("no", "yes"):
+    c = http.client.HTTPConnection("127.96.0.11", 80, timeout=5)
+    c.request("GET", "/", headers={"Host": "web.demo.svc.cluster.local", "x-canary": canary})
+    r = c.getresponse()
+    print("  web.demo (127.96.0.11:80, HTTP: captured, routed by its VirtualService), x-canary: %s ->" % canary,
+          r.status, r.getheader("x-backend"))
 q = struct.pack(">HHHHHH", 7, 0x100, 1, 0, 0, 0) + b"".join(bytes([len(l)]) + l.encode() for l in "echo.demo.svc.cluster.local".split(".")) + b"\0\0\1\0\1"
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.settimeout(2)

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import SluiceBPF
+import SluiceHTTP
 import SluiceModel
 import SluiceProxy
 import SluiceRing
@@ -36,6 +37,13 @@ public final class Agent: @unchecked Sendable {
         public var dnsPort: UInt16 = 15053
         /// Where names that are not mesh hosts are resolved; nil: the first nameserver of /etc/resolv.conf.
         public var dnsUpstream: EndpointAddress?
+        /// Request head limits of HTTP listeners: bytes of a head and fields in it (431 beyond), bytes of a
+        /// request target (414 beyond).
+        public var maxRequestHeadBytes = 16 << 10
+        public var maxRequestHeaders = 100
+        public var maxURIBytes = 8 << 10
+        /// A request head must be complete this long after its first byte.
+        public var headerTimeout: Duration = .seconds(10)
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -225,8 +233,13 @@ public final class Agent: @unchecked Sendable {
         }
         let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, capture: capture)
         current.withLock { $0 = runtime }
+        var limits = HTTP1Limits()
+        limits.maxHeadBytes = options.maxRequestHeadBytes
+        limits.maxHeaderCount = options.maxRequestHeaders
+        limits.maxURIBytes = options.maxURIBytes
         let server = L4Server(options: .init(workers: options.workers, connectionLimit: options.connectionLimit,
-                                             bufferCount: options.bufferCount, bufferSize: options.bufferSize),
+                                             bufferCount: options.bufferCount, bufferSize: options.bufferSize,
+                                             httpLimits: limits, headerTimeout: options.headerTimeout),
                               registry: registry)
         do {
             try server.start(runtime)

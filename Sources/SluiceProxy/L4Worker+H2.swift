@@ -181,6 +181,15 @@ extension L4Worker {
                                                                  ("grpc-status", Self.grpcCode(g))])
                 return
             }
+            for limit in r.rateLimits where limit.applies(facts) {
+                if let retryAfter = takeToken(limit, facts: facts, client: hconns[i].client) {
+                    s.flag = .rateLimited
+                    answerStream(slot, h2, s, status: limit.local.status,
+                                 headers: [("retry-after", String(retryAfter)), ("x-ratelimit-remaining", "0")],
+                                 body: "local_rate_limited")
+                    return
+                }
+            }
             let pick = r.clusters.count == 1 ? 0 : r.pick(rng.next(below: r.totalWeight))
             cluster = r.clusters[pick]
         } else if let c = hconns[i].captured, !table.router.hasHost(authority) {

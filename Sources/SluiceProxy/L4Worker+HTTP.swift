@@ -340,7 +340,7 @@ extension L4Worker {
                 hconns[i].ex!.flag = .delayInjected
             }
             for limit in route.rateLimits where limit.applies(facts) {
-                if let retryAfter = takeToken(limit, facts: facts) {
+                if let retryAfter = takeToken(limit, facts: facts, client: hconns[i].client) {
                     hconns[i].ex!.route = route
                     respondLocally(slot, status: limit.local.status, flag: .rateLimited,
                                    headers: [("retry-after", String(retryAfter)),
@@ -471,12 +471,14 @@ extension L4Worker {
 
     /// Takes a token from this worker's share of `limit` for the request's key; nil when admitted, else the
     /// seconds until the bucket refills.
-    private func takeToken(_ limit: RateLimitRuntime, facts: HTTPRequestFacts) -> Int? {
+    func takeToken(_ limit: RateLimitRuntime, facts: HTTPRequestFacts, client: String) -> Int? {
         let value: String
         switch limit.local.key {
         case .none: value = ""
         case .header(let h): value = facts.headers[h] ?? ""
-        case .sourceIP, .sourcePrincipal: value = ""
+        case .sourceIP: value = client
+        // Identity arrives with mutual TLS (issue 6); until then every caller shares the plaintext bucket.
+        case .sourcePrincipal: value = ""
         }
         let key = RateLimitKey(id: limit.id, value: value)
         var bucket = rateBuckets[key] ?? TokenBucket.share(of: limit.local.tokenBucket, worker: index, workers: workerCount,

@@ -31,6 +31,14 @@ struct AgentCommand: ParsableCommand {
     var bufferSize: Int = 64 << 10
     @Option(name: .customLong("buffers"), help: "Receive buffers per worker, a power of two (data-plane tuning).")
     var buffers: Int = 256
+    @Option(name: .customLong("max-request-head-bytes"), help: "Largest HTTP/1.1 request head (431 beyond).")
+    var maxRequestHeadBytes: Int = 16 << 10
+    @Option(name: .customLong("max-request-headers"), help: "Most header fields in an HTTP/1.1 request (431 beyond).")
+    var maxRequestHeaders: Int = 100
+    @Option(name: .customLong("max-uri-bytes"), help: "Longest HTTP/1.1 request target (414 beyond).")
+    var maxURIBytes: Int = 8 << 10
+    @Option(name: .customLong("header-timeout"), help: "Time a client has to send a whole request head (slowloris).")
+    var headerTimeout: String = "10s"
     @Option(name: .customLong("log-level"), help: "trace, debug, info, warning, error.") var logLevel: String = "info"
     @Option(help: "The workloads' cgroup2 directory (absolute, or relative to the cgroup2 mount): capture and balance its connections with BPF.")
     var cgroup: String?
@@ -62,6 +70,16 @@ struct AgentCommand: ParsableCommand {
         if parseIstioDuration(drainTimeout) == nil { throw ValidationError("--drain-timeout '\(drainTimeout)' is not a duration like 5s") }
         if maxConnections < 1 { throw ValidationError("--max-connections must be positive") }
         if !(4096...(16 << 20)).contains(bufferSize) { throw ValidationError("--buffer-size must be 4096...16777216") }
+        if !(1024...(1 << 20)).contains(maxRequestHeadBytes) {
+            throw ValidationError("--max-request-head-bytes must be 1024...1048576")
+        }
+        if !(1...10_000).contains(maxRequestHeaders) { throw ValidationError("--max-request-headers must be 1...10000") }
+        if !(64...(1 << 20)).contains(maxURIBytes) || maxURIBytes >= maxRequestHeadBytes {
+            throw ValidationError("--max-uri-bytes must be 64...1048576 and below --max-request-head-bytes")
+        }
+        guard let t = parseIstioDuration(headerTimeout), t > .zero else {
+            throw ValidationError("--header-timeout must be a duration such as 10s or 500ms")
+        }
         if !(8...32768).contains(buffers) || buffers.nonzeroBitCount != 1 {
             throw ValidationError("--buffers must be a power of two between 8 and 32768")
         }
@@ -92,6 +110,10 @@ struct AgentCommand: ParsableCommand {
                                     connectionLimit: maxConnections, bufferCount: UInt16(buffers),
                                     bufferSize: bufferSize)
         options.cgroup = cgroup
+        options.maxRequestHeadBytes = maxRequestHeadBytes
+        options.maxRequestHeaders = maxRequestHeaders
+        options.maxURIBytes = maxURIBytes
+        options.headerTimeout = parseIstioDuration(headerTimeout)!
         options.bpfDirectory = bpfDir
         options.pinDirectory = pinDir
         options.captureExclusions = exclude
