@@ -76,12 +76,9 @@ extension L4Worker {
         hconns[i].inBuffer = -1
         giveBack(id)
         handleDownstreamEvents(slot, h2)
+        if !ok { hconns[i].closeAfterFlush = true }
         flushH2Down(slot)
-        if !ok {
-            hconns[i].closeAfterFlush = true
-            if hconns[i].outQueue.isEmpty { teardownHTTP(slot, reset: false) }
-            return
-        }
+        if !ok { return }
         receiveDownH2(slot)
     }
 
@@ -503,8 +500,14 @@ extension L4Worker {
 
     /// Sends what the upstream session has to say, one send at a time.
     func flushH2Up(_ up: H2Upstream) {
-        let out = up.session.takeOutput()
-        if !out.isEmpty { up.queue.append(.copy(out)) }
+        // Sending produces events too (bodies drained into DATA frames, streams closed): act on them until the
+        // session is quiet.
+        for _ in 0..<16 {
+            let out = up.session.takeOutput()
+            if !out.isEmpty { up.queue.append(.copy(out)) }
+            if up.session.events.isEmpty { break }
+            handleUpstreamEvents(up)
+        }
         guard up.connected, !up.sending, let seg = up.queue.first, ups[Int(up.slot)].phase == .busy else { return }
         let s = loop.uring.sqe()
         io_uring_prep_send(s, ups[Int(up.slot)].fd, seg.owned! + Int(seg.offset), Int(seg.length), Int32(MSG_NOSIGNAL))
@@ -516,9 +519,23 @@ extension L4Worker {
     func flushH2Down(_ slot: UInt32) {
         let i = Int(slot)
         guard let h2 = hconns[i].h2 else { return }
-        let out = h2.session.takeOutput()
-        if !out.isEmpty { hconns[i].outQueue.append(.copy(out)) }
+        for _ in 0..<16 {
+            let out = h2.session.takeOutput()
+            if !out.isEmpty { hconns[i].outQueue.append(.copy(out)) }
+            if h2.session.events.isEmpty || hconns[i].phase != .open { break }
+            handleDownstreamEvents(slot, h2)
+        }
         flushDown(slot)
+        closeH2IfDone(slot)
+    }
+
+    /// A draining (or failed) HTTP/2 connection closes once its streams are done and everything is sent.
+    func closeH2IfDone(_ slot: UInt32) {
+        let i = Int(slot)
+        guard hconns[i].phase == .open, hconns[i].closeAfterFlush, let h2 = hconns[i].h2 else { return }
+        if (h2.streams.isEmpty || h2.session.failed) && hconns[i].outQueue.isEmpty && !hconns[i].sending {
+            teardownHTTP(slot, reset: false)
+        }
     }
 
     private func receiveDownH2(_ slot: UInt32) {

@@ -1146,6 +1146,10 @@ extension L4Worker {
     private func finishIfSent(_ slot: UInt32) {
         let i = Int(slot)
         guard hconns[i].phase == .open, !hconns[i].sending, hconns[i].outQueue.isEmpty else { return }
+        if hconns[i].h2 != nil {
+            closeH2IfDone(slot)
+            return
+        }
         guard let ex = hconns[i].ex else {
             if hconns[i].closeAfterFlush { teardownHTTP(slot, reset: false) }
             return

@@ -101,6 +101,25 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertEqual(p.metric("istio_requests_total"), 5000)
     }
 
+    func testDrainLetsAStreamInFlightFinishAndClosesWithGoaway() throws {
+        let ports = try grpcBackends(["g1"])
+        let p = try proxy(Self.mesh(ports, routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let c = Process()
+        c.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        c.arguments = ["python3", Harness.root.appendingPathComponent("Tests/Fixtures/grpc_backend.py").path, "call",
+                       "127.0.0.1:\(p.port)", "/test.Echo/Stream", "30000"]
+        let out = Pipe()
+        c.standardOutput = out
+        try c.run()
+        Thread.sleep(forTimeInterval: 0.5)
+        p.server.drain(timeout: .seconds(20))
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        c.waitUntilExit()
+        XCTAssertTrue(text.hasPrefix("OK g1:0,"), String(text.prefix(100)))
+        XCTAssertEqual(text.split(separator: ",").count, 30_000, "the stream in flight finished during the drain")
+        XCTAssertTrue(p.server.wait(timeout: .seconds(10)), "the worker closed the drained HTTP/2 connection")
+    }
+
     func testHTTP2ClientToAnHTTP1PortGetsAClearError() throws {
         let (backend, ports) = try Harness.backends(["v1:0"], script: "http_backend.py")
         cleanups.append { backend.terminate(); backend.waitUntilExit() }
