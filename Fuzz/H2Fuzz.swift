@@ -21,8 +21,8 @@ public func fuzzH2(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         for e in session.takeEvents() {
             switch e {
             case .headers(let s, _, let endStream):
-                session.respond(stream: s, [(":status", "200"), ("x", "y")], endStream: false)
-                if endStream { session.finish(stream: s, trailers: [("grpc-status", "0")]) }
+                session.respond(stream: s, H2Fields([(":status", "200"), ("x", "y")]), endStream: false)
+                if endStream { session.finish(stream: s, trailers: H2Fields([("grpc-status", "0")])) }
             case .data(let s, let bytes):
                 bytes.withUnsafeBytes { session.send(stream: s, $0) }
                 session.consume(stream: s, bytes: bytes.count)

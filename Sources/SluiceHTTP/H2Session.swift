@@ -1,5 +1,72 @@
 import CSluiceLinux
 
+/// The fields of one HEADERS block in one byte buffer: no String per field on the request path. Names are
+/// lower-case (HTTP/2 requires it), pseudo-fields first.
+public struct H2Fields: Sendable {
+    public var bytes: [UInt8] = []
+    var spans: [(name: Range<Int32>, value: Range<Int32>)] = []
+
+    public init() {}
+
+    public init(_ pairs: [(String, String)]) {
+        for (n, v) in pairs { append(n, v) }
+    }
+
+    public var count: Int { spans.count }
+
+    public mutating func append(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) {
+        let n0 = Int32(bytes.count)
+        bytes.append(contentsOf: name)
+        let v0 = Int32(bytes.count)
+        bytes.append(contentsOf: value)
+        spans.append((n0..<v0, v0..<Int32(bytes.count)))
+    }
+
+    public mutating func append(_ name: String, _ value: String) {
+        var n = name, v = value
+        n.withUTF8 { nb in v.withUTF8 { vb in append(UnsafeRawBufferPointer(nb), UnsafeRawBufferPointer(vb)) } }
+    }
+
+    /// Copies field `i` of `other`.
+    public mutating func append(from other: H2Fields, _ i: Int) {
+        let (n, v) = other.spans[i]
+        other.bytes.withUnsafeBytes { b in
+            append(UnsafeRawBufferPointer(rebasing: b[Int(n.lowerBound)..<Int(n.upperBound)]),
+                   UnsafeRawBufferPointer(rebasing: b[Int(v.lowerBound)..<Int(v.upperBound)]))
+        }
+    }
+
+    public func name(_ i: Int) -> String {
+        String(decoding: bytes[Int(spans[i].name.lowerBound)..<Int(spans[i].name.upperBound)], as: UTF8.self)
+    }
+
+    public func value(_ i: Int) -> String {
+        String(decoding: bytes[Int(spans[i].value.lowerBound)..<Int(spans[i].value.upperBound)], as: UTF8.self)
+    }
+
+    /// Whether field `i`'s name is `lower`.
+    public func nameIs(_ i: Int, _ lower: StaticString) -> Bool {
+        let r = spans[i].name
+        guard r.count == lower.utf8CodeUnitCount else { return false }
+        let p = lower.utf8Start
+        var k = 0
+        for j in Int(r.lowerBound)..<Int(r.upperBound) {
+            if bytes[j] != p[k] { return false }
+            k += 1
+        }
+        return true
+    }
+
+    /// The value of the first field named `lower`.
+    public func first(_ lower: StaticString) -> String? {
+        for i in 0..<count where nameIs(i, lower) { return value(i) }
+        return nil
+    }
+
+    /// Every field as strings (tests, slow paths).
+    public var pairs: [(name: String, value: String)] { (0..<count).map { (name($0), value($0)) } }
+}
+
 /// One HTTP/2 connection's protocol state, server or client side, on libnghttp2 (frames, HPACK, stream states,
 /// flow control). No I/O: the owner feeds received bytes with ``receive(_:)``, takes the bytes to send with
 /// ``takeOutput()``, and acts on ``events``.
@@ -10,9 +77,9 @@ import CSluiceLinux
 public final class H2Session {
     public enum Event {
         /// A request (server) or response (client) head; `endStream` when no body follows.
-        case headers(stream: Int32, fields: [(name: String, value: String)], endStream: Bool)
+        case headers(stream: Int32, fields: H2Fields, endStream: Bool)
         /// Trailing fields (gRPC's `grpc-status`); the stream's end.
-        case trailers(stream: Int32, fields: [(name: String, value: String)])
+        case trailers(stream: Int32, fields: H2Fields)
         case data(stream: Int32, bytes: [UInt8])
         /// The peer ended its side of the stream (after headers or data).
         case end(stream: Int32)
@@ -31,14 +98,14 @@ public final class H2Session {
         var buffer: [UInt8] = []
         var offset = 0
         var ended = false
-        var trailers: [(name: String, value: String)]?
+        var trailers: H2Fields?
         var deferred = false
     }
 
     public private(set) var events: [Event] = []
     let session: OpaquePointer
     public let isServer: Bool
-    var pendingHeaders: [Int32: [(name: String, value: String)]] = [:]
+    var pendingHeaders: [Int32: H2Fields] = [:]
     var outgoing: [Int32: Outgoing] = [:]
     /// Set when nghttp2 reports a fatal error: the connection must close.
     public private(set) var failed = false
@@ -50,14 +117,13 @@ public final class H2Session {
         nghttp2_session_callbacks_new(&callbacks)
         nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, { _, frame, user in
             let me = Unmanaged<H2Session>.fromOpaque(user!).takeUnretainedValue()
-            me.pendingHeaders[frame!.pointee.hd.stream_id] = []
+            me.pendingHeaders[frame!.pointee.hd.stream_id] = H2Fields()
             return 0
         })
         nghttp2_session_callbacks_set_on_header_callback(callbacks, { _, frame, name, nameLength, value, valueLength, _, user in
             let me = Unmanaged<H2Session>.fromOpaque(user!).takeUnretainedValue()
-            let n = String(decoding: UnsafeBufferPointer(start: name, count: nameLength), as: UTF8.self)
-            let v = String(decoding: UnsafeBufferPointer(start: value, count: valueLength), as: UTF8.self)
-            me.pendingHeaders[frame!.pointee.hd.stream_id, default: []].append((n, v))
+            me.pendingHeaders[frame!.pointee.hd.stream_id, default: H2Fields()]
+                .append(UnsafeRawBufferPointer(start: name, count: nameLength), UnsafeRawBufferPointer(start: value, count: valueLength))
             return 0
         })
         nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, { _, frame, user in
@@ -103,7 +169,7 @@ public final class H2Session {
         let endStream = frame.pointee.hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
         switch Int(frame.pointee.hd.type) {
         case Int(NGHTTP2_HEADERS.rawValue):
-            let fields = pendingHeaders.removeValue(forKey: stream) ?? []
+            let fields = pendingHeaders.removeValue(forKey: stream) ?? H2Fields()
             if frame.pointee.headers.cat == NGHTTP2_HCAT_HEADERS && endStream {
                 events.append(.trailers(stream: stream, fields: fields))
             } else if frame.pointee.headers.cat != NGHTTP2_HCAT_HEADERS {
@@ -159,7 +225,7 @@ public final class H2Session {
 
     /// Sends a request (client) and returns its stream id, or -1 when the session refuses (e.g. stream ids run
     /// out). `endStream`: no body.
-    public func request(_ fields: [(name: String, value: String)], endStream: Bool) -> Int32 {
+    public func request(_ fields: H2Fields, endStream: Bool) -> Int32 {
         let id = withHeaders(fields) { nva, count in
             if endStream {
                 return nghttp2_submit_request(session, nil, nva, count, nil, nil)
@@ -172,7 +238,7 @@ public final class H2Session {
     }
 
     /// Sends a response head (server). `endStream`: no body.
-    public func respond(stream: Int32, _ fields: [(name: String, value: String)], endStream: Bool) {
+    public func respond(stream: Int32, _ fields: H2Fields, endStream: Bool) {
         _ = withHeaders(fields) { nva, count in
             if endStream { return nghttp2_submit_response(session, stream, nva, count, nil) }
             outgoing[stream] = Outgoing()
@@ -189,7 +255,7 @@ public final class H2Session {
     }
 
     /// Ends this side's body, with trailers if any (trailers given earlier are kept).
-    public func finish(stream: Int32, trailers: [(name: String, value: String)]? = nil) {
+    public func finish(stream: Int32, trailers: H2Fields? = nil) {
         guard outgoing[stream] != nil else { return }
         outgoing[stream]!.ended = true
         if let trailers { outgoing[stream]!.trailers = trailers }
@@ -218,25 +284,17 @@ public final class H2Session {
         }
     }
 
-    private func withHeaders(_ fields: [(name: String, value: String)],
-                             _ body: (UnsafePointer<nghttp2_nv>, Int) -> Int32) -> Int32 {
-        // nghttp2 copies the pairs during the submit call, so they only live for its duration.
-        var storage: [[UInt8]] = []
-        storage.reserveCapacity(fields.count * 2)
-        for (n, v) in fields {
-            storage.append(Array(n.utf8))
-            storage.append(Array(v.utf8))
-        }
-        var nva: [nghttp2_nv] = []
-        nva.reserveCapacity(fields.count)
-        return withExtendedLifetime(storage) {
-            for k in 0..<fields.count {
-                let name = storage[2 * k].withUnsafeBufferPointer { UnsafeMutablePointer(mutating: $0.baseAddress) }
-                let value = storage[2 * k + 1].withUnsafeBufferPointer { UnsafeMutablePointer(mutating: $0.baseAddress) }
-                nva.append(nghttp2_nv(name: name ?? Self.empty, value: value ?? Self.empty, namelen: storage[2 * k].count,
-                                      valuelen: storage[2 * k + 1].count, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue)))
+    private func withHeaders(_ fields: H2Fields, _ body: (UnsafePointer<nghttp2_nv>, Int) -> Int32) -> Int32 {
+        // nghttp2 copies the pairs during the submit call, so pointers into the block only live for its duration.
+        fields.bytes.withUnsafeBufferPointer { b in
+            let base = UnsafeMutablePointer(mutating: b.baseAddress) ?? Self.empty
+            return withUnsafeTemporaryAllocation(of: nghttp2_nv.self, capacity: max(1, fields.count)) { nva in
+                for (k, (n, v)) in fields.spans.enumerated() {
+                    nva[k] = nghttp2_nv(name: base + Int(n.lowerBound), value: base + Int(v.lowerBound), namelen: n.count,
+                                        valuelen: v.count, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue))
+                }
+                return body(nva.baseAddress!, fields.count)
             }
-            return nva.withUnsafeBufferPointer { body($0.baseAddress!, $0.count) }
         }
     }
 

@@ -83,6 +83,10 @@ extension L4Worker {
     }
 
     private func handleDownstreamEvents(_ slot: UInt32, _ h2: H2Downstream) {
+        // Upstream sessions written to are flushed once, after all events: their frames leave in one send.
+        defer {
+            while let up = h2Dirty.popLast() { flushH2Up(up) }
+        }
         for e in h2.session.takeEvents() {
             guard hconns[Int(slot)].phase == .open else { return }
             switch e {
@@ -94,29 +98,29 @@ extension L4Worker {
                     continue
                 }
                 bytes.withUnsafeBytes { up.session.send(stream: s.upStream, $0) }
-                flushH2Up(up)
+                touchH2(up)
             case .end(let sid):
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.finish(stream: s.upStream)
-                    flushH2Up(up)
+                    touchH2(up)
                 }
             case .trailers(let sid, _):
                 // Request trailers are rare (gRPC sends none); the body simply ends.
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.finish(stream: s.upStream)
-                    flushH2Up(up)
+                    touchH2(up)
                 }
             case .drained(let sid, let n):
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.consume(stream: s.upStream, bytes: n)
-                    flushH2Up(up)
+                    touchH2(up)
                 }
             case .closed(let sid, let error):
                 guard let s = h2.streams.removeValue(forKey: sid) else { continue }
                 if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {
                     up.streams[s.upStream] = nil
                     if error != 0 || !s.answered { up.session.reset(stream: s.upStream) }
-                    flushH2Up(up)
+                    touchH2(up)
                 }
                 if error != 0 && s.flag == .none { s.flag = .downstreamReset }
                 endStream(slot, s)
@@ -127,24 +131,22 @@ extension L4Worker {
     }
 
     /// A request head on stream `sid`: route it and open the upstream stream (or answer it here).
-    private func beginStream(_ slot: UInt32, _ h2: H2Downstream, _ sid: Int32, _ fields: [(name: String, value: String)],
+    private func beginStream(_ slot: UInt32, _ h2: H2Downstream, _ sid: Int32, _ fields: H2Fields,
                              endStream: Bool) {
         let i = Int(slot)
         let s = H2Stream(id: sid, start: loop.now)
         h2.streams[sid] = s
+        let table = hconns[i].table!
         var method = "", path = "/", authority = "", scheme = "http"
         var headers: [String: String] = [:]
-        for (n, v) in fields {
-            switch n {
-            case ":method": method = v
-            case ":path": path = v
-            case ":authority": authority = v
-            case ":scheme": scheme = v
-            default: headers[n] = v
-            }
+        for k in 0..<fields.count {
+            if fields.nameIs(k, ":method") { method = fields.value(k) }
+            else if fields.nameIs(k, ":path") { path = fields.value(k) }
+            else if fields.nameIs(k, ":authority") { authority = fields.value(k) }
+            else if fields.nameIs(k, ":scheme") { scheme = fields.value(k) }
+            else if table.needsHeaders || (authority.isEmpty && fields.nameIs(k, "host")) { headers[fields.name(k)] = fields.value(k) }
         }
         if authority.isEmpty { authority = headers["host"] ?? "" }
-        let table = hconns[i].table!
         var query: [String: String] = [:]
         var bare = path
         if table.router.needsQuery { (bare, query) = HTTPRequestFacts.split(target: path) } else if let q = path.firstIndex(of: "?") {
@@ -229,40 +231,40 @@ extension L4Worker {
             return
         }
         // The request as the upstream sees it: the client's fields minus connection-specific ones, plus the mesh's.
-        var out: [(name: String, value: String)] = []
-        out.reserveCapacity(fields.count + 3)
-        var forwarded = false, hasID = false
-        for (n, v) in fields {
-            switch n {
-            case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host": continue
-            case "te" where v != "trailers": continue
-            case ":authority":
-                out.append((n, route?.route.rewrite?.authority ?? v))
-            case ":path":
-                if let rewrite = route?.route.rewrite?.uri {
-                    var prefix: String?
-                    if let m = table.router.match(facts), let c = m.condition, case .prefix(let p)? = route?.route.match[c].uri {
-                        prefix = p
-                    }
-                    let rest = prefix.map { bare.hasPrefix($0) ? String(bare.dropFirst($0.count)) : "" } ?? ""
-                    out.append((n, rewrite + rest + path.dropFirst(bare.count)))
-                } else {
-                    out.append((n, v))
-                }
-            case "x-forwarded-for":
-                forwarded = true
-                out.append((n, v + ", " + hconns[i].client))
-            case "x-request-id":
-                hasID = true
-                out.append((n, v))
-            default:
-                out.append((n, v))
+        var out = H2Fields()
+        out.bytes.reserveCapacity(fields.bytes.count + 96)
+        var forwarded = false, hasID = false, hasAuthority = false
+        let rewrite = route?.route.rewrite
+        for k in 0..<fields.count {
+            if fields.nameIs(k, "connection") || fields.nameIs(k, "keep-alive") || fields.nameIs(k, "proxy-connection")
+                || fields.nameIs(k, "transfer-encoding") || fields.nameIs(k, "upgrade") || fields.nameIs(k, "host")
+                || (fields.nameIs(k, "te") && fields.value(k) != "trailers") {
+                continue
             }
+            if fields.nameIs(k, ":authority") {
+                hasAuthority = true
+                if let a = rewrite?.authority { out.append(":authority", a); continue }
+            } else if fields.nameIs(k, ":path"), let uri = rewrite?.uri {
+                var prefix: String?
+                if let m = table.router.match(facts), let c = m.condition, case .prefix(let p)? = route?.route.match[c].uri {
+                    prefix = p
+                }
+                let rest = prefix.map { bare.hasPrefix($0) ? String(bare.dropFirst($0.count)) : "" } ?? ""
+                out.append(":path", uri + rest + path.dropFirst(bare.count))
+                continue
+            } else if fields.nameIs(k, "x-forwarded-for") {
+                forwarded = true
+                out.append("x-forwarded-for", fields.value(k) + ", " + hconns[i].client)
+                continue
+            } else if fields.nameIs(k, "x-request-id") {
+                hasID = true
+            }
+            out.append(from: fields, k)
         }
-        if !fields.contains(where: { $0.name == ":authority" }), !authority.isEmpty { out.append((":authority", authority)) }
-        if !forwarded { out.append(("x-forwarded-for", hconns[i].client)) }
-        out.append(("x-forwarded-proto", scheme))
-        if !hasID { out.append(("x-request-id", requestIDString())) }
+        if !hasAuthority && !authority.isEmpty { out.append(":authority", rewrite?.authority ?? authority) }
+        if !forwarded { out.append("x-forwarded-for", hconns[i].client) }
+        out.append("x-forwarded-proto", scheme)
+        if !hasID { out.append("x-request-id", requestIDString()) }
         if let ops = route?.route.headers?.request { applyH2(ops, to: &out) }
         let usid = up.session.request(out, endStream: endStream)
         guard usid > 0 else {
@@ -273,13 +275,14 @@ extension L4Worker {
         s.up = up
         s.upStream = usid
         up.streams[usid] = (slot, hconns[i].generation, sid)
-        flushH2Up(up)
+        touchH2(up)
     }
 
-    private func applyH2(_ ops: HeaderOperations.Ops, to fields: inout [(name: String, value: String)]) {
-        var plain = fields.filter { !$0.name.hasPrefix(":") }.map { ($0.name, $0.value) }
+    private func applyH2(_ ops: HeaderOperations.Ops, to fields: inout H2Fields) {
+        let all = fields.pairs
+        var plain = all.filter { !$0.name.hasPrefix(":") }.map { ($0.name, $0.value) }
         HTTPResponses.apply(ops, to: &plain)
-        fields = fields.filter { $0.name.hasPrefix(":") } + plain.map { (name: $0.0, value: $0.1) }
+        fields = H2Fields(all.filter { $0.name.hasPrefix(":") }.map { ($0.name, $0.value) } + plain)
     }
 
     func requestIDString() -> String {
@@ -293,9 +296,10 @@ extension L4Worker {
                               headers: [(String, String)] = [], body: String = "") {
         s.status = status
         s.answered = true
-        var fields: [(name: String, value: String)] = [(":status", String(status))]
-        for (n, v) in headers { fields.append((n, v)) }
-        if !body.isEmpty { fields.append(("content-type", "text/plain")) }
+        var fields = H2Fields()
+        fields.append(":status", String(status))
+        for (n, v) in headers { fields.append(n, v) }
+        if !body.isEmpty { fields.append("content-type", "text/plain") }
         h2.session.respond(stream: s.id, fields, endStream: body.isEmpty)
         if !body.isEmpty {
             Array(body.utf8).withUnsafeBytes { h2.session.send(stream: s.id, $0) }
@@ -427,7 +431,7 @@ extension L4Worker {
             switch e {
             case .headers(_, let fields, let endStream):
                 // Interim (1xx) heads are not passed on.
-                let status = Int(fields.first { $0.name == ":status" }?.value ?? "") ?? 502
+                let status = Int(fields.first(":status") ?? "") ?? 502
                 if status < 200 { continue }
                 s.status = status
                 s.answered = true
@@ -438,7 +442,13 @@ extension L4Worker {
                 } else {
                     up.cluster.outlier?.recordSuccess(up.endpoint)
                 }
-                var out = fields.filter { !["connection", "keep-alive", "transfer-encoding"].contains($0.name) }
+                var out = fields
+                if (0..<fields.count).contains(where: {
+                    fields.nameIs($0, "connection") || fields.nameIs($0, "keep-alive") || fields.nameIs($0, "transfer-encoding")
+                }) {
+                    out = H2Fields(fields.pairs.filter { !["connection", "keep-alive", "transfer-encoding"].contains($0.name) }
+                        .map { ($0.name, $0.value) })
+                }
                 if let ops = s.responseOps { applyH2(ops, to: &out) }
                 h2.session.respond(stream: dsid, out, endStream: endStream)
             case .data(_, let bytes):
@@ -504,7 +514,7 @@ extension L4Worker {
         // session is quiet.
         for _ in 0..<16 {
             let out = up.session.takeOutput()
-            if !out.isEmpty { up.queue.append(.copy(out)) }
+            if !out.isEmpty { Self.appendOwned(&up.queue, out, firstInFlight: up.sending) }
             if up.session.events.isEmpty { break }
             handleUpstreamEvents(up)
         }
@@ -521,12 +531,31 @@ extension L4Worker {
         guard let h2 = hconns[i].h2 else { return }
         for _ in 0..<16 {
             let out = h2.session.takeOutput()
-            if !out.isEmpty { hconns[i].outQueue.append(.copy(out)) }
+            if !out.isEmpty { Self.appendOwned(&hconns[i].outQueue, out, firstInFlight: hconns[i].sending) }
             if h2.session.events.isEmpty || hconns[i].phase != .open { break }
             handleDownstreamEvents(slot, h2)
         }
         flushDown(slot)
         closeH2IfDone(slot)
+    }
+
+    /// Marks an upstream session for one flush at the end of the current batch of events.
+    func touchH2(_ up: H2Upstream) {
+        if !h2Dirty.contains(where: { $0 === up }) { h2Dirty.append(up) }
+    }
+
+    /// Adds bytes to a send queue, growing its last owned segment when that one is not being sent: frames
+    /// produced in a burst leave in one send.
+    static func appendOwned(_ queue: inout [Segment], _ bytes: [UInt8], firstInFlight: Bool) {
+        if var last = queue.last, last.buffer < 0, last.frees, last.offset == 0, !(queue.count == 1 && firstInFlight) {
+            let grown = realloc(last.owned, Int(last.length) + bytes.count)!
+            bytes.withUnsafeBytes { _ = memcpy(grown + Int(last.length), $0.baseAddress!, bytes.count) }
+            last.owned = grown
+            last.length += Int32(bytes.count)
+            queue[queue.count - 1] = last
+            return
+        }
+        queue.append(.copy(bytes))
     }
 
     /// A draining (or failed) HTTP/2 connection closes once its streams are done and everything is sent.

@@ -133,6 +133,8 @@ public final class L4Worker: RingHandler {
     let timerSpec = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
     var rateBuckets: [RateLimitKey: TokenBucket] = [:]
     var requestMetrics = RequestMetrics()
+    /// HTTP/2 upstream sessions with frames to flush after the current batch of events.
+    var h2Dirty: [H2Upstream] = []
     /// Finished exchanges kept for reuse.
     var exchangePool: [Exchange] = []
     /// Workers sharing the listeners (rate limits are split among them).

@@ -19,26 +19,26 @@ final class H2SessionTests: XCTestCase {
 
     func testRequestWithBodyAndResponseWithTrailersCrossIntact() {
         let client = H2Session(server: false), server = H2Session(server: true)
-        let id = client.request([(":method", "POST"), (":scheme", "http"), (":authority", "svc"), (":path", "/pkg.Svc/Call"),
-                                 ("content-type", "application/grpc")], endStream: false)
+        let id = client.request(H2Fields([(":method", "POST"), (":scheme", "http"), (":authority", "svc"),
+                                          (":path", "/pkg.Svc/Call"), ("content-type", "application/grpc")]), endStream: false)
         XCTAssertEqual(id, 1)
         Array("hello".utf8).withUnsafeBytes { client.send(stream: id, $0) }
         client.finish(stream: id)
         var (_, se) = pump(client, server)
         guard case .headers(let sid, let fields, false)? = se.first else { return XCTFail("\(se)") }
-        XCTAssertEqual(fields.first { $0.name == ":path" }?.value, "/pkg.Svc/Call")
+        XCTAssertEqual(fields.first(":path"), "/pkg.Svc/Call")
         let body = se.compactMap { if case .data(_, let b) = $0 { b } else { nil } }.flatMap { $0 }
         XCTAssertEqual(String(decoding: body, as: UTF8.self), "hello")
         XCTAssertTrue(se.contains { if case .end(sid) = $0 { true } else { false } })
         server.consume(stream: sid, bytes: body.count)
-        server.respond(stream: sid, [(":status", "200"), ("content-type", "application/grpc")], endStream: false)
+        server.respond(stream: sid, H2Fields([(":status", "200"), ("content-type", "application/grpc")]), endStream: false)
         Array("world".utf8).withUnsafeBytes { server.send(stream: sid, $0) }
-        server.finish(stream: sid, trailers: [("grpc-status", "0")])
+        server.finish(stream: sid, trailers: H2Fields([("grpc-status", "0")]))
         let (ce, se2) = pump(client, server)
         se = se2
-        XCTAssertTrue(ce.contains { if case .headers(1, let f, false) = $0 { f.contains { $0 == (":status", "200") } } else { false } })
+        XCTAssertTrue(ce.contains { if case .headers(1, let f, false) = $0 { f.first(":status") == "200" } else { false } })
         XCTAssertEqual(ce.compactMap { if case .data(_, let b) = $0 { String(decoding: b, as: UTF8.self) } else { nil } }, ["world"])
-        XCTAssertTrue(ce.contains { if case .trailers(1, let f) = $0 { f.contains { $0 == ("grpc-status", "0") } } else { false } })
+        XCTAssertTrue(ce.contains { if case .trailers(1, let f) = $0 { f.first("grpc-status") == "0" } else { false } })
         XCTAssertTrue(ce.contains { if case .closed(1, 0) = $0 { true } else { false } })
         XCTAssertTrue(se.contains { if case .drained(sid, 5) = $0 { true } else { false } })
     }
@@ -52,7 +52,8 @@ final class H2SessionTests: XCTestCase {
 
     func testResetStreamReachesThePeer() {
         let client = H2Session(server: false), server = H2Session(server: true)
-        let id = client.request([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/")], endStream: true)
+        let id = client.request(H2Fields([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/")]),
+                                endStream: true)
         _ = pump(client, server)
         server.reset(stream: id)
         let (ce, _) = pump(client, server)
