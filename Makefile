@@ -6,7 +6,7 @@ DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev lib
                 procps nghttp2-client python3-pip
 # PyPI packages the tests use (real gRPC clients and servers).
 PY_PACKAGES := grpcio
-BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables
+BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables nghttp2-client linux-perf
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 

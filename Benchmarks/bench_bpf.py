@@ -94,7 +94,7 @@ kind: WorkloadEntry
 metadata: {name: client, namespace: bench, annotations: {sluice.dev/node: bench-node}}
 spec: {address: 127.0.0.2, labels: {app: client}}
 """)
-        # `proxied`: protocol HTTP, so the programs send it to the agent, which forwards it (L4 for now).
+        # `proxied`: outlier detection needs the agent, so the programs send it there; it forwards at L4.
         f.write(f"""---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -104,8 +104,15 @@ spec:
   addresses: [127.96.20.3]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{{number: 5201, name: http, protocol: HTTP}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {P_IPERF}}}}}]
+  ports: [{{number: 5201, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {P_IPERF}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: proxied, namespace: bench}}
+spec:
+  host: proxied.bench.svc.cluster.local
+  trafficPolicy: {{outlierDetection: {{consecutiveGatewayErrors: 5}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: Gateway

@@ -256,6 +256,26 @@ def idle_keepalive_rss(pid, port):
     return (after - before) / IDLE_CONNS
 
 
+def mallocs_per_request(pid, port):
+    """libc malloc calls per request in the agent under wrk (a perf uprobe; root with perf only), else None."""
+    if os.geteuid() != 0 or subprocess.run(["which", "perf"], capture_output=True).returncode != 0:
+        return None
+    libc = next((p for p in ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6"] if os.path.exists(p)), None)
+    if libc is None:
+        return None
+    subprocess.run(["perf", "probe", "-q", "-x", libc, "malloc"], capture_output=True)
+    load = subprocess.Popen(["wrk", "-t1", f"-c{CONNS}", "-d6s", f"http://127.0.0.1:{port}/app/item"],
+                            stdout=subprocess.DEVNULL)
+    time.sleep(1.5)
+    before = metrics_count()
+    out = subprocess.run(["perf", "stat", "-x,", "-e", "probe_libc:malloc", "-p", str(pid), "--", "sleep", "3"],
+                         capture_output=True, text=True).stderr
+    after = metrics_count()
+    load.wait()
+    m = re.search(r"^(\d+),", out, re.M)
+    return int(m.group(1)) / max(1, after - before) if m else None
+
+
 def metrics_count():
     out = subprocess.run(["curl", "-s", "http://127.0.0.1:26520/metrics"], capture_output=True, text=True).stdout
     return sum(float(l.split()[-1]) for l in out.splitlines() if l.startswith("istio_requests_total{"))
@@ -281,13 +301,14 @@ def main():
             h2raw[name].append(rps)
             print(f"round {r + 1} h2 {name:8s} {rps:9.0f} req/s", file=sys.stderr)
     counted = metrics_count()
+    mallocs = mallocs_per_request(agent_pid, P_SL)
     sl_conn = idle_keepalive_rss(agent_pid, P_SL)
     ha_conn = idle_keepalive_rss(ha_pid, P_HA)
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in raw.items()}
     json.dump({"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS, "raw": raw, "median": med,
                "h2_raw": h2raw, "h2_median": {n: statistics.median(v) for n, v in h2raw.items()},
                "h2_requests": H2_REQUESTS,
-               "sluice_requests_counted": counted, "idle_conns": IDLE_CONNS,
+               "sluice_requests_counted": counted, "idle_conns": IDLE_CONNS, "mallocs_per_request": mallocs,
                "idle_keepalive_kib_per_conn": {"sluice": sl_conn, "haproxy": ha_conn}}, sys.stdout, indent=2)
     print()
 
@@ -309,6 +330,9 @@ def print_table(h):
     k = h["idle_keepalive_kib_per_conn"]
     print(f"| RSS per idle keep-alive connection ({h['idle_conns']}), KiB | - | {k['haproxy']:.2f} | - | "
           f"{k['sluice']:.2f} | - | <= 4 KiB |")
+    if h.get("mallocs_per_request") is not None:
+        print(f"| libc malloc calls per request, steady-state HTTP/1.1 (perf uprobe) | - | - | - | "
+              f"{h['mallocs_per_request']:.1f} | - | 0, or each explained |")
     print(f"\nistio_requests_total counted {h['sluice_requests_counted']:,.0f} requests during the run.")
 
 
