@@ -262,6 +262,12 @@ public final class H2Session {
         resume(stream)
     }
 
+    /// Body bytes queued on `stream` and not yet framed.
+    public func queuedBytes(stream: Int32) -> Int {
+        guard let o = outgoing[stream] else { return 0 }
+        return o.buffer.count - o.offset
+    }
+
     public func reset(stream: Int32, error: UInt32 = UInt32(NGHTTP2_CANCEL.rawValue)) {
         nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, error)
     }

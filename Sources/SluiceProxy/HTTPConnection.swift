@@ -217,4 +217,8 @@ struct UpConn {
     var shadowSent = 0
     /// An HTTP/2 connection shared by many streams.
     var h2: H2Upstream?
+    /// An HTTP/2 client stream's HTTP/1.1 request on this connection.
+    var leg: H1Leg?
+    /// Memory a cancelled send may still read: freed with the connection.
+    var retained: UnsafeMutableRawPointer?
 }

@@ -23,6 +23,8 @@ final class H2Stream {
     var counted = false
     /// The route's response header operations.
     var responseOps: HeaderOperations.Ops?
+    /// Set when the upstream speaks HTTP/1.1: the translated request.
+    var leg: H1Leg?
     init(id: Int32, start: UInt64) {
         self.id = id
         self.start = start
@@ -93,6 +95,10 @@ extension L4Worker {
             case .headers(let sid, let fields, let endStream):
                 beginStream(slot, h2, sid, fields, endStream: endStream)
             case .data(let sid, let bytes):
+                if let leg = h2.streams[sid]?.leg {
+                    legBody(leg, bytes)
+                    continue
+                }
                 guard let s = h2.streams[sid], let up = s.up, s.upStream > 0 else {
                     h2.session.consume(stream: sid, bytes: bytes.count)
                     continue
@@ -100,23 +106,27 @@ extension L4Worker {
                 bytes.withUnsafeBytes { up.session.send(stream: s.upStream, $0) }
                 touchH2(up)
             case .end(let sid):
+                if let leg = h2.streams[sid]?.leg { legEnd(leg) }
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.finish(stream: s.upStream)
                     touchH2(up)
                 }
             case .trailers(let sid, _):
+                if let leg = h2.streams[sid]?.leg { legEnd(leg) }
                 // Request trailers are rare (gRPC sends none); the body simply ends.
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.finish(stream: s.upStream)
                     touchH2(up)
                 }
             case .drained(let sid, let n):
+                if let leg = h2.streams[sid]?.leg { legDrained(leg, h2) }
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.consume(stream: s.upStream, bytes: n)
                     touchH2(up)
                 }
             case .closed(let sid, let error):
                 guard let s = h2.streams.removeValue(forKey: sid) else { continue }
+                if let leg = s.leg, !leg.responseDone || !leg.requestEnded { endLeg(leg, reusable: false) }
                 if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {
                     up.streams[s.upStream] = nil
                     if error != 0 || !s.answered { up.session.reset(stream: s.upStream) }
@@ -214,21 +224,9 @@ extension L4Worker {
             }
             s.counted = true
         }
-        // Istio's port protocols: HTTP2 and GRPC ports speak HTTP/2 upstream; HTTP ports HTTP/1.1.
-        guard cluster.config.protocol == .http2 || cluster.config.protocol == .grpc else {
-            s.flag = .upstreamProtocolError
-            answerStream(slot, h2, s, status: 502,
-                         body: "HTTP/2 requests to an HTTP/1.1 port are not translated yet; declare the port HTTP2 or GRPC")
-            return
-        }
         var hash: UInt64 = 0
         if case .consistentHash(let key, _) = cluster.config.loadBalancer {
             hash = Self.hashKey(key, facts: facts, client: hconns[i].client)
-        }
-        guard let up = h2Upstream(wc, hash: hash) else {
-            s.flag = .noHealthyUpstream
-            answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
-            return
         }
         // The request as the upstream sees it: the client's fields minus connection-specific ones, plus the mesh's.
         var out = H2Fields()
@@ -266,6 +264,19 @@ extension L4Worker {
         out.append("x-forwarded-proto", scheme)
         if !hasID { out.append("x-request-id", requestIDString()) }
         if let ops = route?.route.headers?.request { applyH2(ops, to: &out) }
+        // Istio's port protocols: HTTP2 and GRPC ports speak HTTP/2 upstream; HTTP ports HTTP/1.1 (translated).
+        guard cluster.config.protocol == .http2 || cluster.config.protocol == .grpc else {
+            if !startLeg(slot, h2, s, wc, out, endStream: endStream, hash: hash) {
+                s.flag = .noHealthyUpstream
+                answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
+            }
+            return
+        }
+        guard let up = h2Upstream(wc, hash: hash) else {
+            s.flag = .noHealthyUpstream
+            answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
+            return
+        }
         let usid = up.session.request(out, endStream: endStream)
         guard usid > 0 else {
             s.flag = .upstreamReset
@@ -278,7 +289,7 @@ extension L4Worker {
         touchH2(up)
     }
 
-    private func applyH2(_ ops: HeaderOperations.Ops, to fields: inout H2Fields) {
+    func applyH2(_ ops: HeaderOperations.Ops, to fields: inout H2Fields) {
         let all = fields.pairs
         var plain = all.filter { !$0.name.hasPrefix(":") }.map { ($0.name, $0.value) }
         HTTPResponses.apply(ops, to: &plain)
@@ -582,6 +593,7 @@ extension L4Worker {
     func teardownH2(_ slot: UInt32) {
         guard let h2 = hconns[Int(slot)].h2 else { return }
         for (_, s) in h2.streams {
+            if let leg = s.leg { endLeg(leg, reusable: false) }
             if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {
                 up.streams[s.upStream] = nil
                 up.session.reset(stream: s.upStream)

@@ -99,6 +99,11 @@ extension L4Worker {
                 return
             }
             ups[u].pending -= 1
+            if ups[u].leg != nil {
+                legEvent(ud.slot, op, result: result, buffer: buffer)
+                if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
+                return
+            }
             if ups[u].h2 != nil {
                 h2UpstreamEvent(ud.slot, op, result: result, buffer: buffer)
                 if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
@@ -1076,6 +1081,7 @@ extension L4Worker {
     func freeUp(_ u: UInt32) {
         let i = Int(u)
         if let p = ups[i].shadow { free(p - ups[i].shadowSent) }
+        if let p = ups[i].retained { free(p) }
         if ups[i].fd >= 0 { close(ups[i].fd) }
         let gen = (ups[i].generation + 1) & 0xFF_FFFF
         ups[i] = UpConn()

@@ -124,6 +124,8 @@ def handler_for(name):
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The default listen backlog of 5 drops SYNs when a proxy opens tens of pooled connections at once.
+    request_queue_size = 1024
 
 
 def main(specs):

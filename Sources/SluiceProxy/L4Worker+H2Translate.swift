@@ -1,0 +1,349 @@
+import CSluiceLinux
+import Glibc
+import SluiceHTTP
+import SluiceModel
+import SluiceRing
+
+/// An HTTP/2 client stream sent to an HTTP/1.1 upstream (a port declared `HTTP`): the request head and body are
+/// written as HTTP/1.1 on a pooled keep-alive connection, the response read back and sent as HTTP/2 frames.
+final class H1Leg {
+    let slot: UInt32
+    let generation: UInt32
+    let stream: Int32
+    let cluster: WorkerCluster
+    var endpoint = -1
+    var up: UInt32 = 0
+    /// The request head, kept so a request without body can be sent again on a fresh connection when a pooled one
+    /// turns out closed.
+    let head: [UInt8]
+    let hasBody: Bool
+    /// Body sent with chunked framing (the client gave no content-length).
+    let chunked: Bool
+    /// Bytes waiting to be sent, and the copy being sent.
+    var pending: [UInt8] = []
+    var inflight: UnsafeMutableRawPointer?
+    var inflightLength = 0
+    var inflightOffset = 0
+    /// Body bytes of the client's stream not yet acknowledged to it (acknowledged once sent upstream).
+    var unacknowledged = 0
+    var bodyInFlight = 0
+    var requestEnded = false
+    var response = HTTP1ResponseReader()
+    var responseDone = false
+    var reused = false
+    var gotBytes = false
+    var receiving = false
+    /// The client's stream holds this much response body not yet framed: reading the upstream waits.
+    var paused = false
+    /// The response body ends when the upstream closes.
+    var untilClose = false
+    /// The upstream may carry another request after this response.
+    var keepAlive = true
+
+    init(slot: UInt32, generation: UInt32, stream: Int32, cluster: WorkerCluster, head: [UInt8], hasBody: Bool,
+         chunked: Bool) {
+        self.slot = slot
+        self.generation = generation
+        self.stream = stream
+        self.cluster = cluster
+        self.head = head
+        self.hasBody = hasBody
+        self.chunked = chunked
+    }
+}
+
+extension L4Worker {
+    /// Response body queued on a client stream beyond which the upstream is not read until it drains.
+    static let legPauseBytes = 256 << 10
+
+    /// Starts forwarding stream `s` (already routed to `wc`) as HTTP/1.1. `fields` is the request as the upstream
+    /// should see it (pseudo-fields included).
+    func startLeg(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, _ wc: WorkerCluster, _ fields: H2Fields,
+                  endStream: Bool, hash: UInt64) -> Bool {
+        var method = "GET", path = "/", authority = ""
+        var lines = ""
+        var hasLength = false
+        for k in 0..<fields.count {
+            if fields.nameIs(k, ":method") { method = fields.value(k); continue }
+            if fields.nameIs(k, ":path") { path = fields.value(k); continue }
+            if fields.nameIs(k, ":authority") { authority = fields.value(k); continue }
+            if fields.nameIs(k, ":scheme") || fields.nameIs(k, "te") { continue }
+            if fields.nameIs(k, "content-length") { hasLength = true }
+            lines += fields.name(k) + ": " + fields.value(k) + "\r\n"
+        }
+        let chunked = !endStream && !hasLength
+        var head = "\(method) \(path) HTTP/1.1\r\nhost: \(authority)\r\n" + lines
+        if chunked { head += "transfer-encoding: chunked\r\n" }
+        head += "\r\n"
+        let leg = H1Leg(slot: slot, generation: hconns[Int(slot)].generation, stream: s.id, cluster: wc,
+                        head: Array(head.utf8), hasBody: !endStream, chunked: chunked)
+        leg.response = HTTP1ResponseReader(limits: httpLimits)
+        leg.response.answeringHEAD = method == "HEAD"
+        leg.requestEnded = endStream
+        leg.pending = leg.head
+        s.leg = leg
+        return connectLeg(leg, hash: hash, fresh: false)
+    }
+
+    /// Gives the leg a connection: a pooled idle one for its endpoint, or a new connect.
+    private func connectLeg(_ leg: H1Leg, hash: UInt64, fresh: Bool) -> Bool {
+        let wc = leg.cluster
+        guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1) else { return false }
+        leg.endpoint = e
+        if !fresh {
+            while let u = wc.idle[e].popLast() {
+                guard ups[Int(u)].phase == .idle else { continue }
+                ups[Int(u)].phase = .busy
+                ups[Int(u)].leg = leg
+                leg.up = u
+                leg.reused = true
+                wc.active[e] += 1
+                flushLeg(leg)
+                receiveLeg(leg)
+                return true
+            }
+        }
+        let addr = wc.runtime.addresses + e
+        let fd = Socket.stream(family: addr.pointee.family)
+        guard fd >= 0 else { return false }
+        Socket.setNoDelay(fd)
+        wc.runtime.active.add(1)
+        let u = allocateUp()
+        ups[Int(u)].fd = fd
+        ups[Int(u)].phase = .connecting
+        ups[Int(u)].cluster = wc
+        ups[Int(u)].endpoint = Int32(e)
+        ups[Int(u)].leg = leg
+        ups[Int(u)].connectStart = loop.now
+        leg.up = u
+        leg.reused = false
+        let s = loop.uring.sqe()
+        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { q in
+            q.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
+        }
+        s.pointee.flags |= sl_iosqe_io_link()
+        trackUp(s, u, .uConnect)
+        let t = loop.uring.sqe()
+        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
+        trackUp(t, u, .uConnectTimeout)
+        return true
+    }
+
+    /// Request body from the client's stream.
+    func legBody(_ leg: H1Leg, _ bytes: [UInt8]) {
+        guard !bytes.isEmpty else { return }
+        if leg.chunked { leg.pending += Array((String(bytes.count, radix: 16) + "\r\n").utf8) }
+        leg.pending += bytes
+        if leg.chunked { leg.pending += [0x0D, 0x0A] }
+        leg.unacknowledged += bytes.count
+        flushLeg(leg)
+    }
+
+    func legEnd(_ leg: H1Leg) {
+        guard !leg.requestEnded else { return }
+        leg.requestEnded = true
+        if leg.chunked { leg.pending += Array("0\r\n\r\n".utf8) }
+        flushLeg(leg)
+    }
+
+    private func flushLeg(_ leg: H1Leg) {
+        guard leg.inflight == nil, !leg.pending.isEmpty, ups[Int(leg.up)].phase == .busy, ups[Int(leg.up)].leg === leg
+        else { return }
+        let p = malloc(leg.pending.count)!
+        leg.pending.withUnsafeBytes { _ = memcpy(p, $0.baseAddress!, leg.pending.count) }
+        leg.inflight = p
+        leg.inflightLength = leg.pending.count
+        leg.inflightOffset = 0
+        leg.bodyInFlight = leg.unacknowledged
+        leg.pending.removeAll(keepingCapacity: true)
+        sendLeg(leg)
+    }
+
+    private func sendLeg(_ leg: H1Leg) {
+        let s = loop.uring.sqe()
+        io_uring_prep_send(s, ups[Int(leg.up)].fd, leg.inflight! + leg.inflightOffset, leg.inflightLength - leg.inflightOffset,
+                           Int32(MSG_NOSIGNAL))
+        trackUp(s, leg.up, .uSend)
+    }
+
+    private func receiveLeg(_ leg: H1Leg) {
+        guard !leg.receiving, !leg.responseDone, !leg.paused, ups[Int(leg.up)].phase == .busy else { return }
+        let s = loop.uring.sqe()
+        io_uring_prep_recv(s, ups[Int(leg.up)].fd, nil, buffers.size, 0)
+        s.pointee.flags |= sl_iosqe_buffer_select()
+        s.pointee.buf_group = buffers.group
+        trackUp(s, leg.up, .uRecv)
+        leg.receiving = true
+    }
+
+    /// Completions on a leg's connection.
+    func legEvent(_ u: UInt32, _ op: Op, result: Int32, buffer: Int32) {
+        guard let leg = ups[Int(u)].leg, ups[Int(u)].phase != .closing else {
+            if buffer >= 0 { giveBack(UInt16(buffer)) }
+            return
+        }
+        // The client's connection or stream may be gone: then the leg only winds down.
+        let i = Int(leg.slot)
+        let h2 = hconns[i].generation == leg.generation && hconns[i].phase == .open ? hconns[i].h2 : nil
+        let s = h2?.streams[leg.stream]
+        switch op {
+        case .uConnect:
+            guard result == 0 else {
+                shard.add(leg.cluster.runtime.metrics.connectFailures)
+                if leg.cluster.outlier?.recordFailure(leg.endpoint, now: loop.now) == true {
+                    shard.add(leg.cluster.runtime.metrics.ejections)
+                }
+                endLeg(leg, reusable: false)
+                if let h2, let s { failLegStream(leg.slot, h2, s, flag: .upstreamConnectFailure) }
+                return
+            }
+            ups[Int(u)].phase = .busy
+            leg.cluster.active[leg.endpoint] += 1
+            shard.add(leg.cluster.runtime.metrics.opened)
+            flushLeg(leg)
+            receiveLeg(leg)
+        case .uSend:
+            guard result > 0 else {
+                endLeg(leg, reusable: false)
+                if let h2, let s { failLegStream(leg.slot, h2, s, flag: .upstreamReset) }
+                return
+            }
+            leg.inflightOffset += Int(result)
+            if leg.inflightOffset < leg.inflightLength {
+                sendLeg(leg)
+                return
+            }
+            free(leg.inflight)
+            leg.inflight = nil
+            if let h2, leg.bodyInFlight > 0 {
+                h2.session.consume(stream: leg.stream, bytes: leg.bodyInFlight)
+                leg.unacknowledged -= leg.bodyInFlight
+                leg.bodyInFlight = 0
+                flushH2Down(leg.slot)
+            }
+            flushLeg(leg)
+        case .uRecv:
+            leg.receiving = false
+            guard buffer >= 0, result > 0 else {
+                if buffer >= 0 { giveBack(UInt16(buffer)) }
+                let stale = leg.reused && !leg.gotBytes && !leg.hasBody
+                endLeg(leg, reusable: false)
+                guard let h2, let s else { return }
+                if stale {
+                    // A pooled connection the upstream had closed: send the request again on a fresh one.
+                    leg.pending = leg.head
+                    leg.responseDone = false
+                    if !connectLeg(leg, hash: 0, fresh: true) { failLegStream(leg.slot, h2, s, flag: .upstreamReset) }
+                } else if s.answered && leg.untilClose {
+                    leg.responseDone = true
+                    h2.session.finish(stream: leg.stream)
+                    flushH2Down(leg.slot)
+                } else {
+                    failLegStream(leg.slot, h2, s, flag: .upstreamReset)
+                }
+                return
+            }
+            leg.gotBytes = true
+            let id = UInt16(buffer)
+            guard let h2, let s else {
+                giveBack(id)
+                endLeg(leg, reusable: false)
+                return
+            }
+            let bytes = UnsafeRawBufferPointer(start: buffers.pointer(id), count: Int(result))
+            var events: [HTTP1ResponseReader.Event] = []
+            let used = leg.response.feed(bytes) { events.append($0) }
+            for e in events {
+                switch e {
+                case .head(let h, let headBytes):
+                    if h.status < 200 {
+                        leg.response.next()
+                        continue
+                    }
+                    s.status = h.status
+                    s.answered = true
+                    var fields = H2Fields()
+                    fields.append(":status", String(h.status))
+                    headBytes.withUnsafeBytes { b in
+                        for (n, v) in h.headers {
+                            let name = String(decoding: UnsafeRawBufferPointer(rebasing: b[n]), as: UTF8.self).lowercased()
+                            if ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"].contains(name) {
+                                continue
+                            }
+                            fields.append(name, String(decoding: UnsafeRawBufferPointer(rebasing: b[v]), as: UTF8.self))
+                        }
+                    }
+                    if let ops = s.responseOps { applyH2(ops, to: &fields) }
+                    leg.keepAlive = h.keepAlive
+                    leg.untilClose = h.framing == .untilClose
+                    h2.session.respond(stream: leg.stream, fields, endStream: h.framing == .none)
+                case .body(let r):
+                    h2.session.send(stream: leg.stream, UnsafeRawBufferPointer(rebasing: bytes[r]))
+                case .end:
+                    leg.responseDone = true
+                case .error:
+                    giveBack(id)
+                    endLeg(leg, reusable: false)
+                    failLegStream(leg.slot, h2, s, flag: .upstreamProtocolError)
+                    return
+                }
+            }
+            let extra = used < bytes.count
+            giveBack(id)
+            if leg.responseDone {
+                if !s.answered { break }
+                h2.session.finish(stream: leg.stream)
+                endLeg(leg, reusable: !extra && leg.requestEnded && leg.keepAlive)
+                flushH2Down(leg.slot)
+                return
+            }
+            flushH2Down(leg.slot)
+            leg.paused = h2.session.queuedBytes(stream: leg.stream) > Self.legPauseBytes
+            receiveLeg(leg)
+        default:
+            break
+        }
+    }
+
+    /// The client drained some of the stream's response: read the upstream again if it was paused.
+    func legDrained(_ leg: H1Leg, _ h2: H2Downstream) {
+        guard leg.paused, h2.session.queuedBytes(stream: leg.stream) <= Self.legPauseBytes / 2 else { return }
+        leg.paused = false
+        receiveLeg(leg)
+    }
+
+    /// Detaches the leg from its connection: back to the pool, or closed.
+    func endLeg(_ leg: H1Leg, reusable: Bool) {
+        let u = leg.up
+        guard ups[Int(u)].leg === leg else { return }
+        if let p = leg.inflight {
+            // A send may still read it: freed with the connection, once its operations are done.
+            ups[Int(u)].retained = p
+            leg.inflight = nil
+        }
+        ups[Int(u)].leg = nil
+        if ups[Int(u)].phase == .busy { leg.cluster.active[leg.endpoint] -= 1 }
+        if reusable && ups[Int(u)].phase == .busy && !leg.receiving && !draining {
+            ups[Int(u)].phase = .idle
+            ups[Int(u)].requests += 1
+            ups[Int(u)].idleSince = loop.now
+            leg.cluster.idle[leg.endpoint].append(u)
+        } else {
+            stopUp(u)
+        }
+    }
+
+    private func failLegStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, flag: ResponseFlag) {
+        s.flag = flag
+        if s.answered {
+            h2.session.reset(stream: s.id)
+        } else {
+            s.answered = true
+            s.status = 503
+            var fields = H2Fields()
+            fields.append(":status", "503")
+            h2.session.respond(stream: s.id, fields, endStream: true)
+        }
+        flushH2Down(slot)
+    }
+}
