@@ -25,6 +25,8 @@ final class H2Stream {
     var responseOps: HeaderOperations.Ops?
     /// Set when the upstream speaks HTTP/1.1: the translated request.
     var leg: H1Leg?
+    /// The route's request timeout, as a monotonic deadline (0: none).
+    var deadline: UInt64 = 0
     init(id: Int32, start: UInt64) {
         self.id = id
         self.start = start
@@ -215,6 +217,10 @@ extension L4Worker {
         }
         s.cluster = wc
         s.responseOps = route?.route.headers?.response
+        if let t = route?.timeoutNanos, t > 0 {
+            s.deadline = loop.now &+ t
+            scheduleStream(slot, stream: sid, at: s.deadline)
+        }
         if let max = cluster.config.httpPool?.http2MaxRequests {
             if cluster.activeRequests.add(1) >= Int64(max) {
                 cluster.activeRequests.add(-1)
@@ -316,6 +322,26 @@ extension L4Worker {
             Array(body.utf8).withUnsafeBytes { h2.session.send(stream: s.id, $0) }
             h2.session.finish(stream: s.id)
         }
+    }
+
+    /// A stream's request timeout fired: 504 if nothing was answered yet, else a reset; the upstream half is
+    /// cancelled either way.
+    func h2StreamTimedOut(_ slot: UInt32, stream low: Int32, deadline: UInt64) {
+        guard let h2 = hconns[Int(slot)].h2,
+            let s = h2.streams.values.first(where: { $0.deadline == deadline && $0.id & 0xFF_FFFF == low }) else { return }
+        s.flag = .upstreamRequestTimeout
+        if let leg = s.leg { endLeg(leg, reusable: false) }
+        if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {
+            up.streams[s.upStream] = nil
+            up.session.reset(stream: s.upStream)
+            flushH2Up(up)
+        }
+        if s.answered {
+            h2.session.reset(stream: s.id)
+        } else {
+            answerStream(slot, h2, s, status: 504, body: "upstream request timeout")
+        }
+        flushH2Down(slot)
     }
 
     /// Counts a finished stream.

@@ -20,7 +20,9 @@ extension L4Worker {
     /// pool is kept shorter so upstreams that close idle connections sooner are rarely met on a stale one).
     static let upstreamIdleNanos: UInt64 = 60_000_000_000
 
-    enum TimerKind: UInt64 { case request = 0, perTry = 1, wake = 2 }
+    /// `h2Stream`: an HTTP/2 stream's request timeout; its tag carries the stream id where others carry the
+    /// connection's generation (checked against the stream's own deadline when it fires).
+    enum TimerKind: UInt64 { case request = 0, perTry = 1, wake = 2, h2Stream = 3 }
 
     // MARK: - accept
 
@@ -1207,6 +1209,12 @@ extension L4Worker {
 
     // MARK: - timers
 
+    /// An HTTP/2 stream's request deadline.
+    func scheduleStream(_ slot: UInt32, stream: Int32, at deadline: UInt64) {
+        let tag = UInt64(slot) | (UInt64(UInt32(stream)) & 0xFF_FFFF) << 32 | TimerKind.h2Stream.rawValue << 56
+        timers.schedule(at: deadline, tag: tag)
+    }
+
     private func schedule(_ slot: UInt32, _ kind: TimerKind, at deadline: UInt64) {
         let tag = UInt64(slot) | UInt64(hconns[Int(slot)].generation) << 32 | kind.rawValue << 56
         timers.schedule(at: deadline, tag: tag)
@@ -1226,6 +1234,10 @@ extension L4Worker {
             let slot = UInt32(truncatingIfNeeded: t.tag)
             let gen = UInt32(truncatingIfNeeded: t.tag >> 32) & 0xFF_FFFF
             let i = Int(slot)
+            if TimerKind(rawValue: t.tag >> 56) == .h2Stream {
+                if i < hconns.count, hconns[i].phase == .open { h2StreamTimedOut(slot, stream: Int32(gen), deadline: t.deadline) }
+                continue
+            }
             guard i < hconns.count, hconns[i].generation == gen, hconns[i].phase == .open, let ex = hconns[i].ex else { continue }
             switch TimerKind(rawValue: t.tag >> 56) {
             case .request where ex.deadline == t.deadline && !ex.responseDone:

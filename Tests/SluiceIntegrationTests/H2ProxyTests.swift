@@ -74,6 +74,27 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertTrue(try call(p.port, "/test.Echo/Unary", "hi").hasPrefix("ERR UNAVAILABLE"))
     }
 
+    func testRequestTimeoutAppliesToHTTP2Streams() throws {
+        let (backend, ports) = try Harness.backends(["v1:0"], script: "http_backend.py")
+        cleanups.append { backend.terminate(); backend.waitUntilExit() }
+        let p = try proxy(HTTPProxyTests.mesh([("v1", ports[0])], routes: """
+            - timeout: 300ms
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        let c = Process()
+        c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        c.arguments = ["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+                       "http://127.0.0.1:\(p.port)/delay/3000"]
+        let out = Pipe()
+        c.standardOutput = out
+        let start = Date()
+        try c.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        c.waitUntilExit()
+        XCTAssertEqual(text, "504")
+        XCTAssertLessThan(Date().timeIntervalSince(start), 1.5)
+    }
+
     func testManyStreamsOverFewConnectionsAllSucceed() throws {
         let ports = try grpcBackends(["g1", "g2"])
         let p = try proxy(Self.mesh(ports, routes: """
