@@ -27,6 +27,15 @@ final class H2Stream {
     var leg: H1Leg?
     /// The route's request timeout, as a monotonic deadline (0: none).
     var deadline: UInt64 = 0
+    // For retries: the route, the request as sent upstream, a copy of its body (nil once it outgrew the replay
+    // limit or when the route does not retry), and how far the client got.
+    var route: RouteRuntime?
+    var request = H2Fields()
+    var body: [UInt8]? = []
+    var requestEnded = false
+    var endStreamAtHead = false
+    var retries = 0
+    var hash: UInt64 = 0
     init(id: Int32, start: UInt64) {
         self.id = id
         self.start = start
@@ -97,6 +106,9 @@ extension L4Worker {
             case .headers(let sid, let fields, let endStream):
                 beginStream(slot, h2, sid, fields, endStream: endStream)
             case .data(let sid, let bytes):
+                if let s = h2.streams[sid], s.body != nil {
+                    if s.body!.count + bytes.count > Self.replayLimit { s.body = nil } else { s.body! += bytes }
+                }
                 if let leg = h2.streams[sid]?.leg {
                     legBody(leg, bytes)
                     continue
@@ -108,6 +120,7 @@ extension L4Worker {
                 bytes.withUnsafeBytes { up.session.send(stream: s.upStream, $0) }
                 touchH2(up)
             case .end(let sid):
+                h2.streams[sid]?.requestEnded = true
                 if let leg = h2.streams[sid]?.leg { legEnd(leg) }
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.finish(stream: s.upStream)
@@ -270,29 +283,70 @@ extension L4Worker {
         out.append("x-forwarded-proto", scheme)
         if !hasID { out.append("x-request-id", requestIDString()) }
         if let ops = route?.route.headers?.request { applyH2(ops, to: &out) }
-        // Istio's port protocols: HTTP2 and GRPC ports speak HTTP/2 upstream; HTTP ports HTTP/1.1 (translated).
-        guard cluster.config.protocol == .http2 || cluster.config.protocol == .grpc else {
-            if !startLeg(slot, h2, s, wc, out, endStream: endStream, hash: hash) {
-                s.flag = .noHealthyUpstream
-                answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
-            }
-            return
-        }
-        guard let up = h2Upstream(wc, hash: hash) else {
+        s.route = route
+        s.request = out
+        s.endStreamAtHead = endStream
+        s.requestEnded = endStream
+        s.hash = hash
+        if (route?.retry.attempts ?? RetryPolicy.istioDefault.attempts) == 0 { s.body = nil }
+        if !dispatchStream(slot, h2, s, replay: false) {
             s.flag = .noHealthyUpstream
             answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
-            return
         }
-        let usid = up.session.request(out, endStream: endStream)
-        guard usid > 0 else {
-            s.flag = .upstreamReset
-            answerStream(slot, h2, s, status: 503)
-            return
+    }
+
+    /// Sends the stream's request upstream: HTTP/2 for `HTTP2`/`GRPC` ports, translated to HTTP/1.1 for `HTTP`
+    /// ports (Istio's port protocols). A replay (retry) sends the kept body in full.
+    private func dispatchStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, replay: Bool) -> Bool {
+        guard let wc = s.cluster else { return false }
+        let body = replay ? (s.body ?? []) : []
+        let endNow = replay ? body.isEmpty : s.endStreamAtHead
+        guard wc.runtime.config.protocol == .http2 || wc.runtime.config.protocol == .grpc else {
+            guard startLeg(slot, h2, s, wc, s.request, endStream: endNow, hash: s.hash), let leg = s.leg else { return false }
+            if replay && !body.isEmpty {
+                legBody(leg, body)
+                legEnd(leg)
+            }
+            return true
         }
+        guard let up = h2Upstream(wc, hash: s.hash) else { return false }
+        let usid = up.session.request(s.request, endStream: endNow)
+        guard usid > 0 else { return false }
         s.up = up
         s.upStream = usid
-        up.streams[usid] = (slot, hconns[i].generation, sid)
+        up.streams[usid] = (slot, hconns[Int(slot)].generation, s.id)
+        if replay && !body.isEmpty {
+            body.withUnsafeBytes { up.session.send(stream: usid, $0) }
+            up.session.finish(stream: usid)
+        }
         touchH2(up)
+        return true
+    }
+
+    /// Whether the route's retry policy sends the stream again after `outcome`; if so, it is already on its way
+    /// (without back-off on HTTP/2 streams for now).
+    func retryStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, _ outcome: AttemptOutcome) -> Bool {
+        guard let wc = s.cluster, !s.answered else { return false }
+        let policy = s.route?.retry ?? .istioDefault
+        let decision = policy.decide(outcome, retriesDone: s.retries, bodyReplayable: s.requestEnded && s.body != nil,
+                                     budgetAllows: retryBudgetAllows(wc), random: rng.next())
+        guard case .retry = decision else { return false }
+        s.retries += 1
+        shard.add(retryCounter(wc))
+        if let leg = s.leg {
+            endLeg(leg, reusable: false)
+            s.leg = nil
+        }
+        if let up = s.up, s.upStream > 0 {
+            if up.streams[s.upStream] != nil {
+                up.streams[s.upStream] = nil
+                up.session.reset(stream: s.upStream)
+                touchH2(up)
+            }
+        }
+        s.up = nil
+        s.upStream = -1
+        return dispatchStream(slot, h2, s, replay: true)
     }
 
     func applyH2(_ ops: HeaderOperations.Ops, to fields: inout H2Fields) {
@@ -470,6 +524,10 @@ extension L4Worker {
                 // Interim (1xx) heads are not passed on.
                 let status = Int(fields.first(":status") ?? "") ?? 502
                 if status < 200 { continue }
+                let grpc = endStream ? fields.first("grpc-status").flatMap { Int($0) } : nil
+                if status >= 500 || grpc != nil, retryStream(slot, h2, s, .response(status: status, grpcStatus: grpc)) {
+                    continue
+                }
                 s.status = status
                 s.answered = true
                 if status >= 500 {
@@ -499,6 +557,8 @@ extension L4Worker {
             case .closed(_, let error):
                 up.streams[sid] = nil
                 if error != 0 {
+                    let refused = error == UInt32(NGHTTP2_REFUSED_STREAM.rawValue)
+                    if !s.answered && retryStream(slot, h2, s, refused ? .refusedStream : .reset) { continue }
                     if !s.answered {
                         s.flag = .upstreamReset
                         answerStream(slot, h2, s, status: 503, body: "upstream reset before headers")
@@ -523,6 +583,10 @@ extension L4Worker {
         for (_, (slot, gen, dsid)) in streams {
             guard hconns[Int(slot)].generation == gen, hconns[Int(slot)].phase == .open, let h2 = hconns[Int(slot)].h2,
                 let s = h2.streams[dsid] else { continue }
+            if !s.answered && retryStream(slot, h2, s, flag == .upstreamConnectFailure ? .connectFailure : .reset) {
+                flushH2Down(slot)
+                continue
+            }
             s.flag = flag
             if s.answered {
                 h2.session.reset(stream: dsid)

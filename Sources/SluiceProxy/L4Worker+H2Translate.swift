@@ -260,6 +260,14 @@ extension L4Worker {
                         leg.response.next()
                         continue
                     }
+                    if h.status >= 500 {
+                        let retried = retryStream(leg.slot, h2, s, .response(status: h.status, grpcStatus: nil))
+                        if retried {
+                            giveBack(id)
+                            flushH2Down(leg.slot)
+                            return
+                        }
+                    }
                     s.status = h.status
                     s.answered = true
                     var fields = H2Fields()
@@ -334,6 +342,10 @@ extension L4Worker {
     }
 
     private func failLegStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, flag: ResponseFlag) {
+        if retryStream(slot, h2, s, flag == .upstreamConnectFailure ? .connectFailure : .reset) {
+            flushH2Down(slot)
+            return
+        }
         s.flag = flag
         if s.answered {
             h2.session.reset(stream: s.id)

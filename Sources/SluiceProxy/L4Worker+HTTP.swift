@@ -855,7 +855,7 @@ extension L4Worker {
         }
     }
 
-    private func retryBudgetAllows(_ wc: WorkerCluster) -> Bool {
+    func retryBudgetAllows(_ wc: WorkerCluster) -> Bool {
         guard let max = wc.runtime.config.httpPool?.maxRetries else { return true }
         return wc.runtime.activeRetries.current < Int64(max)
     }
@@ -942,7 +942,7 @@ extension L4Worker {
         }
     }
 
-    private func retryCounter(_ wc: WorkerCluster) -> Int {
+    func retryCounter(_ wc: WorkerCluster) -> Int {
         registry.counter("sluice_http_retries_total", help: "Requests sent again by a route's retry policy",
                          labels: [("cluster", wc.runtime.config.name)])
     }

@@ -95,6 +95,30 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertLessThan(Date().timeIntervalSince(start), 1.5)
     }
 
+    func testRetriesHideAFlakyBackendForHTTP2Clients() throws {
+        let (backend, ports) = try Harness.backends(["v1:0"], script: "http_backend.py")
+        cleanups.append { backend.terminate(); backend.waitUntilExit() }
+        let p = try proxy(HTTPProxyTests.mesh([("v1", ports[0])], routes: """
+            - retries: {attempts: 3, retryOn: 5xx}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        func curl(_ args: [String]) throws -> String {
+            let c = Process()
+            c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            c.arguments = ["-s", "--http2-prior-knowledge", "--max-time", "10"] + args
+            let out = Pipe()
+            c.standardOutput = out
+            try c.run()
+            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            c.waitUntilExit()
+            return text
+        }
+        XCTAssertEqual(try curl(["http://127.0.0.1:\(p.port)/flaky/h2-get/2"]), "v1 attempt 3")
+        // The body is kept and sent again in full.
+        XCTAssertEqual(try curl(["--data-binary", "payload", "http://127.0.0.1:\(p.port)/flaky/h2-post/1"]), "v1 attempt 2")
+        XCTAssertEqual(p.metric("sluice_http_retries_total"), 3)
+    }
+
     func testManyStreamsOverFewConnectionsAllSucceed() throws {
         let ports = try grpcBackends(["g1", "g2"])
         let p = try proxy(Self.mesh(ports, routes: """
