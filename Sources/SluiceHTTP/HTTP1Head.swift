@@ -28,6 +28,15 @@ public struct HTTP1Limits: Sendable, Equatable {
     public var maxHeaderCount = 100
     public var maxURIBytes = 8 << 10
     public init() {}
+
+    /// For heads the proxy wrote itself (re-read when translating): only the sanity bounds.
+    public static let lenient: HTTP1Limits = {
+        var l = HTTP1Limits()
+        l.maxHeadBytes = 1 << 20
+        l.maxHeaderCount = 10_000
+        l.maxURIBytes = 1 << 19
+        return l
+    }()
 }
 
 /// How the message body is delimited (RFC 9112 section 6).

@@ -113,6 +113,12 @@ final class Exchange {
     /// A mirrored copy to send once the whole request is read (Istio's `mirror`): its head, and its cluster.
     var shadowHead: [UInt8]?
     var shadowCluster: WorkerCluster?
+    /// An `HTTP2`/`GRPC` upstream: the stream carrying this exchange, the client's chunked body being unframed,
+    /// and whether the response is being written chunked.
+    var h2up: H2Upstream?
+    var h2stream: Int32 = -1
+    var chunkDecoder: BodyDecoder?
+    var chunkedResponse = false
 
     /// Makes a finished exchange ready for the next request (the worker keeps a pool: no allocation per request,
     /// and the queues keep their capacity).
@@ -158,6 +164,10 @@ final class Exchange {
         hadBody = false
         shadowHead = nil
         shadowCluster = nil
+        h2up = nil
+        h2stream = -1
+        chunkDecoder = nil
+        chunkedResponse = false
     }
 
     init(start: UInt64) { self.start = start }

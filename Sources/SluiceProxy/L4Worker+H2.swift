@@ -410,7 +410,7 @@ extension L4Worker {
     // MARK: - upstream connections
 
     /// The worker's HTTP/2 connection to an endpoint of `wc` (one per endpoint, shared), connecting if needed.
-    private func h2Upstream(_ wc: WorkerCluster, hash: UInt64) -> H2Upstream? {
+    func h2Upstream(_ wc: WorkerCluster, hash: UInt64) -> H2Upstream? {
         guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1) else { return nil }
         if let existing = wc.h2[e], !existing.closing { return existing }
         let addr = wc.runtime.addresses + e
@@ -513,6 +513,15 @@ extension L4Worker {
                 if up.cluster.h2[up.endpoint] === up { up.cluster.h2[up.endpoint] = nil }
                 continue
             }
+            if let (slot, gen, dsid) = up.streams[sid], dsid == -1 {
+                // An HTTP/1.1 client's exchange rides this stream.
+                if hconns[Int(slot)].generation == gen && hconns[Int(slot)].phase == .open {
+                    h1ExchangeEvent(slot, up, e)
+                } else if case .data(let s, let b) = e {
+                    up.session.consume(stream: s, bytes: b.count)
+                }
+                continue
+            }
             guard let (slot, gen, dsid) = up.streams[sid], hconns[Int(slot)].generation == gen,
                 hconns[Int(slot)].phase == .open, let h2 = hconns[Int(slot)].h2, let s = h2.streams[dsid] else {
                 if case .data(let s, let b) = e { up.session.consume(stream: s, bytes: b.count) }
@@ -581,6 +590,19 @@ extension L4Worker {
         let streams = up.streams
         up.streams = [:]
         for (_, (slot, gen, dsid)) in streams {
+            if dsid == -1 {
+                guard hconns[Int(slot)].generation == gen, hconns[Int(slot)].phase == .open, let ex = hconns[Int(slot)].ex,
+                    ex.h2up === up else { continue }
+                ex.h2up = nil
+                if ex.responseStarted {
+                    ex.flag = flag
+                    teardownHTTP(slot, reset: true)
+                } else {
+                    respondLocally(slot, status: 503, flag: flag,
+                                   body: "upstream connect error or disconnect/reset before headers")
+                }
+                continue
+            }
             guard hconns[Int(slot)].generation == gen, hconns[Int(slot)].phase == .open, let h2 = hconns[Int(slot)].h2,
                 let s = h2.streams[dsid] else { continue }
             if !s.answered && retryStream(slot, h2, s, flag == .upstreamConnectFailure ? .connectFailure : .reset) {

@@ -359,3 +359,167 @@ extension L4Worker {
         flushH2Down(slot)
     }
 }
+
+/// HTTP/1.1 clients to `HTTP2`/`GRPC` ports: the exchange's request becomes a stream on the shared HTTP/2
+/// connection to the endpoint, and the stream's response is written back as HTTP/1.1 (chunked unless the upstream
+/// gave a length).
+extension L4Worker {
+    /// Sends the exchange's request as an HTTP/2 stream.
+    func dispatchH2(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex, let wc = ex.cluster, let head = ex.upHead else { return }
+        guard let up = h2Upstream(wc, hash: ex.hash) else {
+            respondLocally(slot, status: 503, flag: .noHealthyUpstream, body: "no healthy upstream")
+            return
+        }
+        // The head as built for HTTP/1.1 (routing, rewrites, mesh fields applied) becomes the HTTP/2 head.
+        let raw = UnsafeRawBufferPointer(start: head, count: ex.upHeadLength)
+        guard case .head(let h) = HTTP1Parser.parseRequestHead(raw, limits: HTTP1Limits.lenient) else {
+            respondLocally(slot, status: 502, flag: .upstreamProtocolError, body: "request could not be translated")
+            return
+        }
+        var fields = H2Fields()
+        fields.append(":method", String(decoding: UnsafeRawBufferPointer(rebasing: raw[h.method]), as: UTF8.self))
+        fields.append(":scheme", "http")
+        fields.append(":path", String(decoding: UnsafeRawBufferPointer(rebasing: raw[h.target]), as: UTF8.self))
+        for (n, v) in h.headers where HTTP1Parser.fieldName(raw, n, is: "host") {
+            fields.append(":authority", String(decoding: UnsafeRawBufferPointer(rebasing: raw[v]), as: UTF8.self))
+        }
+        for (n, v) in h.headers {
+            let name = String(decoding: UnsafeRawBufferPointer(rebasing: raw[n]), as: UTF8.self).lowercased()
+            if ["host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"].contains(name) { continue }
+            let value = String(decoding: UnsafeRawBufferPointer(rebasing: raw[v]), as: UTF8.self)
+            if name == "te" && value != "trailers" { continue }
+            fields.append(name, value)
+        }
+        // `te` is hop-by-hop in HTTP/1.1 and was dropped; gRPC servers refuse a stream without `te: trailers`.
+        if fields.first("te") == nil && (wc.runtime.config.protocol == .grpc
+            || fields.first("content-type")?.hasPrefix("application/grpc") == true) {
+            fields.append("te", "trailers")
+        }
+        let usid = up.session.request(fields, endStream: !ex.hadBody)
+        guard usid > 0 else {
+            respondLocally(slot, status: 503, flag: .upstreamReset, body: "upstream refused the stream")
+            return
+        }
+        ex.h2up = up
+        ex.h2stream = usid
+        if h.framing == .chunked { ex.chunkDecoder = BodyDecoder(.chunked) }
+        up.streams[usid] = (slot, hconns[i].generation, -1)
+        // Body bytes read before the stream existed.
+        let queued = ex.upQueue
+        ex.upQueue.removeAll(keepingCapacity: true)
+        for seg in queued {
+            let base = seg.buffer >= 0 ? UnsafeRawPointer(buffers.pointer(UInt16(seg.buffer))) : UnsafeRawPointer(seg.owned!)
+            sendH2Body(ex, UnsafeRawBufferPointer(start: base + Int(seg.offset), count: Int(seg.length)))
+            finishQueued(slot, seg, downSide: false)
+        }
+        if ex.requestDone && ex.hadBody { up.session.finish(stream: usid) }
+        flushH2Up(up)
+        releaseInputIfDone(slot)
+        receiveDown(slot)
+    }
+
+    /// Request body bytes (as received, chunked framing included) onto the exchange's HTTP/2 stream.
+    func sendH2Body(_ ex: Exchange, _ bytes: UnsafeRawBufferPointer) {
+        guard let up = ex.h2up, ex.h2stream > 0 else { return }
+        if var d = ex.chunkDecoder {
+            _ = try? d.feed(bytes) { r in up.session.send(stream: ex.h2stream, UnsafeRawBufferPointer(rebasing: bytes[r])) }
+            ex.chunkDecoder = d
+        } else {
+            up.session.send(stream: ex.h2stream, bytes)
+        }
+    }
+
+    /// An event of an HTTP/2 upstream stream that serves an HTTP/1.1 client's exchange.
+    func h1ExchangeEvent(_ slot: UInt32, _ up: H2Upstream, _ e: H2Session.Event) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex, ex.h2up === up else { return }
+        let closing = !ex.clientKeepAlive || draining
+        switch e {
+        case .headers(let sid, let fields, let endStream):
+            guard let status = Int(fields.first(":status") ?? ""), status >= 200 else { return }
+            ex.status = status
+            ex.responseStarted = true
+            var head = "HTTP/1.1 \(status) \(HTTPResponses.reason(status))\r\n"
+            var hasLength = false
+            for k in 0..<fields.count {
+                let name = fields.name(k)
+                if name.hasPrefix(":") { continue }
+                if name == "content-length" { hasLength = true }
+                head += name + ": " + fields.value(k) + "\r\n"
+            }
+            if let ops = ex.route?.route.headers?.response {
+                var pairs = head.split(separator: "\r\n").dropFirst().compactMap { line -> (String, String)? in
+                    guard let c = line.firstIndex(of: ":") else { return nil }
+                    return (String(line[..<c]), String(line[line.index(after: c)...]).trimmingSpaces)
+                }
+                HTTPResponses.apply(ops, to: &pairs)
+                head = "HTTP/1.1 \(status) \(HTTPResponses.reason(status))\r\n" + pairs.map { "\($0.0): \($0.1)\r\n" }.joined()
+            }
+            if endStream && !hasLength && !ex.isHEAD { head += "content-length: 0\r\n" }
+            if !endStream && !hasLength && !ex.isHEAD {
+                head += "transfer-encoding: chunked\r\n"
+                ex.chunkedResponse = true
+            }
+            if closing {
+                head += "connection: close\r\n"
+                hconns[i].closeAfterFlush = true
+            }
+            head += "\r\n"
+            hconns[i].outQueue.append(.copy(Array(head.utf8)))
+            if endStream { h1StreamDone(slot, ex, sid) }
+        case .data(let sid, let bytes):
+            guard !bytes.isEmpty else { return }
+            var out: [UInt8] = []
+            if ex.chunkedResponse { out += Array((String(bytes.count, radix: 16) + "\r\n").utf8) }
+            out += bytes
+            if ex.chunkedResponse { out += [0x0D, 0x0A] }
+            hconns[i].outQueue.append(.copy(out))
+            up.session.consume(stream: sid, bytes: bytes.count)
+        case .trailers(let sid, let fields):
+            if ex.chunkedResponse {
+                var t = "0\r\n"
+                for k in 0..<fields.count { t += fields.name(k) + ": " + fields.value(k) + "\r\n" }
+                hconns[i].outQueue.append(.copy(Array((t + "\r\n").utf8)))
+                ex.chunkedResponse = false
+            }
+            h1StreamDone(slot, ex, sid)
+        case .end(let sid):
+            if ex.chunkedResponse {
+                hconns[i].outQueue.append(.copy(Array("0\r\n\r\n".utf8)))
+                ex.chunkedResponse = false
+            }
+            h1StreamDone(slot, ex, sid)
+        case .closed(let sid, let error):
+            up.streams[sid] = nil
+            guard error != 0, !ex.responseDone else { return }
+            ex.h2up = nil
+            if ex.responseStarted {
+                ex.flag = .upstreamReset
+                teardownHTTP(slot, reset: true)
+            } else {
+                respondLocally(slot, status: 503, flag: .upstreamReset, body: "upstream reset before headers")
+            }
+        case .drained, .goaway:
+            break
+        }
+        flushDown(slot)
+    }
+
+    private func h1StreamDone(_ slot: UInt32, _ ex: Exchange, _ sid: Int32) {
+        ex.responseDone = true
+    }
+
+    /// The exchange is over: its HTTP/2 stream is released (reset if still open).
+    func releaseH2Stream(_ ex: Exchange) {
+        guard let up = ex.h2up, ex.h2stream > 0 else { return }
+        if up.streams.removeValue(forKey: ex.h2stream) != nil && !ex.responseDone {
+            up.session.reset(stream: ex.h2stream)
+        }
+        ex.h2up = nil
+        ex.h2stream = -1
+        touchH2(up)
+        while let u = h2Dirty.popLast() { flushH2Up(u) }
+    }
+}

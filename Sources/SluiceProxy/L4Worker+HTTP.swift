@@ -165,7 +165,7 @@ extension L4Worker {
 
     // MARK: - downstream reading
 
-    private func receiveDown(_ slot: UInt32) {
+    func receiveDown(_ slot: UInt32) {
         let i = Int(slot)
         guard hconns[i].phase == .open, !hconns[i].receiving, hconns[i].inBuffer < 0, !hconns[i].closeAfterFlush else {
             return
@@ -255,6 +255,10 @@ extension L4Worker {
                     requestBody(slot, id, (r.lowerBound + start)..<(r.upperBound + start))
                 case .end:
                     hconns[i].ex?.requestDone = true
+                    if let ex = hconns[i].ex, let up = ex.h2up, ex.hadBody {
+                        up.session.finish(stream: ex.h2stream)
+                        touchH2(up)
+                    }
                     if let ex = hconns[i].ex, ex.shadowHead != nil { mirror(ex) }
                 case .error(let err):
                     respondLocally(slot, status: err.status, flag: .downstreamProtocolError, close: true)
@@ -263,13 +267,14 @@ extension L4Worker {
             if used == 0 || used < bytes.count && hconns[i].ex != nil { break }
         }
         releaseInputIfDone(slot)
+        while let up = h2Dirty.popLast() { flushH2Up(up) }
         flushUp(slot)
         receiveDown(slot)
         // A local answer waits for the rest of the request body before the next request.
         if hconns[i].ex?.local == true && hconns[i].ex?.requestDone == true { finishIfSent(slot) }
     }
 
-    private func releaseInputIfDone(_ slot: UInt32) {
+    func releaseInputIfDone(_ slot: UInt32) {
         let i = Int(slot)
         if hconns[i].inBuffer >= 0 && hconns[i].inRefs == 0 && hconns[i].inPos >= hconns[i].inLength {
             let id = UInt16(hconns[i].inBuffer)
@@ -281,6 +286,11 @@ extension L4Worker {
     private func requestBody(_ slot: UInt32, _ id: UInt16, _ r: Range<Int>) {
         let i = Int(slot)
         guard hconns[i].ex != nil, !hconns[i].ex!.local else { return }
+        if let ex = hconns[i].ex, let up = ex.h2up {
+            sendH2Body(ex, UnsafeRawBufferPointer(start: buffers.pointer(id) + r.lowerBound, count: r.count))
+            touchH2(up)
+            return
+        }
         if hconns[i].ex!.replay != nil {
             if hconns[i].ex!.replay!.count + r.count > Self.replayLimit {
                 hconns[i].ex!.replay = nil
@@ -520,6 +530,11 @@ extension L4Worker {
     private func dispatch(_ slot: UInt32) {
         let i = Int(slot)
         guard let ex = hconns[i].ex, let wc = ex.cluster else { return }
+        // Istio's port protocols: HTTP2 and GRPC ports speak HTTP/2 upstream.
+        if wc.runtime.config.protocol == .http2 || wc.runtime.config.protocol == .grpc {
+            dispatchH2(slot)
+            return
+        }
         // A retry prefers another endpoint, but goes back to the same one when it is the only one available.
         guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: Int(ex.lastEndpoint))
             ?? (ex.lastEndpoint >= 0 ? wc.pick(now: loop.now, clientHash: ex.hash, excluding: -1) : nil) else {
@@ -933,7 +948,7 @@ extension L4Worker {
     }
 
     /// Drops a queued segment without sending it.
-    private func finishQueued(_ slot: UInt32, _ seg: Segment, downSide: Bool) {
+    func finishQueued(_ slot: UInt32, _ seg: Segment, downSide: Bool) {
         let i = Int(slot)
         if seg.buffer >= 0 {
             if downSide { hconns[i].ex?.upRefs -= 1 } else { hconns[i].inRefs -= 1 }
@@ -1189,6 +1204,7 @@ extension L4Worker {
                                      gateway: hconns[i].table?.gateway)
         shard.add(m.total)
         shard.observe(m.duration, Double(loop.now &- ex.start) / 1e6)
+        releaseH2Stream(ex)
         if ex.counted { ex.cluster?.runtime.activeRequests.add(-1) }
         if ex.retriesCounted > 0 { ex.cluster?.runtime.activeRetries.add(Int64(-ex.retriesCounted)) }
         for seg in ex.upQueue { finishQueued(slot, seg, downSide: false) }

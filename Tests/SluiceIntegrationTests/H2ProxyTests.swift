@@ -119,6 +119,28 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertEqual(p.metric("sluice_http_retries_total"), 3)
     }
 
+    func testHTTP1ClientsReachAGRPCUpstreamTranslated() throws {
+        let ports = try grpcBackends(["g1"])
+        let p = try proxy(Self.mesh(ports, routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        // One gRPC message ("hi", uncompressed) in HTTP/1.1: the answer comes back chunked, status in trailers.
+        let body = FileManager.default.temporaryDirectory.appendingPathComponent("grpc1-\(UUID().uuidString).bin")
+        try Data([0, 0, 0, 0, 2] + Array("hi".utf8)).write(to: body)
+        defer { try? FileManager.default.removeItem(at: body) }
+        let c = Process()
+        c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        c.arguments = ["-s", "--raw", "-i", "--max-time", "10", "-H", "content-type: application/grpc", "-H", "te: trailers",
+                       "--data-binary", "@\(body.path)", "http://127.0.0.1:\(p.port)/test.Echo/Unary"]
+        let out = Pipe()
+        c.standardOutput = out
+        try c.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        c.waitUntilExit()
+        XCTAssertTrue(text.hasPrefix("HTTP/1.1 200 OK\r\n"), text)
+        XCTAssertTrue(text.contains("transfer-encoding: chunked"), text)
+        XCTAssertTrue(text.contains("g1:hi"), text)
+        XCTAssertTrue(text.contains("0\r\ngrpc-status: 0\r\n"), text)
+    }
+
     func testManyStreamsOverFewConnectionsAllSucceed() throws {
         let ports = try grpcBackends(["g1", "g2"])
         let p = try proxy(Self.mesh(ports, routes: """
