@@ -231,4 +231,10 @@ struct UpConn {
     var leg: H1Leg?
     /// Memory a cancelled send may still read: freed with the connection.
     var retained: UnsafeMutableRawPointer?
+    /// A send of a client's receive buffer was in flight when the exchange let go of this connection: the client
+    /// connection's input stays held until it completes (or, if the client is gone, `orphanBuffer` is given back).
+    var orphanHeld = false
+    var orphanSlot: UInt32 = 0
+    var orphanGeneration: UInt32 = 0
+    var orphanBuffer: Int32 = -1
 }

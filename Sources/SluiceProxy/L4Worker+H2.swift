@@ -141,7 +141,7 @@ extension L4Worker {
                 }
             case .closed(let sid, let error):
                 guard let s = h2.streams.removeValue(forKey: sid) else { continue }
-                if let leg = s.leg, !leg.responseDone || !leg.requestEnded { endLeg(leg, reusable: false) }
+                if let leg = s.leg { endLeg(leg, reusable: false) }
                 if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {
                     up.streams[s.upStream] = nil
                     if error != 0 || !s.answered { up.session.reset(stream: s.upStream) }
@@ -605,6 +605,10 @@ extension L4Worker {
             }
             guard hconns[Int(slot)].generation == gen, hconns[Int(slot)].phase == .open, let h2 = hconns[Int(slot)].h2,
                 let s = h2.streams[dsid] else { continue }
+            if s.up === up {
+                s.up = nil
+                s.upStream = -1
+            }
             if !s.answered && retryStream(slot, h2, s, flag == .upstreamConnectFailure ? .connectFailure : .reset) {
                 flushH2Down(slot)
                 continue
@@ -618,7 +622,10 @@ extension L4Worker {
             }
             flushH2Down(slot)
         }
-        for seg in up.queue where seg.frees { free(seg.owned) }
+        // A send in flight may still read the first segment: it is freed with the connection.
+        for (k, seg) in up.queue.enumerated() where seg.frees {
+            if k == 0 && up.sending { ups[Int(up.slot)].retained = seg.owned } else { free(seg.owned) }
+        }
         up.queue.removeAll()
         stopUp(up.slot)
     }
@@ -641,7 +648,8 @@ extension L4Worker {
             if up.session.events.isEmpty { break }
             handleUpstreamEvents(up)
         }
-        guard up.connected, !up.sending, let seg = up.queue.first, ups[Int(up.slot)].phase == .busy else { return }
+        guard up.connected, !up.sending, let seg = up.queue.first, ups[Int(up.slot)].phase == .busy,
+            ups[Int(up.slot)].h2 === up else { return }
         let s = loop.uring.sqe()
         io_uring_prep_send(s, ups[Int(up.slot)].fd, seg.owned! + Int(seg.offset), Int(seg.length), Int32(MSG_NOSIGNAL))
         trackUp(s, up.slot, .uSend)

@@ -81,8 +81,9 @@ extension L4Worker {
         leg.response.answeringHEAD = method == "HEAD"
         leg.requestEnded = endStream
         leg.pending = leg.head
+        guard connectLeg(leg, hash: hash, fresh: false) else { return false }
         s.leg = leg
-        return connectLeg(leg, hash: hash, fresh: false)
+        return true
     }
 
     /// Gives the leg a connection: a pooled idle one for its endpoint, or a new connect.
@@ -224,6 +225,10 @@ extension L4Worker {
             flushLeg(leg)
         case .uRecv:
             leg.receiving = false
+            if buffer < 0 && result == -ENOBUFS {
+                legStalled.append(leg)
+                return
+            }
             guard buffer >= 0, result > 0 else {
                 if buffer >= 0 { giveBack(UInt16(buffer)) }
                 let stale = leg.reused && !leg.gotBytes && !leg.hasBody
@@ -250,14 +255,21 @@ extension L4Worker {
                 endLeg(leg, reusable: false)
                 return
             }
-            let bytes = UnsafeRawBufferPointer(start: buffers.pointer(id), count: Int(result))
+            let all = UnsafeRawBufferPointer(start: buffers.pointer(id), count: Int(result))
+            var offset = 0
+            var extra = false
+            feeding: while offset < all.count {
+            let bytes = UnsafeRawBufferPointer(rebasing: all[offset...])
             var events: [HTTP1ResponseReader.Event] = []
             let used = leg.response.feed(bytes) { events.append($0) }
+            offset += used
+            var interim = false
             for e in events {
                 switch e {
                 case .head(let h, let headBytes):
                     if h.status < 200 {
-                        leg.response.next()
+                        // 1xx: not passed on; the final head follows on the same connection.
+                        interim = true
                         continue
                     }
                     if h.status >= 500 {
@@ -288,7 +300,11 @@ extension L4Worker {
                 case .body(let r):
                     h2.session.send(stream: leg.stream, UnsafeRawBufferPointer(rebasing: bytes[r]))
                 case .end:
-                    leg.responseDone = true
+                    if interim {
+                        leg.response.next()
+                    } else {
+                        leg.responseDone = true
+                    }
                 case .error:
                     giveBack(id)
                     endLeg(leg, reusable: false)
@@ -296,12 +312,18 @@ extension L4Worker {
                     return
                 }
             }
-            let extra = used < bytes.count
+            if leg.responseDone {
+                extra = offset < all.count
+                break feeding
+            }
+            if used == 0 { break }
+            }
             giveBack(id)
             if leg.responseDone {
                 if !s.answered { break }
                 h2.session.finish(stream: leg.stream)
-                endLeg(leg, reusable: !extra && leg.requestEnded && leg.keepAlive)
+                endLeg(leg, reusable: !extra && leg.requestEnded && leg.keepAlive && leg.inflight == nil
+                           && leg.pending.isEmpty)
                 flushH2Down(leg.slot)
                 return
             }
@@ -311,6 +333,12 @@ extension L4Worker {
         default:
             break
         }
+    }
+
+    /// A buffer is free again: the stalled receive goes.
+    func receiveLegAgain(_ leg: H1Leg) {
+        guard ups[Int(leg.up)].leg === leg else { return }
+        receiveLeg(leg)
     }
 
     /// The client drained some of the stream's response: read the upstream again if it was paused.
@@ -434,7 +462,7 @@ extension L4Worker {
     /// An event of an HTTP/2 upstream stream that serves an HTTP/1.1 client's exchange.
     func h1ExchangeEvent(_ slot: UInt32, _ up: H2Upstream, _ e: H2Session.Event) {
         let i = Int(slot)
-        guard let ex = hconns[i].ex, ex.h2up === up else { return }
+        guard let ex = hconns[i].ex, ex.h2up === up, !ex.local else { return }
         let closing = !ex.clientKeepAlive || draining
         switch e {
         case .headers(let sid, let fields, let endStream):
@@ -505,6 +533,7 @@ extension L4Worker {
             break
         }
         flushDown(slot)
+        if hconns[i].ex?.responseDone == true { finishIfSent(slot) }
     }
 
     private func h1StreamDone(_ slot: UInt32, _ ex: Exchange, _ sid: Int32) {

@@ -116,6 +116,7 @@ extension L4Worker {
                 if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
                 return
             }
+            if op == .uSend && ups[u].orphanHeld { orphanSendDone(ud.slot) }
             let owner = owningConn(ud.slot)
             switch op {
             case .uConnect:
@@ -151,6 +152,10 @@ extension L4Worker {
     func giveBack(_ id: UInt16) {
         buffers.recycle(id)
         shard.addSigned(stats.buffersInUse, -1)
+        if let leg = legStalled.popLast() {
+            receiveLegAgain(leg)
+            return
+        }
         while let w = httpStalled.popLast() {
             let i = Int(w.slot)
             guard hconns[i].generation == w.generation, hconns[i].phase == .open else { continue }
@@ -920,10 +925,8 @@ extension L4Worker {
     /// Sends the request again after `after`: the head and the kept body, on another connection.
     private func retry(_ slot: UInt32, after: Duration, counts: Bool = true) {
         let i = Int(slot)
-        guard var ex = hconns[i].ex else { return }
-        for seg in ex.upQueue { finishQueued(slot, seg, downSide: false) }
-        ex = hconns[i].ex!
-        ex.upQueue.removeAll()
+        guard let ex = hconns[i].ex else { return }
+        dropUpQueue(slot)
         if let body = ex.replay, !body.isEmpty { ex.upQueue.append(Segment.copy(body)) }
         if counts {
             ex.retries += 1
@@ -947,6 +950,17 @@ extension L4Worker {
         }
     }
 
+    /// Drops what was queued for the upstream (the attempt is over). Input the queue held is released and the
+    /// client read again, unless a send of it is still in flight on the closed connection (see ``orphan``).
+    func dropUpQueue(_ slot: UInt32) {
+        let i = Int(slot)
+        guard let ex = hconns[i].ex else { return }
+        for seg in ex.upQueue { finishQueued(slot, seg, downSide: false) }
+        ex.upQueue.removeAll(keepingCapacity: true)
+        releaseInputIfDone(slot)
+        receiveDown(slot)
+    }
+
     /// Drops a queued segment without sending it.
     func finishQueued(_ slot: UInt32, _ seg: Segment, downSide: Bool) {
         let i = Int(slot)
@@ -968,6 +982,22 @@ extension L4Worker {
         guard let ex = hconns[i].ex, ex.up >= 0 else { return }
         let u = UInt32(ex.up)
         hconns[i].ex!.up = -1
+        if ex.upSending, let seg = ex.upQueue.first {
+            // The send in flight may still read its bytes after the close: they stay alive until it completes.
+            ex.upQueue.removeFirst()
+            if seg.buffer >= 0 {
+                ups[Int(u)].orphanSlot = slot
+                ups[Int(u)].orphanGeneration = hconns[i].generation
+                ups[Int(u)].orphanHeld = true
+            } else if seg.frees {
+                ups[Int(u)].retained = seg.owned
+            } else if let head = ex.upHead, seg.owned == head {
+                let copy = malloc(ex.upHeadLength)!
+                memcpy(copy, head, ex.upHeadLength)
+                ex.upHead = copy
+                ups[Int(u)].retained = head
+            }
+        }
         hconns[i].ex!.upSending = false
         hconns[i].ex!.upReceiving = false
         if ex.upBuffer >= 0 && ex.upRefs == 0 {
@@ -1002,6 +1032,26 @@ extension L4Worker {
             io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
         } else {
             freeUp(u)
+        }
+    }
+
+    /// The send a closed upstream still had in flight is over: the client's input it read can be released.
+    private func orphanSendDone(_ u: UInt32) {
+        let i = Int(u)
+        ups[i].orphanHeld = false
+        let slot = ups[i].orphanSlot
+        if ups[i].orphanBuffer >= 0 {
+            // The client connection is gone; its buffer waited for this send.
+            giveBack(UInt16(ups[i].orphanBuffer))
+            ups[i].orphanBuffer = -1
+            return
+        }
+        guard Int(slot) < hconns.count, hconns[Int(slot)].generation == ups[i].orphanGeneration,
+            hconns[Int(slot)].phase != .free else { return }
+        hconns[Int(slot)].inRefs -= 1
+        if hconns[Int(slot)].phase == .open {
+            releaseInputIfDone(slot)
+            receiveDown(slot)
         }
     }
 
@@ -1099,6 +1149,7 @@ extension L4Worker {
         let i = Int(u)
         if let p = ups[i].shadow { free(p - ups[i].shadowSent) }
         if let p = ups[i].retained { free(p) }
+        if ups[i].orphanBuffer >= 0 { giveBack(UInt16(ups[i].orphanBuffer)) }
         if ups[i].fd >= 0 { close(ups[i].fd) }
         let gen = (ups[i].generation + 1) & 0xFF_FFFF
         ups[i] = UpConn()
@@ -1113,10 +1164,16 @@ extension L4Worker {
                         body: String? = nil, close: Bool = false) {
         let i = Int(slot)
         if hconns[i].ex == nil { hconns[i].ex = newExchange(start: hconns[i].headStarted) }
+        if hconns[i].ex!.responseStarted {
+            // Part of an upstream response is already out: a second response cannot follow it.
+            if flag != .none { hconns[i].ex!.flag = flag }
+            teardownHTTP(slot, reset: true)
+            return
+        }
         hconns[i].ex!.upReusable = false
         closeUpstream(slot)
-        for seg in hconns[i].ex!.upQueue { finishQueued(slot, seg, downSide: false) }
-        hconns[i].ex!.upQueue.removeAll()
+        releaseH2Stream(hconns[i].ex!)
+        dropUpQueue(slot)
         hconns[i].ex!.local = true
         hconns[i].ex!.status = status
         if flag != .none { hconns[i].ex!.flag = flag }
@@ -1166,7 +1223,7 @@ extension L4Worker {
     }
 
     /// Once the response is out and the request read: count it, and take the next one.
-    private func finishIfSent(_ slot: UInt32) {
+    func finishIfSent(_ slot: UInt32) {
         let i = Int(slot)
         guard hconns[i].phase == .open, !hconns[i].sending, hconns[i].outQueue.isEmpty else { return }
         if hconns[i].h2 != nil {
@@ -1308,7 +1365,16 @@ extension L4Worker {
         for seg in hconns[i].outQueue {
             if seg.buffer < 0 && seg.frees { free(seg.owned) }
         }
-        if hconns[i].inBuffer >= 0 { giveBack(UInt16(hconns[i].inBuffer)) }
+        if hconns[i].inBuffer >= 0 {
+            // A closed upstream's send may still read it: the connection that sends it gives it back.
+            if hconns[i].inRefs > 0, let u = ups.indices.first(where: {
+                ups[$0].orphanHeld && ups[$0].orphanSlot == slot && ups[$0].orphanGeneration == hconns[i].generation
+            }) {
+                ups[u].orphanBuffer = hconns[i].inBuffer
+            } else {
+                giveBack(UInt16(hconns[i].inBuffer))
+            }
+        }
         if hconns[i].spareBuffer >= 0 { giveBack(UInt16(hconns[i].spareBuffer)) }
         let gen = (hconns[i].generation + 1) & 0xFF_FFFF
         hconns[i] = HTTPConn()

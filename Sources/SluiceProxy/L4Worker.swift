@@ -135,6 +135,8 @@ public final class L4Worker: RingHandler {
     var requestMetrics = RequestMetrics()
     /// HTTP/2 upstream sessions with frames to flush after the current batch of events.
     var h2Dirty: [H2Upstream] = []
+    /// HTTP/1.1 legs of HTTP/2 streams whose receive found no free buffer.
+    var legStalled: [H1Leg] = []
     /// Finished exchanges kept for reuse.
     var exchangePool: [Exchange] = []
     /// Workers sharing the listeners (rate limits are split among them).

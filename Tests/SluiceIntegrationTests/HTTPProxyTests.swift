@@ -391,6 +391,24 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertTrue(p.eventually { p.metric("sluice_worker_buffers_in_use") == 0 })
     }
 
+    func testAnEarlyAnswerToALargeUploadDoesNotStallTheConnection() throws {
+        // The only endpoint refuses connections: the proxy answers 503 while the client is still uploading.
+        let p = try proxy(Self.mesh([("v1", Harness.deadPort())], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+              retries: {attempts: 0}
+            """))
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("upload-\(UUID().uuidString)")
+        try Data(repeating: 0x61, count: 4 << 20).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let start = Date()
+        // No `Expect: 100-continue`: the body follows the head at once, as most clients send it.
+        let r = try curl(["-o", "/dev/null", "-w", "%{http_code}", "-H", "Expect:", "--data-binary", "@\(file.path)",
+                          "http://127.0.0.1:\(p.port)/upload"])
+        XCTAssertEqual(r.lines, ["503"])
+        XCTAssertLessThan(Date().timeIntervalSince(start), 5, "the rest of the body was read and dropped")
+        XCTAssertTrue(p.eventually { p.metric("sluice_worker_buffers_in_use") == 0 && p.metric("sluice_worker_active_connections") == 0 })
+    }
+
     func testSmugglingShapesAre400AndClosed() throws {
         let ports = try backends(["v1"])
         let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
