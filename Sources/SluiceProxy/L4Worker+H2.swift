@@ -89,7 +89,8 @@ extension L4Worker {
         hconns[i].inBuffer = -1
         giveBack(id)
         handleDownstreamEvents(slot, h2)
-        if !ok { hconns[i].closeAfterFlush = true }
+        // A protocol error makes nghttp2 queue GOAWAY and stop reading: close once it is sent.
+        if !ok || h2.session.isFinished { hconns[i].closeAfterFlush = true }
         flushH2Down(slot)
         if !ok { return }
         receiveDownH2(slot)
@@ -666,6 +667,8 @@ extension L4Worker {
             if h2.session.events.isEmpty || hconns[i].phase != .open { break }
             handleDownstreamEvents(slot, h2)
         }
+        // Once nghttp2 neither reads nor writes (GOAWAY after a protocol error went out), the connection is done.
+        if hconns[i].phase == .open && h2.session.isFinished { hconns[i].closeAfterFlush = true }
         flushDown(slot)
         closeH2IfDone(slot)
     }
@@ -693,7 +696,8 @@ extension L4Worker {
     func closeH2IfDone(_ slot: UInt32) {
         let i = Int(slot)
         guard hconns[i].phase == .open, hconns[i].closeAfterFlush, let h2 = hconns[i].h2 else { return }
-        if (h2.streams.isEmpty || h2.session.failed) && hconns[i].outQueue.isEmpty && !hconns[i].sending {
+        if (h2.streams.isEmpty || h2.session.failed || h2.session.isFinished) && hconns[i].outQueue.isEmpty
+            && !hconns[i].sending {
             teardownHTTP(slot, reset: false)
         }
     }

@@ -8,6 +8,9 @@
   grpc_backend.py call TARGET METHOD PAYLOAD [key=value ...]
       one call through TARGET (host:port); prints "OK <reply>" (streams: replies joined by ","),
       or "ERR <CODE> <details>"
+  grpc_backend.py cancel TARGET
+      starts /test.Echo/Stream of 1,000,000 messages, reads 10, cancels it (RST_STREAM), then makes a unary
+      call on the same channel; prints "CANCELLED <n read>" and that call's result
 """
 import sys
 import time
@@ -60,9 +63,27 @@ def call(target, method, payload, metadata):
             print(f"ERR {e.code().name} {e.details()}")
 
 
+def cancel(target):
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_stream("/test.Echo/Stream")(b"1000000", timeout=20)
+        n = 0
+        for _ in call:
+            n += 1
+            if n == 10:
+                break
+        call.cancel()
+        print(f"CANCELLED {n}")
+        try:
+            print("OK " + channel.unary_unary("/test.Echo/Unary")(b"after", timeout=10).decode())
+        except grpc.RpcError as e:
+            print(f"ERR {e.code().name} {e.details()}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2:])
+    elif sys.argv[1] == "cancel":
+        cancel(sys.argv[2])
     else:
         md = [tuple(kv.split("=", 1)) for kv in sys.argv[5:]]
         call(sys.argv[2], sys.argv[3], sys.argv[4], md)

@@ -35,10 +35,14 @@ final class H2ProxyTests: XCTestCase {
 
     /// One gRPC call through the proxy with Python's grpcio client.
     func call(_ port: UInt16, _ method: String, _ payload: String, metadata: [String] = []) throws -> String {
+        try grpcClient(["call", "127.0.0.1:\(port)", method, payload] + metadata)
+    }
+
+    /// Runs the grpcio fixture as a client; returns what it printed.
+    func grpcClient(_ arguments: [String]) throws -> String {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", Harness.root.appendingPathComponent("Tests/Fixtures/grpc_backend.py").path, "call",
-                       "127.0.0.1:\(port)", method, payload] + metadata
+        p.arguments = ["python3", Harness.root.appendingPathComponent("Tests/Fixtures/grpc_backend.py").path] + arguments
         let out = Pipe()
         p.standardOutput = out
         try p.run()
@@ -139,6 +143,38 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertTrue(text.contains("transfer-encoding: chunked"), text)
         XCTAssertTrue(text.contains("g1:hi"), text)
         XCTAssertTrue(text.contains("0\r\ngrpc-status: 0\r\n"), text)
+    }
+
+    func testAClientCancelResetsTheStreamAndTheConnectionGoesOn() throws {
+        let ports = try grpcBackends(["g1"])
+        let p = try proxy(Self.mesh(ports, routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let text = try grpcClient(["cancel", "127.0.0.1:\(p.port)"])
+        XCTAssertEqual(text.split(separator: "\n").map(String.init), ["CANCELLED 10", "OK g1:after"])
+        // The cancelled stream is counted as reset by the client (Envoy's DC).
+        XCTAssertTrue(p.eventually {
+            p.registry.render().split(separator: "\n").contains {
+                $0.hasPrefix("istio_requests_total{") && $0.contains("response_flags=\"DC\"") && $0.hasSuffix(" 1")
+            }
+        }, p.registry.render().split(separator: "\n").filter { $0.hasPrefix("istio_requests_total{") }.joined(separator: "\n"))
+    }
+
+    func testGarbageAfterThePrefaceEndsWithGoaway() throws {
+        let ports = try grpcBackends(["g1"])
+        let p = try proxy(Self.mesh(ports, routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
+        let c = try Client(port: p.port)
+        defer { c.close() }
+        XCTAssertTrue(c.send(Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8) + [0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF] + Array(repeating: 0x41, count: 64)))
+        let reply = c.receiveAll() ?? []
+        // Frames: our SETTINGS, then a GOAWAY (type 7) before the close.
+        var offset = 0, types: [UInt8] = []
+        while offset + 9 <= reply.count {
+            let length = Int(reply[offset]) << 16 | Int(reply[offset + 1]) << 8 | Int(reply[offset + 2])
+            types.append(reply[offset + 3])
+            offset += 9 + length
+        }
+        XCTAssertTrue(types.contains(7), "frame types \(types)")
+        // The worker is fine: a normal call works.
+        XCTAssertEqual(try call(p.port, "/test.Echo/Unary", "ok"), "OK g1:ok")
     }
 
     func testManyStreamsOverFewConnectionsAllSucceed() throws {
