@@ -302,6 +302,44 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertEqual(p.metric("istio_requests_total"), 10, "copies are not client requests")
     }
 
+    func testConsistentHashByHeaderKeepsAUserOnOneEndpoint() throws {
+        let ports = try backends(["v1", "v2", "v3"])
+        let p = try proxy(Self.mesh([("v1", ports[0]), ("v2", ports[1]), ("v3", ports[2])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+            """, policy: "loadBalancer: {consistentHash: {httpHeaderName: x-user}}"))
+        var seen: [String: Set<String>] = [:]
+        for user in (0..<12).map({ "user-\($0)" }) {
+            let lines = try requests(p.port, "/x", count: 10, extra: ["-H", "x-user: \(user)"])
+            seen[user] = Set(lines.map { String($0.split(separator: " ").last ?? "") })
+        }
+        // Each user always lands on one endpoint; the users spread over more than one.
+        XCTAssertTrue(seen.values.allSatisfy { $0.count == 1 }, "\(seen)")
+        XCTAssertGreaterThan(Set(seen.values.flatMap { $0 }).count, 1, "\(seen)")
+    }
+
+    func testRateLimitKeyedByHeaderGivesEachValueItsOwnBucket() throws {
+        let ports = try backends(["v1"])
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+            """, extra: """
+
+            ---
+            apiVersion: sluice.dev/v1
+            kind: RateLimitPolicy
+            metadata: {name: app, namespace: test}
+            spec:
+              host: app.test.svc.cluster.local
+              local:
+              - tokenBucket: {maxTokens: 5, tokensPerFill: 5, fillInterval: 60s}
+                key: {header: x-user}
+            """), workers: 1)
+        let a = try requests(p.port, "/x", count: 12, extra: ["-H", "x-user: alice"])
+        let b = try requests(p.port, "/x", count: 12, extra: ["-H", "x-user: bob"])
+        XCTAssertEqual(a.filter { $0.hasPrefix("200") }.count, 5, "\(a)")
+        XCTAssertEqual(b.filter { $0.hasPrefix("200") }.count, 5, "bob's bucket is his own: \(b)")
+        XCTAssertEqual(a.filter { $0.hasPrefix("429") }.count, 7)
+    }
+
     func testCircuitBreakerOverflowAnswers503WithOverloadedHeader() throws {
         let ports = try backends(["v1"])
         let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
