@@ -333,7 +333,7 @@ extension L4Worker {
                                      budgetAllows: retryBudgetAllows(wc), random: rng.next())
         guard case .retry = decision else { return false }
         s.retries += 1
-        shard.add(retryCounter(wc))
+        shard.add(wc.runtime.metrics.retries)
         if let leg = s.leg {
             endLeg(leg, reusable: false)
             s.leg = nil

@@ -932,7 +932,7 @@ extension L4Worker {
             ex.retries += 1
             ex.retriesCounted += 1
             ex.cluster!.runtime.activeRetries.add(1)
-            shard.add(retryCounter(ex.cluster!))
+            shard.add(ex.cluster!.runtime.metrics.retries)
         }
         ex.response = HTTP1ResponseReader(limits: httpLimits)
         ex.response.answeringHEAD = ex.isHEAD
@@ -969,11 +969,6 @@ extension L4Worker {
         } else if seg.frees {
             free(seg.owned)
         }
-    }
-
-    func retryCounter(_ wc: WorkerCluster) -> Int {
-        registry.counter("sluice_http_retries_total", help: "Requests sent again by a route's retry policy",
-                         labels: [("cluster", wc.runtime.config.name)])
     }
 
     /// Releases the exchange's upstream connection: back to the pool when it can carry another request.
@@ -1063,7 +1058,7 @@ extension L4Worker {
         ex.shadowHead = nil
         // A body too large to keep cannot be copied: the request is not mirrored (counted).
         guard let body = ex.replay, ex.requestDone else {
-            shard.add(mirrorSkipped(wc))
+            shard.add(wc.runtime.metrics.mirrorSkipped)
             return
         }
         guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: -1) else { return }
@@ -1103,7 +1098,7 @@ extension L4Worker {
         case .uConnect:
             guard result == 0 else { stopUp(u); return }
             ups[i].phase = .busy
-            shard.add(mirrorCounter(ups[i].cluster!))
+            shard.add(ups[i].cluster!.runtime.metrics.mirrored)
             let s = loop.uring.sqe()
             io_uring_prep_send(s, ups[i].fd, ups[i].shadow!, ups[i].shadowLength, Int32(MSG_NOSIGNAL))
             trackUp(s, u, .uSend)
@@ -1132,17 +1127,6 @@ extension L4Worker {
         default:
             break
         }
-    }
-
-    private func mirrorCounter(_ wc: WorkerCluster) -> Int {
-        registry.counter("sluice_http_mirrored_requests_total", help: "Requests copied to a route's mirror",
-                         labels: [("cluster", wc.runtime.config.name)])
-    }
-
-    private func mirrorSkipped(_ wc: WorkerCluster) -> Int {
-        registry.counter("sluice_http_mirror_skipped_total",
-                         help: "Requests not mirrored because their body was too large to keep",
-                         labels: [("cluster", wc.runtime.config.name)])
     }
 
     func freeUp(_ u: UInt32) {

@@ -84,6 +84,9 @@ struct ClusterMetrics: Sendable {
     let connectFailures: Int
     let ejections: Int
     let connectDuration: Histogram
+    let retries: Int
+    let mirrored: Int
+    let mirrorSkipped: Int
 
     init(registry r: MetricsRegistry, cluster c: NodeSnapshot.Cluster) {
         let host = c.serviceHost
@@ -110,6 +113,10 @@ struct ClusterMetrics: Sendable {
                                     labels: cl)
         ejections = r.counter("sluice_outlier_ejections_total", help: "Endpoints ejected by outlier detection",
                               labels: cl)
+        retries = r.counter("sluice_http_retries_total", help: "Requests sent again by a route's retry policy", labels: cl)
+        mirrored = r.counter("sluice_http_mirrored_requests_total", help: "Requests copied to a route's mirror", labels: cl)
+        mirrorSkipped = r.counter("sluice_http_mirror_skipped_total",
+                                  help: "Requests not mirrored because their body was too large to keep", labels: cl)
         connectDuration = r.histogram("sluice_upstream_connect_duration_milliseconds",
                                       help: "Time to establish upstream connections",
                                       buckets: [0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000], labels: cl)

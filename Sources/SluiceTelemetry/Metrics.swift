@@ -3,8 +3,9 @@ import Glibc
 import Synchronization
 
 /// Where every metric series lives: a family (name, type, help) and a label set map to slots in each worker's
-/// ``MetricShard``. Series are created off the data plane (at config time) and never removed, so a slot index a
-/// worker holds stays valid for the life of the process.
+/// ``MetricShard``. Series are created at config time, or by a worker the first time it meets a label value only
+/// known at run time (a response code): then the worker takes this registry's lock once for that series and keeps
+/// its slot. Series are never removed, so a slot index a worker holds stays valid for the life of the process.
 public final class MetricsRegistry: Sendable {
     public enum Kind: String, Sendable { case counter, gauge, histogram }
 
