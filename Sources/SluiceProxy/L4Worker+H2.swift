@@ -25,8 +25,9 @@ final class H2Stream {
     var responseOps: HeaderOperations.Ops?
     /// Set when the upstream speaks HTTP/1.1: the translated request.
     var leg: H1Leg?
-    /// The route's request timeout, as a monotonic deadline (0: none).
+    /// The route's request timeout and the current attempt's per-try timeout, as monotonic deadlines (0: none).
     var deadline: UInt64 = 0
+    var tryDeadline: UInt64 = 0
     // For retries: the route, the request as sent upstream, a copy of its body (nil once it outgrew the replay
     // limit or when the route does not retry), and how far the client got.
     var route: RouteRuntime?
@@ -300,6 +301,10 @@ extension L4Worker {
     /// ports (Istio's port protocols). A replay (retry) sends the kept body in full.
     private func dispatchStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, replay: Bool) -> Bool {
         guard let wc = s.cluster else { return false }
+        if let t = s.route?.perTryTimeoutNanos, t > 0 {
+            s.tryDeadline = loop.now &+ t
+            scheduleStream(slot, stream: s.id, at: s.tryDeadline)
+        }
         let body = replay ? (s.body ?? []) : []
         let endNow = replay ? body.isEmpty : s.endStreamAtHead
         guard wc.runtime.config.protocol == .http2 || wc.runtime.config.protocol == .grpc else {
@@ -382,8 +387,18 @@ extension L4Worker {
     /// A stream's request timeout fired: 504 if nothing was answered yet, else a reset; the upstream half is
     /// cancelled either way.
     func h2StreamTimedOut(_ slot: UInt32, stream low: Int32, deadline: UInt64) {
-        guard let h2 = hconns[Int(slot)].h2,
-            let s = h2.streams.values.first(where: { $0.deadline == deadline && $0.id & 0xFF_FFFF == low }) else { return }
+        guard let h2 = hconns[Int(slot)].h2, let s = h2.streams.values.first(where: {
+            ($0.deadline == deadline || $0.tryDeadline == deadline) && $0.id & 0xFF_FFFF == low
+        }) else { return }
+        if s.tryDeadline == deadline && s.deadline != deadline {
+            // The attempt's own timeout: retried per the route's policy (a new attempt gets a new deadline).
+            s.tryDeadline = 0
+            if s.answered { return }
+            if retryStream(slot, h2, s, .perTryTimeout) {
+                flushH2Down(slot)
+                return
+            }
+        }
         s.flag = .upstreamRequestTimeout
         if let leg = s.leg { endLeg(leg, reusable: false) }
         if let up = s.up, s.upStream > 0, up.streams[s.upStream] != nil {

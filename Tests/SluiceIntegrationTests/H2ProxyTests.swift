@@ -51,6 +51,19 @@ final class H2ProxyTests: XCTestCase {
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
+    /// curl speaking HTTP/2 with prior knowledge; returns what it printed.
+    func h2curl(_ args: [String]) throws -> String {
+        let c = Process()
+        c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        c.arguments = ["-s", "--http2-prior-knowledge", "--max-time", "10"] + args
+        let out = Pipe()
+        c.standardOutput = out
+        try c.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        c.waitUntilExit()
+        return text
+    }
+
     func testGRPCUnaryStreamingStatusAndHeaderRoutingCrossTheProxy() throws {
         let ports = try grpcBackends(["g1", "g2"])
         let p = try proxy(Self.mesh(ports, routes: """
@@ -85,18 +98,27 @@ final class H2ProxyTests: XCTestCase {
             - timeout: 300ms
               route: [{destination: {host: app.test.svc.cluster.local}}]
             """))
-        let c = Process()
-        c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-        c.arguments = ["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
-                       "http://127.0.0.1:\(p.port)/delay/3000"]
-        let out = Pipe()
-        c.standardOutput = out
         let start = Date()
-        try c.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        c.waitUntilExit()
+        let text = try h2curl(["-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:\(p.port)/delay/3000"])
         XCTAssertEqual(text, "504")
         XCTAssertLessThan(Date().timeIntervalSince(start), 1.5)
+    }
+
+    func testPerTryTimeoutRetriesHTTP2StreamsThenGivesUp() throws {
+        let (backend, ports) = try Harness.backends(["v1:0"], script: "http_backend.py")
+        cleanups.append { backend.terminate(); backend.waitUntilExit() }
+        let p = try proxy(HTTPProxyTests.mesh([("v1", ports[0])], routes: """
+            - retries: {attempts: 2, perTryTimeout: 200ms, retryOn: 5xx}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        let start = Date()
+        let text = try h2curl(["-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:\(p.port)/delay/3000"])
+        let elapsed = Date().timeIntervalSince(start)
+        // Three attempts of 200 ms each, then the client hears 504.
+        XCTAssertEqual(text, "504")
+        XCTAssertGreaterThanOrEqual(elapsed, 0.6)
+        XCTAssertLessThan(elapsed, 2.0)
+        XCTAssertEqual(p.metric("sluice_http_retries_total"), 2)
     }
 
     func testRetriesHideAFlakyBackendForHTTP2Clients() throws {
@@ -106,17 +128,7 @@ final class H2ProxyTests: XCTestCase {
             - retries: {attempts: 3, retryOn: 5xx}
               route: [{destination: {host: app.test.svc.cluster.local}}]
             """))
-        func curl(_ args: [String]) throws -> String {
-            let c = Process()
-            c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            c.arguments = ["-s", "--http2-prior-knowledge", "--max-time", "10"] + args
-            let out = Pipe()
-            c.standardOutput = out
-            try c.run()
-            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            c.waitUntilExit()
-            return text
-        }
+        let curl = h2curl
         XCTAssertEqual(try curl(["http://127.0.0.1:\(p.port)/flaky/h2-get/2"]), "v1 attempt 3")
         // The body is kept and sent again in full.
         XCTAssertEqual(try curl(["--data-binary", "payload", "http://127.0.0.1:\(p.port)/flaky/h2-post/1"]), "v1 attempt 2")
@@ -230,17 +242,7 @@ final class H2ProxyTests: XCTestCase {
             - route: [{destination: {host: app.test.svc.cluster.local}}]
               headers: {response: {set: {x-via: sluice}}}
             """))
-        func curl(_ args: [String]) throws -> String {
-            let c = Process()
-            c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            c.arguments = ["-s", "--http2-prior-knowledge", "--max-time", "10"] + args
-            let out = Pipe()
-            c.standardOutput = out
-            try c.run()
-            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            c.waitUntilExit()
-            return text
-        }
+        let curl = h2curl
         let base = "http://127.0.0.1:\(p.port)"
         XCTAssertEqual(try curl(["-w", " %{http_version} %{http_code} %header{x-via}", "\(base)/item"]), "v1 2 200 sluice")
         // Bodies both ways: with a length, and streamed (chunked upstream) from stdin.
