@@ -245,9 +245,6 @@ public enum HTTP1Parser {
         nameEquals(b, r, lower)
     }
 
-    /// The comma-separated, trimmed elements of field value `r` of `b`.
-    public static func tokens(_ b: UnsafeRawBufferPointer, _ r: Range<Int>) -> [Range<Int>] { commaTokens(b, r) }
-
     /// ASCII case-insensitive comparison with a lower-case literal.
     static func nameEquals(_ b: UnsafeRawBufferPointer, _ r: Range<Int>, _ lower: StaticString) -> Bool {
         guard r.count == lower.utf8CodeUnitCount else { return false }
@@ -264,12 +261,6 @@ public enum HTTP1Parser {
         nameEquals(b, r, lower)
     }
 
-    /// The comma-separated elements of a field value, trimmed.
-    static func commaTokens(_ b: UnsafeRawBufferPointer, _ r: Range<Int>) -> [Range<Int>] {
-        var out: [Range<Int>] = []
-        forEachToken(b, r) { out.append($0) }
-        return out
-    }
 
     /// Calls `body` with each comma-separated, trimmed element of a field value (no allocation).
     @inline(__always)

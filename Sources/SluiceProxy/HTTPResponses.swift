@@ -82,7 +82,7 @@ enum HTTPResponses {
             }
             if upgrade { drop.remove("upgrade") }
             fields.removeAll { drop.contains($0.0) && !(upgrade && $0.0 == "upgrade") }
-            for o in ops { apply(o, to: &fields) }
+            for o in ops { o.apply(to: &fields) }
             var out = "HTTP/1.1 \(h.status) \(text(h.reason))\r\n"
             for (n, v) in fields { out += "\(n): \(v)\r\n" }
             if upgrade { out += "connection: upgrade\r\n" } else if close { out += "connection: close\r\n" }
@@ -131,18 +131,6 @@ enum HTTPResponses {
             out[n] = 0x0D; out[n + 1] = 0x0A; n += 2
             return Segment(buffer: -1, owned: UnsafeMutableRawPointer(out), offset: 0, length: Int32(n), frees: true)
         }
-    }
-
-    /// Istio's order: remove, then set (replacing), then add.
-    static func apply(_ ops: HeaderOperations.Ops, to fields: inout [(String, String)]) {
-        let removed = Set(ops.remove.map { $0.lowercased() })
-        fields.removeAll { removed.contains($0.0) }
-        for (k, v) in ops.set.sorted(by: { $0.key < $1.key }) {
-            let name = k.lowercased()
-            fields.removeAll { $0.0 == name }
-            fields.append((name, v))
-        }
-        for (k, v) in ops.add.sorted(by: { $0.key < $1.key }) { fields.append((k.lowercased(), v)) }
     }
 
     /// Istio's redirect: the request's scheme, authority and path unless the route replaces them.

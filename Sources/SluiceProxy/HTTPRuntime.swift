@@ -38,6 +38,12 @@ public final class RouteRuntime: @unchecked Sendable {
         self.rateLimits = limits
     }
 
+    /// The uri prefix the matching condition (an index into `route.match`) matched, which `rewrite.uri` replaces.
+    func matchedPrefix(_ condition: Int?) -> String? {
+        guard let c = condition, case .prefix(let p)? = route.match[c].uri else { return nil }
+        return p
+    }
+
     /// The destination index for a draw `x` in `0..<totalWeight`.
     @inline(__always)
     func pick(_ x: Int) -> Int {

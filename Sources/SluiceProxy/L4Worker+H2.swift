@@ -90,11 +90,10 @@ extension L4Worker {
         hconns[i].inBuffer = -1
         giveBack(id)
         handleDownstreamEvents(slot, h2)
-        // A protocol error makes nghttp2 queue GOAWAY and stop reading: close once it is sent.
-        if !ok || h2.session.isFinished { hconns[i].closeAfterFlush = true }
+        if !ok { hconns[i].closeAfterFlush = true }
         flushH2Down(slot)
         if !ok { return }
-        receiveDownH2(slot)
+        receiveDown(slot)
     }
 
     private func handleDownstreamEvents(_ slot: UInt32, _ h2: H2Downstream) {
@@ -181,73 +180,23 @@ extension L4Worker {
         }
         let facts = HTTPRequestFacts(method: method, path: bare, query: query, authority: authority, scheme: scheme,
                                      headers: headers, port: hconns[i].port, gateway: table.gateway)
-        var cluster: ClusterRuntime?
-        var route: RouteRuntime?
-        if let m = table.router.match(facts) {
-            route = table.routes[m.ordinal]
-            let r = route!
-            if let d = r.route.directResponse {
-                answerStream(slot, h2, s, status: d.status, body: d.body ?? "")
-                return
-            }
-            if let redirect = r.route.redirect {
-                let location = HTTPResponses.redirectLocation(redirect, scheme: scheme, authority: authority, path: bare)
-                answerStream(slot, h2, s, status: redirect.redirectCode, headers: [("location", location)])
-                return
-            }
-            let fault = FaultInjection.decide(r.route.fault) { Double(self.rng.next() >> 11) / Double(1 << 53) }
-            if case .httpStatus(let code)? = fault.abort {
-                s.flag = .faultInjected
-                answerStream(slot, h2, s, status: code, body: "fault filter abort")
-                return
-            }
-            if case .grpcStatus(let g)? = fault.abort {
-                s.flag = .faultInjected
-                answerStream(slot, h2, s, status: 200, headers: [("content-type", "application/grpc"),
-                                                                 ("grpc-status", Self.grpcCode(g))])
-                return
-            }
-            for limit in r.rateLimits where limit.applies(facts) {
-                if let retryAfter = takeToken(limit, facts: facts, client: hconns[i].client) {
-                    s.flag = .rateLimited
-                    answerStream(slot, h2, s, status: limit.local.status,
-                                 headers: [("retry-after", String(retryAfter)), ("x-ratelimit-remaining", "0")],
-                                 body: "local_rate_limited")
-                    return
-                }
-            }
-            let pick = r.clusters.count == 1 ? 0 : r.pick(rng.next(below: r.totalWeight))
-            cluster = r.clusters[pick]
-        } else if let c = hconns[i].captured, !table.router.hasHost(authority) {
-            cluster = c
-        } else {
-            s.flag = .noRoute
-            answerStream(slot, h2, s, status: 404)
+        let f: Forwarding
+        switch route(facts, table: table, captured: hconns[i].captured, client: hconns[i].client) {
+        case .answer(_, let status, let flag, let headers, let body):
+            s.flag = flag
+            answerStream(slot, h2, s, status: status, headers: headers, body: body)
             return
+        case .forward(let forwarding):
+            // Fault delays are not applied to HTTP/2 streams yet.
+            f = forwarding
         }
-        guard let cluster, let wc = clusters[ObjectIdentifier(cluster)] else {
-            s.flag = .noHealthyUpstream
-            answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
-            return
-        }
-        s.cluster = wc
+        let route = f.route, condition = f.condition, hash = f.hash
+        s.cluster = f.cluster
+        s.counted = f.counted
         s.responseOps = route?.route.headers?.response
         if let t = route?.timeoutNanos, t > 0 {
             s.deadline = loop.now &+ t
             scheduleStream(slot, stream: sid, at: s.deadline)
-        }
-        if let max = cluster.config.httpPool?.http2MaxRequests {
-            if cluster.activeRequests.add(1) >= Int64(max) {
-                cluster.activeRequests.add(-1)
-                s.flag = .upstreamOverflow
-                answerStream(slot, h2, s, status: 503, headers: [("x-envoy-overloaded", "true")])
-                return
-            }
-            s.counted = true
-        }
-        var hash: UInt64 = 0
-        if case .consistentHash(let key, _) = cluster.config.loadBalancer {
-            hash = Self.hashKey(key, facts: facts, client: hconns[i].client)
         }
         // The request as the upstream sees it: the client's fields minus connection-specific ones, plus the mesh's.
         var out = H2Fields()
@@ -264,11 +213,7 @@ extension L4Worker {
                 hasAuthority = true
                 if let a = rewrite?.authority { out.append(":authority", a); continue }
             } else if fields.nameIs(k, ":path"), let uri = rewrite?.uri {
-                var prefix: String?
-                if let m = table.router.match(facts), let c = m.condition, case .prefix(let p)? = route?.route.match[c].uri {
-                    prefix = p
-                }
-                let rest = prefix.map { bare.hasPrefix($0) ? String(bare.dropFirst($0.count)) : "" } ?? ""
+                let rest = route?.matchedPrefix(condition).map { bare.hasPrefix($0) ? String(bare.dropFirst($0.count)) : "" } ?? ""
                 out.append(":path", uri + rest + path.dropFirst(bare.count))
                 continue
             } else if fields.nameIs(k, "x-forwarded-for") {
@@ -283,7 +228,7 @@ extension L4Worker {
         if !hasAuthority && !authority.isEmpty { out.append(":authority", rewrite?.authority ?? authority) }
         if !forwarded { out.append("x-forwarded-for", hconns[i].client) }
         out.append("x-forwarded-proto", scheme)
-        if !hasID { out.append("x-request-id", requestIDString()) }
+        if !hasID { out.append("x-request-id", requestID()) }
         if let ops = route?.route.headers?.request { applyH2(ops, to: &out) }
         s.route = route
         s.request = out
@@ -358,14 +303,8 @@ extension L4Worker {
     func applyH2(_ ops: HeaderOperations.Ops, to fields: inout H2Fields) {
         let all = fields.pairs
         var plain = all.filter { !$0.name.hasPrefix(":") }.map { ($0.name, $0.value) }
-        HTTPResponses.apply(ops, to: &plain)
+        ops.apply(to: &plain)
         fields = H2Fields(all.filter { $0.name.hasPrefix(":") }.map { ($0.name, $0.value) } + plain)
-    }
-
-    func requestIDString() -> String {
-        let a = rng.next(), b = rng.next()
-        let hex = String(a, radix: 16) + String(b, radix: 16)
-        return String(repeating: "0", count: max(0, 32 - hex.count)) + hex
     }
 
     /// Answers a stream from the proxy (no upstream).
@@ -429,29 +368,11 @@ extension L4Worker {
     func h2Upstream(_ wc: WorkerCluster, hash: UInt64) -> H2Upstream? {
         guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1) else { return nil }
         if let existing = wc.h2[e], !existing.closing { return existing }
-        let addr = wc.runtime.addresses + e
-        let fd = Socket.stream(family: addr.pointee.family)
-        guard fd >= 0 else { return nil }
-        Socket.setNoDelay(fd)
+        guard let u = connectUp(wc, endpoint: e) else { return nil }
         wc.runtime.active.add(1)
-        let u = allocateUp()
         let up = H2Upstream(slot: u, cluster: wc, endpoint: e)
-        ups[Int(u)].fd = fd
-        ups[Int(u)].phase = .connecting
-        ups[Int(u)].cluster = wc
-        ups[Int(u)].endpoint = Int32(e)
         ups[Int(u)].h2 = up
-        ups[Int(u)].connectStart = loop.now
         wc.h2[e] = up
-        let s = loop.uring.sqe()
-        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { q in
-            q.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
-        }
-        s.pointee.flags |= sl_iosqe_io_link()
-        trackUp(s, u, .uConnect)
-        let t = loop.uring.sqe()
-        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
-        trackUp(t, u, .uConnectTimeout)
         return up
     }
 
@@ -647,11 +568,7 @@ extension L4Worker {
     }
 
     private func receiveH2Up(_ u: UInt32) {
-        let s = loop.uring.sqe()
-        io_uring_prep_recv(s, ups[Int(u)].fd, nil, buffers.size, 0)
-        s.pointee.flags |= sl_iosqe_buffer_select()
-        s.pointee.buf_group = buffers.group
-        trackUp(s, u, .uRecv)
+        trackUp(bufferedReceive(ups[Int(u)].fd), u, .uRecv)
     }
 
     /// Sends what the upstream session has to say, one send at a time.
@@ -715,17 +632,6 @@ extension L4Worker {
             && !hconns[i].sending {
             teardownHTTP(slot, reset: false)
         }
-    }
-
-    private func receiveDownH2(_ slot: UInt32) {
-        let i = Int(slot)
-        guard hconns[i].phase == .open, !hconns[i].receiving, hconns[i].inBuffer < 0 else { return }
-        let s = loop.uring.sqe()
-        io_uring_prep_recv(s, hconns[i].fd, nil, buffers.size, 0)
-        s.pointee.flags |= sl_iosqe_buffer_select()
-        s.pointee.buf_group = buffers.group
-        trackDown(s, slot, .hRecv)
-        hconns[i].receiving = true
     }
 
     /// A client HTTP/2 connection closes: its streams' upstream halves are reset.

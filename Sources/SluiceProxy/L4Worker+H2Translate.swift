@@ -91,42 +91,20 @@ extension L4Worker {
         let wc = leg.cluster
         guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1) else { return false }
         leg.endpoint = e
-        if !fresh {
-            while let u = wc.idle[e].popLast() {
-                guard ups[Int(u)].phase == .idle else { continue }
-                ups[Int(u)].phase = .busy
-                ups[Int(u)].leg = leg
-                leg.up = u
-                leg.reused = true
-                wc.active[e] += 1
-                flushLeg(leg)
-                receiveLeg(leg)
-                return true
-            }
+        if !fresh, let u = takeIdle(wc, endpoint: e) {
+            ups[Int(u)].leg = leg
+            leg.up = u
+            leg.reused = true
+            wc.active[e] += 1
+            flushLeg(leg)
+            receiveLeg(leg)
+            return true
         }
-        let addr = wc.runtime.addresses + e
-        let fd = Socket.stream(family: addr.pointee.family)
-        guard fd >= 0 else { return false }
-        Socket.setNoDelay(fd)
+        guard let u = connectUp(wc, endpoint: e) else { return false }
         wc.runtime.active.add(1)
-        let u = allocateUp()
-        ups[Int(u)].fd = fd
-        ups[Int(u)].phase = .connecting
-        ups[Int(u)].cluster = wc
-        ups[Int(u)].endpoint = Int32(e)
         ups[Int(u)].leg = leg
-        ups[Int(u)].connectStart = loop.now
         leg.up = u
         leg.reused = false
-        let s = loop.uring.sqe()
-        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { q in
-            q.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
-        }
-        s.pointee.flags |= sl_iosqe_io_link()
-        trackUp(s, u, .uConnect)
-        let t = loop.uring.sqe()
-        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
-        trackUp(t, u, .uConnectTimeout)
         return true
     }
 
@@ -169,11 +147,7 @@ extension L4Worker {
 
     private func receiveLeg(_ leg: H1Leg) {
         guard !leg.receiving, !leg.responseDone, !leg.paused, ups[Int(leg.up)].phase == .busy else { return }
-        let s = loop.uring.sqe()
-        io_uring_prep_recv(s, ups[Int(leg.up)].fd, nil, buffers.size, 0)
-        s.pointee.flags |= sl_iosqe_buffer_select()
-        s.pointee.buf_group = buffers.group
-        trackUp(s, leg.up, .uRecv)
+        trackUp(bufferedReceive(ups[Int(leg.up)].fd), leg.up, .uRecv)
         leg.receiving = true
     }
 
@@ -482,7 +456,7 @@ extension L4Worker {
                     guard let c = line.firstIndex(of: ":") else { return nil }
                     return (String(line[..<c]), String(line[line.index(after: c)...]).trimmingSpaces)
                 }
-                HTTPResponses.apply(ops, to: &pairs)
+                ops.apply(to: &pairs)
                 head = "HTTP/1.1 \(status) \(HTTPResponses.reason(status))\r\n" + pairs.map { "\($0.0): \($0.1)\r\n" }.joined()
             }
             if endStream && !hasLength && !ex.isHEAD { head += "content-length: 0\r\n" }

@@ -172,16 +172,12 @@ extension L4Worker {
 
     func receiveDown(_ slot: UInt32) {
         let i = Int(slot)
-        guard hconns[i].phase == .open, !hconns[i].receiving, hconns[i].inBuffer < 0, !hconns[i].closeAfterFlush else {
-            return
-        }
-        let s = loop.uring.sqe()
-        io_uring_prep_recv(s, hconns[i].fd, nil, buffers.size, 0)
-        s.pointee.flags |= sl_iosqe_buffer_select()
-        s.pointee.buf_group = buffers.group
+        // An HTTP/2 connection keeps reading while it drains (window updates, streams in flight).
+        guard hconns[i].phase == .open, !hconns[i].receiving, hconns[i].inBuffer < 0,
+            !hconns[i].closeAfterFlush || hconns[i].h2 != nil else { return }
         // Between requests of a keep-alive client nothing is there yet: wait for readiness instead of trying
         // a receive that fails first.
-        if hconns[i].ex == nil && hconns[i].requests > 0 { s.pointee.ioprio |= UInt16(IORING_RECVSEND_POLL_FIRST) }
+        let s = bufferedReceive(hconns[i].fd, pollFirst: hconns[i].ex == nil && hconns[i].requests > 0)
         trackDown(s, slot, .hRecv)
         hconns[i].receiving = true
     }
@@ -324,87 +320,27 @@ extension L4Worker {
         hconns[i].ex = ex
         let table = hconns[i].table!
 
-        // Route: the first VirtualService route that matches; captured traffic without one goes to the service.
-        var route: RouteRuntime?
-        var condition: Int?
-        if let m = table.router.match(facts) {
-            route = table.routes[m.ordinal]
-            condition = m.condition
-        }
-        let cluster: ClusterRuntime?
-        var destination: VirtualService.RouteDestination?
-        if let route {
-            if let r = route.route.redirect {
-                let location = HTTPResponses.redirectLocation(r, scheme: facts.scheme, authority: facts.authority,
-                                                              path: facts.path)
-                hconns[i].ex!.route = route
-                respondLocally(slot, status: r.redirectCode, headers: [("location", location)], body: "")
-                return
-            }
-            if let d = route.route.directResponse {
-                hconns[i].ex!.route = route
-                respondLocally(slot, status: d.status, body: d.body ?? "")
-                return
-            }
-            let fault = FaultInjection.decide(route.route.fault) { Double(self.rng.next() >> 11) / Double(1 << 53) }
-            if let abort = fault.abort {
-                hconns[i].ex!.route = route
-                switch abort {
-                case .httpStatus(let s): respondLocally(slot, status: s, flag: .faultInjected, body: "fault filter abort")
-                case .grpcStatus(let g):
-                    respondLocally(slot, status: 200, flag: .faultInjected,
-                                   headers: [("content-type", "application/grpc"), ("grpc-status", Self.grpcCode(g))], body: "")
-                }
-                return
-            }
-            if let delay = fault.delay {
-                hconns[i].ex!.wakeAt = loop.now &+ delay.clampedNanoseconds
-                hconns[i].ex!.flag = .delayInjected
-            }
-            for limit in route.rateLimits where limit.applies(facts) {
-                if let retryAfter = takeToken(limit, facts: facts, client: hconns[i].client) {
-                    hconns[i].ex!.route = route
-                    respondLocally(slot, status: limit.local.status, flag: .rateLimited,
-                                   headers: [("retry-after", String(retryAfter)),
-                                             ("x-ratelimit-limit", String(limit.local.tokenBucket.maxTokens)),
-                                             ("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", String(retryAfter))],
-                                   body: "local_rate_limited")
-                    return
-                }
-            }
-            let pick = route.clusters.count == 1 ? 0 : route.pick(rng.next(below: route.totalWeight))
-            cluster = route.clusters[pick]
-            destination = route.route.route[pick]
-        } else if let c = hconns[i].captured, !table.router.hasHost(facts.authority) {
-            cluster = c
-        } else {
-            respondLocally(slot, status: 404, flag: .noRoute, body: "")
+        let f: Forwarding
+        switch route(facts, table: table, captured: hconns[i].captured, client: hconns[i].client) {
+        case .answer(let r, let status, let flag, let headers, let body):
+            ex.route = r
+            respondLocally(slot, status: status, flag: flag, headers: headers, body: body)
             return
+        case .forward(let forwarding):
+            f = forwarding
         }
-        hconns[i].ex!.route = route
-        guard let cluster, let wc = clusters[ObjectIdentifier(cluster)] else {
-            respondLocally(slot, status: 503, flag: .noHealthyUpstream, body: "no healthy upstream")
-            return
-        }
-        hconns[i].ex!.cluster = wc
-        hconns[i].ex!.hadBody = head.framing != .none
-        if case .consistentHash(let key, _) = cluster.config.loadBalancer {
-            hconns[i].ex!.hash = Self.hashKey(key, facts: facts, client: hconns[i].client)
-        }
-        // Circuit breaker: requests in flight to the cluster, over all workers.
-        if let max = cluster.config.httpPool?.http2MaxRequests {
-            if cluster.activeRequests.add(1) >= Int64(max) {
-                cluster.activeRequests.add(-1)
-                overflow(slot)
-                return
-            }
-            hconns[i].ex!.counted = true
+        let route = f.route, destination = f.destination
+        ex.route = route
+        ex.cluster = f.cluster
+        ex.counted = f.counted
+        ex.hash = f.hash
+        ex.hadBody = head.framing != .none
+        if f.delay > 0 {
+            ex.wakeAt = loop.now &+ f.delay
+            ex.flag = .delayInjected
         }
         if (route?.retry.attempts ?? 0) == 0 { hconns[i].ex!.replay = nil }
-        let prefix: String? = condition.flatMap { c in
-            if case .prefix(let p)? = route?.route.match[c].uri { return p }
-            return nil
-        }
+        let prefix = route?.matchedPrefix(f.condition)
         let plain = route.map { $0.route.rewrite == nil && $0.route.headers?.request == nil } ?? true
             && destination?.headers?.request == nil
         let fast = plain ? headBytes.withUnsafeBytes { raw in
@@ -517,16 +453,16 @@ extension L4Worker {
         return names.firstIndex(of: s.uppercased()).map(String.init) ?? "2"
     }
 
-    private func requestID() -> String {
+    func requestID() -> String {
         let a = rng.next(), b = rng.next()
         let hex = String(a, radix: 16) + String(b, radix: 16)
         return String(repeating: "0", count: max(0, 32 - hex.count)) + hex
     }
 
     private func overflow(_ slot: UInt32) {
-        if let wc = hconns[Int(slot)].ex?.cluster { shard.add(wc.runtime.metrics.closedOverflow) }
-        respondLocally(slot, status: 503, flag: .upstreamOverflow, headers: [("x-envoy-overloaded", "true")],
-                       body: "upstream connect error or disconnect/reset before headers. reset reason: overflow")
+        guard let wc = hconns[Int(slot)].ex?.cluster,
+            case .answer(_, let status, let flag, let headers, let body) = overflowAnswer(wc, route: nil) else { return }
+        respondLocally(slot, status: status, flag: flag, headers: headers, body: body)
     }
 
     // MARK: - upstream
@@ -547,9 +483,7 @@ extension L4Worker {
             return
         }
         hconns[i].ex!.lastEndpoint = Int32(e)
-        while let u = wc.idle[e].popLast() {
-            guard ups[Int(u)].phase == .idle else { continue }
-            ups[Int(u)].phase = .busy
+        if let u = takeIdle(wc, endpoint: e) {
             ups[Int(u)].owner = slot
             ups[Int(u)].ownerGeneration = hconns[i].generation
             hconns[i].ex!.up = Int32(u)
@@ -557,31 +491,38 @@ extension L4Worker {
             startAttempt(slot)
             return
         }
-        if let max = wc.runtime.config.maxConnections, wc.runtime.active.add(1) >= Int64(max) {
+        // Circuit breaker: connections to the cluster over all workers.
+        let before = wc.runtime.active.add(1)
+        if let max = wc.runtime.config.maxConnections, before >= Int64(max) {
             wc.runtime.active.add(-1)
             overflow(slot)
             return
-        } else if wc.runtime.config.maxConnections == nil {
-            wc.runtime.active.add(1)
         }
-        let addr = wc.runtime.addresses + e
-        let fd = Socket.stream(family: addr.pointee.family)
-        guard fd >= 0 else {
+        guard let u = connectUp(wc, endpoint: e) else {
             wc.runtime.active.add(-1)
             attemptFailed(slot, .connectFailure)
             return
         }
+        ups[Int(u)].owner = slot
+        ups[Int(u)].ownerGeneration = hconns[i].generation
+        hconns[i].ex!.up = Int32(u)
+        hconns[i].ex!.reused = false
+    }
+
+    /// Opens a connection to endpoint `e` of `wc` in a new upstream slot: the connect is linked to the cluster's
+    /// connect timeout and completes as `.uConnect` on the slot. Nil when no socket could be made. The caller
+    /// counts it in the cluster's connections and says who owns the slot.
+    func connectUp(_ wc: WorkerCluster, endpoint e: Int) -> UInt32? {
+        let addr = wc.runtime.addresses + e
+        let fd = Socket.stream(family: addr.pointee.family)
+        guard fd >= 0 else { return nil }
         Socket.setNoDelay(fd)
         let u = allocateUp()
         ups[Int(u)].fd = fd
         ups[Int(u)].phase = .connecting
         ups[Int(u)].cluster = wc
         ups[Int(u)].endpoint = Int32(e)
-        ups[Int(u)].owner = slot
-        ups[Int(u)].ownerGeneration = hconns[i].generation
         ups[Int(u)].connectStart = loop.now
-        hconns[i].ex!.up = Int32(u)
-        hconns[i].ex!.reused = false
         let s = loop.uring.sqe()
         addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
@@ -591,6 +532,17 @@ extension L4Worker {
         let t = loop.uring.sqe()
         io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
         trackUp(t, u, .uConnectTimeout)
+        return u
+    }
+
+    /// A pooled idle connection to endpoint `e` of `wc`, now busy; nil when the pool has none.
+    func takeIdle(_ wc: WorkerCluster, endpoint e: Int) -> UInt32? {
+        while let u = wc.idle[e].popLast() {
+            guard ups[Int(u)].phase == .idle else { continue }
+            ups[Int(u)].phase = .busy
+            return u
+        }
+        return nil
     }
 
     private func upConnected(_ slot: UInt32, _ u: UInt32, result: Int32) {
@@ -678,13 +630,8 @@ extension L4Worker {
         guard let ex = hconns[i].ex, ex.up >= 0, !ex.upReceiving, ex.upBuffer < 0, !ex.responseDone || ex.tunnel,
             ups[Int(ex.up)].phase == .busy else { return }
         let u = UInt32(ex.up)
-        let s = loop.uring.sqe()
-        io_uring_prep_recv(s, ups[Int(u)].fd, nil, buffers.size, 0)
-        s.pointee.flags |= sl_iosqe_buffer_select()
-        s.pointee.buf_group = buffers.group
         // The first receive of an attempt is posted with the request: the response cannot be there yet.
-        if !ex.gotBytes { s.pointee.ioprio |= UInt16(IORING_RECVSEND_POLL_FIRST) }
-        trackUp(s, u, .uRecv)
+        trackUp(bufferedReceive(ups[Int(u)].fd, pollFirst: !ex.gotBytes), u, .uRecv)
         hconns[i].ex!.upReceiving = true
     }
 
@@ -1021,13 +968,8 @@ extension L4Worker {
         if c.phase == .busy || c.phase == .idle { shard.add(c.cluster!.runtime.metrics.closed) }
         ups[Int(u)].phase = .closing
         c.cluster!.runtime.active.add(-1)
-        if c.pending > 0 {
-            let s = loop.uring.sqe()
-            io_uring_prep_cancel_fd(s, c.fd, UInt32(IORING_ASYNC_CANCEL_ALL))
-            io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
-        } else {
-            freeUp(u)
-        }
+        stop(c.fd, reset: false, cancel: c.pending > 0)
+        if c.pending == 0 { freeUp(u) }
     }
 
     /// The send a closed upstream still had in flight is over: the client's input it read can be released.
@@ -1061,32 +1003,16 @@ extension L4Worker {
             shard.add(wc.runtime.metrics.mirrorSkipped)
             return
         }
-        guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: -1) else { return }
-        let addr = wc.runtime.addresses + e
-        let fd = Socket.stream(family: addr.pointee.family)
-        guard fd >= 0 else { return }
-        let u = allocateUp()
+        guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: -1), let u = connectUp(wc, endpoint: e) else {
+            return
+        }
+        wc.runtime.active.add(1)
         let n = head.count + body.count
         let p = malloc(max(1, n))!
         head.withUnsafeBytes { _ = memcpy(p, $0.baseAddress!, head.count) }
         body.withUnsafeBytes { if let b = $0.baseAddress { _ = memcpy(p + head.count, b, body.count) } }
-        ups[Int(u)].fd = fd
-        ups[Int(u)].phase = .connecting
-        ups[Int(u)].cluster = wc
-        ups[Int(u)].endpoint = Int32(e)
         ups[Int(u)].shadow = p
         ups[Int(u)].shadowLength = n
-        ups[Int(u)].connectStart = loop.now
-        wc.runtime.active.add(1)
-        let s = loop.uring.sqe()
-        addr.withMemoryRebound(to: sockaddr_storage.self, capacity: 1) { q in
-            q.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in io_uring_prep_connect(s, fd, sa, addr.pointee.length) }
-        }
-        s.pointee.flags |= sl_iosqe_io_link()
-        trackUp(s, u, .uConnect)
-        let t = loop.uring.sqe()
-        io_uring_prep_link_timeout(t, wc.runtime.connectTimeout, 0)
-        trackUp(t, u, .uConnectTimeout)
     }
 
     /// A mirror connection's completions: connect, send everything, read and drop until the upstream closes.
@@ -1107,23 +1033,16 @@ extension L4Worker {
             ups[i].shadow! += Int(result)
             ups[i].shadowLength -= Int(result)
             ups[i].shadowSent += Int(result)
-            let s = loop.uring.sqe()
             if ups[i].shadowLength > 0 {
+                let s = loop.uring.sqe()
                 io_uring_prep_send(s, ups[i].fd, ups[i].shadow!, ups[i].shadowLength, Int32(MSG_NOSIGNAL))
                 trackUp(s, u, .uSend)
             } else {
-                io_uring_prep_recv(s, ups[i].fd, nil, buffers.size, 0)
-                s.pointee.flags |= sl_iosqe_buffer_select()
-                s.pointee.buf_group = buffers.group
-                trackUp(s, u, .uRecv)
+                trackUp(bufferedReceive(ups[i].fd), u, .uRecv)
             }
         case .uRecv:
             guard result > 0 else { stopUp(u); return }
-            let s = loop.uring.sqe()
-            io_uring_prep_recv(s, ups[i].fd, nil, buffers.size, 0)
-            s.pointee.flags |= sl_iosqe_buffer_select()
-            s.pointee.buf_group = buffers.group
-            trackUp(s, u, .uRecv)
+            trackUp(bufferedReceive(ups[i].fd), u, .uRecv)
         default:
             break
         }
@@ -1332,14 +1251,8 @@ extension L4Worker {
         }
         hconns[i].phase = .closing
         listeners[Int(hconns[i].listener)].counter.add(-1)
-        if reset { Socket.setLingerZero(hconns[i].fd) }
-        if hconns[i].pending > 0 {
-            let s = loop.uring.sqe()
-            io_uring_prep_cancel_fd(s, hconns[i].fd, UInt32(IORING_ASYNC_CANCEL_ALL))
-            io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
-        } else {
-            freeHTTP(slot)
-        }
+        stop(hconns[i].fd, reset: reset, cancel: hconns[i].pending > 0)
+        if hconns[i].pending == 0 { freeHTTP(slot) }
     }
 
     /// Frees the slot once no operation is pending: only then may the buffers its sends read from be reused.

@@ -560,11 +560,19 @@ public final class L4Worker: RingHandler {
 
     @inline(__always)
     private func postReceive(_ slot: UInt32, _ side: TCPRelay.Side) {
+        track(bufferedReceive(fd(slot, side)), slot, side == .downstream ? .recvDown : .recvUp)
+    }
+
+    /// A receive on `fd` into a buffer the kernel picks from the worker's group when data arrives (an idle
+    /// socket holds no buffer). The caller tags the returned entry.
+    @inline(__always)
+    func bufferedReceive(_ fd: Int32, pollFirst: Bool = false) -> UnsafeMutablePointer<io_uring_sqe> {
         let s = loop.uring.sqe()
-        io_uring_prep_recv(s, fd(slot, side), nil, buffers.size, 0)
+        io_uring_prep_recv(s, fd, nil, buffers.size, 0)
         s.pointee.flags |= sl_iosqe_buffer_select()
         s.pointee.buf_group = buffers.group
-        track(s, slot, side == .downstream ? .recvDown : .recvUp)
+        if pollFirst { s.pointee.ioprio |= UInt16(IORING_RECVSEND_POLL_FIRST) }
+        return s
     }
 
     @inline(__always)
@@ -625,7 +633,7 @@ public final class L4Worker: RingHandler {
     }
 
     /// Makes a closing socket send RST if the peer reset, and cancels every operation still pending on it.
-    private func stop(_ fd: Int32, reset: Bool, cancel: Bool) {
+    func stop(_ fd: Int32, reset: Bool, cancel: Bool) {
         guard fd >= 0 else { return }
         if reset { Socket.setLingerZero(fd) }
         if cancel {

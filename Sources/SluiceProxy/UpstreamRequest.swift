@@ -70,16 +70,7 @@ public enum UpstreamRequest {
         fields.append(("x-forwarded-proto", context.scheme))
         if !fields.contains(where: { $0.0 == "x-request-id" }) { fields.append(("x-request-id", context.requestID)) }
         // Istio applies the route's operations, then the destination's.
-        for ops in [route?.headers?.request, destination?.headers?.request].compactMap({ $0 }) {
-            let removed = Set(ops.remove.map { $0.lowercased() })
-            fields.removeAll { removed.contains($0.0) }
-            for (k, v) in ops.set.sorted(by: { $0.key < $1.key }) {
-                let name = k.lowercased()
-                fields.removeAll { $0.0 == name }
-                fields.append((name, v))
-            }
-            for (k, v) in ops.add.sorted(by: { $0.key < $1.key }) { fields.append((k.lowercased(), v)) }
-        }
+        for ops in [route?.headers?.request, destination?.headers?.request].compactMap({ $0 }) { ops.apply(to: &fields) }
         if head.upgrade { fields.append(("connection", "upgrade")) }
         for (name, value) in replacing {
             fields.removeAll { $0.0 == name }
@@ -100,6 +91,20 @@ public enum UpstreamRequest {
         }
         out += [0x0D, 0x0A]
         return out
+    }
+}
+
+extension HeaderOperations.Ops {
+    /// Istio's order on a head's fields (lower-case names): remove, then set (replacing), then add.
+    func apply(to fields: inout [(String, String)]) {
+        let removed = Set(remove.map { $0.lowercased() })
+        fields.removeAll { removed.contains($0.0) }
+        for (k, v) in set.sorted(by: { $0.key < $1.key }) {
+            let name = k.lowercased()
+            fields.removeAll { $0.0 == name }
+            fields.append((name, v))
+        }
+        for (k, v) in add.sorted(by: { $0.key < $1.key }) { fields.append((k.lowercased(), v)) }
     }
 }
 

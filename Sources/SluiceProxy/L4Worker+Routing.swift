@@ -1,0 +1,102 @@
+import SluiceModel
+
+/// What the route stages decided for one request, whichever protocol it came in on.
+enum RoutingDecision {
+    /// The proxy answers itself (no route, redirect, direct response, fault abort, rate limit, overflow...).
+    case answer(route: RouteRuntime?, status: Int, flag: ResponseFlag, headers: [(String, String)], body: String)
+    /// Send it upstream.
+    case forward(Forwarding)
+}
+
+struct Forwarding {
+    var route: RouteRuntime?
+    /// The index of the route's match condition that matched (for `rewrite.uri`).
+    var condition: Int?
+    var cluster: WorkerCluster
+    var destination: VirtualService.RouteDestination?
+    /// Fault injection's delay, nanoseconds (0: none).
+    var delay: UInt64
+    /// Counted in the cluster's requests in flight (circuit breaker): the exchange gives it back.
+    var counted: Bool
+    /// Consistent-hash key, for clusters that balance by one.
+    var hash: UInt64
+}
+
+extension L4Worker {
+    /// The request stages shared by HTTP/1.1 exchanges and HTTP/2 streams, in Istio's order: route (first
+    /// match; captured traffic without one goes to its service), redirect, direct response, fault abort and
+    /// delay, local rate limit, weighted destination, circuit breaker.
+    func route(_ facts: HTTPRequestFacts, table: HTTPRouteTable, captured: ClusterRuntime?, client: String) -> RoutingDecision {
+        var route: RouteRuntime?
+        var condition: Int?
+        if let m = table.router.match(facts) {
+            route = table.routes[m.ordinal]
+            condition = m.condition
+        }
+        var cluster: ClusterRuntime?
+        var destination: VirtualService.RouteDestination?
+        var delay: UInt64 = 0
+        if let route {
+            if let r = route.route.redirect {
+                let location = HTTPResponses.redirectLocation(r, scheme: facts.scheme, authority: facts.authority,
+                                                              path: facts.path)
+                return .answer(route: route, status: r.redirectCode, flag: .none, headers: [("location", location)], body: "")
+            }
+            if let d = route.route.directResponse {
+                return .answer(route: route, status: d.status, flag: .none, headers: [], body: d.body ?? "")
+            }
+            let fault = FaultInjection.decide(route.route.fault) { Double(self.rng.next() >> 11) / Double(1 << 53) }
+            switch fault.abort {
+            case .httpStatus(let s)?:
+                return .answer(route: route, status: s, flag: .faultInjected, headers: [], body: "fault filter abort")
+            case .grpcStatus(let g)?:
+                return .answer(route: route, status: 200, flag: .faultInjected,
+                               headers: [("content-type", "application/grpc"), ("grpc-status", Self.grpcCode(g))], body: "")
+            case nil:
+                break
+            }
+            delay = fault.delay?.clampedNanoseconds ?? 0
+            for limit in route.rateLimits where limit.applies(facts) {
+                if let retryAfter = takeToken(limit, facts: facts, client: client) {
+                    return .answer(route: route, status: limit.local.status, flag: .rateLimited,
+                                   headers: [("retry-after", String(retryAfter)),
+                                             ("x-ratelimit-limit", String(limit.local.tokenBucket.maxTokens)),
+                                             ("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", String(retryAfter))],
+                                   body: "local_rate_limited")
+                }
+            }
+            let pick = route.clusters.count == 1 ? 0 : route.pick(rng.next(below: route.totalWeight))
+            cluster = route.clusters[pick]
+            destination = route.route.route[pick]
+        } else if let c = captured, !table.router.hasHost(facts.authority) {
+            cluster = c
+        } else {
+            return .answer(route: nil, status: 404, flag: .noRoute, headers: [], body: "")
+        }
+        guard let cluster, let wc = clusters[ObjectIdentifier(cluster)] else {
+            return .answer(route: route, status: 503, flag: .noHealthyUpstream, headers: [], body: "no healthy upstream")
+        }
+        // Circuit breaker: requests in flight to the cluster, over all workers.
+        var counted = false
+        if let max = cluster.config.httpPool?.http2MaxRequests {
+            if cluster.activeRequests.add(1) >= Int64(max) {
+                cluster.activeRequests.add(-1)
+                return overflowAnswer(wc, route: route)
+            }
+            counted = true
+        }
+        var hash: UInt64 = 0
+        if case .consistentHash(let key, _) = cluster.config.loadBalancer {
+            hash = Self.hashKey(key, facts: facts, client: client)
+        }
+        return .forward(Forwarding(route: route, condition: condition, cluster: wc, destination: destination, delay: delay,
+                                   counted: counted, hash: hash))
+    }
+
+    /// 503 with Envoy's `x-envoy-overloaded` for a cluster at its circuit-breaker limit.
+    func overflowAnswer(_ wc: WorkerCluster, route: RouteRuntime?) -> RoutingDecision {
+        shard.add(wc.runtime.metrics.closedOverflow)
+        return .answer(route: route, status: 503, flag: .upstreamOverflow, headers: [("x-envoy-overloaded", "true")],
+                       body: "upstream connect error or disconnect/reset before headers. reset reason: overflow")
+    }
+}
