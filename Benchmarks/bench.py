@@ -12,13 +12,15 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import rss_kib, start, stop_all, wait_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLUICE = os.path.join(ROOT, ".build/release/sluice")
@@ -33,34 +35,8 @@ P_IPERF, P_NGINX, P_SINK = 25201, 25202, 25203
 P_HA = {"iperf": 25301, "http": 25302, "sink": 25303}
 P_SL = {"iperf": 25401, "http": 25402, "sink": 25403}
 
-procs = []
 tmp = tempfile.mkdtemp(prefix="sluice-bench-")
 
-
-def start(cmd, **kw):
-    p = subprocess.Popen(cmd, stdout=kw.pop("stdout", subprocess.DEVNULL), stderr=kw.pop("stderr", subprocess.DEVNULL),
-                         **kw)
-    procs.append(p)
-    return p
-
-
-def wait_port(port, timeout=10):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def setup():
@@ -337,10 +313,5 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        for p in reversed(procs):
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=10)
-            except Exception:
-                p.kill()
+        stop_all()
         subprocess.run(["pkill", "-f", f"haproxy -f {tmp}"], check=False)

@@ -13,13 +13,15 @@ haproxy.
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import rss_kib, start, stop_all, wait_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLUICE = os.path.join(ROOT, ".build/release/sluice")
@@ -37,33 +39,8 @@ P_H2_V1, P_H2_V2, P_H2_HA, P_H2_SL = 26211, 26212, 26311, 26511
 H2_REQUESTS = int(os.environ.get("BENCH_H2_REQUESTS", "200000"))
 PREFIXES = [f"/api/r{i}" for i in range(9)]
 
-procs = []
 tmp = tempfile.mkdtemp(prefix="sluice-bench-http-")
 
-
-def start(cmd, **kw):
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
-    procs.append(p)
-    return p
-
-
-def wait_port(port, timeout=15):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def setup():
@@ -343,11 +320,6 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        for p in reversed(procs):
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=10)
-            except Exception:
-                p.kill()
+        stop_all()
         subprocess.run(["pkill", "-f", f"nginx -c {tmp}"], check=False)
         subprocess.run(["pkill", "-f", f"haproxy -f {tmp}"], check=False)

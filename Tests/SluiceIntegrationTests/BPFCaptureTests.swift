@@ -93,12 +93,52 @@ final class BPFCaptureTests: XCTestCase {
                                        action: .balance(loadBalancing: lb, backends: list))
     }
 
+    /// Runs the Python `source` from a process placed in the test cgroup (the shell joins the cgroup first, then
+    /// becomes the client: every connect comes from the cgroup); returns what it printed.
+    func runInCgroup(_ source: String, name: String = "client.py") throws -> String {
+        let script = scratch.appendingPathComponent(name)
+        try source.write(to: script, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec python3 \(script.path)"]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        processes.append(p)
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0)
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Starts the agent binary on `config`, capturing the test cgroup; returns once it says it is ready (or
+    /// exited), with its log so far and the pipe the rest of its log comes on.
+    func startAgent(config: URL) throws -> (agent: Process, log: String, err: Pipe) {
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: Harness.root.appendingPathComponent(".build/debug/sluice").path)
+        agent.arguments = ["agent", "--local-config", config.path, "--node", "n1", "--cgroup", cgroup,
+                           "--pin-dir", pinDirectory, "--bpf-dir", objectDirectory, "--workers", "1",
+                           "--outbound-port", String(Harness.deadPort()), "--dns-port", "0",
+                           "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        let err = Pipe()
+        agent.standardError = err
+        try agent.run()
+        processes.append(agent)
+        var log = ""
+        let deadline = Date().addingTimeInterval(20)
+        while !log.contains("agent ready") && Date() < deadline && agent.isRunning {
+            let d = err.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            log += String(decoding: d, as: UTF8.self)
+        }
+        return (agent, log, err)
+    }
+
     /// Runs `connects` connects to `address` from a process placed in the test cgroup; returns how many landed on
     /// each backend tag ("refused" when nothing rewrote the destination).
     func connectFromCgroup(_ address: String, connects: Int) throws -> [String: Int] {
         let (host, port) = (address.split(separator: ":")[0], address.split(separator: ":")[1])
-        let script = scratch.appendingPathComponent("client.py")
-        try """
+        let data = Data(try runInCgroup("""
             import collections, json, socket
             counts = collections.Counter()
             for _ in range(\(connects)):
@@ -112,18 +152,7 @@ final class BPFCaptureTests: XCTestCase {
                     counts["refused" if isinstance(e, ConnectionRefusedError) else type(e).__name__] += 1
                 s.close()
             print(json.dumps(counts))
-            """.write(to: script, atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        // The shell joins the cgroup first, then becomes the client: every connect comes from the cgroup.
-        p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec python3 \(script.path)"]
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
-        processes.append(p)
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        XCTAssertEqual(p.terminationStatus, 0)
+            """).utf8)
         var counts = (try JSONSerialization.jsonObject(with: data) as? [String: Int]) ?? [:]
         // Every connect that got through saw the service address as its peer, whatever backend it reached.
         let peers = counts.filter { $0.key.hasPrefix("peer ") }
@@ -333,26 +362,9 @@ final class BPFCaptureTests: XCTestCase {
                 route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
               - route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
             """.write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
-        let agent = Process()
-        agent.executableURL = URL(fileURLWithPath: Harness.root.appendingPathComponent(".build/debug/sluice").path)
-        agent.arguments = ["agent", "--local-config", config.path, "--node", "n1", "--cgroup", cgroup,
-                           "--pin-dir", pinDirectory, "--bpf-dir", objectDirectory, "--workers", "1",
-                           "--outbound-port", String(Harness.deadPort()), "--dns-port", "0",
-                           "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
-        let err = Pipe()
-        agent.standardError = err
-        try agent.run()
-        processes.append(agent)
-        var log = ""
-        let deadline = Date().addingTimeInterval(20)
-        while !log.contains("agent ready") && Date() < deadline && agent.isRunning {
-            let d = err.fileHandleForReading.availableData
-            if d.isEmpty { break }
-            log += String(decoding: d, as: UTF8.self)
-        }
+        let (agent, log, _) = try startAgent(config: config)
         XCTAssertTrue(log.contains("via_agent=1"), log)
-        let script = scratch.appendingPathComponent("http_client.py")
-        try """
+        let text = try runInCgroup("""
             import http.client
             c = http.client.HTTPConnection("127.96.12.2", 80, timeout=5)
             out = []
@@ -363,16 +375,7 @@ final class BPFCaptureTests: XCTestCase {
                 out.append("%d %s" % (r.status, r.getheader("x-backend") or "-"))
                 r.read()
             print(",".join(out))
-            """.write(to: script, atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", "echo $$ > \(cgroup)/cgroup.procs && exec python3 \(script.path)"]
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
-        processes.append(p)
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
+            """, name: "http_client.py")
         XCTAssertEqual(text.trimmingCharacters(in: .whitespacesAndNewlines), "200 v1,200 v2,418 -,200 v1", log)
         agent.terminate()
         agent.waitUntilExit()
@@ -425,23 +428,7 @@ final class BPFCaptureTests: XCTestCase {
         }
         try write(ports)
         let binary = Harness.root.appendingPathComponent(".build/debug/sluice").path
-        let agent = Process()
-        agent.executableURL = URL(fileURLWithPath: binary)
-        agent.arguments = ["agent", "--local-config", config.path, "--node", "n1", "--cgroup", cgroup,
-                           "--pin-dir", pinDirectory, "--bpf-dir", objectDirectory, "--workers", "1",
-                           "--outbound-port", String(Harness.deadPort()), "--dns-port", "0",
-                           "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
-        let err = Pipe()
-        agent.standardError = err
-        try agent.run()
-        processes.append(agent)
-        var log = ""
-        let deadline = Date().addingTimeInterval(20)
-        while !log.contains("agent ready") && Date() < deadline && agent.isRunning {
-            let d = err.fileHandleForReading.availableData
-            if d.isEmpty { break }
-            log += String(decoding: d, as: UTF8.self)
-        }
+        var (agent, log, err) = try startAgent(config: config)
         XCTAssertTrue(log.contains("capturing") && log.contains("kernel_balanced=1") && log.contains("via_agent=1"), log)
         XCTAssertEqual(try connectFromCgroup("127.96.11.2:80", connects: 10), ["a": 10], "captured, then forwarded by the agent")
         let first = try connectFromCgroup("127.96.11.1:5432", connects: 40)

@@ -40,28 +40,14 @@ final class H2ProxyTests: XCTestCase {
 
     /// Runs the grpcio fixture as a client; returns what it printed.
     func grpcClient(_ arguments: [String]) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", Harness.root.appendingPathComponent("Tests/Fixtures/grpc_backend.py").path] + arguments
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let fixture = Harness.root.appendingPathComponent("Tests/Fixtures/grpc_backend.py").path
+        return try Harness.run("/usr/bin/env", ["python3", fixture] + arguments).output
+            .trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// curl speaking HTTP/2 with prior knowledge; returns what it printed.
     func h2curl(_ args: [String]) throws -> String {
-        let c = Process()
-        c.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-        c.arguments = ["-s", "--http2-prior-knowledge", "--max-time", "10"] + args
-        let out = Pipe()
-        c.standardOutput = out
-        try c.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        c.waitUntilExit()
-        return text
+        try Harness.run("/usr/bin/curl", ["-s", "--http2-prior-knowledge", "--max-time", "10"] + args).output
     }
 
     func testGRPCUnaryStreamingStatusAndHeaderRoutingCrossTheProxy() throws {
@@ -202,15 +188,9 @@ final class H2ProxyTests: XCTestCase {
         let body = FileManager.default.temporaryDirectory.appendingPathComponent("grpc-\(UUID().uuidString).bin")
         try Data([0, 0, 0, 0, 0]).write(to: body)
         defer { try? FileManager.default.removeItem(at: body) }
-        let h = Process()
-        h.executableURL = URL(fileURLWithPath: "/usr/bin/h2load")
-        h.arguments = ["-n", "5000", "-c", "10", "-m", "100", "-H", "content-type: application/grpc", "-H", "te: trailers",
-                       "-d", body.path, "http://127.0.0.1:\(p.port)/test.Echo/Nothing"]
-        let out = Pipe()
-        h.standardOutput = out
-        try h.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        h.waitUntilExit()
+        let text = try Harness.run("/usr/bin/h2load", ["-n", "5000", "-c", "10", "-m", "100", "-H", "content-type: application/grpc",
+                                                       "-H", "te: trailers", "-d", body.path,
+                                                       "http://127.0.0.1:\(p.port)/test.Echo/Nothing"]).output
         XCTAssertTrue(text.contains("5000 succeeded, 0 failed, 0 errored"), text)
         XCTAssertTrue(text.contains("status codes: 5000 2xx"), text)
         XCTAssertEqual(p.metric("istio_requests_total"), 5000)
@@ -254,14 +234,7 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertEqual(try curl(["-T", file.path, "-X", "POST", "-H", "content-length:", "\(base)/echo"]).count, big.count)
         XCTAssertEqual(try curl(["\(base)/chunked"]), "one-two-three")
         // Many concurrent streams over few connections, each becoming an HTTP/1.1 request on a pooled connection.
-        let h = Process()
-        h.executableURL = URL(fileURLWithPath: "/usr/bin/h2load")
-        h.arguments = ["-n", "2000", "-c", "4", "-m", "20", "\(base)/item"]
-        let out = Pipe()
-        h.standardOutput = out
-        try h.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        h.waitUntilExit()
+        let text = try Harness.run("/usr/bin/h2load", ["-n", "2000", "-c", "4", "-m", "20", "\(base)/item"]).output
         XCTAssertTrue(text.contains("2000 succeeded, 0 failed, 0 errored"), text)
     }
 }

@@ -90,16 +90,8 @@ final class HTTPProxyTests: XCTestCase {
     /// Runs curl; `-w` output lines come back in `lines`.
     @discardableResult
     func curl(_ args: [String]) throws -> CurlResult {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-        p.arguments = ["-s", "--max-time", "20"] + args
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return CurlResult(lines: String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init),
-                          status: p.terminationStatus)
+        let (output, status) = try Harness.run("/usr/bin/curl", ["-s", "--max-time", "20"] + args)
+        return CurlResult(lines: output.split(separator: "\n").map(String.init), status: status)
     }
 
     /// `count` requests to `path` over curl's reused connections; each line is "CODE BACKEND".

@@ -37,6 +37,19 @@ enum Harness {
         return (p, line.split(separator: " ").dropFirst().map { UInt16($0)! })
     }
 
+    /// Runs `executable` to completion; returns its standard output and exit status.
+    static func run(_ executable: String, _ arguments: [String]) throws -> (output: String, status: Int32) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = arguments
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (String(decoding: data, as: UTF8.self), p.terminationStatus)
+    }
+
     /// A TCP socket bound to a free loopback port, listening with `backlog` unless nil.
     static func loopbackSocket(backlog: Int32?) -> (fd: Int32, port: UInt16) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
