@@ -36,10 +36,13 @@ let package = Package(
         .target(name: "SluiceHTTP", dependencies: ["CSluiceLinux"], swiftSettings: hotPath),
         .target(name: "SluiceTelemetry", dependencies: ["CSluiceLinux"], swiftSettings: hotPath),
         .target(name: "SluiceRing", dependencies: ["CSluiceLinux"], swiftSettings: hotPath),
+        // TLS over memory BIOs (OpenSSL 3): the workers move the bytes on their rings. The only module that sees keys.
+        .target(name: "SluiceTLS", dependencies: ["CSluiceLinux"]),
         .target(name: "SluiceBPF", dependencies: ["CSluiceLinux", "SluiceModel"]),
         // The workers touch only their own state (one thread per ring): dynamic exclusivity checks cost ~3% of a
         // request's CPU for nothing there. Debug builds and tests keep them.
-        .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "SluiceHTTP", "CSluiceLinux"],
+        .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "SluiceHTTP", "SluiceTLS",
+                                                    "CSluiceLinux"],
                 swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]),
         .target(
             name: "SluiceAgent",
@@ -62,6 +65,7 @@ let package = Package(
         .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
         .testTarget(name: "SluiceHTTPTests", dependencies: ["SluiceHTTP"]),
+        .testTarget(name: "SluiceTLSTests", dependencies: ["SluiceTLS"]),
         .testTarget(name: "SluiceBPFTests", dependencies: ["SluiceBPF", "SluiceModel", "CSluiceLinux"]),
         .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceHTTP"]),
         .testTarget(

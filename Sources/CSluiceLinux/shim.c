@@ -69,3 +69,21 @@ int sl_pipe(int fds[2], int size) {
 }
 
 unsigned sl_pollrdhup(void) { return POLLRDHUP; }
+
+int sl_tls_configure(SSL_CTX *ctx, int min_version, int max_version, int server) {
+    uint64_t options = SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION;
+    if (server) options |= SSL_OP_CIPHER_SERVER_PREFERENCE;
+    SSL_CTX_set_options(ctx, options);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    if (min_version && !SSL_CTX_set_min_proto_version(ctx, min_version)) return 0;
+    if (max_version && !SSL_CTX_set_max_proto_version(ctx, max_version)) return 0;
+    return 1;
+}
+
+void sl_tls_set_servername_callback(SSL_CTX *ctx, int (*cb)(SSL *ssl, int *alert, void *arg)) {
+    SSL_CTX_set_tlsext_servername_callback(ctx, cb);
+}
+
+void sl_tls_mem_bio_retry_when_empty(BIO *bio) { BIO_set_mem_eof_return(bio, -1); }
+
+int sl_tls_set_host_name(SSL *ssl, const char *name) { return (int)SSL_set_tlsext_host_name(ssl, name); }

@@ -71,6 +71,22 @@ long sl_splice_move(int fd_in, int fd_out, size_t len);
 int sl_pipe(int fds[2], int size);
 unsigned sl_pollrdhup(void);
 
+/* ---- OpenSSL (the settings its headers expose only as macros) ---- */
+/* Server defaults: no renegotiation, the server's cipher order, buffers released while idle, versions
+ * [min_version, max_version] (0 = library default). Returns 1 on success. */
+int sl_tls_configure(SSL_CTX *ctx, int min_version, int max_version, int server);
+/* Calls `cb` with the ClientHello's server name before the certificate is chosen. */
+void sl_tls_set_servername_callback(SSL_CTX *ctx, int (*cb)(SSL *ssl, int *alert, void *arg));
+/* A memory BIO that reads "retry later" (not EOF) when empty: the peer's next bytes are still coming. */
+void sl_tls_mem_bio_retry_when_empty(BIO *bio);
+/* Sends the server name in the ClientHello. Returns 1 on success. */
+int sl_tls_set_host_name(SSL *ssl, const char *name);
+static inline int sl_tls_nametype_host_name(void) { return TLSEXT_NAMETYPE_host_name; }
+static inline int sl_tls_err_ok(void) { return SSL_TLSEXT_ERR_OK; }
+static inline int sl_tls_err_noack(void) { return SSL_TLSEXT_ERR_NOACK; }
+static inline int sl_tls_err_alert_fatal(void) { return SSL_TLSEXT_ERR_ALERT_FATAL; }
+static inline int sl_tls_alert_unrecognized_name(void) { return SSL_AD_UNRECOGNIZED_NAME; }
+
 /* ---- threads ---- */
 void sl_set_thread_name(const char *name);
 int sl_errno(void);
