@@ -44,6 +44,8 @@ public final class Agent: @unchecked Sendable {
         public var maxURIBytes = 8 << 10
         /// A request head must be complete this long after its first byte.
         public var headerTimeout: Duration = .seconds(10)
+        /// Gateway certificates named by `credentialName`: `<dir>/<name>/tls.crt`, `tls.key`, `ca.crt`.
+        public var credentialsDirectory = ProxyRuntime.defaultCredentials
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -64,6 +66,8 @@ public final class Agent: @unchecked Sendable {
 
     /// One worker per core.
     public static var defaultWorkers: Int { max(1, ProcessInfo.processInfo.activeProcessorCount) }
+    /// Where gateway certificates named by `credentialName` are read from.
+    public static let defaultCredentials = ProxyRuntime.defaultCredentials
 
     public struct StartError: Error, CustomStringConvertible {
         public let description: String
@@ -231,7 +235,13 @@ public final class Agent: @unchecked Sendable {
         if snapshot.listeners.isEmpty {
             logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig)"])
         }
-        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, capture: capture)
+        let runtime: ProxyRuntime
+        do {
+            runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, capture: capture,
+                                       credentials: options.credentialsDirectory)
+        } catch {
+            throw StartError(description: error.description)
+        }
         current.withLock { $0 = runtime }
         var limits = HTTP1Limits()
         limits.maxHeadBytes = options.maxRequestHeadBytes
@@ -327,6 +337,15 @@ public final class Agent: @unchecked Sendable {
             return false
         }
         if current.withLock({ $0?.snapshot == snapshot }) { return true }
+        // Everything that can refuse the snapshot runs before anything changes (certificates load here).
+        let runtime: ProxyRuntime
+        do {
+            runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 },
+                                       capture: capture, credentials: options.credentialsDirectory)
+        } catch {
+            logger.error("configuration update rejected: \(error); still serving the last good configuration")
+            return false
+        }
         if let datapath, current.withLock({ ($0?.snapshot.bpfServices, $0?.snapshot.mesh) })
             != (snapshot.bpfServices, snapshot.mesh)
         {
@@ -338,8 +357,6 @@ public final class Agent: @unchecked Sendable {
                 return false
             }
         }
-        let runtime = ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 },
-                                   capture: capture)
         do {
             try server?.update(runtime)
         } catch {

@@ -105,8 +105,15 @@ extension MeshCompiler {
         let bindings = (virtualServicesByGateway[ref] ?? []).sorted()
         for (si, server) in gw.servers.enumerated() {
             let addr = EndpointAddress(ip: IPAddress(server.bind ?? "0.0.0.0")!, port: server.port.number)
+            let certificate = Self.terminatedTLS(server)
             if !bound.insert(addr).inserted {
-                problems.append(Self.error(r, "spec.servers[\(si)].port", "\(addr) is declared by two servers"))
+                // HTTPS servers on one port share it: the client's SNI picks the certificate.
+                if let certificate, let k = listeners.firstIndex(where: { $0.address == addr && !$0.tls.isEmpty }) {
+                    listeners[k].tls.append(certificate)
+                    continue
+                }
+                problems.append(Self.error(r, "spec.servers[\(si)].port", "\(addr) is declared by two servers",
+                                           hint: "only HTTPS servers that terminate TLS can share a port (by SNI)"))
                 continue
             }
             let where_ = server.bind.map { "\($0):\(server.port.number)" } ?? "\(server.port.number)"
@@ -119,8 +126,16 @@ extension MeshCompiler {
                                                  hint: "bind a VirtualService with gateways: [\(ref)] and http routes"))
                 }
                 hosts.formUnion(httpHosts ?? [])
+                if server.port.protocol == .https && certificate == nil {
+                    problems.append(Self.error(r, "spec.servers[\(si)].tls.mode",
+                                               "an HTTPS server routes requests only once it terminates TLS",
+                                               hint: "use mode SIMPLE or MUTUAL with a certificate, or protocol TLS for passthrough"))
+                    continue
+                }
                 listeners.append(.init(name: "\(key.namespace)/\(key.name):\(where_)", address: addr,
-                                       protocol: server.port.protocol, routes: [], gateway: ref))
+                                       protocol: server.port.protocol, routes: [], gateway: ref,
+                                       tls: certificate.map { [$0] } ?? [],
+                                       httpsRedirect: server.tls?.httpsRedirect == true && certificate == nil))
                 continue
             }
             var chosen: [NodeSnapshot.WeightedCluster]?
@@ -158,6 +173,15 @@ extension MeshCompiler {
         }
         gatewayProducts[key] = GatewayProduct(node: r.metadata.annotations[SluiceAnnotation.node],
                                               listeners: listeners, hosts: hosts, problems: problems)
+    }
+
+    /// The certificate a server presents when it terminates TLS (modes SIMPLE, MUTUAL, OPTIONAL_MUTUAL).
+    static func terminatedTLS(_ server: Gateway.Server) -> NodeSnapshot.ServerCertificate? {
+        guard let t = server.tls, [.simple, .mutual, .optionalMutual].contains(t.mode) else { return nil }
+        return .init(hosts: server.hosts.map { $0.split(separator: "/").last.map(String.init) ?? $0 }, mode: t.mode,
+                     credentialName: t.credentialName, certificateChain: t.serverCertificate, privateKey: t.privateKey,
+                     caCertificates: t.caCertificates, minProtocolVersion: t.minProtocolVersion,
+                     maxProtocolVersion: t.maxProtocolVersion, cipherSuites: t.cipherSuites)
     }
 
     /// Hosts the http routes of `bindings` send to through `gateway`'s server on `port`; nil when no http route

@@ -45,18 +45,41 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         public var routes: [WeightedCluster]
         /// `namespace/name` of the Gateway that declares the listener.
         public var gateway: String?
+        /// TLS terminated here (HTTPS servers): one entry per server sharing the address, chosen by the client's
+        /// SNI among its hosts. Empty: plaintext.
+        public var tls: [ServerCertificate]
+        /// Every request gets a 301 to its `https://` URL (an HTTP server's `tls.httpsRedirect`).
+        public var httpsRedirect: Bool
 
         public init(name: String, address: EndpointAddress, protocol: PortProtocol, routes: [WeightedCluster],
-                    gateway: String? = nil) {
+                    gateway: String? = nil, tls: [ServerCertificate] = [], httpsRedirect: Bool = false) {
             self.name = name
             self.address = address
             self.protocol = `protocol`
             self.routes = routes
             self.gateway = gateway
+            self.tls = tls
+            self.httpsRedirect = httpsRedirect
         }
 
         /// Requests are parsed and routed one by one (HTTP/1.1, HTTP/2, gRPC), not relayed as a byte stream.
         public var isHTTP: Bool { !`protocol`.isL4 }
+    }
+
+    /// What a TLS-terminating gateway server presents and expects.
+    public struct ServerCertificate: Sendable, Hashable, Encodable {
+        /// The server's `hosts`, without namespace prefixes: the SNI names this certificate answers.
+        public var hosts: [String]
+        public var mode: ServerTLSSettings.Mode
+        /// Either a `credentialName` (files `<credentials dir>/<name>/tls.crt`, `tls.key`, `ca.crt`, as Istio's
+        /// gateway reads a Secret) or the three files named directly.
+        public var credentialName: String?
+        public var certificateChain: String?
+        public var privateKey: String?
+        public var caCertificates: String?
+        public var minProtocolVersion: ServerTLSSettings.ProtocolVersion?
+        public var maxProtocolVersion: ServerTLSSettings.ProtocolVersion?
+        public var cipherSuites: [String]
     }
 
     public struct WeightedCluster: Sendable, Hashable, Encodable {

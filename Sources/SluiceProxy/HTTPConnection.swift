@@ -1,6 +1,7 @@
 import Glibc
 import SluiceHTTP
 import SluiceRing
+import SluiceTLS
 
 /// Bytes waiting to be sent on one socket: part of a provided receive buffer (forwarded without copying) or
 /// memory the worker owns (message heads it built).
@@ -204,6 +205,13 @@ struct HTTPConn {
     var spareBuffer: Int32 = -1
     /// Set once the client spoke the HTTP/2 preface.
     var h2: H2Downstream?
+    /// HTTPS listeners: the TLS session between the socket and the engine, and the records being sent.
+    var tls: TLSStream?
+    var tlsOut: UnsafeMutableRawPointer?
+    var tlsOutLength: Int32 = 0
+    var tlsOutSent: Int32 = 0
+    /// Every request is answered with a redirect to https (an HTTP server's `tls.httpsRedirect`).
+    var httpsRedirect = false
 }
 
 /// One upstream connection, in use by an exchange or idle in its cluster's pool.

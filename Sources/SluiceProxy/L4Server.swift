@@ -131,7 +131,9 @@ public final class L4Server: @unchecked Sendable {
                 defer { runningWorkers.subtract(1, ordering: .releasing) }
                 let loop: EventLoop
                 do throws(RingError) {
-                    loop = try EventLoop(bufferCount: opts.bufferCount, bufferSize: opts.bufferSize)
+                    // A quarter as many again for TLS plaintext (only touched pages cost memory).
+                    loop = try EventLoop(bufferCount: opts.bufferCount, bufferSize: opts.bufferSize,
+                                         reserveBuffers: max(16, opts.bufferCount / 4))
                 } catch {
                     startErrors.withLock { $0.append(error) }
                     readyCount.add(1, ordering: .releasing)

@@ -3,6 +3,7 @@ import Glibc
 import SluiceHTTP
 import SluiceModel
 import SluiceRing
+import SluiceTLS
 
 /// The HTTP/1.1 pipeline on a worker's ring: parse -> route -> fault -> rate limit -> destination -> circuit
 /// breaker -> upstream (pooled keep-alive connections) -> retries and timeouts -> response -> metrics.
@@ -26,9 +27,17 @@ extension L4Worker {
 
     // MARK: - accept
 
-    func acceptHTTP(fd: Int32, listener li: Int, table: HTTPRouteTable, captured: ClusterRuntime?, port: UInt16) {
+    func acceptHTTP(fd: Int32, listener li: Int, table: HTTPRouteTable, captured: ClusterRuntime?, port: UInt16,
+                    tls: TLSServerNames? = nil, httpsRedirect: Bool = false) {
         let slot = allocateHTTP()
         let i = Int(slot)
+        if let tls, !startTLS(slot, tls) {
+            listeners[li].counter.add(-1)
+            close(fd)
+            hfree.append(slot)
+            return
+        }
+        hconns[i].httpsRedirect = httpsRedirect
         Socket.setNoDelay(fd)
         hconns[i].fd = fd
         hconns[i].phase = .open
@@ -175,6 +184,7 @@ extension L4Worker {
         // An HTTP/2 connection keeps reading while it drains (window updates, streams in flight).
         guard hconns[i].phase == .open, !hconns[i].receiving, hconns[i].inBuffer < 0,
             !hconns[i].closeAfterFlush || hconns[i].h2 != nil else { return }
+        if hconns[i].tls != nil && receiveBufferedTLS(slot) { return }
         // Between requests of a keep-alive client nothing is there yet: wait for readiness instead of trying
         // a receive that fails first.
         let s = bufferedReceive(hconns[i].fd, pollFirst: hconns[i].ex == nil && hconns[i].requests > 0)
@@ -194,20 +204,35 @@ extension L4Worker {
                 giveBack(UInt16(buffer))
                 return
             }
-            if hconns[i].ex == nil && !hconns[i].reader.isInsideHead { hconns[i].headStarted = loop.now }
-            hconns[i].lastActive = loop.now
-            hconns[i].inBuffer = buffer
-            hconns[i].inPos = 0
-            hconns[i].inLength = result
-            pumpDown(slot)
+            if hconns[i].tls != nil {
+                receivedTLS(slot, bytes: result, buffer: UInt16(buffer))
+            } else {
+                deliverDown(slot, buffer: UInt16(buffer), length: result)
+            }
             return
         }
         if result == -ENOBUFS {
             httpStalled.append((slot, hconns[i].generation, false))
             return
         }
-        // The client went away (FIN or error). A request already read completes only if the client still waits
-        // for it: on a FIN with the request complete, the response is sent, then the connection closed.
+        endOfInput(slot, result: result)
+    }
+
+    /// Bytes from the client (received, or decrypted) in `buffer`, which the connection now holds.
+    func deliverDown(_ slot: UInt32, buffer: UInt16, length: Int32) {
+        let i = Int(slot)
+        if hconns[i].ex == nil && !hconns[i].reader.isInsideHead { hconns[i].headStarted = loop.now }
+        hconns[i].lastActive = loop.now
+        hconns[i].inBuffer = Int32(buffer)
+        hconns[i].inPos = 0
+        hconns[i].inLength = length
+        pumpDown(slot)
+    }
+
+    /// The client went away (FIN or error). A request already read completes only if the client still waits
+    /// for it: on a FIN with the request complete, the response is sent, then the connection closed.
+    func endOfInput(_ slot: UInt32, result: Int32) {
+        let i = Int(slot)
         if result == 0, let ex = hconns[i].ex, ex.requestDone, !ex.tunnel {
             hconns[i].closeAfterFlush = true
             return
@@ -319,6 +344,11 @@ extension L4Worker {
         ex.response.framedBody = true
         hconns[i].ex = ex
         let table = hconns[i].table!
+        if hconns[i].httpsRedirect {
+            let target = String(decoding: headBytes[head.target], as: UTF8.self)
+            respondLocally(slot, status: 301, headers: [("location", "https://\(facts.authority)\(target)")])
+            return
+        }
 
         let f: Forwarding
         switch route(facts, table: table, captured: hconns[i].captured, client: hconns[i].client) {
@@ -405,7 +435,8 @@ extension L4Worker {
             path = String(target[..<q])
         }
         return HTTPRequestFacts(method: text(head.method), path: path, query: query, authority: authority,
-                                headers: headers, port: hconns[i].port, gateway: table.gateway)
+                                scheme: hconns[i].tls == nil ? "http" : "https", headers: headers, port: hconns[i].port,
+                                gateway: table.gateway)
     }
 
     static func hashKey(_ key: LoadBalancerSettings.HashKey, facts: HTTPRequestFacts, client: String) -> UInt64 {
@@ -607,7 +638,7 @@ extension L4Worker {
     }
 
     /// A sent (or dropped) segment no longer needs its memory.
-    private func finishSegment(_ slot: UInt32, _ seg: Segment, downSide: Bool) {
+    func finishSegment(_ slot: UInt32, _ seg: Segment, downSide: Bool) {
         let i = Int(slot)
         if seg.buffer >= 0 {
             if downSide {
@@ -1094,6 +1125,10 @@ extension L4Worker {
 
     func flushDown(_ slot: UInt32) {
         let i = Int(slot)
+        if hconns[i].tls != nil {
+            flushTLSDown(slot)
+            return
+        }
         guard hconns[i].phase == .open, !hconns[i].sending, let seg = hconns[i].outQueue.first else { return }
         let s = loop.uring.sqe()
         let base = seg.buffer >= 0 ? buffers.pointer(UInt16(seg.buffer)) : seg.owned!
@@ -1104,6 +1139,10 @@ extension L4Worker {
 
     private func sentDown(_ slot: UInt32, result: Int32) {
         let i = Int(slot)
+        if hconns[i].tls != nil {
+            sentTLS(slot, result: result)
+            return
+        }
         hconns[i].sending = false
         guard hconns[i].phase == .open else { return }
         guard result >= 0 else {
@@ -1273,6 +1312,7 @@ extension L4Worker {
             }
         }
         if hconns[i].spareBuffer >= 0 { giveBack(UInt16(hconns[i].spareBuffer)) }
+        if let p = hconns[i].tlsOut { free(p) }
         let gen = (hconns[i].generation + 1) & 0xFF_FFFF
         hconns[i] = HTTPConn()
         hconns[i].generation = gen
@@ -1299,7 +1339,9 @@ extension L4Worker {
                 }
                 continue
             }
-            if hconns[i].reader.isInsideHead && now &- hconns[i].headStarted > headerTimeoutNanos {
+            if handshakeTooSlow(i, now: now) {
+                teardownHTTP(slot, reset: false)
+            } else if hconns[i].reader.isInsideHead && now &- hconns[i].headStarted > headerTimeoutNanos {
                 respondLocally(slot, status: 408, flag: .downstreamProtocolError, body: "header timeout", close: true)
             } else if draining || now &- hconns[i].lastActive > Self.keepAliveIdleNanos {
                 teardownHTTP(slot, reset: false)

@@ -35,6 +35,8 @@ struct WorkerStats {
     let activeConnections: Int
     /// Captured connections whose original destination is not a service the agent knows (closed).
     let captureUnknown: Int
+    let tlsHandshakes: Int
+    let tlsHandshakeFailures: Int
     init(registry: MetricsRegistry, worker: Int) {
         let l = [("worker", String(worker))]
         buffersInUse = registry.gauge("sluice_worker_buffers_in_use", help: "Receive buffers held by connections",
@@ -46,6 +48,11 @@ struct WorkerStats {
         captureUnknown = registry.counter("sluice_capture_unknown_destination_total",
                                           help: "Captured connections to no service the agent serves (closed)",
                                           labels: l)
+        tlsHandshakes = registry.counter("sluice_tls_handshakes_total", help: "TLS handshakes completed by HTTPS listeners",
+                                         labels: l)
+        tlsHandshakeFailures = registry.counter("sluice_tls_handshake_failures_total",
+                                                help: "TLS handshakes refused or failed (bad certificate, unknown name, not TLS)",
+                                                labels: l)
     }
 }
 
@@ -137,6 +144,8 @@ public final class L4Worker: RingHandler {
     var h2Dirty: [H2Upstream] = []
     /// HTTP/1.1 legs of HTTP/2 streams whose receive found no free buffer.
     var legStalled: [H1Leg] = []
+    /// TLS connections whose session holds plaintext the engine asked for (delivered by ``drainTLSReady()``).
+    var tlsReady: [(slot: UInt32, generation: UInt32)] = []
     /// Finished exchanges kept for reuse.
     var exchangePool: [Exchange] = []
     /// Workers sharing the listeners (rate limits are split among them).
@@ -253,6 +262,7 @@ public final class L4Worker: RingHandler {
     }
 
     public func tick(now: UInt64) {
+        defer { if !tlsReady.isEmpty { drainTLSReady() } }
         if draining && now >= drainDeadline {
             for slot in conns.indices where conns[slot].phase == .connecting || conns[slot].phase == .relaying {
                 fail(UInt32(slot), reset: true)
@@ -314,7 +324,8 @@ public final class L4Worker: RingHandler {
             cr = service.cluster
         } else if let table = lr.http {
             let port = lr.config.address.port == 0 ? Socket.localPort(fd) : lr.config.address.port
-            acceptHTTP(fd: fd, listener: li, table: table, captured: nil, port: port)
+            acceptHTTP(fd: fd, listener: li, table: table, captured: nil, port: port, tls: lr.tls,
+                       httpsRedirect: lr.config.httpsRedirect)
             return
         } else if lr.clusters.count == 1 {
             cr = lr.clusters[0]
@@ -458,6 +469,7 @@ public final class L4Worker: RingHandler {
         if op == .ignore { return }
         if op.rawValue >= Op.hRecv.rawValue {
             completeHTTP(op, ud, result: result, flags: flags)
+            if !tlsReady.isEmpty { drainTLSReady() }
             return
         }
         let slot = ud.slot

@@ -2,6 +2,7 @@ import CSluiceLinux
 import Glibc
 import SluiceModel
 import SluiceRing
+import SluiceTLS
 import SluiceTelemetry
 
 /// A counter shared by all workers (connection limits). Touched once per connection open/close, not per byte.
@@ -142,9 +143,13 @@ public final class ListenerRuntime: @unchecked Sendable {
     /// Set on the capture listener: the service for each original destination.
     let captured: [EndpointAddress: CapturedService]?
     let capture: OutboundCapture?
+    /// HTTPS listeners: the certificates, chosen by SNI.
+    let tls: TLSServerNames?
 
-    init(config: NodeSnapshot.Listener, clusters: [String: ClusterRuntime], http: HTTPRouteTable?) {
+    init(config: NodeSnapshot.Listener, clusters: [String: ClusterRuntime], http: HTTPRouteTable?,
+         tls: TLSServerNames?) {
         self.config = config
+        self.tls = tls
         // The compiler guarantees every route names a cluster of the snapshot.
         self.clusters = config.routes.map { clusters[$0.cluster]! }
         weights = config.routes.map(\.weight)
@@ -164,6 +169,7 @@ public final class ListenerRuntime: @unchecked Sendable {
         captured = services
         self.http = http
         self.capture = capture
+        tls = nil
     }
 
     /// The service of a connection accepted on the capture listener, from the client's address, and the address
@@ -209,8 +215,10 @@ public final class ProxyRuntime: @unchecked Sendable {
     ///   over as the same objects, so their health, ejections and balancer state survive the update.
     /// - Parameter capture: when the BPF programs capture workloads, the listener they send connections to;
     ///   each service address the snapshot sends to the agent is served from its default cluster.
+    /// - Parameter credentials: the directory of gateway certificates named by `credentialName`.
+    /// - Throws: ``RuntimeError`` when a listener's certificate or key cannot be loaded.
     public init(snapshot: NodeSnapshot, registry: MetricsRegistry, previous: ProxyRuntime? = nil,
-                capture: OutboundCapture? = nil) {
+                capture: OutboundCapture? = nil, credentials: String = ProxyRuntime.defaultCredentials) throws(RuntimeError) {
         self.snapshot = snapshot
         var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
@@ -234,8 +242,10 @@ public final class ProxyRuntime: @unchecked Sendable {
             HTTPRouteTable(virtualServices: snapshot.virtualServices, gateway: gateway, snapshot: snapshot,
                            clusters: byName, rateLimits: limits)
         }
-        var listeners = snapshot.listeners.map { l in
-            ListenerRuntime(config: l, clusters: byName, http: l.isHTTP ? table(l.gateway) : nil)
+        var listeners: [ListenerRuntime] = []
+        for l in snapshot.listeners {
+            let tls = try Self.certificates(l, directory: credentials)
+            listeners.append(ListenerRuntime(config: l, clusters: byName, http: l.isHTTP ? table(l.gateway) : nil, tls: tls))
         }
         if let capture {
             var services: [EndpointAddress: CapturedService] = [:]

@@ -30,9 +30,10 @@ public final class EventLoop {
     /// Monotonic clock in nanoseconds, refreshed on each loop iteration.
     public private(set) var now: UInt64 = 0
 
-    public init(entries: UInt32 = 4096, bufferCount: UInt16, bufferSize: Int) throws(RingError) {
+    /// - Parameter reserveBuffers: buffers besides the kernel's, for bytes the handler produces (TLS plaintext).
+    public init(entries: UInt32 = 4096, bufferCount: UInt16, bufferSize: Int, reserveBuffers: UInt16 = 0) throws(RingError) {
         uring = try IOUring(entries: entries)
-        buffers = try ProvidedBuffers(ring: uring, group: 0, count: bufferCount, size: bufferSize)
+        buffers = try ProvidedBuffers(ring: uring, group: 0, count: bufferCount, size: bufferSize, reserve: reserveBuffers)
         let fd = eventfd(0, Int32(EFD_CLOEXEC))
         guard fd >= 0 else { throw RingError("eventfd", errno: errno) }
         wakeFD = fd

@@ -5,6 +5,7 @@ import SluiceAgent
 import SluiceBPF
 import SluiceModel
 
+
 struct Sluice: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sluice",
@@ -39,6 +40,9 @@ struct AgentCommand: ParsableCommand {
     var maxURIBytes: Int = 8 << 10
     @Option(name: .customLong("header-timeout"), help: "Time a client has to send a whole request head (slowloris).")
     var headerTimeout: String = "10s"
+    @Option(name: .customLong("credentials-dir"),
+            help: "Gateway certificates named by credentialName: <dir>/<name>/tls.crt, tls.key and ca.crt.")
+    var credentialsDir: String = Agent.defaultCredentials
     @Option(name: .customLong("log-level"), help: "trace, debug, info, warning, error.") var logLevel: String = "info"
     @Option(help: "The workloads' cgroup2 directory (absolute, or relative to the cgroup2 mount): capture and balance its connections with BPF.")
     var cgroup: String?
@@ -114,6 +118,7 @@ struct AgentCommand: ParsableCommand {
         options.maxRequestHeaders = maxRequestHeaders
         options.maxURIBytes = maxURIBytes
         options.headerTimeout = parseIstioDuration(headerTimeout)!
+        options.credentialsDirectory = credentialsDir
         options.bpfDirectory = bpfDir
         options.pinDirectory = pinDir
         options.captureExclusions = exclude

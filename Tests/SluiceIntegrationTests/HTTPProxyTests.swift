@@ -33,8 +33,9 @@ final class HTTPProxyTests: XCTestCase {
 
     /// A gateway on an HTTP port, one VirtualService with `routes`, a service with one endpoint per port (labels
     /// `version: NAME`), subsets for each, and `policy` as the DestinationRule's trafficPolicy.
+    /// `servers` replaces the gateway's one HTTP server.
     static func mesh(_ endpoints: [(name: String, port: UInt16)], routes: String, policy: String = "",
-                     extra: String = "") -> String {
+                     extra: String = "", servers: String? = nil) -> String {
         let eps = endpoints.map { "  - {address: 127.0.0.1, ports: {http: \($0.port)}, labels: {version: \($0.name)}}" }
             .joined(separator: "\n")
         let subsets = endpoints.map { "  - {name: \($0.name), labels: {version: \($0.name)}}" }.joined(separator: "\n")
@@ -48,9 +49,11 @@ final class HTTPProxyTests: XCTestCase {
             metadata: {name: web, namespace: test}
             spec:
               servers:
-              - port: {number: 1080, name: http, protocol: HTTP}
-                bind: 127.0.0.1
-                hosts: ["*"]
+            \(indent(servers ?? """
+                - port: {number: 1080, name: http, protocol: HTTP}
+                  bind: 127.0.0.1
+                  hosts: ["*"]
+                """, 2))
             ---
             apiVersion: networking.istio.io/v1
             kind: VirtualService

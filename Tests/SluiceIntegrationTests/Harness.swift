@@ -78,7 +78,7 @@ enum Harness {
         var snap = try SnapshotCompiler().compile(resources)
         for i in snap.listeners.indices { snap.listeners[i].address.port = 0 }
         let registry = MetricsRegistry()
-        let runtime = ProxyRuntime(snapshot: snap, registry: registry)
+        let runtime = try ProxyRuntime(snapshot: snap, registry: registry)
         let server = L4Server(options: .init(workers: workers, connectionLimit: connectionLimit, bufferCount: bufferCount,
                                              splice: splice, headerTimeout: headerTimeout),
                               registry: registry)

@@ -78,7 +78,7 @@ final class ReloadTests: XCTestCase {
         let (resources, _) = ResourceDecoder.decode(Harness.mesh(ports: [dead, ports[0]], extra: check), file: "m.yaml")
         let snapshot = try SnapshotCompiler().compile(resources)
         let registry = MetricsRegistry()
-        let first = ProxyRuntime(snapshot: snapshot, registry: registry)
+        let first = try ProxyRuntime(snapshot: snapshot, registry: registry)
         let health = HealthChecker()
         health.update(first)
         health.start()
@@ -89,12 +89,12 @@ final class ReloadTests: XCTestCase {
         // Same cluster, one more listener elsewhere: the cluster object, and what it knows, carries over.
         var changed = snapshot
         changed.listeners.append(changed.listeners[0])
-        let second = ProxyRuntime(snapshot: changed, registry: registry, previous: first)
+        let second = try ProxyRuntime(snapshot: changed, registry: registry, previous: first)
         XCTAssertTrue(second.clusters[0] === first.clusters[0])
         XCTAssertFalse(second.clusters[0].health.isHealthy(deadIndex), "no hour-long wait for the next check")
         var moved = snapshot
         moved.clusters[0].connectTimeout = .seconds(1)
-        XCTAssertFalse(ProxyRuntime(snapshot: moved, registry: registry, previous: first).clusters[0] === first.clusters[0],
+        XCTAssertFalse(try ProxyRuntime(snapshot: moved, registry: registry, previous: first).clusters[0] === first.clusters[0],
                        "a changed cluster starts fresh")
     }
 }
