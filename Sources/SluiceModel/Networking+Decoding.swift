@@ -43,7 +43,7 @@ extension Gateway.Port {
         let protoText = p.string("protocol") ?? "TCP"
         guard let proto = PortProtocol(istio: protoText) else {
             p.sink.error("\(p.path).protocol", p.child("protocol")?.line, "unknown protocol '\(protoText)'",
-                         hint: "one of \(PortProtocol.allCases.map(\.rawValue).joined(separator: ", "))")
+                         hint: "one of \(PortProtocol.declarable.joined(separator: ", "))")
             return nil
         }
         return Gateway.Port(number: number, protocol: proto, name: p.string("name") ?? "\(protoText.lowercased())-\(number)")
@@ -288,9 +288,10 @@ extension ServiceEntry {
                 if p.child("number") == nil { p.sink.error("\(p.path).number", p.line, "required field 'number' is missing") }
                 continue
             }
-            let protoText = p.string("protocol") ?? "TCP"
-            guard let proto = PortProtocol(istio: protoText) else {
-                p.sink.error("\(p.path).protocol", p.line, "unknown protocol '\(protoText)'")
+            // Without a declared protocol, the name's prefix decides, else the agent detects it per connection.
+            guard let proto = PortProtocol.selected(declared: p.string("protocol"), name: p.string("name")) else {
+                p.sink.error("\(p.path).protocol", p.line, "unknown protocol '\(p.string("protocol") ?? "")'",
+                             hint: "one of \(PortProtocol.declarable.joined(separator: ", "))")
                 continue
             }
             ports.append(ServicePort(number: number, protocol: proto, name: p.string("name") ?? "port-\(number)",

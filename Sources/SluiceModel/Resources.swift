@@ -110,12 +110,33 @@ public struct Gateway: Sendable, Hashable, Encodable {
 public enum PortProtocol: String, Sendable, Hashable, CaseIterable, Encodable {
     case http = "HTTP", https = "HTTPS", grpc = "GRPC", http2 = "HTTP2", mongo = "MONGO", tcp = "TCP", tls = "TLS"
     case udp = "UDP"
+    /// Neither declared nor implied by the port's name: the agent detects it from the client's first bytes
+    /// (HTTP/1 request line or HTTP/2 preface, else TCP), as Istio's protocol sniffing does.
+    case unspecified = "UNSPECIFIED"
 
     /// Istio decides a port's protocol from its declared protocol, case-insensitively.
     public init?(istio text: String) {
-        guard let p = PortProtocol(rawValue: text.uppercased()) else { return nil }
+        guard let p = PortProtocol(rawValue: text.uppercased()), p != .unspecified else { return nil }
         self = p
     }
+
+    /// A port's protocol as Istio selects it: the declared one, else the name's prefix (`<protocol>[-<suffix>]`:
+    /// `http-web`, `grpc`, `tcp-db`...), else ``unspecified``. Names Sluice has no L7 support for (`mysql`, `redis`)
+    /// are TCP.
+    public static func selected(declared: String?, name: String?) -> PortProtocol? {
+        if let declared { return PortProtocol(istio: declared) }
+        guard let name = name?.lowercased() else { return .unspecified }
+        if name == "grpc-web" || name.hasPrefix("grpc-web-") { return .http }
+        let prefix = name.split(separator: "-", maxSplits: 1).first.map(String.init) ?? ""
+        switch prefix {
+        case "http", "grpc", "http2", "https", "tcp", "tls", "mongo", "udp": return PortProtocol(istio: prefix)
+        case "mysql", "redis": return .tcp
+        default: return .unspecified
+        }
+    }
+
+    /// Declared names, for error hints.
+    public static var declarable: [String] { allCases.filter { $0 != .unspecified }.map(\.rawValue) }
 
     public var isL4: Bool { self == .tcp || self == .tls || self == .mongo }
 }

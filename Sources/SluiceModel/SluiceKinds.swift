@@ -57,10 +57,14 @@ public struct MeshConfig: Sendable, Hashable, Encodable {
     public var outboundTrafficPolicy: OutboundPolicy
     /// Policies in this namespace without a selector apply to the whole mesh (Istio's `rootNamespace`).
     public var rootNamespace: String
+    /// How long the agent waits for a client's first bytes on a port of no declared protocol before it treats the
+    /// connection as TCP (server-first protocols such as MySQL send nothing first).
+    public var protocolDetectionTimeout: Duration
 
     public static let defaults = MeshConfig(
         trustDomain: "cluster.local", connectTimeout: .seconds(10), tcpIdleTimeout: .seconds(3600), requestTimeout: nil,
-        accessLog: false, tracingSamplingPercent: 1, outboundTrafficPolicy: .allowAny, rootNamespace: "istio-system")
+        accessLog: false, tracingSamplingPercent: 1, outboundTrafficPolicy: .allowAny, rootNamespace: "istio-system",
+        protocolDetectionTimeout: .milliseconds(100))
 }
 
 extension RateLimitPolicy {
@@ -132,7 +136,7 @@ extension RateLimitPolicy {
 extension MeshConfig {
     static func decode(_ r: YAMLReader) -> MeshConfig? {
         r.checkKeys(["trustDomain", "connectTimeout", "tcpIdleTimeout", "requestTimeout", "accessLog", "tracing",
-                     "outboundTrafficPolicy", "rootNamespace"])
+                     "outboundTrafficPolicy", "rootNamespace", "protocolDetectionTimeout"])
         var m = MeshConfig.defaults
         if let ns = r.string("rootNamespace") {
             if isDNSLabel(ns, maxLength: 63, allowDots: false) { m.rootNamespace = ns } else {
@@ -147,6 +151,13 @@ extension MeshConfig {
         }
         if let d = r.duration("connectTimeout") { m.connectTimeout = d }
         if let d = r.duration("tcpIdleTimeout") { m.tcpIdleTimeout = d }
+        if let d = r.duration("protocolDetectionTimeout") {
+            if d > .zero && d <= .seconds(10) { m.protocolDetectionTimeout = d } else {
+                r.sink.error("\(r.path).protocolDetectionTimeout", r.child("protocolDetectionTimeout")?.line,
+                             "protocolDetectionTimeout must be above 0 and at most 10s",
+                             hint: "declare a port's protocol to skip detection")
+            }
+        }
         m.requestTimeout = r.duration("requestTimeout")
         if let a = r.bool("accessLog") { m.accessLog = a }
         if let t = r.child("tracing"), t.expectMapping() {

@@ -37,6 +37,10 @@ struct WorkerStats {
     let captureUnknown: Int
     let tlsHandshakes: Int
     let tlsHandshakeFailures: Int
+    /// Captured connections to ports of no declared protocol, by what their first bytes showed.
+    let detectedHTTP: Int
+    let detectedTCP: Int
+    let detectionTimeouts: Int
     init(registry: MetricsRegistry, worker: Int) {
         let l = [("worker", String(worker))]
         buffersInUse = registry.gauge("sluice_worker_buffers_in_use", help: "Receive buffers held by connections",
@@ -48,6 +52,14 @@ struct WorkerStats {
         captureUnknown = registry.counter("sluice_capture_unknown_destination_total",
                                           help: "Captured connections to no service the agent serves (closed)",
                                           labels: l)
+        func detected(_ result: String) -> Int {
+            registry.counter("sluice_protocol_detections_total",
+                             help: "Captured connections to ports of no declared protocol, by detected protocol",
+                             labels: l + [("result", result)])
+        }
+        detectedHTTP = detected("http")
+        detectedTCP = detected("tcp")
+        detectionTimeouts = detected("timeout")
         tlsHandshakes = registry.counter("sluice_tls_handshakes_total", help: "TLS handshakes completed by HTTPS listeners",
                                          labels: l)
         tlsHandshakeFailures = registry.counter("sluice_tls_handshake_failures_total",
@@ -61,11 +73,14 @@ public final class L4Worker: RingHandler {
     enum Op: UInt8 {
         case accept = 0, connect, connectTimeout, recvDown, recvUp, sendDown, sendUp, ignore, errorDown, errorUp
         case readableDown, readableUp, writableDown, writableUp
+        // Protocol detection on a captured connection: readiness (or a retry's wait), and its linked timeout.
+        case detectWait, detectTimeout
         // HTTP: downstream connection ops (slot in `hconns`), upstream ops (slot in `ups`), the worker's timer.
         case hRecv = 32, hSend, uConnect, uConnectTimeout, uSend, uRecv, timer
     }
 
-    enum Phase: UInt8 { case free, connecting, relaying, closing }
+    /// `detecting`: a captured connection to a port of no declared protocol, waiting for its first bytes.
+    enum Phase: UInt8 { case free, detecting, connecting, relaying, closing }
 
     struct Conn {
         var generation: UInt32 = 0
@@ -85,6 +100,9 @@ public final class L4Worker: RingHandler {
         var flows = (SpliceFlow(), SpliceFlow())
         /// Sides with an error watch armed (bit 0 downstream, bit 1 upstream).
         var watched: UInt8 = 0
+        /// Detecting: the service the client dialled, and its port.
+        var detecting: CapturedService?
+        var detectingPort: UInt16 = 0
     }
 
     struct Listening {
@@ -144,6 +162,14 @@ public final class L4Worker: RingHandler {
     var h2Dirty: [H2Upstream] = []
     /// HTTP/1.1 legs of HTTP/2 streams whose receive found no free buffer.
     var legStalled: [H1Leg] = []
+    /// Protocol detection: the wait's timeout, the retry's pause, and where first bytes are peeked into.
+    let detectSpec = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
+    let detectRetrySpec: UnsafeMutablePointer<__kernel_timespec> = {
+        let p = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
+        p.initialize(to: __kernel_timespec(tv_sec: 0, tv_nsec: L4Worker.detectRetryNanos))
+        return p
+    }()
+    let detectPeek = UnsafeMutableRawPointer.allocate(byteCount: ProtocolDetector.peekLength, alignment: 8)
     /// TLS connections whose session holds plaintext the engine asked for (delivered by ``drainTLSReady()``).
     var tlsReady: [(slot: UInt32, generation: UInt32)] = []
     /// Finished exchanges kept for reuse.
@@ -264,7 +290,7 @@ public final class L4Worker: RingHandler {
     public func tick(now: UInt64) {
         defer { if !tlsReady.isEmpty { drainTLSReady() } }
         if draining && now >= drainDeadline {
-            for slot in conns.indices where conns[slot].phase == .connecting || conns[slot].phase == .relaying {
+            for slot in conns.indices where [.detecting, .connecting, .relaying].contains(conns[slot].phase) {
                 fail(UInt32(slot), reset: true)
             }
             for slot in hconns.indices where hconns[slot].phase == .open { teardownHTTP(UInt32(slot), reset: true) }
@@ -317,11 +343,17 @@ public final class L4Worker: RingHandler {
                 close(fd)
                 return
             }
-            if service.isHTTP, let table = lr.http {
+            switch service.pipeline {
+            case .http:
+                guard let table = lr.http else { fallthrough }
                 acceptHTTP(fd: fd, listener: li, table: table, captured: service.cluster, port: original.port)
                 return
+            case .tcp:
+                cr = service.cluster
+            case .detect:
+                detectProtocol(fd: fd, listener: li, service: service, port: original.port)
+                return
             }
-            cr = service.cluster
         } else if let table = lr.http {
             let port = lr.config.address.port == 0 ? Socket.localPort(fd) : lr.config.address.port
             acceptHTTP(fd: fd, listener: li, table: table, captured: nil, port: port, tls: lr.tls,
@@ -338,8 +370,13 @@ public final class L4Worker: RingHandler {
             }
             cr = lr.clusters[chosen]
         }
+        relay(fd: fd, listener: li, cluster: cr)
+    }
+
+    /// Relays an accepted connection's bytes to an endpoint of `cr`.
+    func relay(fd: Int32, listener li: Int, cluster cr: ClusterRuntime) {
         guard let wc = clusters[ObjectIdentifier(cr)] else {
-            l.counter.add(-1)
+            listeners[li].counter.add(-1)
             close(fd)
             return
         }
@@ -365,7 +402,7 @@ public final class L4Worker: RingHandler {
         connectUpstream(slot, excluding: -1)
     }
 
-    private func allocate() -> UInt32 {
+    func allocate() -> UInt32 {
         if let s = freeSlots.popLast() { return s }
         conns.append(Conn())
         return UInt32(conns.count - 1)
@@ -538,10 +575,12 @@ public final class L4Worker: RingHandler {
             if conns[i].phase == .relaying {
                 if result < 0 { failRelay(slot, reset: false) } else { spliceOut(slot, op == .writableDown ? .upstream : .downstream) }
             }
+        case .detectWait, .detectTimeout:
+            if conns[i].phase == .detecting && conns[i].pending == 0 { detected(slot) }
         case .accept, .ignore, .hRecv, .hSend, .uConnect, .uConnectTimeout, .uSend, .uRecv, .timer:
             break
         }
-        if conns[i].phase == .closing && conns[i].pending == 0 { free(slot) }
+        if conns[i].phase == .closing && conns[i].pending == 0 { freeConn(slot) }
     }
 
     // MARK: - relay actions
@@ -612,7 +651,7 @@ public final class L4Worker: RingHandler {
         let i = Int(slot)
         if conns[i].phase == .relaying {
             failRelay(slot, reset: reset)
-        } else if conns[i].phase == .connecting {
+        } else if conns[i].phase == .connecting || conns[i].phase == .detecting {
             teardown(slot, reset: reset)
         }
     }
@@ -641,7 +680,7 @@ public final class L4Worker: RingHandler {
         pipes.release(&conns[i].flows.1)
         stop(conns[i].down, reset: reset, cancel: conns[i].pending > 0)
         stop(conns[i].up, reset: reset, cancel: conns[i].pending > 0)
-        if conns[i].pending == 0 { free(slot) }
+        if conns[i].pending == 0 { freeConn(slot) }
     }
 
     /// Makes a closing socket send RST if the peer reset, and cancels every operation still pending on it.
@@ -655,7 +694,7 @@ public final class L4Worker: RingHandler {
         }
     }
 
-    private func free(_ slot: UInt32) {
+    func freeConn(_ slot: UInt32) {
         let i = Int(slot)
         if conns[i].down >= 0 { close(conns[i].down) }
         if conns[i].up >= 0 { close(conns[i].up) }

@@ -124,11 +124,19 @@ struct ClusterMetrics: Sendable {
     }
 }
 
-/// A service address the BPF programs send to the agent: its default cluster, and whether its port speaks HTTP
-/// (then requests go through the L7 pipeline).
+/// A service address the BPF programs send to the agent: its default cluster, and how its port's connections are
+/// served.
 struct CapturedService {
+    enum Pipeline {
+        /// Requests go through the L7 pipeline (HTTP, HTTP2, GRPC ports).
+        case http
+        /// Bytes are relayed.
+        case tcp
+        /// No declared protocol: the client's first bytes decide.
+        case detect
+    }
     let cluster: ClusterRuntime
-    let isHTTP: Bool
+    let pipeline: Pipeline
 }
 
 /// One listener's routing: weighted clusters of its TCP route, per-request routes of an HTTP listener, or, for the
@@ -256,8 +264,13 @@ public final class ProxyRuntime: @unchecked Sendable {
             for b in snapshot.bpfServices where !b.isL4Only {
                 let name = NodeSnapshot.Cluster.name(port: b.address.port, subset: nil, host: b.host)
                 // The service port's declared protocol picks the pipeline (the BPF entry only knows TCP/UDP).
-                let http = portProtocols[b.host]?[b.address.port].map { !$0.isL4 && $0 != .udp } ?? false
-                if let c = byName[name] { services[b.address] = CapturedService(cluster: c, isHTTP: http) }
+                let pipeline: CapturedService.Pipeline
+                switch portProtocols[b.host]?[b.address.port] {
+                case .http?, .http2?, .grpc?: pipeline = .http
+                case .unspecified?: pipeline = .detect
+                default: pipeline = .tcp
+                }
+                if let c = byName[name] { services[b.address] = CapturedService(cluster: c, pipeline: pipeline) }
             }
             let mesh = table(nil)
             for a in capture.addresses {

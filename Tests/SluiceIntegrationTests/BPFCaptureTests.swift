@@ -318,12 +318,10 @@ final class BPFCaptureTests: XCTestCase {
 
     /// Captured connections to an HTTP service port go through the L7 pipeline: the service's VirtualService
     /// routes each request (by header to a subset, by path to a fault), on one captured keep-alive connection.
-    func testCapturedHTTPRequestsAreRoutedByTheServicesVirtualService() throws {
-        let (backend, ports) = try Harness.backends(["v1:0", "v2:0"], script: "http_backend.py")
-        processes.append(backend)
-        let config = scratch.appendingPathComponent("config")
-        try FileManager.default.createDirectory(at: config, withIntermediateDirectories: true)
-        try """
+    /// A client workload and web.shop (127.96.12.2:80, endpoints v1 and v2) with a VirtualService: `x-canary: yes`
+    /// goes to v2, `/teapot` gets a 418 fault, the rest goes to v1.
+    static func webService(_ ports: [UInt16], port: String, portName: String) -> String {
+        """
             apiVersion: networking.istio.io/v1
             kind: WorkloadEntry
             metadata: {name: client, namespace: shop, annotations: {sluice.dev/node: n1}}
@@ -337,10 +335,10 @@ final class BPFCaptureTests: XCTestCase {
               addresses: [127.96.12.2]
               location: MESH_INTERNAL
               resolution: STATIC
-              ports: [{number: 80, name: http, protocol: HTTP}]
+              ports: [\(port)]
               endpoints:
-              - {address: 127.0.0.1, ports: {http: \(ports[0])}, labels: {version: v1}}
-              - {address: 127.0.0.1, ports: {http: \(ports[1])}, labels: {version: v2}}
+              - {address: 127.0.0.1, ports: {\(portName): \(ports[0])}, labels: {version: v1}}
+              - {address: 127.0.0.1, ports: {\(portName): \(ports[1])}, labels: {version: v2}}
             ---
             apiVersion: networking.istio.io/v1
             kind: DestinationRule
@@ -361,7 +359,16 @@ final class BPFCaptureTests: XCTestCase {
                 fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
                 route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
               - route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
-            """.write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+            """
+    }
+
+    func testCapturedHTTPRequestsAreRoutedByTheServicesVirtualService() throws {
+        let (backend, ports) = try Harness.backends(["v1:0", "v2:0"], script: "http_backend.py")
+        processes.append(backend)
+        let config = scratch.appendingPathComponent("config")
+        try FileManager.default.createDirectory(at: config, withIntermediateDirectories: true)
+        try Self.webService(ports, port: "{number: 80, name: http, protocol: HTTP}", portName: "http")
+            .write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
         let (agent, log, _) = try startAgent(config: config)
         XCTAssertTrue(log.contains("via_agent=1"), log)
         let text = try runInCgroup("""
@@ -377,6 +384,81 @@ final class BPFCaptureTests: XCTestCase {
             print(",".join(out))
             """, name: "http_client.py")
         XCTAssertEqual(text.trimmingCharacters(in: .whitespacesAndNewlines), "200 v1,200 v2,418 -,200 v1", log)
+        agent.terminate()
+        agent.waitUntilExit()
+    }
+
+    /// Ports that declare no protocol: HTTP is recognised by its request line and routed by the VirtualService;
+    /// other bytes, and a server-first protocol whose client says nothing, are relayed as TCP.
+    func testPortsWithoutAProtocolAreDetectedFromTheFirstBytes() throws {
+        let (web, ports) = try Harness.backends(["v1:0", "v2:0"], script: "http_backend.py")
+        processes.append(web)
+        let (chat, chatPorts) = try Harness.backends(["tag:0:banner"])
+        processes.append(chat)
+        let config = scratch.appendingPathComponent("config")
+        try FileManager.default.createDirectory(at: config, withIntermediateDirectories: true)
+        try (Self.webService(ports, port: "{number: 80, name: web}", portName: "web") + """
+
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {name: chat, namespace: shop}
+            spec:
+              hosts: [chat.shop.svc.cluster.local]
+              addresses: [127.96.12.3]
+              location: MESH_INTERNAL
+              resolution: STATIC
+              ports: [{number: 7000, name: chat}]
+              endpoints: [{address: 127.0.0.1, ports: {chat: \(chatPorts[0])}, labels: {version: v1}}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: chat, namespace: shop}
+            spec:
+              host: chat.shop.svc.cluster.local
+              subsets: [{name: v1, labels: {version: v1}}]
+            """).write(to: config.appendingPathComponent("mesh.yaml"), atomically: true, encoding: .utf8)
+        let (agent, log, _) = try startAgent(config: config)
+        XCTAssertTrue(log.contains("via_agent=2"), log)
+        let text = try runInCgroup("""
+            import http.client, socket, time
+            out = []
+            c = http.client.HTTPConnection("127.96.12.2", 80, timeout=5)
+            for headers in [{}, {"x-canary": "yes"}]:
+                c.request("GET", "/", headers=headers)
+                r = c.getresponse()
+                out.append("%d %s" % (r.status, r.getheader("x-backend")))
+                r.read()
+            def line(s):
+                data = b""
+                while not data.endswith(b"\\n"):
+                    d = s.recv(100)
+                    if not d: break
+                    data += d
+                return data.decode().strip()
+            # Server-first: the client waits for the banner without sending anything.
+            s = socket.create_connection(("127.96.12.3", 7000), timeout=5)
+            start = time.monotonic()
+            out.append(line(s))
+            waited = time.monotonic() - start
+            s.sendall(b"hello\\n")
+            out.append(line(s))
+            s.close()
+            # Binary first bytes: relayed as they are.
+            s = socket.create_connection(("127.96.12.3", 7000), timeout=5)
+            s.sendall(b"\\x00\\x01raw\\n")
+            out.append(line(s))
+            out.append(repr(line(s).encode()))
+            s.close()
+            print(",".join(out))
+            print("waited %.3f" % waited)
+            """, name: "detect_client.py")
+        let lines = text.split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines.first, "200 v1,200 v2,banner,hello,banner,b'\\x00\\x01raw'", log)
+        // The banner came after the detection timeout (100 ms), not at once and not much later.
+        let waited = Double(lines.last?.split(separator: " ").last ?? "") ?? -1
+        XCTAssertGreaterThan(waited, 0.08)
+        XCTAssertLessThan(waited, 1.5)
         agent.terminate()
         agent.waitUntilExit()
     }

@@ -118,6 +118,58 @@ final class TrafficPolicyTests: XCTestCase {
                        ["minProtocolVersion is above maxProtocolVersion"])
     }
 
+    func testHTTPSServersSharingAPortCompileToOneListenerWithACertificateEach() throws {
+        let yaml = """
+            apiVersion: networking.istio.io/v1
+            kind: Gateway
+            metadata: {name: gw, namespace: edge, annotations: {sluice.dev/node: n1}}
+            spec:
+              servers:
+              - {port: {number: 443, name: https-a, protocol: HTTPS}, hosts: [edge/a.example.com],
+                 tls: {mode: SIMPLE, credentialName: a-cert}}
+              - {port: {number: 443, name: https-b, protocol: HTTPS}, hosts: ["*.b.example.com"],
+                 tls: {mode: MUTUAL, serverCertificate: /b.crt, privateKey: /b.key, caCertificates: /ca.crt}}
+              - {port: {number: 8443, name: https-p, protocol: HTTPS}, hosts: [c.example.com], tls: {mode: PASSTHROUGH}}
+              - {port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"], tls: {httpsRedirect: true}}
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: app, namespace: edge}
+            spec:
+              hosts: ["*"]
+              gateways: [gw]
+              http: [{directResponse: {status: 200}}]
+            """
+        let passthrough = "  - {port: {number: 8443, name: https-p, protocol: HTTPS}, hosts: [c.example.com], tls: {mode: PASSTHROUGH}}\n"
+        let (resources, _) = ResourceDecoder.decode(yaml.replacingOccurrences(of: passthrough, with: ""), file: "gw.yaml")
+        let snapshot = try SnapshotCompiler(node: "n1").compile(resources)
+        let byPort = Dictionary(uniqueKeysWithValues: snapshot.listeners.map { ($0.address.port, $0) })
+        XCTAssertEqual(byPort[443]?.tls.map(\.hosts), [["a.example.com"], ["*.b.example.com"]])
+        XCTAssertEqual(byPort[443]?.tls.map(\.mode), [.simple, .mutual])
+        XCTAssertEqual(byPort[443]?.tls.first?.credentialName, "a-cert")
+        XCTAssertEqual(byPort[80]?.httpsRedirect, true)
+        XCTAssertEqual(byPort[80]?.tls, [])
+        // An HTTPS server that does not terminate TLS cannot route requests.
+        let (withPassthrough, _) = ResourceDecoder.decode(yaml, file: "gw.yaml")
+        XCTAssertThrowsError(try SnapshotCompiler(node: "n1").compile(withPassthrough)) {
+            XCTAssertEqual(($0 as? ConfigErrors)?.diagnostics.map(\.path), ["spec.servers[2].tls.mode"])
+        }
+    }
+
+    func testPortProtocolFollowsTheDeclarationThenTheName() {
+        XCTAssertEqual(PortProtocol.selected(declared: "http", name: "tcp-x"), .http)
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: "http-web"), .http)
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: "grpc"), .grpc)
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: "grpc-web"), .http)
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: "tcp-db"), .tcp)
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: "mysql"), .tcp)
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: "web"), .unspecified)
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: "httpbin"), .unspecified, "a prefix ends at '-'")
+        XCTAssertEqual(PortProtocol.selected(declared: nil, name: nil), .unspecified)
+        XCTAssertNil(PortProtocol.selected(declared: "UNSPECIFIED", name: nil), "not a protocol one can declare")
+        XCTAssertNil(PortProtocol.selected(declared: "SMTP", name: nil))
+    }
+
     func testTLSRoutesMatchBySNI() throws {
         let yaml = """
             apiVersion: networking.istio.io/v1
