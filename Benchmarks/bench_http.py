@@ -37,6 +37,8 @@ P_HA, P_NGX, P_SL = 26301, 26401, 26501
 # HTTP/2 (h2c): nginx backends, haproxy in h2 mode, Sluice's HTTP2 gateway port.
 P_H2_V1, P_H2_V2, P_H2_HA, P_H2_SL = 26211, 26212, 26311, 26511
 H2_REQUESTS = int(os.environ.get("BENCH_H2_REQUESTS", "200000"))
+# HTTPS (TLS 1.3 terminated by the proxy, same routes): haproxy `bind ssl`, nginx `listen ssl`, Sluice's HTTPS server.
+P_TLS_HA, P_TLS_NGX, P_TLS_SL = 26321, 26421, 26531
 PREFIXES = [f"/api/r{i}" for i in range(9)]
 
 tmp = tempfile.mkdtemp(prefix="sluice-bench-http-")
@@ -44,6 +46,11 @@ tmp = tempfile.mkdtemp(prefix="sluice-bench-http-")
 
 
 def setup():
+    pki = os.path.join(tmp, "pki")
+    subprocess.run(["sh", os.path.join(ROOT, "Tests/Fixtures/make_certs.sh"), pki, "bench.example"], check=True)
+    crt, key = os.path.join(pki, "bench.example.crt"), os.path.join(pki, "bench.example.key")
+    with open(os.path.join(pki, "bench.pem"), "w") as f:
+        f.write(open(crt).read() + open(key).read())
     backends = os.path.join(tmp, "backends.conf")
     with open(backends, "w") as f:
         f.write(f"""worker_processes 1; daemon off; pid {tmp}/backends.pid; error_log {tmp}/backends.err;
@@ -72,6 +79,7 @@ defaults
   http-reuse always
 frontend web
   bind 127.0.0.1:{P_HA}
+  bind 127.0.0.1:{P_TLS_HA} ssl crt {pki}/bench.pem alpn http/1.1 ssl-min-ver TLSv1.3
 {acls}  default_backend split
 backend split
   balance random
@@ -96,7 +104,8 @@ http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   split_clients "$request_id" $pool {{ 90% v1; * v2; }}
   upstream v1 {{ server 127.0.0.1:{P_V1}; keepalive 128; }}
   upstream v2 {{ server 127.0.0.1:{P_V2}; keepalive 128; }}
-  server {{ listen 127.0.0.1:{P_NGX} backlog=65535;
+  server {{ listen 127.0.0.1:{P_NGX} backlog=65535; listen 127.0.0.1:{P_TLS_NGX} ssl backlog=65535;
+    ssl_certificate {crt}; ssl_certificate_key {key}; ssl_protocols TLSv1.3;
     proxy_http_version 1.1; proxy_set_header Connection "";
 {locs}    location / {{ proxy_pass http://$pool; }} }} }}
 """)
@@ -119,6 +128,10 @@ spec:
   - port: {{number: {P_H2_SL}, name: http2, protocol: HTTP2}}
     bind: 127.0.0.1
     hosts: ["*"]
+  - port: {{number: {P_TLS_SL}, name: https, protocol: HTTPS}}
+    bind: 127.0.0.1
+    hosts: ["*"]
+    tls: {{mode: SIMPLE, serverCertificate: {crt}, privateKey: {key}, minProtocolVersion: TLSV1_3}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -178,15 +191,36 @@ spec:
     agent = start([SLUICE, "agent", "--local-config", mesh, "--workers", "1", "--metrics", "127.0.0.1:26520",
                    "--readiness", "127.0.0.1:26521", "--admin", "127.0.0.1:26522", "--state-dir", tmp],
                   stderr=open(os.path.join(tmp, "agent.log"), "w"))
-    for p in [P_V1, P_V2, P_HA, P_NGX, P_SL, P_H2_V1, P_H2_V2, P_H2_HA, P_H2_SL]:
+    for p in [P_V1, P_V2, P_HA, P_NGX, P_SL, P_H2_V1, P_H2_V2, P_H2_HA, P_H2_SL, P_TLS_HA, P_TLS_NGX, P_TLS_SL]:
         wait_port(p)
     ha_pid = int(subprocess.check_output(["pgrep", "-n", "-f", f"haproxy -f {ha}"]).split()[0])
-    return agent.pid, ha_pid
+    master = int(subprocess.check_output(["pgrep", "-n", "-f", f"nginx -c {ngx}"]).split()[0])
+    ngx_pids = [master] + [int(p) for p in subprocess.check_output(["pgrep", "-P", str(master)]).split()]
+    return agent.pid, ha_pid, ngx_pids
 
 
-def wrk(port):
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    """(user, system) CPU seconds the processes have used so far (/proc/PID/stat)."""
+    user = system = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        user += int(fields[11]) / TICK
+        system += int(fields[12]) / TICK
+    return user, system
+
+
+def wrk(port, pids=(), scheme="http"):
+    """requests/s, p99 ms, and the proxy's (user, system) CPU microseconds per request during the run."""
+    before = cpu_seconds(pids)
     out = subprocess.check_output(["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS}s", "--latency",
-                                   f"http://127.0.0.1:{port}/app/item"], text=True)
+                                   f"{scheme}://127.0.0.1:{port}/app/item"], text=True)
+    after = cpu_seconds(pids)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    cpu = [(a - b) * 1e6 / max(1, requests) for a, b in zip(after, before)]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     p99 = float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
@@ -195,7 +229,7 @@ def wrk(port):
     if non2xx or errors:
         print(f"  wrk on {port}: non-2xx {non2xx and non2xx.group(1)}, errors {errors and errors.group(1)}",
               file=sys.stderr)
-    return rps, p99
+    return rps, p99, cpu
 
 
 def h2load(port):
@@ -261,15 +295,29 @@ def metrics_count():
 def main():
     if not os.path.exists(SLUICE):
         raise SystemExit("build first: make build-release")
-    agent_pid, ha_pid = setup()
+    agent_pid, ha_pid, ngx_pids = setup()
     targets = {"direct": P_V1, "haproxy": P_HA, "nginx": P_NGX, "sluice": P_SL}
-    raw = {n: {"rps": [], "p99_ms": []} for n in targets}
+    proxy_pids = {"direct": [], "haproxy": [ha_pid], "nginx": ngx_pids, "sluice": [agent_pid]}
+    raw = {n: {"rps": [], "p99_ms": [], "user_us": [], "sys_us": []} for n in targets}
     for r in range(ROUNDS):
         for name, port in targets.items():
-            rps, p99 = wrk(port)
+            rps, p99, (user, system) = wrk(port, proxy_pids[name])
             raw[name]["rps"].append(rps)
             raw[name]["p99_ms"].append(p99)
-            print(f"round {r + 1} {name:8s} {rps:9.0f} req/s  p99 {p99:.2f} ms", file=sys.stderr)
+            raw[name]["user_us"].append(user)
+            raw[name]["sys_us"].append(system)
+            print(f"round {r + 1} {name:8s} {rps:9.0f} req/s  p99 {p99:.2f} ms  proxy CPU/request "
+                  f"{user:.1f} us user + {system:.1f} us sys", file=sys.stderr)
+    tls_targets = {"haproxy": P_TLS_HA, "nginx": P_TLS_NGX, "sluice": P_TLS_SL}
+    tlsraw = {n: {"rps": [], "p99_ms": [], "cpu_us": []} for n in tls_targets}
+    for r in range(ROUNDS):
+        for name, port in tls_targets.items():
+            rps, p99, (user, system) = wrk(port, proxy_pids[name], scheme="https")
+            tlsraw[name]["rps"].append(rps)
+            tlsraw[name]["p99_ms"].append(p99)
+            tlsraw[name]["cpu_us"].append(user + system)
+            print(f"round {r + 1} https {name:8s} {rps:9.0f} req/s  p99 {p99:.2f} ms  CPU/request {user + system:.1f} us",
+                  file=sys.stderr)
     h2_targets = {"direct": P_H2_V1, "haproxy": P_H2_HA, "sluice": P_H2_SL}
     h2raw = {n: [] for n in h2_targets}
     for r in range(ROUNDS):
@@ -283,6 +331,8 @@ def main():
     ha_conn = idle_keepalive_rss(ha_pid, P_HA)
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in raw.items()}
     json.dump({"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS, "raw": raw, "median": med,
+               "tls_raw": tlsraw, "tls_median": {n: {k: statistics.median(v) for k, v in d.items()}
+                                                  for n, d in tlsraw.items()},
                "h2_raw": h2raw, "h2_median": {n: statistics.median(v) for n, v in h2raw.items()},
                "h2_requests": H2_REQUESTS,
                "sluice_requests_counted": counted, "idle_conns": IDLE_CONNS, "mallocs_per_request": mallocs,
@@ -300,10 +350,21 @@ def print_table(h):
           f"{m['sluice']['rps']:,.0f} | {m['sluice']['rps'] / m['haproxy']['rps']:.2f}x | >= 1.2x |")
     print(f"| p99 latency, ms | {m['direct']['p99_ms']:.2f} | {m['haproxy']['p99_ms']:.2f} | {m['nginx']['p99_ms']:.2f} | "
           f"{m['sluice']['p99_ms']:.2f} | {m['sluice']['p99_ms'] / m['haproxy']['p99_ms']:.2f}x | <= 1.0x |")
+    t = h.get("tls_median")
+    if t:
+        print(f"| HTTPS requests/s (TLS 1.3 terminated, keep-alive) | - | {t['haproxy']['rps']:,.0f} | "
+              f"{t['nginx']['rps']:,.0f} | {t['sluice']['rps']:,.0f} | {t['sluice']['rps'] / t['haproxy']['rps']:.2f}x | - |")
+        print(f"| HTTPS proxy CPU per request, us | - | {t['haproxy']['cpu_us']:.1f} | {t['nginx']['cpu_us']:.1f} | "
+              f"{t['sluice']['cpu_us']:.1f} | {t['sluice']['cpu_us'] / t['haproxy']['cpu_us']:.2f}x | - |")
     h2 = h.get("h2_median")
     if h2:
         print(f"| h2c requests/s (h2load -c10 -m10, {h['h2_requests']:,} requests) | {h2['direct']:,.0f} | "
               f"{h2['haproxy']:,.0f} | - | {h2['sluice']:,.0f} | {h2['sluice'] / h2['haproxy']:.2f}x | >= 1.2x |")
+    if "user_us" in m["sluice"]:
+        cpu = {n: m[n]["user_us"] + m[n]["sys_us"] for n in ("haproxy", "nginx", "sluice")}
+        print(f"| proxy CPU per request, us (user + sys) | - | {cpu['haproxy']:.1f} ({m['haproxy']['user_us']:.1f} + "
+              f"{m['haproxy']['sys_us']:.1f}) | {cpu['nginx']:.1f} | {cpu['sluice']:.1f} ({m['sluice']['user_us']:.1f} + "
+              f"{m['sluice']['sys_us']:.1f}) | {cpu['sluice'] / cpu['haproxy']:.2f}x | - |")
     k = h["idle_keepalive_kib_per_conn"]
     print(f"| RSS per idle keep-alive connection ({h['idle_conns']}), KiB | - | {k['haproxy']:.2f} | - | "
           f"{k['sluice']:.2f} | - | <= 4 KiB |")
