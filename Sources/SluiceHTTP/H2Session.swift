@@ -15,6 +15,11 @@ public struct H2Fields: Sendable {
     public var count: Int { spans.count }
 
     public mutating func append(_ name: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) {
+        if spans.isEmpty {
+            // One allocation each for a typical header block instead of doubling from one field.
+            spans.reserveCapacity(16)
+            bytes.reserveCapacity(512)
+        }
         let n0 = Int32(bytes.count)
         bytes.append(contentsOf: name)
         let v0 = Int32(bytes.count)
@@ -105,8 +110,8 @@ public final class H2Session {
     public private(set) var events: [Event] = []
     let session: OpaquePointer
     public let isServer: Bool
-    var pendingHeaders: [Int32: H2Fields] = [:]
-    var outgoing: [Int32: Outgoing] = [:]
+    var pendingHeaders = StreamMap<H2Fields>()
+    var outgoing = StreamMap<Outgoing>()
     /// Set when nghttp2 reports a fatal error: the connection must close.
     public private(set) var failed = false
 
@@ -122,7 +127,9 @@ public final class H2Session {
         })
         nghttp2_session_callbacks_set_on_header_callback(callbacks, { _, frame, name, nameLength, value, valueLength, _, user in
             let me = Unmanaged<H2Session>.fromOpaque(user!).takeUnretainedValue()
-            me.pendingHeaders[frame!.pointee.hd.stream_id, default: H2Fields()]
+            let id = frame!.pointee.hd.stream_id
+            if me.pendingHeaders[id] == nil { me.pendingHeaders[id] = H2Fields() }
+            me.pendingHeaders[id]!
                 .append(UnsafeRawBufferPointer(start: name, count: nameLength), UnsafeRawBufferPointer(start: value, count: valueLength))
             return 0
         })

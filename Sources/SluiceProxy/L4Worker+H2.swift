@@ -7,7 +7,7 @@ import SluiceRing
 /// One HTTP/2 client connection: its session and its streams.
 final class H2Downstream {
     let session = H2Session(server: true)
-    var streams: [Int32: H2Stream] = [:]
+    var streams = StreamMap<H2Stream>()
 }
 
 /// One request stream of a client connection, bound to a stream of an upstream HTTP/2 connection.
@@ -50,7 +50,7 @@ final class H2Upstream {
     let cluster: WorkerCluster
     let endpoint: Int
     /// Upstream stream id -> the client connection slot, its generation, and the client's stream id.
-    var streams: [Int32: (slot: UInt32, generation: UInt32, stream: Int32)] = [:]
+    var streams = StreamMap<(slot: UInt32, generation: UInt32, stream: Int32)>()
     var queue: [Segment] = []
     var sending = false
     var connected = false
@@ -525,7 +525,7 @@ extension L4Worker {
         up.closing = true
         if up.cluster.h2[up.endpoint] === up { up.cluster.h2[up.endpoint] = nil }
         let streams = up.streams
-        up.streams = [:]
+        up.streams.removeAll()
         for (_, (slot, gen, dsid)) in streams {
             if dsid == -1 {
                 guard hconns[Int(slot)].generation == gen, hconns[Int(slot)].phase == .open, let ex = hconns[Int(slot)].ex,
