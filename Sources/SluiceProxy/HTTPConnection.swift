@@ -199,6 +199,8 @@ struct HTTPConn {
     var lastActive: UInt64 = 0
     var headStarted: UInt64 = 0
     var client = ""
+    /// The client workload's labels (captured connections from a workload of this node).
+    var sourceLabels: [String: String] = [:]
     var ex: Exchange?
     var requests = 0
     /// A receive buffer of the last exchange that a cancelled send may still read: given back when the slot is freed.

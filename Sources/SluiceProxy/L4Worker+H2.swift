@@ -179,7 +179,8 @@ extension L4Worker {
             bare = String(path[..<q])
         }
         let facts = HTTPRequestFacts(method: method, path: bare, query: query, authority: authority, scheme: scheme,
-                                     headers: headers, port: hconns[i].port, gateway: table.gateway)
+                                     headers: headers, port: hconns[i].port, sourceLabels: hconns[i].sourceLabels,
+                                     gateway: table.gateway)
         let f: Forwarding
         switch route(facts, table: table, captured: hconns[i].captured, client: hconns[i].client) {
         case .answer(_, let status, let flag, let headers, let body):

@@ -52,6 +52,8 @@ extension L4Worker {
         let peer = Socket.peerAddress(fd).description
         hconns[i].client = peer.hasPrefix("[") ? String(peer.dropFirst().prefix { $0 != "]" })
             : String(peer.prefix { $0 != ":" })
+        // Captured: the client is a workload of this node, whose labels `sourceLabels` matches select on.
+        if captured != nil, let labels = runtime.workloadLabels[hconns[i].client] { hconns[i].sourceLabels = labels }
         openCount += 1
         shard.addSigned(stats.activeConnections, 1)
         receiveDown(slot)
@@ -436,7 +438,7 @@ extension L4Worker {
         }
         return HTTPRequestFacts(method: text(head.method), path: path, query: query, authority: authority,
                                 scheme: hconns[i].tls == nil ? "http" : "https", headers: headers, port: hconns[i].port,
-                                gateway: table.gateway)
+                                sourceLabels: hconns[i].sourceLabels, gateway: table.gateway)
     }
 
     static func hashKey(_ key: LoadBalancerSettings.HashKey, facts: HTTPRequestFacts, client: String) -> UInt64 {

@@ -29,7 +29,15 @@ extension L4Worker {
     func route(_ facts: HTTPRequestFacts, table: HTTPRouteTable, captured: ClusterRuntime?, client: String) -> RoutingDecision {
         var route: RouteRuntime?
         var condition: Int?
-        if let m = table.router.match(facts) {
+        var matched = table.router.match(facts)
+        if matched == nil, let c = captured, !table.router.hasHost(facts.authority) {
+            // Istio lists a service's addresses among its virtual host's domains: a captured request whose Host is
+            // the address (or anything no VirtualService names) follows the dialled service's VirtualService.
+            var byService = facts
+            byService.authority = c.config.serviceHost
+            matched = table.router.match(byService)
+        }
+        if let m = matched {
             route = table.routes[m.ordinal]
             condition = m.condition
         }

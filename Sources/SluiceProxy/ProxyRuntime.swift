@@ -218,6 +218,8 @@ public final class ProxyRuntime: @unchecked Sendable {
     public let snapshot: NodeSnapshot
     public let clusters: [ClusterRuntime]
     public let listeners: [ListenerRuntime]
+    /// Labels of the node's workloads by address: the source of a captured connection.
+    let workloadLabels: [String: [String: String]]
 
     /// - Parameter previous: the runtime being replaced; clusters whose configuration did not change are carried
     ///   over as the same objects, so their health, ejections and balancer state survive the update.
@@ -228,6 +230,7 @@ public final class ProxyRuntime: @unchecked Sendable {
     public init(snapshot: NodeSnapshot, registry: MetricsRegistry, previous: ProxyRuntime? = nil,
                 capture: OutboundCapture? = nil, credentials: String = ProxyRuntime.defaultCredentials) throws(RuntimeError) {
         self.snapshot = snapshot
+        workloadLabels = Dictionary(snapshot.workloads.map { ($0.address, $0.labels) }, uniquingKeysWith: { a, _ in a })
         var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
         // Only clusters traffic can reach get sockets, health state and metrics: those of TCP routes, and every

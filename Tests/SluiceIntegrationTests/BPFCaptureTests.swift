@@ -358,6 +358,8 @@ final class BPFCaptureTests: XCTestCase {
               - match: [{uri: {prefix: /teapot}}]
                 fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
                 route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
+              - match: [{uri: {prefix: /from-client}, sourceLabels: {app: client}}]
+                route: [{destination: {host: web.shop.svc.cluster.local, subset: v2}}]
               - route: [{destination: {host: web.shop.svc.cluster.local, subset: v1}}]
             """
     }
@@ -429,32 +431,36 @@ final class BPFCaptureTests: XCTestCase {
                 r = c.getresponse()
                 out.append("%d %s" % (r.status, r.getheader("x-backend")))
                 r.read()
-            def line(s):
-                data = b""
-                while not data.endswith(b"\\n"):
-                    d = s.recv(100)
-                    if not d: break
-                    data += d
-                return data.decode().strip()
+            # sourceLabels: only the client workload (127.0.0.2, app=client) is sent to v2.
+            for source in ["127.0.0.2", "127.0.0.1"]:
+                c = http.client.HTTPConnection("127.96.12.2", 80, timeout=5, source_address=(source, 0))
+                c.request("GET", "/from-client")
+                r = c.getresponse()
+                out.append("%s %s" % (source, r.getheader("x-backend")))
+                r.read()
+            def line(f):
+                return f.readline().decode().strip()
             # Server-first: the client waits for the banner without sending anything.
             s = socket.create_connection(("127.96.12.3", 7000), timeout=5)
+            f = s.makefile("rb")
             start = time.monotonic()
-            out.append(line(s))
+            out.append(line(f))
             waited = time.monotonic() - start
             s.sendall(b"hello\\n")
-            out.append(line(s))
+            out.append(line(f))
             s.close()
             # Binary first bytes: relayed as they are.
             s = socket.create_connection(("127.96.12.3", 7000), timeout=5)
+            f = s.makefile("rb")
             s.sendall(b"\\x00\\x01raw\\n")
-            out.append(line(s))
-            out.append(repr(line(s).encode()))
+            out.append(line(f))
+            out.append(repr(f.readline().strip()))
             s.close()
             print(",".join(out))
             print("waited %.3f" % waited)
             """, name: "detect_client.py")
         let lines = text.split(separator: "\n").map(String.init)
-        XCTAssertEqual(lines.first, "200 v1,200 v2,banner,hello,banner,b'\\x00\\x01raw'", log)
+        XCTAssertEqual(lines.first, "200 v1,200 v2,127.0.0.2 v2,127.0.0.1 v1,banner,hello,banner,b'\\x00\\x01raw'", log)
         // The banner came after the detection timeout (100 ms), not at once and not much later.
         let waited = Double(lines.last?.split(separator: " ").last ?? "") ?? -1
         XCTAssertGreaterThan(waited, 0.08)
