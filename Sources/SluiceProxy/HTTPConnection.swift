@@ -104,6 +104,8 @@ final class Exchange {
     var lastEndpoint: Int32 = -1
     /// The attempt's connection came from the pool.
     var reused = false
+    /// Waiting in its cluster's pending queue for a connection (`http1MaxPendingRequests`).
+    var queued = false
     /// The attempt received any byte.
     var gotBytes = false
     /// The response being read is a 1xx: the final one follows.
@@ -159,6 +161,7 @@ final class Exchange {
         hash = 0
         lastEndpoint = -1
         reused = false
+        queued = false
         gotBytes = false
         interim = false
         responseUntilClose = false

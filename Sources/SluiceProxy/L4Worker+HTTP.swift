@@ -501,7 +501,7 @@ extension L4Worker {
     // MARK: - upstream
 
     /// Picks an endpoint and an upstream connection for the exchange: a pooled idle one, or a new connect.
-    private func dispatch(_ slot: UInt32) {
+    func dispatch(_ slot: UInt32) {
         let i = Int(slot)
         guard let ex = hconns[i].ex, let wc = ex.cluster else { return }
         // Istio's port protocols: HTTP2 and GRPC ports speak HTTP/2 upstream.
@@ -524,11 +524,12 @@ extension L4Worker {
             startAttempt(slot)
             return
         }
-        // Circuit breaker: connections to the cluster over all workers.
+        // Circuit breaker: connections to the cluster over all workers. At the limit the request waits for a
+        // connection (Envoy's pending requests), up to `http1MaxPendingRequests` over all workers.
         let before = wc.runtime.active.add(1)
         if let max = wc.runtime.config.maxConnections, before >= Int64(max) {
             wc.runtime.active.add(-1)
-            overflow(slot)
+            if !enqueuePending(slot, wc) { overflow(slot) }
             return
         }
         guard let u = connectUp(wc, endpoint: e) else {
@@ -982,9 +983,11 @@ extension L4Worker {
         }
         let wc = ups[Int(u)].cluster!
         if ups[Int(u)].phase == .busy { wc.active[Int(ups[Int(u)].endpoint)] -= 1 }
+        if !wc.pending.isEmpty { pendingWake.append(wc) }
         let reusable = ex.upReusable && ups[Int(u)].phase == .busy && ex.requestDone && ex.upQueue.isEmpty
             && ex.responseDone && !draining
             && (wc.runtime.config.httpPool?.maxRequestsPerConnection.map { ups[Int(u)].requests + 1 < $0 } ?? true)
+            && !neededElsewhere(wc)
         if reusable {
             ups[Int(u)].phase = .idle
             ups[Int(u)].requests += 1
@@ -1001,6 +1004,7 @@ extension L4Worker {
         if c.phase == .busy || c.phase == .idle { shard.add(c.cluster!.runtime.metrics.closed) }
         ups[Int(u)].phase = .closing
         c.cluster!.runtime.active.add(-1)
+        if !c.cluster!.pending.isEmpty { pendingWake.append(c.cluster!) }
         stop(c.fd, reset: false, cancel: c.pending > 0)
         if c.pending == 0 { freeUp(u) }
     }
@@ -1201,6 +1205,10 @@ extension L4Worker {
         let i = Int(slot)
         guard let ex = hconns[i].ex else { return }
         closeUpstream(slot)
+        if ex.queued {
+            ex.queued = false
+            ex.cluster?.runtime.pendingRequests.add(-1)
+        }
         let m = requestMetrics.slots(registry, cluster: ex.cluster?.runtime, code: ex.status, flag: ex.flag,
                                      gateway: hconns[i].table?.gateway)
         shard.add(m.total)

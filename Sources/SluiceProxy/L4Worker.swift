@@ -170,6 +170,8 @@ public final class L4Worker: RingHandler {
         return p
     }()
     let detectPeek = UnsafeMutableRawPointer.allocate(byteCount: ProtocolDetector.peekLength, alignment: 8)
+    /// Clusters that freed a connection while requests wait for one (served by ``servePending()``).
+    var pendingWake: [WorkerCluster] = []
     /// TLS connections whose session holds plaintext the engine asked for (delivered by ``drainTLSReady()``).
     var tlsReady: [(slot: UInt32, generation: UInt32)] = []
     /// Finished exchanges kept for reuse.
@@ -303,6 +305,7 @@ public final class L4Worker: RingHandler {
             }
             if openCount == 0 { pipes.drainPool() }
             scanHTTP(now: now)
+            retryPending()
             for slot in conns.indices where conns[slot].phase == .relaying {
                 let c = conns[slot]
                 if let cl = c.cluster, now - c.lastActive > cl.runtime.idleTimeoutNanos {
@@ -507,6 +510,7 @@ public final class L4Worker: RingHandler {
         if op.rawValue >= Op.hRecv.rawValue {
             completeHTTP(op, ud, result: result, flags: flags)
             if !tlsReady.isEmpty { drainTLSReady() }
+            if !pendingWake.isEmpty { servePending() }
             return
         }
         let slot = ud.slot

@@ -43,6 +43,8 @@ public final class ClusterRuntime: @unchecked Sendable {
     /// Requests in flight and retries outstanding, over all workers (`connectionPool.http` circuit breakers).
     public let activeRequests = SharedCounter()
     public let activeRetries = SharedCounter()
+    /// Requests queued for a connection, over all workers (`http1MaxPendingRequests`).
+    public let pendingRequests = SharedCounter()
     let metrics: ClusterMetrics
 
     init(config: NodeSnapshot.Cluster, registry: MetricsRegistry) {

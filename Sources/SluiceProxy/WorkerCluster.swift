@@ -15,6 +15,8 @@ final class WorkerCluster {
     var idle: [[UInt32]]
     /// The worker's HTTP/2 connection per endpoint (shared by all streams routed there).
     var h2: [Int: H2Upstream] = [:]
+    /// Requests of this worker waiting for a connection while the cluster is at `maxConnections`, oldest first.
+    var pending: [(slot: UInt32, generation: UInt32)] = []
 
     init(runtime: ClusterRuntime, seed: UInt64) {
         self.runtime = runtime

@@ -353,6 +353,32 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertEqual(try curl(["\(base)/x"]).lines, ["v1"])
     }
 
+    /// At `maxConnections` requests wait for a connection, up to `http1MaxPendingRequests`; beyond that, 503.
+    func testRequestsQueueForAConnectionUpToThePendingLimit() throws {
+        let ports = try backends(["v1"])
+        func parallel(_ p: Harness.Proxy, _ n: Int) throws -> [String] {
+            let cfg = FileManager.default.temporaryDirectory.appendingPathComponent("pend-\(UUID().uuidString).cfg")
+            var text = ""
+            for _ in 0..<n { text += "url = \"http://127.0.0.1:\(p.port)/delay/300\"\noutput = \"/dev/null\"\n" }
+            try text.write(to: cfg, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(at: cfg) }
+            return try curl(["--parallel", "--parallel-immediate", "--parallel-max", "\(n)", "-K", cfg.path, "-w",
+                             "%{http_code}\n"]).lines.sorted()
+        }
+        let limited = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+            """, policy: "connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 2}}"), workers: 1)
+        let start = Date()
+        XCTAssertEqual(try parallel(limited, 5), ["200", "200", "200", "503", "503"])
+        // The three that got through shared the one connection, one after another.
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.85)
+        // Without a pending limit (Istio's default) every request waits its turn.
+        let unlimited = try proxy(Self.mesh([("v1", ports[0])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local}}]
+            """, policy: "connectionPool: {tcp: {maxConnections: 1}}"), workers: 2)
+        XCTAssertEqual(try parallel(unlimited, 4), ["200", "200", "200", "200"])
+    }
+
     func testLocalRateLimitAnswers429BeyondTheBucketOverAllWorkers() throws {
         let ports = try backends(["v1"])
         let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
