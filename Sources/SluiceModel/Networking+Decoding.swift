@@ -339,7 +339,7 @@ extension WorkloadEntry {
 
 extension HealthCheck {
     static func decode(_ r: YAMLReader) -> HealthCheck? {
-        r.checkKeys(["host", "interval", "timeout", "unhealthyThreshold", "healthyThreshold", "http"])
+        r.checkKeys(["host", "interval", "timeout", "unhealthyThreshold", "healthyThreshold", "http", "grpc"])
         guard let host = r.requiredString("host") else { return nil }
         var http: HealthCheck.HTTPCheck?
         if let h = r.child("http"), h.expectMapping() {
@@ -360,10 +360,16 @@ extension HealthCheck {
             }
             http = .init(path: path, host: h.string("host"), expectedStatuses: statuses.isEmpty ? [200...200] : statuses)
         }
+        var grpc: HealthCheck.GRPCCheck?
+        if let g = r.child("grpc"), g.expectMapping() {
+            g.checkKeys(["serviceName", "authority"])
+            grpc = .init(serviceName: g.string("serviceName") ?? "", authority: g.string("authority"))
+            if http != nil { r.sink.error("\(r.path).grpc", g.line, "a HealthCheck is http or grpc, not both") }
+        }
         return HealthCheck(host: host, interval: r.duration("interval") ?? .seconds(5),
                            timeout: r.duration("timeout") ?? .seconds(1),
                            unhealthyThreshold: r.int("unhealthyThreshold", in: 1...100) ?? 2,
-                           healthyThreshold: r.int("healthyThreshold", in: 1...100) ?? 1, http: http)
+                           healthyThreshold: r.int("healthyThreshold", in: 1...100) ?? 1, http: http, grpc: grpc)
     }
 }
 

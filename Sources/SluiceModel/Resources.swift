@@ -347,6 +347,15 @@ public struct HealthCheck: Sendable, Hashable, Encodable {
     public var healthyThreshold: Int
     /// Set for HTTP checks: `GET path` must answer with one of the expected statuses; else a TCP connect check.
     public var http: HTTPCheck?
+    /// Set for gRPC checks: `grpc.health.v1.Health/Check` must answer SERVING (Envoy's `grpc_health_check`).
+    public var grpc: GRPCCheck?
+
+    public struct GRPCCheck: Sendable, Hashable, Encodable {
+        /// The service asked about; empty: the server as a whole.
+        public var serviceName: String
+        /// `:authority` sent with the check (the service host unless set).
+        public var authority: String?
+    }
 
     public struct HTTPCheck: Sendable, Hashable, Encodable {
         public var path: String

@@ -57,12 +57,14 @@ public final class HealthChecker: @unchecked Sendable {
     private func check(_ c: ClusterRuntime, _ hc: HealthCheck) {
         let n = c.config.endpoints.count
         var s = streaks[ObjectIdentifier(c)] ?? Array(repeating: Streak(), count: n)
-        let request = hc.http.map {
-            Array("GET \($0.path) HTTP/1.1\r\nHost: \($0.host ?? c.config.serviceHost)\r\nUser-Agent: sluice-health\r\nConnection: close\r\n\r\n".utf8)
-        }
         let results = Self.probe(addresses: (0..<n).map { c.addresses[$0] },
-                                 timeoutMillis: Int32(clamping: hc.timeout.milliseconds), request: request,
-                                 expected: hc.http?.expectedStatuses ?? [])
+                                 timeoutMillis: Int32(clamping: hc.timeout.milliseconds)) { () -> HealthProbe? in
+            if let h = hc.http {
+                return HTTPHealthProbe(path: h.path, host: h.host ?? c.config.serviceHost, expected: h.expectedStatuses)
+            }
+            if let g = hc.grpc { return GRPCHealthProbe(service: g.serviceName, authority: g.authority ?? c.config.serviceHost) }
+            return nil
+        }
         for i in 0..<n {
             if results[i] {
                 s[i].ok += 1
@@ -78,13 +80,12 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     /// Connects to all addresses in parallel; true where the TCP handshake completed within the timeout and,
-    /// for HTTP checks (`request` set), the response's status is one of `expected`.
-    static func probe(addresses: [Socket.Address], timeoutMillis: Int32, request: [UInt8]? = nil,
-                      expected: [ClosedRange<Int>] = []) -> [Bool] {
+    /// when `probe` makes one for the connection (HTTP, gRPC), it judged the answer healthy in that time too.
+    static func probe(addresses: [Socket.Address], timeoutMillis: Int32, probe: () -> HealthProbe? = { nil }) -> [Bool] {
         var result = Array(repeating: false, count: addresses.count)
         var pfds: [pollfd] = []
         var index: [Int] = []
-        var received: [[UInt8]] = []
+        var probes: [HealthProbe?] = []
         for (i, a) in addresses.enumerated() {
             let fd = Socket.stream(family: a.family)
             guard fd >= 0 else { continue }
@@ -95,7 +96,7 @@ public final class HealthChecker: @unchecked Sendable {
             if rc == 0 || errno == EINPROGRESS {
                 pfds.append(pollfd(fd: fd, events: Int16(POLLOUT), revents: 0))
                 index.append(i)
-                received.append([])
+                probes.append(probe())
             } else {
                 close(fd)
             }
@@ -108,6 +109,10 @@ public final class HealthChecker: @unchecked Sendable {
             pfds[k].fd = -1
             open -= 1
         }
+        // The few bytes a check sends fit a fresh socket's buffer: one send takes them whole.
+        func send(_ k: Int, _ bytes: [UInt8]) -> Bool {
+            bytes.isEmpty || bytes.withUnsafeBytes { Glibc.send(pfds[k].fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) } == bytes.count
+        }
         while open > 0 {
             let now = EventLoop.monotonicNanos()
             guard now < deadline else { break }
@@ -118,34 +123,24 @@ public final class HealthChecker: @unchecked Sendable {
                     var err: Int32 = 0
                     var len = socklen_t(4)
                     getsockopt(pfds[k].fd, SOL_SOCKET, SO_ERROR, &err, &len)
-                    guard err == 0, let request else { finish(k, err == 0); continue }
-                    // The request is a few dozen bytes: one send on a fresh socket takes it whole.
-                    let sent = request.withUnsafeBytes { send(pfds[k].fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                    guard sent == request.count else { finish(k, false); continue }
+                    guard err == 0, probes[k] != nil else { finish(k, err == 0); continue }
+                    guard send(k, probes[k]!.start()) else { finish(k, false); continue }
                     pfds[k].events = Int16(POLLIN)
                     pfds[k].revents = 0
                     continue
                 }
-                var buf = [UInt8](repeating: 0, count: 512)
+                var buf = [UInt8](repeating: 0, count: 4096)
                 let n = recv(pfds[k].fd, &buf, buf.count, Int32(MSG_DONTWAIT))
                 if n <= 0 { finish(k, false); continue }
-                received[k] += buf[0..<n]
-                if let status = statusCode(received[k]) {
-                    finish(k, expected.contains { $0.contains(status) })
-                } else if received[k].count > 1024 {
+                let (verdict, reply) = probes[k]!.receive(Array(buf[0..<n]))
+                if let verdict {
+                    finish(k, verdict)
+                } else if !send(k, reply) {
                     finish(k, false)
                 }
             }
         }
         for p in pfds where p.fd >= 0 { close(p.fd) }
         return result
-    }
-
-    /// The status of a response whose status line has arrived (`HTTP/1.x NNN`), nil before that.
-    static func statusCode(_ b: [UInt8]) -> Int? {
-        guard b.count >= 12, b.starts(with: Array("HTTP/1.".utf8)) else { return b.count >= 12 ? 0 : nil }
-        let digits = b[9..<12]
-        guard digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return 0 }
-        return digits.reduce(0) { $0 * 10 + Int($1 - 0x30) }
     }
 }

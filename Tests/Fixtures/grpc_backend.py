@@ -5,6 +5,8 @@
       /test.Echo/Unary      returns NAME + ":" + request
       /test.Echo/Fail       aborts with NOT_FOUND, details "missing"
       /test.Echo/Stream     streams N messages (N = int(request)), each NAME + ":" + index
+      /grpc.health.v1.Health/Check   SERVING for service "" and "test.Echo" (NOT_SERVING when NAME starts
+                            with "sick"), NOT_FOUND for other services (hand-encoded protobuf)
   grpc_backend.py call TARGET METHOD PAYLOAD [key=value ...]
       one call through TARGET (host:port); prints "OK <reply>" (streams: replies joined by ","),
       or "ERR <CODE> <details>"
@@ -34,13 +36,24 @@ def serve(specs):
             for i in range(int(request or b"0")):
                 yield f"{name}:{i}".encode()
 
+        def check(request, context, name=name):
+            # HealthCheckRequest{string service = 1}: 0x0A, length, bytes (names here are short).
+            service = request[2:].decode() if request[:1] == b"\x0a" else ""
+            if service not in ("", "test.Echo"):
+                context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+            # HealthCheckResponse{status = 1}: SERVING = 1, NOT_SERVING = 2.
+            return b"\x08\x02" if name.startswith("sick") else b"\x08\x01"
+
         handler = grpc.method_handlers_generic_handler("test.Echo", {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
         })
+        health = grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+            "Check": grpc.unary_unary_rpc_method_handler(check),
+        })
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        server.add_generic_rpc_handlers((handler,))
+        server.add_generic_rpc_handlers((handler, health))
         ports.append(server.add_insecure_port(f"127.0.0.1:{port or 0}"))
         server.start()
         servers.append(server)

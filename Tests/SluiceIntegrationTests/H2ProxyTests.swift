@@ -68,6 +68,37 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertEqual(p.metric("istio_requests_total"), 4)
     }
 
+    /// gRPC's health protocol: an endpoint whose server answers NOT_SERVING (its port still accepts calls) is
+    /// taken out; a check for a service the servers do not know takes every endpoint out.
+    func testGRPCHealthCheckTakesANotServingEndpointOut() throws {
+        let ports = try grpcBackends(["g1", "sick2"])
+        func mesh(_ service: String) -> String {
+            Self.mesh(ports, routes: """
+                - route: [{destination: {host: app.test.svc.cluster.local}}]
+                """) + """
+
+                ---
+                apiVersion: sluice.dev/v1
+                kind: HealthCheck
+                metadata: {name: app, namespace: test}
+                spec:
+                  host: app.test.svc.cluster.local
+                  interval: 100ms
+                  timeout: 500ms
+                  unhealthyThreshold: 1
+                  grpc: {serviceName: \(service)}
+                """
+        }
+        let p = try proxy(mesh("test.Echo"))
+        XCTAssertTrue(p.eventually(5) {
+            (0..<6).allSatisfy { _ in (try? self.call(p.port, "/test.Echo/Unary", "hi")) == "OK g1:hi" }
+        })
+        let unknown = try proxy(mesh("no.such.Service"))
+        XCTAssertTrue(unknown.eventually(5) {
+            (try? self.call(unknown.port, "/test.Echo/Unary", "hi"))?.hasPrefix("ERR UNAVAILABLE") ?? false
+        })
+    }
+
     func testGRPCFaultAbortAnswersWithTheConfiguredStatus() throws {
         let ports = try grpcBackends(["g1"])
         let p = try proxy(Self.mesh(ports, routes: """
