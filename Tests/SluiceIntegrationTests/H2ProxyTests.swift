@@ -75,19 +75,7 @@ final class H2ProxyTests: XCTestCase {
         func mesh(_ service: String) -> String {
             Self.mesh(ports, routes: """
                 - route: [{destination: {host: app.test.svc.cluster.local}}]
-                """) + """
-
-                ---
-                apiVersion: sluice.dev/v1
-                kind: HealthCheck
-                metadata: {name: app, namespace: test}
-                spec:
-                  host: app.test.svc.cluster.local
-                  interval: 100ms
-                  timeout: 500ms
-                  unhealthyThreshold: 1
-                  grpc: {serviceName: \(service)}
-                """
+                """) + HTTPProxyTests.healthCheck("grpc: {serviceName: \(service)}")
         }
         let p = try proxy(mesh("test.Echo"))
         XCTAssertTrue(p.eventually(5) {

@@ -85,6 +85,23 @@ final class HTTPProxyTests: XCTestCase {
             """ + extra
     }
 
+    /// A `HealthCheck` for app.test's service (appended to ``mesh``'s output); `check` is the probe's line.
+    static func healthCheck(_ check: String) -> String {
+        """
+
+        ---
+        apiVersion: sluice.dev/v1
+        kind: HealthCheck
+        metadata: {name: app, namespace: test}
+        spec:
+          host: app.test.svc.cluster.local
+          interval: 100ms
+          timeout: 500ms
+          unhealthyThreshold: 1
+          \(check)
+        """
+    }
+
     struct CurlResult {
         var lines: [String]
         var status: Int32
@@ -259,19 +276,8 @@ final class HTTPProxyTests: XCTestCase {
         let p = try proxy(Self.mesh([("v1", ports[0]), ("fail1", ports[1])], routes: """
             - route: [{destination: {host: app.test.svc.cluster.local}}]
               retries: {attempts: 0}
-            """, policy: "loadBalancer: {simple: ROUND_ROBIN}", extra: """
-
-            ---
-            apiVersion: sluice.dev/v1
-            kind: HealthCheck
-            metadata: {name: app, namespace: test}
-            spec:
-              host: app.test.svc.cluster.local
-              interval: 100ms
-              timeout: 500ms
-              unhealthyThreshold: 1
-              http: {path: /healthz, expectedStatuses: [{start: 200, end: 300}]}
-            """))
+            """, policy: "loadBalancer: {simple: ROUND_ROBIN}",
+            extra: Self.healthCheck("http: {path: /healthz, expectedStatuses: [{start: 200, end: 300}]}")))
         // The TCP handshake to fail1 succeeds; only the HTTP status tells it is unhealthy.
         XCTAssertTrue(p.eventually(5) { (try? self.requests(p.port, "/x", count: 10))?.allSatisfy { $0 == "200 v1" } ?? false })
     }
