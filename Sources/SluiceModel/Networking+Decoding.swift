@@ -242,13 +242,12 @@ extension TrafficPolicy {
                           "baseEjectionTime", "maxEjectionPercent", "minHealthPercent", "splitExternalLocalOriginErrors",
                           "consecutiveLocalOriginFailures"])
             var o = OutlierDetection()
-            if let n = od.int("consecutive5xxErrors", in: 0...Int(Int32.max))
-                ?? od.int("consecutiveGatewayErrors", in: 0...Int(Int32.max))
-                ?? od.int("consecutiveLocalOriginFailures", in: 0...Int(Int32.max))
+            let gateway = od.int("consecutiveGatewayErrors", in: 0...Int(Int32.max))
                 ?? od.int("consecutiveErrors", in: 0...Int(Int32.max))
-            {
-                o.consecutiveErrors = n
-            }
+            o.consecutiveGatewayErrors = gateway ?? 0
+            // The 5xx detector keeps Istio's default of 5 unless only gateway errors were asked for.
+            o.consecutiveErrors = od.int("consecutive5xxErrors", in: 0...Int(Int32.max))
+                ?? od.int("consecutiveLocalOriginFailures", in: 0...Int(Int32.max)) ?? (gateway == nil ? 5 : 0)
             if let d = od.duration("interval") { o.interval = d }
             if let d = od.duration("baseEjectionTime") { o.baseEjectionTime = d }
             if let p = od.int("maxEjectionPercent", in: 0...100) { o.maxEjectionPercent = p }

@@ -273,16 +273,20 @@ public struct ConnectionPoolSettings: Sendable, Hashable, Encodable {
 }
 
 public struct OutlierDetection: Sendable, Hashable, Encodable {
-    /// Consecutive connect failures (Istio: `consecutiveGatewayErrors`/`consecutive5xxErrors`; for TCP both count
-    /// connect failures) before an endpoint is ejected.
+    /// Consecutive errors before an endpoint is ejected (Istio's `consecutive5xxErrors`): any 5xx response,
+    /// and connect failures and resets (which are all TCP has). 0: this detector is off.
     public var consecutiveErrors: Int
+    /// Consecutive gateway errors (502, 503, 504, connect failures, resets) before an ejection (Istio's
+    /// `consecutiveGatewayErrors`, also its deprecated `consecutiveErrors`). 0: this detector is off.
+    public var consecutiveGatewayErrors: Int
     public var interval: Duration
     public var baseEjectionTime: Duration
     public var maxEjectionPercent: Int
 
-    public init(consecutiveErrors: Int = 5, interval: Duration = .seconds(10), baseEjectionTime: Duration = .seconds(30),
-                maxEjectionPercent: Int = 10) {
+    public init(consecutiveErrors: Int = 5, consecutiveGatewayErrors: Int = 0, interval: Duration = .seconds(10),
+                baseEjectionTime: Duration = .seconds(30), maxEjectionPercent: Int = 10) {
         self.consecutiveErrors = consecutiveErrors
+        self.consecutiveGatewayErrors = consecutiveGatewayErrors
         self.interval = interval
         self.baseEjectionTime = baseEjectionTime
         self.maxEjectionPercent = maxEjectionPercent

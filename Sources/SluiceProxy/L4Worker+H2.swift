@@ -478,7 +478,8 @@ extension L4Worker {
                 s.status = status
                 s.answered = true
                 if status >= 500 {
-                    if up.cluster.outlier?.recordFailure(up.endpoint, now: loop.now) == true {
+                    if up.cluster.outlier?.recordFailure(up.endpoint, now: loop.now,
+                                                         gateway: (502...504).contains(status)) == true {
                         shard.add(up.cluster.runtime.metrics.ejections)
                     }
                 } else {

@@ -801,10 +801,11 @@ extension L4Worker {
             return true
         }
         let grpc = Self.grpcStatus(h, headBytes)
-        if let o = wc.outlier {
-            _ = o
+        if wc.outlier != nil {
             if h.status >= 500 {
-                if wc.outlier!.recordFailure(e, now: loop.now) { shard.add(wc.runtime.metrics.ejections) }
+                if wc.outlier!.recordFailure(e, now: loop.now, gateway: (502...504).contains(h.status)) {
+                    shard.add(wc.runtime.metrics.ejections)
+                }
             } else {
                 wc.outlier!.recordSuccess(e)
             }

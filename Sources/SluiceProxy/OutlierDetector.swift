@@ -1,11 +1,14 @@
 import SluiceModel
 
-/// Passive outlier detection for one cluster on one worker (Envoy's consecutive-failure detector): an endpoint
-/// that fails `consecutiveErrors` connects in a row is ejected for `baseEjectionTime * n`, where `n` counts its
-/// recent ejections, so flapping endpoints stay out longer. Clock is injected (monotonic nanoseconds).
+/// Passive outlier detection for one cluster on one worker (Envoy's consecutive 5xx and consecutive gateway-failure
+/// detectors): an endpoint with `consecutiveErrors` errors in a row (any 5xx, connect failure or reset), or
+/// `consecutiveGatewayErrors` gateway errors in a row (502, 503, 504, connect failure, reset), is ejected for
+/// `baseEjectionTime * n`, where `n` counts its recent ejections, so flapping endpoints stay out longer. Clock is
+/// injected (monotonic nanoseconds).
 public struct OutlierDetector: Sendable {
     public struct EndpointState: Sendable {
         var consecutiveFailures = 0
+        var consecutiveGatewayFailures = 0
         var ejectedUntil: UInt64 = 0
         var ejections = 0
     }
@@ -24,14 +27,16 @@ public struct OutlierDetector: Sendable {
 
     public func ejectedCount(now: UInt64) -> Int { endpoints.filter { $0.ejectedUntil > now }.count }
 
-    /// Records a failed connect. Returns true when this failure ejected the endpoint.
+    /// Records an error: a connect failure or reset (`gateway`: true), or a 5xx response (`gateway` for 502-504).
+    /// Returns true when this error ejected the endpoint.
     @discardableResult
-    public mutating func recordFailure(_ i: Int, now: UInt64) -> Bool {
-        guard settings.consecutiveErrors > 0 else { return false }
+    public mutating func recordFailure(_ i: Int, now: UInt64, gateway: Bool = true) -> Bool {
         endpoints[i].consecutiveFailures += 1
-        guard endpoints[i].consecutiveFailures >= settings.consecutiveErrors, endpoints[i].ejectedUntil <= now else {
-            return false
-        }
+        endpoints[i].consecutiveGatewayFailures = gateway ? endpoints[i].consecutiveGatewayFailures + 1 : 0
+        let by5xx = settings.consecutiveErrors > 0 && endpoints[i].consecutiveFailures >= settings.consecutiveErrors
+        let byGateway = settings.consecutiveGatewayErrors > 0
+            && endpoints[i].consecutiveGatewayFailures >= settings.consecutiveGatewayErrors
+        guard by5xx || byGateway, endpoints[i].ejectedUntil <= now else { return false }
         // maxEjectionPercent caps how many may be out at once; like Envoy, one may always be ejected.
         let limit = max(1, endpoints.count * settings.maxEjectionPercent / 100)
         guard settings.maxEjectionPercent > 0, ejectedCount(now: now) < limit else { return false }
@@ -43,12 +48,14 @@ public struct OutlierDetector: Sendable {
         let (until, late) = now.addingReportingOverflow(span)
         endpoints[i].ejectedUntil = late ? .max : until
         endpoints[i].consecutiveFailures = 0
+        endpoints[i].consecutiveGatewayFailures = 0
         return true
     }
 
     /// Records a successful connect: resets the failure run and slowly forgets earlier ejections.
     public mutating func recordSuccess(_ i: Int) {
         endpoints[i].consecutiveFailures = 0
+        endpoints[i].consecutiveGatewayFailures = 0
         if endpoints[i].ejections > 0 && endpoints[i].ejectedUntil == 0 { endpoints[i].ejections -= 1 }
         endpoints[i].ejectedUntil = 0
     }

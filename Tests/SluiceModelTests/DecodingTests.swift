@@ -14,7 +14,8 @@ final class DecodingTests: XCTestCase {
         XCTAssertEqual(dr.trafficPolicy?.connectionPool, .init(maxConnections: 100, connectTimeout: .milliseconds(250),
                                                               idleTimeout: .seconds(3600)))
         XCTAssertEqual(dr.trafficPolicy?.outlierDetection,
-                       .init(consecutiveErrors: 2, interval: .seconds(1), baseEjectionTime: .seconds(30), maxEjectionPercent: 50))
+                       .init(consecutiveErrors: 0, consecutiveGatewayErrors: 2, interval: .seconds(1),
+                             baseEjectionTime: .seconds(30), maxEjectionPercent: 50))
         XCTAssertEqual(dr.subsets.map(\.name), ["primary", "replica"])
     }
 
@@ -36,7 +37,7 @@ final class DecodingTests: XCTestCase {
         let replica = try XCTUnwrap(snap.cluster(named: l.routes[1].cluster))
         XCTAssertEqual(replica.endpoints.map(\.address.description), ["[fd00::3]:5432"])
         XCTAssertEqual(replica.loadBalancer, .simple(.leastRequest), "subset policy overrides the top level")
-        XCTAssertEqual(replica.outlierDetection?.consecutiveErrors, 2, "and inherits what it does not set")
+        XCTAssertEqual(replica.outlierDetection?.consecutiveGatewayErrors, 2, "and inherits what it does not set")
     }
 
     func testCompilationIsDeterministic() throws {

@@ -16,6 +16,25 @@ final class OutlierDetectorTests: XCTestCase {
         XCTAssertFalse(d.isEjected(1, now: 0))
     }
 
+    /// The gateway-error detector counts 502-504 and connect failures; a 500 breaks its run but feeds the 5xx one.
+    func testGatewayErrorsAndAny5xxAreSeparateRuns() {
+        var gateway = OutlierDetector(settings: .init(consecutiveErrors: 0, consecutiveGatewayErrors: 2, maxEjectionPercent: 100),
+                                      endpointCount: 1)
+        XCTAssertFalse(gateway.recordFailure(0, now: 0, gateway: true))
+        XCTAssertFalse(gateway.recordFailure(0, now: 0, gateway: false), "a 500 is not a gateway error")
+        XCTAssertFalse(gateway.recordFailure(0, now: 0, gateway: true))
+        XCTAssertFalse(gateway.recordFailure(0, now: 0, gateway: false))
+        XCTAssertFalse(gateway.recordFailure(0, now: 0, gateway: false), "500s never eject with the 5xx detector off")
+        XCTAssertFalse(gateway.recordFailure(0, now: 0, gateway: true))
+        XCTAssertTrue(gateway.recordFailure(0, now: 0, gateway: true))
+
+        var any = OutlierDetector(settings: .init(consecutiveErrors: 3, consecutiveGatewayErrors: 0, maxEjectionPercent: 100),
+                                  endpointCount: 1)
+        XCTAssertFalse(any.recordFailure(0, now: 0, gateway: false))
+        XCTAssertFalse(any.recordFailure(0, now: 0, gateway: true))
+        XCTAssertTrue(any.recordFailure(0, now: 0, gateway: false))
+    }
+
     func testSuccessResetsTheFailureRun() {
         var d = OutlierDetector(settings: .init(consecutiveErrors: 2, maxEjectionPercent: 100), endpointCount: 1)
         d.recordFailure(0, now: 0)
