@@ -59,18 +59,21 @@ test: deps bpf
 # libFuzzer (+ AddressSanitizer) on the HTTP/1.1 parser and streaming reader; FUZZ_SECONDS sets the budget.
 FUZZ_SECONDS ?= 120
 .build/fuzz/http1: $(wildcard Sources/SluiceHTTP/HTTP1*.swift) Sources/SluiceHTTP/BodyDecoder.swift Fuzz/HTTP1Fuzz.swift
-	@mkdir -p .build/fuzz
+	@mkdir -p .build/fuzz && rm -f $@
 	swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name SluiceHTTPFuzz \
 	  Sources/SluiceHTTP/HTTP1*.swift Sources/SluiceHTTP/BodyDecoder.swift Fuzz/HTTP1Fuzz.swift -o $@ 2>&1 \
 	  | grep -v "Cannot export local symbol" || true
+	@test -x $@ || { echo "the fuzz target $@ did not build (errors above)"; exit 1; }
 
 # The HTTP/2 path: H2Session over libnghttp2, compiled against the C target's header through a module map.
-.build/fuzz/h2: Sources/SluiceHTTP/H2Session.swift Fuzz/H2Fuzz.swift Sources/CSluiceLinux/include/CSluiceLinux.h
-	@mkdir -p .build/fuzz/cmod
+H2_FUZZ_SOURCES = Sources/SluiceHTTP/H2Session.swift Sources/SluiceHTTP/StreamMap.swift Fuzz/H2Fuzz.swift
+.build/fuzz/h2: $(H2_FUZZ_SOURCES) Sources/CSluiceLinux/include/CSluiceLinux.h
+	@mkdir -p .build/fuzz/cmod && rm -f $@
 	@printf 'module CSluiceLinux {\n  header "%s/Sources/CSluiceLinux/include/CSluiceLinux.h"\n  link "nghttp2"\n  export *\n}\n' \
 	  "$(CURDIR)" > .build/fuzz/cmod/module.modulemap
 	swiftc -sanitize=fuzzer,address -parse-as-library -O -module-name SluiceH2Fuzz -I .build/fuzz/cmod \
-	  Sources/SluiceHTTP/H2Session.swift Fuzz/H2Fuzz.swift -o $@ 2>&1 | grep -v "Cannot export local symbol" || true
+	  $(H2_FUZZ_SOURCES) -o $@ 2>&1 | grep -v "Cannot export local symbol" || true
+	@test -x $@ || { echo "the fuzz target $@ did not build (errors above)"; exit 1; }
 
 fuzz: .build/fuzz/http1 .build/fuzz/h2
 	@for t in http1 h2; do \

@@ -37,6 +37,10 @@ final class H2Stream {
     var endStreamAtHead = false
     var retries = 0
     var hash: UInt64 = 0
+    /// A fault delay or a retry's back-off: the stream goes upstream at this monotonic time (0: not waiting).
+    var wakeAt: UInt64 = 0
+    /// Body bytes that arrived while a fault delay held the stream (sent, and acknowledged, once it goes).
+    var held: [UInt8] = []
     init(id: Int32, start: UInt64) {
         self.id = id
         self.start = start
@@ -107,6 +111,11 @@ extension L4Worker {
             case .headers(let sid, let fields, let endStream):
                 beginStream(slot, h2, sid, fields, endStream: endStream)
             case .data(let sid, let bytes):
+                if let s = h2.streams[sid], s.wakeAt != 0 && s.retries == 0 {
+                    // Held by a fault delay: kept unacknowledged until the stream goes upstream.
+                    s.held += bytes
+                    continue
+                }
                 if let s = h2.streams[sid], s.body != nil {
                     if s.body!.count + bytes.count > Self.replayLimit { s.body = nil } else { s.body! += bytes }
                 }
@@ -188,7 +197,6 @@ extension L4Worker {
             answerStream(slot, h2, s, status: status, headers: headers, body: body)
             return
         case .forward(let forwarding):
-            // Fault delays are not applied to HTTP/2 streams yet.
             f = forwarding
         }
         let route = f.route, condition = f.condition, hash = f.hash
@@ -237,6 +245,13 @@ extension L4Worker {
         s.requestEnded = endStream
         s.hash = hash
         if (route?.retry.attempts ?? RetryPolicy.istioDefault.attempts) == 0 { s.body = nil }
+        if f.delay > 0 {
+            // Fault delay: the stream waits here; its body, if any, is held until it goes.
+            s.flag = .delayInjected
+            s.wakeAt = loop.now &+ f.delay
+            scheduleStream(slot, stream: sid, at: s.wakeAt)
+            return
+        }
         if !dispatchStream(slot, h2, s, replay: false) {
             s.flag = .noHealthyUpstream
             answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
@@ -275,14 +290,14 @@ extension L4Worker {
         return true
     }
 
-    /// Whether the route's retry policy sends the stream again after `outcome`; if so, it is already on its way
-    /// (without back-off on HTTP/2 streams for now).
+    /// Whether the route's retry policy sends the stream again after `outcome`; if so, it goes after the policy's
+    /// jittered back-off (``wakeStream(_:_:_:)``).
     func retryStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream, _ outcome: AttemptOutcome) -> Bool {
         guard let wc = s.cluster, !s.answered else { return false }
         let policy = s.route?.retry ?? .istioDefault
         let decision = policy.decide(outcome, retriesDone: s.retries, bodyReplayable: s.requestEnded && s.body != nil,
                                      budgetAllows: retryBudgetAllows(wc), random: rng.next())
-        guard case .retry = decision else { return false }
+        guard case .retry(let after) = decision else { return false }
         s.retries += 1
         shard.add(wc.runtime.metrics.retries)
         if let leg = s.leg {
@@ -298,7 +313,42 @@ extension L4Worker {
         }
         s.up = nil
         s.upStream = -1
-        return dispatchStream(slot, h2, s, replay: true)
+        s.tryDeadline = 0
+        guard after > .zero else { return dispatchStream(slot, h2, s, replay: true) }
+        s.wakeAt = loop.now &+ after.clampedNanoseconds
+        scheduleStream(slot, stream: s.id, at: s.wakeAt)
+        return true
+    }
+
+    /// A stream's fault delay or retry back-off is over: it goes upstream (a retry with its whole kept body; a
+    /// delayed first attempt with the body held meanwhile, the rest following as it comes).
+    private func wakeStream(_ slot: UInt32, _ h2: H2Downstream, _ s: H2Stream) {
+        s.wakeAt = 0
+        var sent: Bool
+        if s.retries > 0 || (s.requestEnded && s.body != nil) {
+            if s.retries == 0 { s.body = s.held }
+            sent = dispatchStream(slot, h2, s, replay: true)
+            if s.retries == 0 && sent { h2.session.consume(stream: s.id, bytes: s.held.count) }
+        } else {
+            s.endStreamAtHead = s.requestEnded && s.held.isEmpty
+            sent = dispatchStream(slot, h2, s, replay: false)
+            if sent && !s.held.isEmpty {
+                if let leg = s.leg {
+                    legBody(leg, s.held)
+                    if s.requestEnded { legEnd(leg) }
+                } else if let up = s.up {
+                    s.held.withUnsafeBytes { up.session.send(stream: s.upStream, $0) }
+                    if s.requestEnded { up.session.finish(stream: s.upStream) }
+                    touchH2(up)
+                }
+            }
+        }
+        s.held = []
+        if !sent {
+            s.flag = .noHealthyUpstream
+            answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
+        }
+        flushH2Down(slot)
     }
 
     func applyH2(_ ops: HeaderOperations.Ops, to fields: inout H2Fields) {
@@ -328,8 +378,12 @@ extension L4Worker {
     /// cancelled either way.
     func h2StreamTimedOut(_ slot: UInt32, stream low: Int32, deadline: UInt64) {
         guard let h2 = hconns[Int(slot)].h2, let s = h2.streams.values.first(where: {
-            ($0.deadline == deadline || $0.tryDeadline == deadline) && $0.id & 0xFF_FFFF == low
+            ($0.deadline == deadline || $0.tryDeadline == deadline || $0.wakeAt == deadline) && $0.id & 0xFF_FFFF == low
         }) else { return }
+        if s.wakeAt == deadline && s.deadline != deadline {
+            if !s.answered { wakeStream(slot, h2, s) }
+            return
+        }
         if s.tryDeadline == deadline && s.deadline != deadline {
             // The attempt's own timeout: retried per the route's policy (a new attempt gets a new deadline).
             s.tryDeadline = 0

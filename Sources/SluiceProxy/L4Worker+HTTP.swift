@@ -86,6 +86,8 @@ extension L4Worker {
     // MARK: - completions
 
     func completeHTTP(_ op: Op, _ ud: UserData, result: Int32, flags: UInt32) {
+        // Whatever a completion scheduled (some paths return early) arms the ring's timer.
+        defer { armTimer() }
         let buffer: Int32 = flags & sl_cqe_f_buffer() != 0 ? Int32(flags >> sl_cqe_buffer_shift()) : -1
         if buffer >= 0 {
             buffers.taken()
@@ -145,7 +147,6 @@ extension L4Worker {
             }
             if ups[u].phase == .closing && ups[u].pending == 0 { freeUp(ud.slot) }
         }
-        armTimer()
     }
 
     /// The downstream slot whose exchange uses upstream connection `u`, if it is still using it.

@@ -140,6 +140,37 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertEqual(p.metric("sluice_http_retries_total"), 3)
     }
 
+    /// Fault delays hold HTTP/2 streams (gRPC to a GRPC port; a POST body to an HTTP port, held and then sent
+    /// whole), and retries of HTTP/2 streams wait the policy's back-off.
+    func testFaultDelaysAndRetryBackOffApplyToHTTP2Streams() throws {
+        let ports = try grpcBackends(["g1"])
+        let p = try proxy(Self.mesh(ports, routes: """
+            - fault: {delay: {fixedDelay: 400ms, percentage: {value: 100}}}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        var start = Date()
+        XCTAssertEqual(try call(p.port, "/test.Echo/Unary", "late"), "OK g1:late")
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.4)
+
+        let (backend, http) = try Harness.backends(["v1:0"], script: "http_backend.py")
+        cleanups.append { backend.terminate(); backend.waitUntilExit() }
+        let q = try proxy(HTTPProxyTests.mesh([("v1", http[0])], routes: """
+            - match: [{uri: {prefix: /echo}}]
+              fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            - retries: {attempts: 3, retryOn: 5xx}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        let body = String(repeating: "0123456789", count: 5000)
+        start = Date()
+        XCTAssertEqual(try h2curl(["--data-binary", body, "http://127.0.0.1:\(q.port)/echo"]), body)
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.3)
+        // Two failed attempts: Istio's back-off (25 ms base, jittered, doubling) spaces the three tries.
+        start = Date()
+        XCTAssertEqual(try h2curl(["http://127.0.0.1:\(q.port)/flaky/h2-backoff/2"]), "v1 attempt 3")
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.02)
+    }
+
     func testHTTP1ClientsReachAGRPCUpstreamTranslated() throws {
         let ports = try grpcBackends(["g1"])
         let p = try proxy(Self.mesh(ports, routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
