@@ -41,6 +41,8 @@ final class H2Stream {
     var wakeAt: UInt64 = 0
     /// Body bytes that arrived while a fault delay held the stream (sent, and acknowledged, once it goes).
     var held: [UInt8] = []
+    /// The route mirrors this stream: an HTTP/1.1 copy goes to this cluster once the request has ended.
+    var shadowCluster: WorkerCluster?
     init(id: Int32, start: UInt64) {
         self.id = id
         self.start = start
@@ -131,6 +133,7 @@ extension L4Worker {
                 touchH2(up)
             case .end(let sid):
                 h2.streams[sid]?.requestEnded = true
+                if let s = h2.streams[sid], s.shadowCluster != nil { mirrorStream(s) }
                 if let leg = h2.streams[sid]?.leg { legEnd(leg) }
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.finish(stream: s.upStream)
@@ -245,6 +248,13 @@ extension L4Worker {
         s.requestEnded = endStream
         s.hash = hash
         if (route?.retry.attempts ?? RetryPolicy.istioDefault.attempts) == 0 { s.body = nil }
+        if let route, let mirror = route.mirror, let mc = clusters[ObjectIdentifier(mirror)],
+            rng.next(below: 10_000) < route.mirrorShare
+        {
+            s.shadowCluster = mc
+            if s.body == nil { s.body = [] }
+            if endStream { mirrorStream(s) }
+        }
         if f.delay > 0 {
             // Fault delay: the stream waits here; its body, if any, is held until it goes.
             s.flag = .delayInjected
@@ -349,6 +359,28 @@ extension L4Worker {
             answerStream(slot, h2, s, status: 503, body: "no healthy upstream")
         }
         flushH2Down(slot)
+    }
+
+    /// Sends the stream's mirror copy as HTTP/1.1 (Istio's `-shadow` authority), with the body if it was kept.
+    private func mirrorStream(_ s: H2Stream) {
+        guard let wc = s.shadowCluster else { return }
+        s.shadowCluster = nil
+        guard let body = s.retries == 0 && s.wakeAt != 0 ? s.held : s.body else {
+            shard.add(wc.runtime.metrics.mirrorSkipped)
+            return
+        }
+        sendShadow(wc, hash: s.hash, head: Self.shadowHead(s.request, bodyLength: body.count), body: body)
+    }
+
+    /// An HTTP/1.1 request head for an HTTP/2 request's fields, with the `-shadow` authority of a mirror copy.
+    static func shadowHead(_ fields: H2Fields, bodyLength: Int) -> [UInt8] {
+        let method = fields.first(":method") ?? "GET", path = fields.first(":path") ?? "/"
+        var head = "\(method) \(path) HTTP/1.1\r\nhost: \(fields.first(":authority") ?? "")-shadow\r\n"
+        for (name, value) in fields.pairs where !name.hasPrefix(":") && name != "te" && name != "content-length" {
+            head += "\(name): \(value)\r\n"
+        }
+        head += "content-length: \(bodyLength)\r\nconnection: close\r\n\r\n"
+        return Array(head.utf8)
     }
 
     func applyH2(_ ops: HeaderOperations.Ops, to fields: inout H2Fields) {

@@ -1042,7 +1042,12 @@ extension L4Worker {
             shard.add(wc.runtime.metrics.mirrorSkipped)
             return
         }
-        guard let e = wc.pick(now: loop.now, clientHash: ex.hash, excluding: -1), let u = connectUp(wc, endpoint: e) else {
+        sendShadow(wc, hash: ex.hash, head: head, body: body)
+    }
+
+    /// Sends a mirror copy on a connection of its own to an endpoint of `wc`; its answer is read and dropped.
+    func sendShadow(_ wc: WorkerCluster, hash: UInt64, head: [UInt8], body: [UInt8]) {
+        guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1), let u = connectUp(wc, endpoint: e) else {
             return
         }
         wc.runtime.active.add(1)

@@ -171,6 +171,29 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.02)
     }
 
+    /// A route's mirror copies HTTP/2 streams too (as HTTP/1.1 with the `-shadow` authority, bodies included).
+    func testMirrorCopiesHTTP2Streams() throws {
+        let (main, mainPorts) = try Harness.backends(["v1:0"], script: "http_backend.py")
+        let (shadow, shadowPorts) = try Harness.backends(["v2:0"], script: "http_backend.py")
+        cleanups.append { main.terminate(); main.waitUntilExit(); shadow.terminate(); shadow.waitUntilExit() }
+        let p = try proxy(HTTPProxyTests.mesh([("v1", mainPorts[0]), ("v2", shadowPorts[0])], routes: """
+            - route: [{destination: {host: app.test.svc.cluster.local, subset: v1}}]
+              mirror: {host: app.test.svc.cluster.local, subset: v2}
+              mirrorPercentage: {value: 100}
+            """))
+        // /flaky/KEY/0 always answers 200 and counts the requests per key: each backend's count is what it saw.
+        for n in 1...4 { XCTAssertEqual(try h2curl(["http://127.0.0.1:\(p.port)/flaky/h2m/0"]), "v1 attempt \(n)") }
+        XCTAssertEqual(try h2curl(["--data-binary", "copied", "http://127.0.0.1:\(p.port)/flaky/h2m/0"]), "v1 attempt 5")
+        XCTAssertTrue(p.eventually { p.metric("sluice_http_mirrored_requests_total") == 5 })
+        // The shadow backend saw the five copies: once they are in, its own count for the key is at 5.
+        var probes = 0
+        XCTAssertTrue(p.eventually {
+            probes += 1
+            let out = (try? Harness.run("/usr/bin/curl", ["-s", "http://127.0.0.1:\(shadowPorts[0])/flaky/h2m/0"]).output)
+            return out == "v2 attempt \(5 + probes)"
+        })
+    }
+
     func testHTTP1ClientsReachAGRPCUpstreamTranslated() throws {
         let ports = try grpcBackends(["g1"])
         let p = try proxy(Self.mesh(ports, routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
