@@ -441,6 +441,11 @@ extension L4Worker {
         switch e {
         case .headers(let sid, let fields, let endStream):
             guard let status = Int(fields.first(":status") ?? ""), status >= 200 else { return }
+            if status >= 500 || endStream,
+                retryOverH2(slot, .response(status: status, grpcStatus: endStream ? fields.first("grpc-status").flatMap { Int($0) } : nil))
+            {
+                return
+            }
             ex.status = status
             ex.responseStarted = true
             var head = "HTTP/1.1 \(status) \(HTTPResponses.reason(status))\r\n"
@@ -496,6 +501,9 @@ extension L4Worker {
         case .closed(let sid, let error):
             up.streams[sid] = nil
             guard error != 0, !ex.responseDone else { return }
+            if !ex.responseStarted && retryOverH2(slot, error == UInt32(NGHTTP2_REFUSED_STREAM.rawValue) ? .refusedStream : .reset) {
+                return
+            }
             ex.h2up = nil
             if ex.responseStarted {
                 ex.flag = .upstreamReset
@@ -508,6 +516,20 @@ extension L4Worker {
         }
         flushDown(slot)
         if hconns[i].ex?.responseDone == true { finishIfSent(slot) }
+    }
+
+    /// An HTTP/1.1 client's request on an HTTP/2 upstream failed before its response started: whether the
+    /// route's retry policy sends it again (head and kept body on a new stream, after the back-off).
+    func retryOverH2(_ slot: UInt32, _ outcome: AttemptOutcome) -> Bool {
+        guard let ex = hconns[Int(slot)].ex, let wc = ex.cluster, !ex.responseStarted else { return false }
+        let policy = ex.route?.retry ?? .istioDefault
+        let decision = policy.decide(outcome, retriesDone: ex.retries,
+                                     bodyReplayable: ex.requestDone && (ex.replay != nil || !ex.hadBody),
+                                     budgetAllows: retryBudgetAllows(wc), random: rng.next())
+        guard case .retry(let after) = decision else { return false }
+        releaseH2Stream(ex)
+        retry(slot, after: after)
+        return true
     }
 
     private func h1StreamDone(_ slot: UInt32, _ ex: Exchange, _ sid: Int32) {

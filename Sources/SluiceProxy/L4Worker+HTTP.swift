@@ -315,17 +315,17 @@ extension L4Worker {
     private func requestBody(_ slot: UInt32, _ id: UInt16, _ r: Range<Int>) {
         let i = Int(slot)
         guard hconns[i].ex != nil, !hconns[i].ex!.local else { return }
-        if let ex = hconns[i].ex, let up = ex.h2up {
-            sendH2Body(ex, UnsafeRawBufferPointer(start: buffers.pointer(id) + r.lowerBound, count: r.count))
-            touchH2(up)
-            return
-        }
         if hconns[i].ex!.replay != nil {
             if hconns[i].ex!.replay!.count + r.count > Self.replayLimit {
                 hconns[i].ex!.replay = nil
             } else {
                 hconns[i].ex!.replay!.append(contentsOf: UnsafeRawBufferPointer(start: buffers.pointer(id) + r.lowerBound, count: r.count))
             }
+        }
+        if let ex = hconns[i].ex, let up = ex.h2up {
+            sendH2Body(ex, UnsafeRawBufferPointer(start: buffers.pointer(id) + r.lowerBound, count: r.count))
+            touchH2(up)
+            return
         }
         hconns[i].ex!.upQueue.append(.buffer(id, r))
         hconns[i].inRefs += 1
@@ -906,7 +906,7 @@ extension L4Worker {
     }
 
     /// Sends the request again after `after`: the head and the kept body, on another connection.
-    private func retry(_ slot: UInt32, after: Duration, counts: Bool = true) {
+    func retry(_ slot: UInt32, after: Duration, counts: Bool = true) {
         let i = Int(slot)
         guard let ex = hconns[i].ex else { return }
         dropUpQueue(slot)

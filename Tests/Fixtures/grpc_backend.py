@@ -5,6 +5,8 @@
       /test.Echo/Unary      returns NAME + ":" + request
       /test.Echo/Fail       aborts with NOT_FOUND, details "missing"
       /test.Echo/Stream     streams N messages (N = int(request)), each NAME + ":" + index
+      /test.Echo/Flaky      request "KEY:N": UNAVAILABLE for the first N calls with that KEY, then
+                            NAME + ":attempt " + count
       /grpc.health.v1.Health/Check   SERVING for service "" and "test.Echo" (NOT_SERVING when NAME starts
                             with "sick"), NOT_FOUND for other services (hand-encoded protobuf)
   grpc_backend.py call TARGET METHOD PAYLOAD [key=value ...]
@@ -15,10 +17,14 @@
       call on the same channel; prints "CANCELLED <n read>" and that call's result
 """
 import sys
+import threading
 import time
 from concurrent import futures
 
 import grpc
+
+calls = {}
+lock = threading.Lock()
 
 
 def serve(specs):
@@ -31,6 +37,15 @@ def serve(specs):
 
         def fail(request, context):
             context.abort(grpc.StatusCode.NOT_FOUND, "missing")
+
+        def flaky(request, context, name=name):
+            key, _, n = request.decode().partition(":")
+            with lock:
+                calls[key] = calls.get(key, 0) + 1
+                seen = calls[key]
+            if seen <= int(n or "0"):
+                context.abort(grpc.StatusCode.UNAVAILABLE, "flaky")
+            return f"{name}:attempt {seen}".encode()
 
         def stream(request, context, name=name):
             for i in range(int(request or b"0")):
@@ -47,6 +62,7 @@ def serve(specs):
         handler = grpc.method_handlers_generic_handler("test.Echo", {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
             "Stream": grpc.unary_stream_rpc_method_handler(stream),
         })
         health = grpc.method_handlers_generic_handler("grpc.health.v1.Health", {

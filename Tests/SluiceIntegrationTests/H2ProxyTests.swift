@@ -216,6 +216,28 @@ final class H2ProxyTests: XCTestCase {
         XCTAssertTrue(text.contains("0\r\ngrpc-status: 0\r\n"), text)
     }
 
+    /// Retries for HTTP/1.1 clients on a GRPC port: the translated call that ends UNAVAILABLE is sent again with
+    /// its body on a new stream, after the back-off, and the client sees only the answer that worked.
+    func testRetriesHideAFlakyGRPCBackendForHTTP1Clients() throws {
+        let ports = try grpcBackends(["g1"])
+        let p = try proxy(Self.mesh(ports, routes: """
+            - retries: {attempts: 3, retryOn: unavailable}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """))
+        let message = Array("h1:2".utf8)
+        let body = FileManager.default.temporaryDirectory.appendingPathComponent("grpc1-\(UUID().uuidString).bin")
+        try Data([0, 0, 0, 0, UInt8(message.count)] + message).write(to: body)
+        defer { try? FileManager.default.removeItem(at: body) }
+        let (text, _) = try Harness.run("/usr/bin/curl", ["-s", "--raw", "-i", "--max-time", "10", "-H",
+                                                          "content-type: application/grpc", "-H", "te: trailers",
+                                                          "--data-binary", "@\(body.path)",
+                                                          "http://127.0.0.1:\(p.port)/test.Echo/Flaky"])
+        XCTAssertTrue(text.hasPrefix("HTTP/1.1 200 OK\r\n"), text)
+        XCTAssertTrue(text.contains("g1:attempt 3"), text)
+        XCTAssertTrue(text.contains("grpc-status: 0"), text)
+        XCTAssertEqual(p.metric("sluice_http_retries_total"), 2)
+    }
+
     func testAClientCancelResetsTheStreamAndTheConnectionGoesOn() throws {
         let ports = try grpcBackends(["g1"])
         let p = try proxy(Self.mesh(ports, routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]"))
