@@ -24,9 +24,15 @@ done
 echo
 curl -s 127.0.0.1:15020/metrics | grep '^istio_tcp_connections_opened_total' | sed 's/{.*}/{...}/'
 
-# HTTP: a Gateway listener routes each request with a VirtualService (examples/l7/mesh.yaml).
+# HTTP: a Gateway listener routes each request with a VirtualService (examples/l7/mesh.yaml); its HTTPS server
+# presents a certificate from a throwaway CA.
+PKI=$(mktemp -d)
+sh Tests/Fixtures/make_certs.sh "$PKI" shop.demo.example
+mkdir -p "$PKI/credentials/shop-cert"
+cp "$PKI/shop.demo.example.crt" "$PKI/credentials/shop-cert/tls.crt"
+cp "$PKI/shop.demo.example.key" "$PKI/credentials/shop-cert/tls.key"
 $BIN agent --local-config examples/l7 --metrics 127.0.0.1:15040 --readiness 127.0.0.1:15041 --admin 127.0.0.1:15042 \
-  --workers 1 2>/dev/null &
+  --workers 1 --credentials-dir "$PKI/credentials" 2>/dev/null &
 L7=$!
 for _ in $(seq 50); do curl -sf 127.0.0.1:15041/healthz/ready >/dev/null && break; sleep 0.1; done
 echo
@@ -37,6 +43,10 @@ echo "  canary 90/10 over 200 requests: $(curl -s -K "$CFG" -w '%header{x-backen
 rm -f "$CFG"
 echo "  /flaky fails twice, retries hide it: $(curl -s 127.0.0.1:18090/flaky/demo-$$/2)"
 echo "  fault injection on /teapot: HTTP $(curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:18090/teapot)"
+HTTPS="curl -s --cacert $PKI/ca.crt --resolve shop.demo.example:18443:127.0.0.1"
+echo "  HTTPS on 18443 (TLS terminated by the agent): $($HTTPS -o /dev/null -w 'HTTP/%{http_version} %{http_code}, certificate verified: %{ssl_verify_result}' https://shop.demo.example:18443/item) (0 = ok)"
+echo "  and HTTP/1.1 by ALPN: $($HTTPS --http1.1 -o /dev/null -w 'HTTP/%{http_version} %{http_code}' https://shop.demo.example:18443/item)"
+rm -rf "$PKI"
 curl -s 127.0.0.1:15040/metrics | grep -E '^istio_requests_total' | sed -E 's/\{.*destination_version="([^"]*)".*response_code="([^"]*)".*\}/{version=\1,code=\2}/; s/^/  /'
 
 # Kernel capture (root only): the same backends behind service addresses, dialled from a cgroup.
