@@ -21,6 +21,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.21.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-asn1", from: "1.1.0"),
     ],
     targets: [
         .target(
@@ -42,6 +45,16 @@ let package = Package(
         .target(name: "SluiceRing", dependencies: ["CSluiceLinux"], swiftSettings: hotPath),
         // TLS over memory BIOs (OpenSSL 3): the workers move the bytes on their rings. The only module that sees keys.
         .target(name: "SluiceTLS", dependencies: ["CSluiceLinux"]),
+        // Identity: the mesh CA (X.509 with SPIFFE URI SANs) and workload keys; only this module sees the CA key.
+        .target(
+            name: "SluiceIdentity",
+            dependencies: [
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ]
+        ),
         .target(name: "SluiceBPF", dependencies: ["CSluiceLinux", "SluiceModel"]),
         .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "SluiceHTTP", "SluiceTLS",
                                                     "CSluiceLinux"],
@@ -63,11 +76,13 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .executableTarget(name: "SluiceBench", dependencies: ["SluiceModel"], path: "Benchmarks/SluiceBench"),
+        .executableTarget(name: "SluiceBench", dependencies: ["SluiceModel", "SluiceIdentity"], path: "Benchmarks/SluiceBench"),
         .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
         .testTarget(name: "SluiceHTTPTests", dependencies: ["SluiceHTTP"]),
-        .testTarget(name: "SluiceTLSTests", dependencies: ["SluiceTLS"]),
+        .target(name: "SluiceTestSupport", dependencies: ["SluiceTLS"], path: "Tests/SluiceTestSupport"),
+        .testTarget(name: "SluiceTLSTests", dependencies: ["SluiceTLS", "SluiceTestSupport"]),
+        .testTarget(name: "SluiceIdentityTests", dependencies: ["SluiceIdentity", "SluiceTLS", "SluiceTestSupport"]),
         .testTarget(name: "SluiceBPFTests", dependencies: ["SluiceBPF", "SluiceModel", "CSluiceLinux"]),
         .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceHTTP"]),
         .testTarget(

@@ -209,6 +209,9 @@ def print_control_plane(cp):
           f"nodes | {cp['incremental_endpoint_ms_median']:.1f} ms median, {cp['incremental_endpoint_ms_max']:.1f} max "
           f"| <= 50 ms |")
     print(f"| one service changes its port | {cp['incremental_port_ms_median']:.1f} ms median | <= 50 ms |")
+    if "ca_signatures_per_s" in cp:
+        print(f"| CA: CSR signatures on one core (verify, issue a SPIFFE certificate, PEM) | "
+              f"{cp['ca_signatures_per_s']:,.0f}/s | >= 500/s |")
 
 
 def http_l7():

@@ -5,6 +5,8 @@
 #include <pthread.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <string.h>
+#include <openssl/x509v3.h>
 
 struct io_uring_buf_ring *sl_setup_buf_ring(struct io_uring *ring, unsigned entries, int bgid, int *err) {
     size_t len = (size_t)entries * sizeof(struct io_uring_buf);
@@ -87,3 +89,28 @@ void sl_tls_set_servername_callback(SSL_CTX *ctx, int (*cb)(SSL *ssl, int *alert
 void sl_tls_mem_bio_retry_when_empty(BIO *bio) { BIO_set_mem_eof_return(bio, -1); }
 
 int sl_tls_set_host_name(SSL *ssl, const char *name) { return (int)SSL_set_tlsext_host_name(ssl, name); }
+
+int sl_tls_peer_uris(SSL *ssl, char *out, size_t cap) {
+    if (cap == 0) return -1;
+    out[0] = 0;
+    X509 *cert = SSL_get1_peer_certificate(ssl);
+    if (!cert) return 0;
+    GENERAL_NAMES *names = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
+    int found = 0;
+    size_t used = 0;
+    for (int i = 0; names && i < sk_GENERAL_NAME_num(names); i++) {
+        const GENERAL_NAME *n = sk_GENERAL_NAME_value(names, i);
+        if (n->type != GEN_URI) continue;
+        const unsigned char *uri = ASN1_STRING_get0_data(n->d.uniformResourceIdentifier);
+        int len = ASN1_STRING_length(n->d.uniformResourceIdentifier);
+        if (len < 0 || used + (size_t)len + 2 > cap) break;
+        if (found) out[used++] = '\n';
+        memcpy(out + used, uri, (size_t)len);
+        used += (size_t)len;
+        out[used] = 0;
+        found++;
+    }
+    GENERAL_NAMES_free(names);
+    X509_free(cert);
+    return found;
+}

@@ -163,6 +163,15 @@ public final class TLSStream {
         SSL_get_servername(ssl, sl_tls_nametype_host_name()).map { String(cString: $0) }
     }
 
+    /// The URI SANs of the certificate the peer presented (verified by the handshake when the context verifies):
+    /// its SPIFFE identity. Empty when it presented none.
+    public var peerURIs: [String] {
+        var buf = [CChar](repeating: 0, count: 2048)
+        guard sl_tls_peer_uris(ssl, &buf, buf.count) > 0 else { return [] }
+        let text = buf.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        return text.split(separator: "\n").map(String.init)
+    }
+
     /// The negotiated version, e.g. `TLSv1.3`.
     public var version: String { String(cString: SSL_get_version(ssl)) }
 

@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 
 @testable import SluiceTLS
+import SluiceTestSupport
 
 /// Server and client sessions back to back in memory, with certificates from a throwaway CA
 /// (`Tests/Fixtures/make_certs.sh`).
@@ -29,31 +30,12 @@ final class TLSStreamTests: XCTestCase {
                               clientCA: clientCA, alpn: alpn)
     }
 
-    /// Moves bytes between the two ends until neither has anything to say; returns each side's last progress.
     @discardableResult
     func shake(_ s: TLSStream, _ c: TLSStream) -> (TLSStream.Progress, TLSStream.Progress) {
-        var sp = TLSStream.Progress.needInput
-        var cp = c.handshake()
-        for _ in 0..<20 {
-            pump(c, s)
-            sp = s.handshake()
-            pump(s, c)
-            cp = c.handshake()
-            pump(c, s)
-            if case .failed = sp { break }
-            if case .failed = cp { break }
-            if sp == .done && cp == .done && c.pendingOutput == 0 && s.pendingOutput == 0 { break }
-        }
-        return (sp, cp)
+        InMemoryTLS.handshake(s, c)
     }
 
-    func pump(_ from: TLSStream, _ to: TLSStream) {
-        var buf = [UInt8](repeating: 0, count: 4096)
-        while from.pendingOutput > 0 {
-            let n = buf.withUnsafeMutableBytes { from.takeOutput(into: $0) }
-            buf.withUnsafeBytes { to.receive(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
-        }
-    }
+    func pump(_ from: TLSStream, _ to: TLSStream) { InMemoryTLS.move(from, to) }
 
     func testHandshakeAndBytesBothWays() throws {
         let names = TLSServerNames([.init(hosts: ["a.example.test"], context: try server("a.example.test"))])

@@ -79,6 +79,9 @@ int sl_tls_configure(SSL_CTX *ctx, int min_version, int max_version, int server)
 void sl_tls_set_servername_callback(SSL_CTX *ctx, int (*cb)(SSL *ssl, int *alert, void *arg));
 /* A memory BIO that reads "retry later" (not EOF) when empty: the peer's next bytes are still coming. */
 void sl_tls_mem_bio_retry_when_empty(BIO *bio);
+/* The URI SANs of the peer's certificate (SPIFFE IDs), newline-separated into `out` (NUL-terminated, truncated
+ * at `cap`). Returns how many URIs there were, 0 with no certificate, -1 on error. */
+int sl_tls_peer_uris(SSL *ssl, char *out, size_t cap);
 /* Sends the server name in the ClientHello. Returns 1 on success. */
 int sl_tls_set_host_name(SSL *ssl, const char *name);
 static inline int sl_tls_nametype_host_name(void) { return TLSEXT_NAMETYPE_host_name; }

@@ -1,0 +1,26 @@
+import Crypto
+import SwiftASN1
+import X509
+
+/// A workload's key pair and its certificate signing request, made where the workload runs (the agent): the
+/// private key never leaves the node.
+public struct WorkloadKey: Sendable {
+    let key: Certificate.PrivateKey
+
+    public init() { key = Certificate.PrivateKey(P256.Signing.PrivateKey()) }
+
+    /// The private key, PEM (written by the agent to a 0600 file for the TLS layer, never sent).
+    public var privateKeyPEM: String { get throws { try key.serializeAsPEM().pemString } }
+
+    /// A PKCS#10 request naming `identity` as its URI SAN.
+    public func signingRequest(for identity: SPIFFEID) throws -> String {
+        let extensions = try Certificate.Extensions {
+            SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)])
+        }
+        let csr = try CertificateSigningRequest(
+            version: .v1, subject: DistinguishedName(), privateKey: key,
+            attributes: CertificateSigningRequest.Attributes([.init(ExtensionRequest(extensions: extensions))]),
+            signatureAlgorithm: .ecdsaWithSHA256)
+        return try csr.serializeAsPEM().pemString
+    }
+}
