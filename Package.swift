@@ -69,10 +69,21 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ]
         ),
+        // `sluice control`: the CA service (and later the whole control plane), off the data plane, on NIO.
+        .target(
+            name: "SluiceControl",
+            dependencies: [
+                "SluiceIdentity", "SluiceModel", "SluiceTLS",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceAgent", "SluiceModel",
+                "SluiceAgent", "SluiceModel", "SluiceControl", "SluiceIdentity",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

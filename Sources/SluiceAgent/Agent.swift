@@ -394,14 +394,21 @@ public final class Agent: @unchecked Sendable {
     /// Blocks the calling thread until SIGTERM or SIGINT, then drains. Signals must already be blocked in every
     /// thread (``blockTerminationSignals()`` before any thread starts).
     public func runUntilSignal() {
+        let sig = Self.waitForTerminationSignal()
+        logger.info("signal received", metadata: ["signal": sig == SIGTERM ? "SIGTERM" : "SIGINT"])
+        drainAndStop()
+    }
+
+    /// Blocks the calling thread until SIGTERM or SIGINT arrives (both blocked by ``blockTerminationSignals()``);
+    /// returns which.
+    public static func waitForTerminationSignal() -> Int32 {
         var set = sigset_t()
         sigemptyset(&set)
         sigaddset(&set, SIGTERM)
         sigaddset(&set, SIGINT)
         var sig: Int32 = 0
         sigwait(&set, &sig)
-        logger.info("signal received", metadata: ["signal": sig == SIGTERM ? "SIGTERM" : "SIGINT"])
-        drainAndStop()
+        return sig
     }
 
     /// Blocks SIGTERM/SIGINT/SIGPIPE in the calling thread (and the threads it starts later), so that

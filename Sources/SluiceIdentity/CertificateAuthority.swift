@@ -79,10 +79,19 @@ public final class CertificateAuthority: Sendable {
     public let maxLifetime: Duration
     private let audit: @Sendable (AuditRecord) -> Void
 
-    /// A new self-signed root (ECDSA P-256), for the embedded default CA.
-    public init(generatingRootFor trustDomain: String, validity: Duration = .seconds(10 * 365 * 86_400),
-                maxLifetime: Duration = .seconds(86_400), now: Date = Date(),
-                audit: @escaping @Sendable (AuditRecord) -> Void = { _ in }) throws {
+    /// A new self-signed root (ECDSA P-256) held in memory, for the embedded default CA and tests.
+    public convenience init(generatingRootFor trustDomain: String, validity: Duration = .seconds(10 * 365 * 86_400),
+                            maxLifetime: Duration = .seconds(86_400), now: Date = Date(),
+                            audit: @escaping @Sendable (AuditRecord) -> Void = { _ in }) throws {
+        let root = try Self.newRoot(trustDomain: trustDomain, validity: validity, now: now)
+        try self.init(trustDomain: trustDomain, certificatePEM: root.certificatePEM, keyPEM: root.keyPEM,
+                      rootPEM: [root.certificatePEM], maxLifetime: maxLifetime, audit: audit)
+    }
+
+    /// A new self-signed root (ECDSA P-256) as PEM files' contents, for a CA that keeps its root across restarts
+    /// (written once by the control plane, key mode 0600, then loaded like a plug-in CA).
+    public static func newRoot(trustDomain: String, validity: Duration = .seconds(10 * 365 * 86_400),
+                               now: Date = Date()) throws -> (certificatePEM: String, keyPEM: String) {
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
         let name = try DistinguishedName {
             OrganizationName(trustDomain)
@@ -98,13 +107,7 @@ public final class CertificateAuthority: Sendable {
                 SubjectKeyIdentifier(hash: key.publicKey)
             },
             issuerPrivateKey: key)
-        self.trustDomain = trustDomain
-        certificate = cert
-        self.key = key
-        intermediates = []
-        trustBundle = [try Self.pem(cert)]
-        self.maxLifetime = maxLifetime
-        self.audit = audit
+        return (try pem(cert), terminated(try key.serializeAsPEM().pemString))
     }
 
     /// A plug-in CA (Istio's `cacerts`): the CA certificate and key, its chain up to the root, and the root(s).
@@ -135,10 +138,11 @@ public final class CertificateAuthority: Sendable {
     ///   - requester: who asked (recorded in the audit log).
     ///   - authorized: whether the requester may have this identity (the node hosts such a workload); checked
     ///     after the request itself, so a garbage request is reported as such.
+    ///   - dnsNames: extra DNS SANs (the control plane's own serving certificate).
     public func sign(requestPEM: String, for identity: SPIFFEID, lifetime: Duration, requester: String,
-                     authorized: Bool = true, now: Date = Date()) throws(SigningError) -> IssuedCertificate {
+                     authorized: Bool = true, dnsNames: [String] = [], now: Date = Date()) throws(SigningError) -> IssuedCertificate {
         do {
-            let issued = try issue(requestPEM, identity, lifetime, requester, authorized, now)
+            let issued = try issue(requestPEM, identity, lifetime, requester, authorized, dnsNames, now)
             audit(AuditRecord(time: now, requester: requester, identity: identity.description, granted: true,
                               detail: "serial \(issued.serial) until \(issued.notAfter)"))
             return issued
@@ -150,7 +154,7 @@ public final class CertificateAuthority: Sendable {
     }
 
     private func issue(_ requestPEM: String, _ identity: SPIFFEID, _ lifetime: Duration, _ requester: String,
-                       _ authorized: Bool, _ now: Date) throws(SigningError) -> IssuedCertificate {
+                       _ authorized: Bool, _ dnsNames: [String], _ now: Date) throws(SigningError) -> IssuedCertificate {
         let csr: CertificateSigningRequest
         do {
             csr = try CertificateSigningRequest(pemEncoded: requestPEM)
@@ -193,7 +197,8 @@ public final class CertificateAuthority: Sendable {
                     Critical(KeyUsage(digitalSignature: true, keyEncipherment: true))
                     try ExtendedKeyUsage([.serverAuth, .clientAuth])
                     // The identity is the SAN, as in Istio; the subject is empty, so the SAN is critical.
-                    Critical(SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)]))
+                    Critical(SubjectAlternativeNames([.uniformResourceIdentifier(identity.description)]
+                                                     + dnsNames.map { .dnsName($0) }))
                     AuthorityKeyIdentifier(keyIdentifier: try certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
                 },
                 issuerPrivateKey: key)

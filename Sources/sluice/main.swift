@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import SluiceAgent
 import SluiceBPF
+import SluiceControl
 import SluiceModel
 
 
@@ -10,7 +11,7 @@ struct Sluice: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sluice",
         abstract: "A kernel-assisted, per-node service mesh.",
-        subcommands: [AgentCommand.self, ValidateCommand.self, CompileCommand.self])
+        subcommands: [AgentCommand.self, ControlCommand.self, ValidateCommand.self, CompileCommand.self])
 }
 
 struct AgentCommand: ParsableCommand {
@@ -101,13 +102,7 @@ struct AgentCommand: ParsableCommand {
             return
         }
         Agent.blockTerminationSignals()
-        let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var h = LogfmtHandler(label: label)
-            h.logLevel = level
-            return h
-        }
-        let logger = Logger(label: "sluice.agent")
+        let logger = startLogging(logLevel, label: "sluice.agent")
         var options = Agent.Options(localConfig: localConfig!, node: node, workers: workers ?? Agent.defaultWorkers,
                                     metricsAddress: metrics, readinessAddress: readiness, adminAddress: admin,
                                     drainTimeout: parseIstioDuration(drainTimeout)!,
@@ -182,3 +177,59 @@ struct CompileCommand: ParsableCommand {
 }
 
 Sluice.main()
+
+struct ControlCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "control", abstract: "Run the control plane (for now: the mesh CA on 15012).")
+    @Option(name: .customLong("trust-domain"), help: "The mesh's SPIFFE trust domain.") var trustDomain = "cluster.local"
+    @Option(help: "Address to serve on (TLS).") var listen = "0.0.0.0:15012"
+    @Option(name: .customLong("state-dir"), help: "Where the root CA (if generated) and the serving certificate are kept.")
+    var stateDir = "/var/lib/sluice-control"
+    @Option(help: "Mesh configuration (Istio YAML): which workload identities each node hosts.") var config: String?
+    @Option(name: .customLong("join-tokens"), help: "File of 'TOKEN NODE' lines; each token admits its node once.")
+    var joinTokens: String?
+    @Option(name: .customLong("ca-dir"), help: "Plug-in CA (Istio's cacerts): ca-cert.pem, ca-key.pem, root-cert.pem[, cert-chain.pem].")
+    var caDir: String?
+    @Option(name: .customLong("max-cert-lifetime"), help: "Longest certificate the CA issues.") var maxCertLifetime = "24h"
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, warning, error.") var logLevel: String = "info"
+
+    func validate() throws {
+        guard let d = parseIstioDuration(maxCertLifetime), d >= .seconds(1) else {
+            throw ValidationError("--max-cert-lifetime must be a duration of at least 1s, such as 24h")
+        }
+    }
+
+    func run() throws {
+        Agent.blockTerminationSignals()
+        let logger = startLogging(logLevel, label: "sluice.control")
+        var o = ControlPlane.Options()
+        o.trustDomain = trustDomain
+        o.listen = listen
+        o.stateDirectory = stateDir
+        o.config = config
+        o.joinTokens = joinTokens
+        o.caDirectory = caDir
+        o.maxCertificateLifetime = parseIstioDuration(maxCertLifetime)!
+        let control: ControlPlane
+        do {
+            control = try ControlPlane(options: o, logger: logger)
+        } catch {
+            FileHandle.standardError.write(Data("sluice control: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        _ = Agent.waitForTerminationSignal()
+        logger.info("stopping")
+        control.stop()
+    }
+}
+
+/// logfmt to standard error at `level` (trace ... error); returns the command's logger.
+func startLogging(_ level: String, label: String) -> Logger {
+    let minimum = Logger.Level(rawValue: level) ?? .info
+    LoggingSystem.bootstrap { label in
+        var h = LogfmtHandler(label: label)
+        h.logLevel = minimum
+        return h
+    }
+    return Logger(label: label)
+}

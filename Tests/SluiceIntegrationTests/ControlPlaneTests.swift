@@ -1,0 +1,139 @@
+import Foundation
+import XCTest
+
+/// `sluice control` as the mesh CA, end to end with the binary, curl and openssl: a node joins with its one-time
+/// token, then with its node certificate gets certificates for the workload identities it hosts — and nothing
+/// else. Every refusal names its reason.
+final class ControlPlaneTests: XCTestCase {
+    var dir = ""
+    var control: Process?
+    var port: UInt16 = 0
+
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "sluice-control-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: "\(dir)/mesh", withIntermediateDirectories: true)
+        try """
+            apiVersion: networking.istio.io/v1
+            kind: WorkloadEntry
+            metadata: {name: reviews-1, namespace: shop, annotations: {sluice.dev/node: n1}}
+            spec: {address: 10.0.0.1, labels: {app: reviews}, serviceAccount: reviews}
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: WorkloadEntry
+            metadata: {name: ratings-1, namespace: shop, annotations: {sluice.dev/node: n2}}
+            spec: {address: 10.0.0.2, labels: {app: ratings}, serviceAccount: ratings}
+            """.write(toFile: "\(dir)/mesh/mesh.yaml", atomically: true, encoding: .utf8)
+        try "# token node\ntok-n1 n1\ntok-n2 n2\n".write(toFile: "\(dir)/tokens", atomically: true, encoding: .utf8)
+        try startControl()
+    }
+
+    func startControl() throws {
+        port = Harness.deadPort()
+        let p = Process()
+        p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
+        p.arguments = ["control", "--state-dir", "\(dir)/state", "--config", "\(dir)/mesh", "--join-tokens", "\(dir)/tokens",
+                       "--listen", "127.0.0.1:\(port)", "--max-cert-lifetime", "1h"]
+        p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: { () -> String in
+            FileManager.default.createFile(atPath: "\(dir)/control.log", contents: nil)
+            return "\(dir)/control.log"
+        }()))
+        try p.run()
+        control = p
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline, !((try? String(contentsOfFile: "\(dir)/control.log", encoding: .utf8)) ?? "").contains("ready") {
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+    }
+
+    override func tearDown() {
+        control?.terminate()
+        control?.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    var log: String { (try? String(contentsOfFile: "\(dir)/control.log", encoding: .utf8)) ?? "" }
+
+    /// A key and CSR made by OpenSSL (as any agent could), optionally naming a SPIFFE identity.
+    func csr(_ name: String, uri: String? = nil) throws -> String {
+        var args = ["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/",
+                    "-keyout", "\(dir)/\(name).key", "-out", "\(dir)/\(name).csr"]
+        if let uri { args += ["-addext", "subjectAltName=URI:\(uri)"] }
+        XCTAssertEqual(try Harness.run("/usr/bin/openssl", args).status, 0)
+        return try String(contentsOfFile: "\(dir)/\(name).csr", encoding: .utf8)
+    }
+
+    /// POSTs `body` as JSON; returns the status and the decoded answer.
+    func post(_ path: String, _ body: [String: Any], cert: String? = nil) throws -> (Int, [String: Any]) {
+        let file = "\(dir)/body-\(UUID().uuidString).json"
+        try JSONSerialization.data(withJSONObject: body).write(to: URL(fileURLWithPath: file))
+        var args = ["-s", "--max-time", "10", "--cacert", "\(dir)/state/root-cert.pem", "--resolve",
+                    "sluice-control:\(port):127.0.0.1", "-d", "@\(file)", "-w", "\n%{http_code}"]
+        if let cert { args += ["--cert", "\(dir)/\(cert).crt", "--key", "\(dir)/\(cert).key"] }
+        let (out, _) = try Harness.run("/usr/bin/curl", args + ["https://sluice-control:\(port)\(path)"])
+        let lines = out.split(separator: "\n", omittingEmptySubsequences: false)
+        let json = (try? JSONSerialization.jsonObject(with: Data(lines.dropLast().joined(separator: "\n").utf8))) as? [String: Any]
+        return (Int(lines.last ?? "") ?? 0, json ?? [:])
+    }
+
+    func testANodeJoinsOnceAndGetsCertificatesOnlyForItsOwnWorkloads() throws {
+        // Join: the token admits n1 once, and only n1.
+        var (status, answer) = try post("/v1/join", ["token": "tok-n1", "node": "n1", "csr": try csr("n1")])
+        XCTAssertEqual(status, 200, "\(answer) \(log)")
+        let chain = try XCTUnwrap(answer["certificateChain"] as? [String])
+        try chain.joined().write(toFile: "\(dir)/n1.crt", atomically: true, encoding: .utf8)
+        (status, answer) = try post("/v1/join", ["token": "tok-n1", "node": "n1", "csr": try csr("again")])
+        XCTAssertEqual([status, answer["reason"] as? String] as [AnyHashable?], [403, "bad_token"])
+        (status, answer) = try post("/v1/join", ["token": "tok-n2", "node": "n1", "csr": try csr("wrong")])
+        XCTAssertEqual(answer["reason"] as? String, "bad_token", "a token is for its own node only")
+
+        // With its node certificate, n1 gets reviews' certificate (reviews runs on n1)...
+        let reviews = "spiffe://cluster.local/ns/shop/sa/reviews"
+        (status, answer) = try post("/v1/certificates", ["identity": reviews, "csr": try csr("reviews", uri: reviews)], cert: "n1")
+        XCTAssertEqual(status, 200, "\(answer)")
+        let leaf = try XCTUnwrap((answer["certificateChain"] as? [String])?.first)
+        try leaf.write(toFile: "\(dir)/reviews.crt", atomically: true, encoding: .utf8)
+        let verified = try Harness.run("/usr/bin/openssl", ["verify", "-CAfile", "\(dir)/state/root-cert.pem", "\(dir)/reviews.crt"])
+        XCTAssertEqual(verified.status, 0, verified.output)
+        let text = try Harness.run("/usr/bin/openssl", ["x509", "-in", "\(dir)/reviews.crt", "-noout", "-ext", "subjectAltName",
+                                                        "-enddate"]).output
+        XCTAssertTrue(text.contains("URI:\(reviews)"), text)
+        let notAfter = try XCTUnwrap(answer["notAfter"] as? Int)
+        XCTAssertLessThanOrEqual(Double(notAfter) - Date().timeIntervalSince1970, 3600, "--max-cert-lifetime caps it")
+
+        // ...but not ratings' (which runs on n2), and nothing without a node certificate.
+        let ratings = "spiffe://cluster.local/ns/shop/sa/ratings"
+        (status, answer) = try post("/v1/certificates", ["identity": ratings, "csr": try csr("ratings", uri: ratings)], cert: "n1")
+        XCTAssertEqual([status, answer["reason"] as? String] as [AnyHashable?], [403, "not_authorized"])
+        (status, answer) = try post("/v1/certificates", ["identity": reviews, "csr": try csr("anon", uri: reviews)])
+        XCTAssertEqual([status, answer["reason"] as? String] as [AnyHashable?], [401, "unauthenticated"])
+        // A workload certificate is not a node certificate.
+        try (leaf + chain.dropFirst().joined()).write(toFile: "\(dir)/reviews-as-node.crt", atomically: true, encoding: .utf8)
+        try FileManager.default.copyItem(atPath: "\(dir)/reviews.key", toPath: "\(dir)/reviews-as-node.key")
+        (status, answer) = try post("/v1/certificates", ["identity": reviews, "csr": try csr("r2", uri: reviews)],
+                                    cert: "reviews-as-node")
+        XCTAssertEqual(answer["reason"] as? String, "unauthenticated")
+
+        // Garbage and mismatched requests are refused with their reason; each decision is in the audit log.
+        (status, answer) = try post("/v1/certificates", ["identity": reviews, "csr": "garbage"], cert: "n1")
+        XCTAssertEqual([status, answer["reason"] as? String] as [AnyHashable?], [400, "malformed"])
+        (status, answer) = try post("/v1/certificates", ["identity": reviews, "csr": try csr("mix", uri: ratings)], cert: "n1")
+        XCTAssertEqual(answer["reason"] as? String, "identity_mismatch")
+        (status, answer) = try post("/v1/join", ["nothing": true])
+        XCTAssertEqual(status, 400)
+        Thread.sleep(forTimeInterval: 0.2)
+        XCTAssertTrue(log.contains("granted=true identity=\(reviews) requester=node:n1"), log)
+        XCTAssertTrue(log.contains("granted=false identity=\(ratings) requester=node:n1"), log)
+    }
+
+    func testTheGeneratedRootSurvivesARestartAndItsKeyIsPrivate() throws {
+        let root = try String(contentsOfFile: "\(dir)/state/root-cert.pem", encoding: .utf8)
+        let mode = try FileManager.default.attributesOfItem(atPath: "\(dir)/state/root-key.pem")[.posixPermissions] as? Int
+        XCTAssertEqual(mode, 0o600)
+        control?.terminate()
+        control?.waitUntilExit()
+        try startControl()
+        XCTAssertTrue(log.contains("ready"), log)
+        XCTAssertEqual(try String(contentsOfFile: "\(dir)/state/root-cert.pem", encoding: .utf8), root)
+    }
+}
