@@ -62,7 +62,8 @@ let package = Package(
         .target(
             name: "SluiceAgent",
             dependencies: [
-                "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing", "SluiceBPF", "SluiceHTTP",
+                "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing", "SluiceBPF", "SluiceHTTP", "SluiceTLS",
+                "SluiceIdentity",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -46,6 +46,9 @@ public final class Agent: @unchecked Sendable {
         public var headerTimeout: Duration = .seconds(10)
         /// Gateway certificates named by `credentialName`: `<dir>/<name>/tls.crt`, `tls.key`, `ca.crt`.
         public var credentialsDirectory = ProxyRuntime.defaultCredentials
+        /// Set when the agent gets certificates from `sluice control` (`--control`). Its node and trust domain
+        /// are filled in at start.
+        public var certificates: CertificateManager.Options?
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -77,6 +80,8 @@ public final class Agent: @unchecked Sendable {
     public let registry = MetricsRegistry()
     let logger: Logger
     private var server: L4Server?
+    /// With a control plane: the workloads' certificates (joined, issued and rotated on a thread of their own).
+    private var certificates: CertificateManager?
     private let health = HealthChecker()
     private let http = HTTPEndpoints()
     private let ready = Atomic<Bool>(false)
@@ -259,6 +264,18 @@ public final class Agent: @unchecked Sendable {
         self.server = server
         health.update(runtime)
         health.start()
+        if var c = options.certificates {
+            c.node = nodeName
+            c.trustDomain = snapshot.mesh.trustDomain
+            do {
+                let manager = try CertificateManager(options: c, registry: registry, logger: logger)
+                manager.update(identities: snapshot.workloads.map(\.identity))
+                manager.start()
+                certificates = manager
+            } catch {
+                throw StartError(description: "certificates: \(error)")
+            }
+        }
         do {
             metricsPort = try http.serve(options.metricsAddress) { [registry, datapath] method, path in
                 path == "/metrics" || path == "/stats/prometheus"
@@ -370,6 +387,7 @@ public final class Agent: @unchecked Sendable {
         }
         current.withLock { $0 = runtime }
         reloads.add(1, ordering: .relaxed)
+        certificates?.update(identities: snapshot.workloads.map(\.identity))
         logger.info("configuration applied", metadata: ["listeners": "\(snapshot.listeners.count)",
                                                         "clusters": "\(snapshot.clusters.count)"])
         return true
@@ -386,6 +404,7 @@ public final class Agent: @unchecked Sendable {
         server?.drain(timeout: options.drainTimeout)
         server?.wait()
         health.stop()
+        certificates?.stop()
         for d in dns { d.stop() }
         http.shutdown()
         logger.info("stopped")

@@ -75,18 +75,20 @@ public final class ControlServer: Sendable {
                 guard let h = head else { return }
                 head = nil
                 let path = String(h.uri.split(separator: "?", maxSplits: 1).first ?? "")
-                respond(context, service.handle(method: h.method.rawValue, path: path, body: body, peer: tls.peerURIs.first))
+                respond(context, service.handle(method: h.method.rawValue, path: path, body: body, peer: tls.peerURIs.first),
+                        close: !h.isKeepAlive)
             }
         }
 
-        private func respond(_ context: ChannelHandlerContext, _ r: CAService.Response) {
+        private func respond(_ context: ChannelHandlerContext, _ r: CAService.Response, close: Bool = true) {
             var headers = HTTPHeaders()
             headers.add(name: "content-type", value: "application/json")
             headers.add(name: "content-length", value: String(r.body.utf8.count))
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .init(statusCode: r.status),
                                                                  headers: headers))), promise: nil)
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: r.body)))), promise: nil)
-            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+            if close { done.whenComplete { _ in context.close(promise: nil) } }
         }
     }
 }

@@ -1,4 +1,5 @@
 import Crypto
+import Foundation
 import SwiftASN1
 import X509
 
@@ -22,5 +23,24 @@ public struct WorkloadKey: Sendable {
             attributes: CertificateSigningRequest.Attributes([.init(ExtensionRequest(extensions: extensions))]),
             signatureAlgorithm: .ecdsaWithSHA256)
         return try csr.serializeAsPEM().pemString
+    }
+}
+
+/// What the agent needs to know of a certificate it holds: when it is valid and whom it names.
+public struct CertificateInfo: Sendable, Equatable {
+    public var notBefore: Date
+    public var notAfter: Date
+    public var uris: [String]
+
+    /// Reads the first certificate of a PEM file's contents.
+    public init(pem: String) throws {
+        guard let end = pem.range(of: "-----END CERTIFICATE-----") else { throw CAFileError("no certificate in the PEM") }
+        let cert = try Certificate(pemEncoded: String(pem[..<end.upperBound]))
+        notBefore = cert.notValidBefore
+        notAfter = cert.notValidAfter
+        uris = (try cert.extensions.subjectAlternativeNames)?.compactMap {
+            if case .uniformResourceIdentifier(let u) = $0 { return u }
+            return nil
+        } ?? []
     }
 }

@@ -19,7 +19,13 @@ struct AgentCommand: ParsableCommand {
 
     @Option(name: .customLong("local-config"), help: "Directory of Istio YAML to serve (mesh config from files).")
     var localConfig: String?
-    @Option(help: "Control plane address HOST:15012 (not available yet).") var control: String?
+    @Option(help: "Control plane address HOST:15012: workload certificates come from its CA.") var control: String?
+    @Option(name: .customLong("ca-root"), help: "The mesh root (PEM) the control plane's certificate chains to (with --control).")
+    var caRoot: String?
+    @Option(name: .customLong("join-token"), help: "File with this node's one-time join token (with --control).")
+    var joinToken: String?
+    @Option(name: .customLong("control-server-name"), help: "The name in the control plane's certificate.")
+    var controlServerName = "sluice-control"
     @Option(help: "This node's name.") var node: String?
     @Option(help: "Data-plane worker threads (default: one per core).") var workers: Int?
     @Option(name: .customLong("state-dir"), help: "Where the agent keeps its state.") var stateDir: String = "/var/lib/sluice"
@@ -64,10 +70,9 @@ struct AgentCommand: ParsableCommand {
 
     func validate() throws {
         if uninstallBPF { return }
-        if localConfig == nil && control == nil {
-            throw ValidationError("give --local-config DIR (or --control HOST:15012)")
+        if localConfig == nil {
+            throw ValidationError("give --local-config DIR (the mesh configuration; --control serves certificates only, for now)")
         }
-        if control != nil { throw ValidationError("--control is not supported yet; use --local-config DIR") }
         if let u = dnsUpstream, EndpointAddress(parsing: u) == nil {
             throw ValidationError("--dns-upstream '\(u)' is not HOST:PORT")
         }
@@ -81,6 +86,9 @@ struct AgentCommand: ParsableCommand {
         if !(1...10_000).contains(maxRequestHeaders) { throw ValidationError("--max-request-headers must be 1...10000") }
         if !(64...(1 << 20)).contains(maxURIBytes) || maxURIBytes >= maxRequestHeadBytes {
             throw ValidationError("--max-uri-bytes must be 64...1048576 and below --max-request-head-bytes")
+        }
+        if control != nil && caRoot == nil {
+            throw ValidationError("--control needs --ca-root: the mesh root the control plane's certificate chains to")
         }
         guard let t = parseIstioDuration(headerTimeout), t > .zero else {
             throw ValidationError("--header-timeout must be a duration such as 10s or 500ms")
@@ -114,6 +122,12 @@ struct AgentCommand: ParsableCommand {
         options.maxURIBytes = maxURIBytes
         options.headerTimeout = parseIstioDuration(headerTimeout)!
         options.credentialsDirectory = credentialsDir
+        if let control {
+            var c = CertificateManager.Options(control: control, rootCA: caRoot!, joinToken: joinToken, node: "",
+                                               trustDomain: "", directory: stateDir + "/certs")
+            c.serverName = controlServerName
+            options.certificates = c
+        }
         options.bpfDirectory = bpfDir
         options.pinDirectory = pinDir
         options.captureExclusions = exclude

@@ -7,6 +7,7 @@ import XCTest
 final class ControlPlaneTests: XCTestCase {
     var dir = ""
     var control: Process?
+    var agent: Process?
     var port: UInt16 = 0
 
     override func setUpWithError() throws {
@@ -27,12 +28,12 @@ final class ControlPlaneTests: XCTestCase {
         try startControl()
     }
 
-    func startControl() throws {
-        port = Harness.deadPort()
+    func startControl(lifetime: String = "1h", samePort: Bool = false) throws {
+        if !samePort { port = Harness.deadPort() }
         let p = Process()
         p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
         p.arguments = ["control", "--state-dir", "\(dir)/state", "--config", "\(dir)/mesh", "--join-tokens", "\(dir)/tokens",
-                       "--listen", "127.0.0.1:\(port)", "--max-cert-lifetime", "1h"]
+                       "--listen", "127.0.0.1:\(port)", "--max-cert-lifetime", lifetime]
         p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: { () -> String in
             FileManager.default.createFile(atPath: "\(dir)/control.log", contents: nil)
@@ -49,6 +50,8 @@ final class ControlPlaneTests: XCTestCase {
     override func tearDown() {
         control?.terminate()
         control?.waitUntilExit()
+        agent?.terminate()
+        agent?.waitUntilExit()
         try? FileManager.default.removeItem(atPath: dir)
     }
 
@@ -135,5 +138,66 @@ final class ControlPlaneTests: XCTestCase {
         try startControl()
         XCTAssertTrue(log.contains("ready"), log)
         XCTAssertEqual(try String(contentsOfFile: "\(dir)/state/root-cert.pem", encoding: .utf8), root)
+    }
+
+    func serial(_ path: String) -> String {
+        (try? Harness.run("/usr/bin/openssl", ["x509", "-in", path, "-noout", "-serial"]).output) ?? ""
+    }
+
+    func waitFor(_ timeout: TimeInterval, _ condition: () -> Bool) -> Bool {
+        let end = Date().addingTimeInterval(timeout)
+        while Date() < end {
+            if condition() { return true }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        return condition()
+    }
+
+    /// The agent binary as Istio's node agent: joins with its token, gets the certificate of the workload on its
+    /// node (key 0600, never sent), renews it before it expires, keeps it while the control plane is down, and
+    /// renews again once the control plane is back.
+    func testTheAgentObtainsRotatesAndKeepsWorkloadCertificates() throws {
+        control?.terminate()
+        control?.waitUntilExit()
+        try startControl(lifetime: "6s", samePort: true)
+        try "tok-n1\n".write(toFile: "\(dir)/n1.token", atomically: true, encoding: .utf8)
+        let a = Process()
+        a.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
+        a.arguments = ["agent", "--local-config", "\(dir)/mesh", "--node", "n1", "--workers", "1",
+                       "--control", "127.0.0.1:\(port)", "--ca-root", "\(dir)/state/root-cert.pem",
+                       "--join-token", "\(dir)/n1.token", "--state-dir", "\(dir)/agent",
+                       "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+        FileManager.default.createFile(atPath: "\(dir)/agent.log", contents: nil)
+        a.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(dir)/agent.log"))
+        a.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        try a.run()
+        agent = a
+        let agentLog = { (try? String(contentsOfFile: "\(self.dir)/agent.log", encoding: .utf8)) ?? "" }
+        let crt = "\(dir)/agent/certs/shop_reviews.crt", key = "\(dir)/agent/certs/shop_reviews.key"
+        XCTAssertTrue(waitFor(10) { FileManager.default.fileExists(atPath: crt) }, agentLog() + log)
+        for f in [crt, key] {
+            XCTAssertEqual(try FileManager.default.attributesOfItem(atPath: f)[.posixPermissions] as? Int, 0o600, f)
+        }
+        XCTAssertEqual(try Harness.run("/usr/bin/openssl", ["verify", "-CAfile", "\(dir)/state/root-cert.pem", crt]).status, 0)
+        XCTAssertTrue(try Harness.run("/usr/bin/openssl", ["x509", "-in", crt, "-noout", "-ext", "subjectAltName"]).output
+            .contains("URI:spiffe://cluster.local/ns/shop/sa/reviews"))
+        // Only n1's workload: ratings runs on n2.
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(dir)/agent/certs/shop_ratings.crt"))
+
+        // Rotation at about half of the 6 s lifetime.
+        let first = serial(crt)
+        XCTAssertTrue(waitFor(6) { self.serial(crt) != first }, agentLog())
+
+        // The control plane goes away: renewals fail with back-off, the certificate in place stays.
+        control?.terminate()
+        control?.waitUntilExit()
+        let during = serial(crt)
+        XCTAssertTrue(waitFor(6) { agentLog().contains("renewal failed; the current certificate stays in use") }, agentLog())
+        XCTAssertEqual(serial(crt), during)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: key))
+
+        // Back: the next attempt succeeds.
+        try startControl(lifetime: "6s", samePort: true)
+        XCTAssertTrue(waitFor(10) { self.serial(crt) != during }, agentLog())
     }
 }
