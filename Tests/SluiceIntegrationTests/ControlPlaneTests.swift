@@ -200,4 +200,28 @@ final class ControlPlaneTests: XCTestCase {
         try startControl(lifetime: "6s", samePort: true)
         XCTAssertTrue(waitFor(10) { self.serial(crt) != during }, agentLog())
     }
+
+    /// Across the network (root): the CA in a namespace of its own, the agent on another node reaches it over
+    /// the bridge and gets its workload's certificate.
+    func testAnAgentOnAnotherNodeGetsItsCertificateAcrossTheNetwork() throws {
+        try NetnsHarness.requireRoot()
+        let net = try NetnsHarness(nodes: 2)
+        defer { net.tearDown() }
+        let sluice = Harness.root.appendingPathComponent(".build/debug/sluice").path
+        try net.start(0, [sluice, "control", "--state-dir", "\(dir)/ns-state", "--config", "\(dir)/mesh", "--join-tokens",
+                          "\(dir)/tokens", "--listen", "\(net.address(0)):15012"], log: "\(dir)/ns-control.log")
+        XCTAssertTrue(waitFor(10) { FileManager.default.fileExists(atPath: "\(self.dir)/ns-state/control.crt") })
+        try "tok-n1\n".write(toFile: "\(dir)/ns-n1.token", atomically: true, encoding: .utf8)
+        try net.start(1, [sluice, "agent", "--local-config", "\(dir)/mesh", "--node", "n1", "--workers", "1",
+                          "--control", "\(net.address(0)):15012", "--ca-root", "\(dir)/ns-state/root-cert.pem",
+                          "--join-token", "\(dir)/ns-n1.token", "--state-dir", "\(dir)/ns-agent",
+                          "--metrics", "127.0.0.1:0", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+                      log: "\(dir)/ns-agent.log")
+        let crt = "\(dir)/ns-agent/certs/shop_reviews.crt"
+        XCTAssertTrue(waitFor(15) { FileManager.default.fileExists(atPath: crt) },
+                      ((try? String(contentsOfFile: "\(dir)/ns-agent.log", encoding: .utf8)) ?? ""))
+        XCTAssertEqual(try Harness.run("/usr/bin/openssl", ["verify", "-CAfile", "\(dir)/ns-state/root-cert.pem", crt]).status, 0)
+        let audit = (try? String(contentsOfFile: "\(dir)/ns-control.log", encoding: .utf8)) ?? ""
+        XCTAssertTrue(audit.contains("requester=join:n1"), audit)
+    }
 }
