@@ -9,6 +9,22 @@ public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
         public var namespaces: [String] = [], notNamespaces: [String] = []
         public var ipBlocks: [String] = [], notIpBlocks: [String] = []
         public var remoteIpBlocks: [String] = [], notRemoteIpBlocks: [String] = []
+
+        public init(principals: [String] = [], notPrincipals: [String] = [], requestPrincipals: [String] = [],
+                    notRequestPrincipals: [String] = [], namespaces: [String] = [], notNamespaces: [String] = [],
+                    ipBlocks: [String] = [], notIpBlocks: [String] = [], remoteIpBlocks: [String] = [],
+                    notRemoteIpBlocks: [String] = []) {
+            self.principals = principals
+            self.notPrincipals = notPrincipals
+            self.requestPrincipals = requestPrincipals
+            self.notRequestPrincipals = notRequestPrincipals
+            self.namespaces = namespaces
+            self.notNamespaces = notNamespaces
+            self.ipBlocks = ipBlocks
+            self.notIpBlocks = notIpBlocks
+            self.remoteIpBlocks = remoteIpBlocks
+            self.notRemoteIpBlocks = notRemoteIpBlocks
+        }
     }
 
     public struct Operation: Sendable, Hashable, Encodable {
@@ -16,18 +32,42 @@ public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
         public var ports: [UInt16] = [], notPorts: [UInt16] = []
         public var methods: [String] = [], notMethods: [String] = []
         public var paths: [String] = [], notPaths: [String] = []
+
+        public init(hosts: [String] = [], notHosts: [String] = [], ports: [UInt16] = [], notPorts: [UInt16] = [],
+                    methods: [String] = [], notMethods: [String] = [], paths: [String] = [], notPaths: [String] = []) {
+            self.hosts = hosts
+            self.notHosts = notHosts
+            self.ports = ports
+            self.notPorts = notPorts
+            self.methods = methods
+            self.notMethods = notMethods
+            self.paths = paths
+            self.notPaths = notPaths
+        }
     }
 
     public struct Condition: Sendable, Hashable, Encodable {
         public var key: String
         public var values: [String]
         public var notValues: [String]
+
+        public init(key: String, values: [String], notValues: [String]) {
+            self.key = key
+            self.values = values
+            self.notValues = notValues
+        }
     }
 
     public struct Rule: Sendable, Hashable, Encodable {
         public var from: [Source]
         public var to: [Operation]
         public var when: [Condition]
+
+        public init(from: [Source], to: [Operation], when: [Condition]) {
+            self.from = from
+            self.to = to
+            self.when = when
+        }
     }
 
     public var selector: [String: String]?
@@ -36,6 +76,13 @@ public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
     public var provider: String?
     /// `nil` rules: the policy has no `rules` field (ALLOW with none denies everything, Istio's "allow-nothing").
     public var rules: [Rule]?
+
+    public init(selector: [String: String]?, action: Action, provider: String?, rules: [Rule]?) {
+        self.selector = selector
+        self.action = action
+        self.provider = provider
+        self.rules = rules
+    }
 }
 
 public struct PeerAuthentication: Sendable, Hashable, Encodable {
