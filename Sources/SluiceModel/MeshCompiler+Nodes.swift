@@ -38,6 +38,16 @@ extension MeshCompiler {
                 if let r = resources[k], policy(r, selects: ns, labels: w.entry.labels) { policies.insert(k) }
             }
         }
+        let running = gatewaysRunning(on: node)
+        // Policies that select a gateway running here (by its selector's labels) apply to its listeners.
+        for (k, _) in running {
+            guard let r = resources[k], case .gateway(let gw) = r.spec else { continue }
+            for pk in policyKeys(for: k.namespace) where !policies.contains(pk) {
+                if let p = resources[pk], case .authorizationPolicy = p.spec, policy(p, selects: k.namespace, labels: gw.selector) {
+                    policies.insert(pk)
+                }
+            }
+        }
         for k in policies.sorted() {
             guard let r = resources[k] else { continue }
             switch r.spec {
@@ -48,7 +58,6 @@ extension MeshCompiler {
             default: break
             }
         }
-        let running = gatewaysRunning(on: node)
         local.scope = Self.scope(namespaces: Set(runs.map(\.resource.namespace)), gateways: running)
         var bound: Set<EndpointAddress> = []
         for (_, product) in running {
@@ -132,10 +141,12 @@ extension MeshCompiler {
                                                hint: "use mode SIMPLE or MUTUAL with a certificate, or protocol TLS for passthrough"))
                     continue
                 }
-                listeners.append(.init(name: "\(key.namespace)/\(key.name):\(where_)", address: addr,
-                                       protocol: server.port.protocol, routes: [], gateway: ref,
-                                       tls: certificate.map { [$0] } ?? [],
-                                       httpsRedirect: server.tls?.httpsRedirect == true && certificate == nil))
+                var listener = NodeSnapshot.Listener(name: "\(key.namespace)/\(key.name):\(where_)", address: addr,
+                                                     protocol: server.port.protocol, routes: [], gateway: ref,
+                                                     tls: certificate.map { [$0] } ?? [],
+                                                     httpsRedirect: server.tls?.httpsRedirect == true && certificate == nil)
+                listener.workloadLabels = gw.selector
+                listeners.append(listener)
                 continue
             }
             var chosen: [NodeSnapshot.WeightedCluster]?

@@ -372,6 +372,11 @@ struct Touched {
             } else {
                 hosts.formUnion(m.unitsByEndpointNamespace[ns] ?? [])
                 nodes.formUnion(m.workloads.nodes(in: ns))
+                // Gateways of the namespace take its AuthorizationPolicies too.
+                for k in m.gatewayKeys where k.namespace == ns {
+                    guard let gw = m.resources[k] else { continue }
+                    nodes.formUnion(m.nodes.filter { m.gatewayRuns(gw, on: $0) })
+                }
             }
         case .meshConfig: break
         }

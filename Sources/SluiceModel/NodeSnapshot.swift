@@ -50,6 +50,9 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         public var tls: [ServerCertificate]
         /// Every request gets a 301 to its `https://` URL (an HTTP server's `tls.httpsRedirect`).
         public var httpsRedirect: Bool
+        /// The gateway workload's labels (its Gateway's `selector`, as Istio's gateway deployments carry them):
+        /// what AuthorizationPolicy selectors are matched against for this listener.
+        public var workloadLabels: [String: String] = [:]
 
         public init(name: String, address: EndpointAddress, protocol: PortProtocol, routes: [WeightedCluster],
                     gateway: String? = nil, tls: [ServerCertificate] = [], httpsRedirect: Bool = false) {

@@ -83,9 +83,13 @@ public final class HTTPRouteTable: @unchecked Sendable {
     let gateway: String?
     /// Some route or rate limit looks at request headers: decode them per request.
     let needsHeaders: Bool
+    /// The AuthorizationPolicies that apply to this listener's workload (gateways); nil when none do.
+    let authorization: AuthorizationEngine?
 
     init(virtualServices: [Named<VirtualService>], gateway: String?, snapshot: NodeSnapshot,
-         clusters: [String: ClusterRuntime], rateLimits: [String: [RateLimitRuntime]]) {
+         clusters: [String: ClusterRuntime], rateLimits: [String: [RateLimitRuntime]],
+         authorization: AuthorizationEngine? = nil) {
+        self.authorization = authorization.flatMap { $0.isEmpty ? nil : $0 }
         let vss = virtualServices.filter { vs in
             let refs = Set(vs.spec.gateways.filter { $0 != "mesh" }.map { $0.contains("/") ? $0 : "\(vs.namespace)/\($0)" })
             if let gateway { return refs.contains(gateway) }
@@ -107,7 +111,7 @@ public final class HTTPRouteTable: @unchecked Sendable {
                              defaultTimeout: snapshot.mesh.requestTimeout)
             }
         }
-        needsHeaders = router.needsHeaders || routes.contains { r in
+        needsHeaders = router.needsHeaders || self.authorization != nil || routes.contains { r in
             r.rateLimits.contains { l in
                 if case .header = l.local.key { return true }
                 return l.local.match.contains { !$0.headers.isEmpty || !$0.withoutHeaders.isEmpty }

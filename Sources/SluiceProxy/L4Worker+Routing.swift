@@ -27,6 +27,21 @@ extension L4Worker {
     /// match; captured traffic without one goes to its service), redirect, direct response, fault abort and
     /// delay, local rate limit, weighted destination, circuit breaker.
     func route(_ facts: HTTPRequestFacts, table: HTTPRouteTable, captured: ClusterRuntime?, client: String) -> RoutingDecision {
+        if let authz = table.authorization {
+            // Authorization comes first, as Envoy's RBAC filter does: a denied request is not routed.
+            var r = AuthorizationRequest(sourceIP: IPAddress(client), port: facts.port)
+            r.method = facts.method
+            r.path = facts.path
+            r.host = facts.authority
+            r.headers = facts.headers
+            let decision = authz.evaluate(r)
+            if case .allow(true) = decision { shard.add(stats.authorizationAudited) }
+            if case .deny(_, let audited) = decision {
+                shard.add(stats.authorizationDenied)
+                if audited { shard.add(stats.authorizationAudited) }
+                return .answer(route: nil, status: 403, flag: .none, headers: [], body: "RBAC: access denied")
+            }
+        }
         var route: RouteRuntime?
         var condition: Int?
         var matched = table.router.match(facts)

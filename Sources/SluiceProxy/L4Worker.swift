@@ -37,6 +37,8 @@ struct WorkerStats {
     let captureUnknown: Int
     let tlsHandshakes: Int
     let tlsHandshakeFailures: Int
+    let authorizationDenied: Int
+    let authorizationAudited: Int
     /// Captured connections to ports of no declared protocol, by what their first bytes showed.
     let detectedHTTP: Int
     let detectedTCP: Int
@@ -60,6 +62,10 @@ struct WorkerStats {
         detectedHTTP = detected("http")
         detectedTCP = detected("tcp")
         detectionTimeouts = detected("timeout")
+        authorizationDenied = registry.counter("sluice_authorization_denied_total",
+                                               help: "Requests denied by AuthorizationPolicy (403)", labels: l)
+        authorizationAudited = registry.counter("sluice_authorization_audited_total",
+                                                help: "Requests an AUDIT AuthorizationPolicy matched", labels: l)
         tlsHandshakes = registry.counter("sluice_tls_handshakes_total", help: "TLS handshakes completed by HTTPS listeners",
                                          labels: l)
         tlsHandshakeFailures = registry.counter("sluice_tls_handshake_failures_total",

@@ -251,14 +251,16 @@ public final class ProxyRuntime: @unchecked Sendable {
             }
         }
         rateLimitCount = nextLimit
-        func table(_ gateway: String?) -> HTTPRouteTable {
+        func table(_ gateway: String?, labels: [String: String] = [:]) -> HTTPRouteTable {
             HTTPRouteTable(virtualServices: snapshot.virtualServices, gateway: gateway, snapshot: snapshot,
-                           clusters: byName, rateLimits: limits)
+                           clusters: byName, rateLimits: limits,
+                           authorization: gateway.map { Self.authorization(snapshot, gateway: $0, labels: labels) })
         }
         var listeners: [ListenerRuntime] = []
         for l in snapshot.listeners {
             let tls = try Self.certificates(l, directory: credentials)
-            listeners.append(ListenerRuntime(config: l, clusters: byName, http: l.isHTTP ? table(l.gateway) : nil, tls: tls))
+            listeners.append(ListenerRuntime(config: l, clusters: byName,
+                                             http: l.isHTTP ? table(l.gateway, labels: l.workloadLabels) : nil, tls: tls))
         }
         if let capture {
             var services: [EndpointAddress: CapturedService] = [:]
@@ -287,4 +289,14 @@ public final class ProxyRuntime: @unchecked Sendable {
 
     /// Local rate-limit entries over all policies (each worker keeps its share of each).
     let rateLimitCount: Int
+
+    /// The AuthorizationPolicies of the node's snapshot that select gateway `ns/name` (labels: its selector), as
+    /// Istio selects workloads: the gateway's namespace or the root namespace, selector labels all present.
+    static func authorization(_ snapshot: NodeSnapshot, gateway: String, labels: [String: String]) -> AuthorizationEngine {
+        let ns = String(gateway.prefix { $0 != "/" })
+        return AuthorizationEngine(snapshot.authorizationPolicies.filter { p in
+            (p.namespace == ns || p.namespace == snapshot.mesh.rootNamespace)
+                && (p.spec.selector ?? [:]).allSatisfy { labels[$0.key] == $0.value }
+        })
+    }
 }

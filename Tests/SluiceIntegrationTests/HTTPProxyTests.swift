@@ -385,6 +385,57 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertEqual(try parallel(unlimited, 4), ["200", "200", "200", "200"])
     }
 
+    /// AuthorizationPolicies that select the gateway: DENY first, then an ALLOW must match; policies that select
+    /// other workloads, or live in other namespaces, do not apply.
+    func testAuthorizationPoliciesGuardTheGateway() throws {
+        let ports = try backends(["v1"])
+        let policies = """
+
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: no-admin, namespace: test}
+            spec:
+              action: DENY
+              rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: reads-from-loopback, namespace: test}
+            spec:
+              action: ALLOW
+              rules:
+              - from: [{source: {ipBlocks: ["127.0.0.0/8"]}}]
+                to: [{operation: {methods: ["GET", "HEAD"]}}]
+              - when: [{key: "request.headers[x-token]", values: ["let-me-write"]}]
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: someone-else, namespace: test}
+            spec:
+              selector: {matchLabels: {app: other}}
+              action: DENY
+              rules: [{}]
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: other-namespace, namespace: elsewhere}
+            spec:
+              action: DENY
+              rules: [{}]
+            """
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]",
+                                    extra: policies))
+        let base = "http://127.0.0.1:\(p.port)"
+        func code(_ args: [String]) throws -> String { try curl(["-o", "/dev/null", "-w", "%{http_code}"] + args).lines.first ?? "" }
+        XCTAssertEqual(try code(["\(base)/items"]), "200")
+        XCTAssertEqual(try code(["-X", "POST", "\(base)/items"]), "403", "no ALLOW rule matches a POST")
+        XCTAssertEqual(try code(["-X", "POST", "-H", "x-token: let-me-write", "\(base)/items"]), "200", "the when rule does")
+        XCTAssertEqual(try code(["\(base)/admin/users"]), "403", "DENY wins")
+        XCTAssertEqual(try curl(["\(base)/admin"]).lines, ["RBAC: access denied"])
+        XCTAssertEqual(p.metric("sluice_authorization_denied_total"), 3)
+    }
+
     func testLocalRateLimitAnswers429BeyondTheBucketOverAllWorkers() throws {
         let ports = try backends(["v1"])
         let p = try proxy(Self.mesh([("v1", ports[0])], routes: """
