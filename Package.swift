@@ -57,7 +57,7 @@ let package = Package(
         ),
         .target(name: "SluiceBPF", dependencies: ["CSluiceLinux", "SluiceModel"]),
         .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "SluiceHTTP", "SluiceTLS",
-                                                    "CSluiceLinux"],
+                                                    "SluiceIdentity", "CSluiceLinux"],
                 swiftSettings: workerCode),
         .target(
             name: "SluiceAgent",
@@ -92,14 +92,19 @@ let package = Package(
         .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
         .testTarget(name: "SluiceHTTPTests", dependencies: ["SluiceHTTP"]),
-        .target(name: "SluiceTestSupport", dependencies: ["SluiceTLS"], path: "Tests/SluiceTestSupport"),
+        .target(name: "SluiceTestSupport", dependencies: ["SluiceTLS", .product(name: "Crypto", package: "swift-crypto")],
+                path: "Tests/SluiceTestSupport"),
         .testTarget(name: "SluiceTLSTests", dependencies: ["SluiceTLS", "SluiceTestSupport"]),
-        .testTarget(name: "SluiceIdentityTests", dependencies: ["SluiceIdentity", "SluiceTLS", "SluiceTestSupport"]),
+        .testTarget(name: "SluiceIdentityTests", dependencies: [
+            "SluiceIdentity", "SluiceTLS", "SluiceTestSupport",
+            .product(name: "Crypto", package: "swift-crypto"), .product(name: "_CryptoExtras", package: "swift-crypto"),
+        ]),
         .testTarget(name: "SluiceBPFTests", dependencies: ["SluiceBPF", "SluiceModel", "CSluiceLinux"]),
         .testTarget(name: "SluiceProxyTests", dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceHTTP"]),
         .testTarget(
             name: "SluiceIntegrationTests",
-            dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent", "SluiceBPF"]
+            dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent", "SluiceBPF",
+                           "SluiceTestSupport"]
         ),
     ]
 )

@@ -39,11 +39,18 @@ extension MeshCompiler {
             }
         }
         let running = gatewaysRunning(on: node)
-        // Policies that select a gateway running here (by its selector's labels) apply to its listeners.
+        // Authorization and request authentication that select a gateway running here (by its selector's labels)
+        // apply to its listeners.
         for (k, _) in running {
             guard let r = resources[k], case .gateway(let gw) = r.spec else { continue }
             for pk in policyKeys(for: k.namespace) where !policies.contains(pk) {
-                if let p = resources[pk], case .authorizationPolicy = p.spec, policy(p, selects: k.namespace, labels: gw.selector) {
+                guard let p = resources[pk] else { continue }
+                var applies = false
+                switch p.spec {
+                case .authorizationPolicy, .requestAuthentication: applies = true
+                default: break
+                }
+                if applies, policy(p, selects: k.namespace, labels: gw.selector) {
                     policies.insert(pk)
                 }
             }

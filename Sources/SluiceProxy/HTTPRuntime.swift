@@ -85,11 +85,14 @@ public final class HTTPRouteTable: @unchecked Sendable {
     let needsHeaders: Bool
     /// The AuthorizationPolicies that apply to this listener's workload (gateways); nil when none do.
     let authorization: AuthorizationEngine?
+    /// RequestAuthentication of this listener's workload: tokens are verified when present; nil when none applies.
+    let authentication: RequestAuthenticator?
 
     init(virtualServices: [Named<VirtualService>], gateway: String?, snapshot: NodeSnapshot,
          clusters: [String: ClusterRuntime], rateLimits: [String: [RateLimitRuntime]],
-         authorization: AuthorizationEngine? = nil) {
+         authorization: AuthorizationEngine? = nil, authentication: RequestAuthenticator? = nil) {
         self.authorization = authorization.flatMap { $0.isEmpty ? nil : $0 }
+        self.authentication = authentication
         let vss = virtualServices.filter { vs in
             let refs = Set(vs.spec.gateways.filter { $0 != "mesh" }.map { $0.contains("/") ? $0 : "\(vs.namespace)/\($0)" })
             if let gateway { return refs.contains(gateway) }
@@ -111,7 +114,7 @@ public final class HTTPRouteTable: @unchecked Sendable {
                              defaultTimeout: snapshot.mesh.requestTimeout)
             }
         }
-        needsHeaders = router.needsHeaders || self.authorization != nil || routes.contains { r in
+        needsHeaders = router.needsHeaders || self.authorization != nil || authentication != nil || routes.contains { r in
             r.rateLimits.contains { l in
                 if case .header = l.local.key { return true }
                 return l.local.match.contains { !$0.headers.isEmpty || !$0.withoutHeaders.isEmpty }

@@ -1,6 +1,7 @@
 import CSluiceLinux
 import Glibc
 import SluiceHTTP
+import SluiceIdentity
 import SluiceModel
 import SluiceRing
 import SluiceTelemetry
@@ -39,6 +40,7 @@ struct WorkerStats {
     let tlsHandshakeFailures: Int
     let authorizationDenied: Int
     let authorizationAudited: Int
+    let authenticationFailed: Int
     /// Captured connections to ports of no declared protocol, by what their first bytes showed.
     let detectedHTTP: Int
     let detectedTCP: Int
@@ -66,6 +68,8 @@ struct WorkerStats {
                                                help: "Requests denied by AuthorizationPolicy (403)", labels: l)
         authorizationAudited = registry.counter("sluice_authorization_audited_total",
                                                 help: "Requests an AUDIT AuthorizationPolicy matched", labels: l)
+        authenticationFailed = registry.counter("sluice_request_authentication_failed_total",
+                                                help: "Requests refused for an invalid JWT (401)", labels: l)
         tlsHandshakes = registry.counter("sluice_tls_handshakes_total", help: "TLS handshakes completed by HTTPS listeners",
                                          labels: l)
         tlsHandshakeFailures = registry.counter("sluice_tls_handshake_failures_total",
@@ -176,6 +180,8 @@ public final class L4Worker: RingHandler {
         return p
     }()
     let detectPeek = UnsafeMutableRawPointer.allocate(byteCount: ProtocolDetector.peekLength, alignment: 8)
+    /// Verified JWTs by token (see ``verifiedToken(_:_:)``); one worker's, unshared.
+    var jwtCache: [String: VerifiedJWT] = [:]
     /// Clusters that freed a connection while requests wait for one (served by ``servePending()``).
     var pendingWake: [WorkerCluster] = []
     /// TLS connections whose session holds plaintext the engine asked for (delivered by ``drainTLSReady()``).

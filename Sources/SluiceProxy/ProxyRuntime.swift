@@ -254,7 +254,8 @@ public final class ProxyRuntime: @unchecked Sendable {
         func table(_ gateway: String?, labels: [String: String] = [:]) -> HTTPRouteTable {
             HTTPRouteTable(virtualServices: snapshot.virtualServices, gateway: gateway, snapshot: snapshot,
                            clusters: byName, rateLimits: limits,
-                           authorization: gateway.map { Self.authorization(snapshot, gateway: $0, labels: labels) })
+                           authorization: gateway.map { Self.authorization(snapshot, gateway: $0, labels: labels) },
+                           authentication: gateway.flatMap { RequestAuthenticator(snapshot, gateway: $0, labels: labels) })
         }
         var listeners: [ListenerRuntime] = []
         for l in snapshot.listeners {
@@ -293,10 +294,16 @@ public final class ProxyRuntime: @unchecked Sendable {
     /// The AuthorizationPolicies of the node's snapshot that select gateway `ns/name` (labels: its selector), as
     /// Istio selects workloads: the gateway's namespace or the root namespace, selector labels all present.
     static func authorization(_ snapshot: NodeSnapshot, gateway: String, labels: [String: String]) -> AuthorizationEngine {
-        let ns = String(gateway.prefix { $0 != "/" })
-        return AuthorizationEngine(snapshot.authorizationPolicies.filter { p in
-            (p.namespace == ns || p.namespace == snapshot.mesh.rootNamespace)
-                && (p.spec.selector ?? [:]).allSatisfy { labels[$0.key] == $0.value }
+        AuthorizationEngine(snapshot.authorizationPolicies.filter {
+            selects($0.namespace, $0.spec.selector, gateway: gateway, labels: labels, root: snapshot.mesh.rootNamespace)
         })
+    }
+
+    /// Istio's workload selection for gateway `ns/name`: a policy of its namespace or the root namespace whose
+    /// selector's labels it all carries.
+    static func selects(_ namespace: String, _ selector: [String: String]?, gateway: String, labels: [String: String],
+                        root: String) -> Bool {
+        let ns = String(gateway.prefix { $0 != "/" })
+        return (namespace == ns || namespace == root) && (selector ?? [:]).allSatisfy { labels[$0.key] == $0.value }
     }
 }

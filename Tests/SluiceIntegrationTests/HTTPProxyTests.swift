@@ -3,6 +3,7 @@ import Glibc
 import SluiceModel
 import SluiceProxy
 import SluiceRing
+import SluiceTestSupport
 import XCTest
 
 /// The HTTP/1.1 pipeline end to end on loopback: a gateway HTTP listener on the real io_uring workers, Python
@@ -434,6 +435,57 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertEqual(try code(["\(base)/admin/users"]), "403", "DENY wins")
         XCTAssertEqual(try curl(["\(base)/admin"]).lines, ["RBAC: access denied"])
         XCTAssertEqual(p.metric("sluice_authorization_denied_total"), 3)
+    }
+
+    /// RequestAuthentication on the gateway: a bad token is refused (401) whatever the route, a missing one is
+    /// let through to authorization, which here wants a verified request principal for /private.
+    func testJWTsAreVerifiedAtTheGatewayAndFeedAuthorization() throws {
+        let ports = try backends(["v1"])
+        let issuer = TestJWT()
+        let jwks = issuer.jwks.replacingOccurrences(of: "\"", with: "\\\"")
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]",
+                                    extra: """
+
+            ---
+            apiVersion: security.istio.io/v1
+            kind: RequestAuthentication
+            metadata: {name: jwt, namespace: test}
+            spec:
+              jwtRules:
+              - issuer: https://issuer.example
+                audiences: [shop]
+                jwks: "\(jwks)"
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: private-needs-a-user, namespace: test}
+            spec:
+              action: DENY
+              rules:
+              - from: [{source: {notRequestPrincipals: ["*"]}}]
+                to: [{operation: {paths: ["/private*"]}}]
+              - when: [{key: "request.auth.claims[group]", values: ["banned"]}]
+            """))
+        let base = "http://127.0.0.1:\(p.port)"
+        let exp = Int(Date().timeIntervalSince1970) + 600
+        let alice = issuer.token(["iss": "https://issuer.example", "sub": "alice", "aud": "shop", "exp": exp, "group": "dev"])
+        let banned = issuer.token(["iss": "https://issuer.example", "sub": "mallory", "aud": "shop", "exp": exp, "group": "banned"])
+        let expired = issuer.token(["iss": "https://issuer.example", "sub": "alice", "aud": "shop", "exp": exp - 3600])
+        let forged = issuer.token(["iss": "https://issuer.example", "sub": "alice", "aud": "shop", "exp": exp],
+                                  signer: TestJWT().key)
+        func code(_ path: String, _ token: String? = nil) throws -> String {
+            try curl(["-o", "/dev/null", "-w", "%{http_code}"] + (token.map { ["-H", "Authorization: Bearer \($0)"] } ?? [])
+                     + ["\(base)\(path)"]).lines.first ?? ""
+        }
+        XCTAssertEqual(try code("/public"), "200", "no token: authentication passes")
+        XCTAssertEqual(try code("/private"), "403", "but /private needs a request principal")
+        XCTAssertEqual(try code("/private", alice), "200")
+        XCTAssertEqual(try code("/public", banned), "403", "claims reach the when conditions")
+        XCTAssertEqual(try code("/public", expired), "401")
+        XCTAssertEqual(try code("/public", forged), "401")
+        XCTAssertEqual(try code("/public", "garbage"), "401")
+        XCTAssertEqual(try curl(["-H", "Authorization: Bearer \(expired)", "\(base)/public"]).lines, ["Jwt is expired"])
+        XCTAssertEqual(p.metric("sluice_request_authentication_failed_total"), 4)
     }
 
     func testLocalRateLimitAnswers429BeyondTheBucketOverAllWorkers() throws {
