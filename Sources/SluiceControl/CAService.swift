@@ -47,6 +47,15 @@ public final class CAService: Sendable {
     /// Signing outcomes by reason (`granted`, `malformed`, `not_authorized`...), for metrics.
     public var counts: [String: Int] { counters.withLock { $0 } }
 
+    /// The counts in Prometheus' text format.
+    public func renderMetrics() -> String {
+        var out = "# HELP sluice_ca_requests_total Certificate requests by outcome\n# TYPE sluice_ca_requests_total counter\n"
+        for (reason, n) in counts.sorted(by: { $0.key < $1.key }) {
+            out += "sluice_ca_requests_total{result=\"\(reason)\"} \(n)\n"
+        }
+        return out
+    }
+
     public struct Response: Sendable, Equatable {
         public var status: Int
         public var body: String

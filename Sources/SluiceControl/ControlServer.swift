@@ -30,7 +30,8 @@ public final class ControlServer: Sendable {
             .childChannelInitializer { channel in
                 do {
                     let tls = TLSChannelHandler(try TLSStream(serving: names))
-                    return channel.pipeline.addHandler(tls).flatMap {
+                    // A client that says nothing for 10 s (a slow handshake or request) is cut.
+                    return channel.pipeline.addHandlers([IdleStateHandler(readTimeout: .seconds(10)), CloseWhenIdle(), tls]).flatMap {
                         channel.pipeline.configureHTTPServerPipeline()
                     }.flatMap {
                         channel.pipeline.addHandler(RequestHandler(service: service, tls: tls))
@@ -44,6 +45,13 @@ public final class ControlServer: Sendable {
     }
 
     public func shutdown() { try? group.syncShutdownGracefully() }
+
+    final class CloseWhenIdle: ChannelInboundHandler, Sendable {
+        typealias InboundIn = NIOAny
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) } else { context.fireUserInboundEventTriggered(event) }
+        }
+    }
 
     final class RequestHandler: ChannelInboundHandler, @unchecked Sendable {
         typealias InboundIn = HTTPServerRequestPart

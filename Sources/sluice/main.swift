@@ -205,6 +205,7 @@ struct ControlCommand: ParsableCommand {
     @Option(name: .customLong("ca-dir"), help: "Plug-in CA (Istio's cacerts): ca-cert.pem, ca-key.pem, root-cert.pem[, cert-chain.pem].")
     var caDir: String?
     @Option(name: .customLong("max-cert-lifetime"), help: "Longest certificate the CA issues.") var maxCertLifetime = "24h"
+    @Option(help: "Prometheus metrics address (sluice_ca_requests_total).") var metrics = "127.0.0.1:15014"
     @Option(name: .customLong("log-level"), help: "trace, debug, info, warning, error.") var logLevel: String = "info"
 
     func validate() throws {
@@ -231,8 +232,18 @@ struct ControlCommand: ParsableCommand {
             FileHandle.standardError.write(Data("sluice control: \(error)\n".utf8))
             throw ExitCode(1)
         }
+        let endpoints = HTTPEndpoints()
+        do {
+            _ = try endpoints.serve(metrics) { [service = control.service] _, path in
+                path == "/metrics" ? (200, "text/plain; version=0.0.4; charset=utf-8", service.renderMetrics()) : nil
+            }
+        } catch {
+            FileHandle.standardError.write(Data("sluice control: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
         _ = Agent.waitForTerminationSignal()
         logger.info("stopping")
+        endpoints.shutdown()
         control.stop()
     }
 }

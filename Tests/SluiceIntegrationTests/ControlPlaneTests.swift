@@ -9,6 +9,7 @@ final class ControlPlaneTests: XCTestCase {
     var control: Process?
     var agent: Process?
     var port: UInt16 = 0
+    let metricsPort = Harness.deadPort()
 
     override func setUpWithError() throws {
         dir = NSTemporaryDirectory() + "sluice-control-\(UUID().uuidString)"
@@ -33,7 +34,7 @@ final class ControlPlaneTests: XCTestCase {
         let p = Process()
         p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
         p.arguments = ["control", "--state-dir", "\(dir)/state", "--config", "\(dir)/mesh", "--join-tokens", "\(dir)/tokens",
-                       "--listen", "127.0.0.1:\(port)", "--max-cert-lifetime", lifetime]
+                       "--listen", "127.0.0.1:\(port)", "--max-cert-lifetime", lifetime, "--metrics", "127.0.0.1:\(metricsPort)"]
         p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: { () -> String in
             FileManager.default.createFile(atPath: "\(dir)/control.log", contents: nil)
@@ -127,6 +128,12 @@ final class ControlPlaneTests: XCTestCase {
         Thread.sleep(forTimeInterval: 0.2)
         XCTAssertTrue(log.contains("granted=true identity=\(reviews) requester=node:n1"), log)
         XCTAssertTrue(log.contains("granted=false identity=\(ratings) requester=node:n1"), log)
+        // The outcomes are counted by reason.
+        let metrics = try Harness.run("/usr/bin/curl", ["-s", "http://127.0.0.1:\(metricsPort)/metrics"]).output
+        for line in ["result=\"granted\"} 2", "result=\"not_authorized\"} 1", "result=\"bad_token\"} 2",
+                     "result=\"malformed\"} 1", "result=\"identity_mismatch\"} 1", "result=\"unauthenticated\"} 2"] {
+            XCTAssertTrue(metrics.contains(line), "\(line) in \(metrics)")
+        }
     }
 
     func testTheGeneratedRootSurvivesARestartAndItsKeyIsPrivate() throws {
