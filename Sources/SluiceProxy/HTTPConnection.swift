@@ -217,6 +217,8 @@ struct HTTPConn {
     var tlsOutSent: Int32 = 0
     /// Every request is answered with a redirect to https (an HTTP server's `tls.httpsRedirect`).
     var httpsRedirect = false
+    /// The client certificate's identity (URI SAN) once a mutual TLS handshake verified it.
+    var principal: String?
 }
 
 /// One upstream connection, in use by an exchange or idle in its cluster's pool.

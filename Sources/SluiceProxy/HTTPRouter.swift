@@ -15,10 +15,13 @@ public struct HTTPRequestFacts: Sendable {
     public var sourceLabels: [String: String]
     /// `namespace/name` of the gateway the request came through, nil for mesh (sidecar-less capture) traffic.
     public var gateway: String?
+    /// The client's verified identity (URI SAN of its certificate on a MUTUAL gateway server), for authorization.
+    public var principal: String?
 
     public init(method: String, path: String, query: [String: String] = [:], authority: String, scheme: String = "http",
                 headers: [String: String] = [:], port: UInt16, sourceLabels: [String: String] = [:],
-                gateway: String? = nil) {
+                gateway: String? = nil, principal: String? = nil) {
+        self.principal = principal
         self.method = method
         self.path = path
         self.query = query

@@ -192,7 +192,7 @@ extension L4Worker {
         }
         let facts = HTTPRequestFacts(method: method, path: bare, query: query, authority: authority, scheme: scheme,
                                      headers: headers, port: hconns[i].port, sourceLabels: hconns[i].sourceLabels,
-                                     gateway: table.gateway)
+                                     gateway: table.gateway, principal: hconns[i].principal)
         let f: Forwarding
         switch route(facts, table: table, captured: hconns[i].captured, client: hconns[i].client) {
         case .answer(_, let status, let flag, let headers, let body):

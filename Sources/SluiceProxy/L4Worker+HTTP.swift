@@ -28,7 +28,7 @@ extension L4Worker {
     // MARK: - accept
 
     func acceptHTTP(fd: Int32, listener li: Int, table: HTTPRouteTable, captured: ClusterRuntime?, port: UInt16,
-                    tls: TLSServerNames? = nil, httpsRedirect: Bool = false) {
+                    tls: TLSServerNames? = nil, httpsRedirect: Bool = false, labels: [String: String] = [:]) {
         let slot = allocateHTTP()
         let i = Int(slot)
         if let tls, !startTLS(slot, tls) {
@@ -38,6 +38,8 @@ extension L4Worker {
             return
         }
         hconns[i].httpsRedirect = httpsRedirect
+        // A gateway's requests come from the gateway workload: `sourceLabels` match its labels (as in Istio).
+        hconns[i].sourceLabels = labels
         Socket.setNoDelay(fd)
         hconns[i].fd = fd
         hconns[i].phase = .open
@@ -439,7 +441,7 @@ extension L4Worker {
         }
         return HTTPRequestFacts(method: text(head.method), path: path, query: query, authority: authority,
                                 scheme: hconns[i].tls == nil ? "http" : "https", headers: headers, port: hconns[i].port,
-                                sourceLabels: hconns[i].sourceLabels, gateway: table.gateway)
+                                sourceLabels: hconns[i].sourceLabels, gateway: table.gateway, principal: hconns[i].principal)
     }
 
     static func hashKey(_ key: LoadBalancerSettings.HashKey, facts: HTTPRequestFacts, client: String) -> UInt64 {

@@ -42,7 +42,7 @@ extension L4Worker {
             }
         }
         if let authz = table.authorization {
-            var r = AuthorizationRequest(sourceIP: IPAddress(client), port: facts.port)
+            var r = AuthorizationRequest(sourceIP: IPAddress(client), principal: facts.principal, port: facts.port)
             r.method = facts.method
             r.path = facts.path
             r.host = facts.authority

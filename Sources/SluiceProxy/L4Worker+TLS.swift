@@ -71,6 +71,7 @@ extension L4Worker {
                 return
             case .done:
                 shard.add(stats.tlsHandshakes)
+                hconns[i].principal = tls.peerURIs.first
                 // The next head's clock starts now: the handshake had its own.
                 hconns[i].headStarted = loop.now
             }

@@ -372,7 +372,7 @@ public final class L4Worker: RingHandler {
         } else if let table = lr.http {
             let port = lr.config.address.port == 0 ? Socket.localPort(fd) : lr.config.address.port
             acceptHTTP(fd: fd, listener: li, table: table, captured: nil, port: port, tls: lr.tls,
-                       httpsRedirect: lr.config.httpsRedirect)
+                       httpsRedirect: lr.config.httpsRedirect, labels: lr.config.workloadLabels)
             return
         } else if lr.clusters.count == 1 {
             cr = lr.clusters[0]

@@ -2,7 +2,8 @@
 # Test PKI: make_certs.sh DIR NAME [NAME...]
 # Writes DIR/ca.crt (+ ca.key) and, for each NAME, DIR/NAME.crt and DIR/NAME.key: an ECDSA P-256 leaf signed by
 # the CA with NAME as its DNS SAN (NAME may be a wildcard such as *.example.test; its files are then named
-# wildcard.example.test.*). Also DIR/other-ca.crt: a CA that signed none of them.
+# wildcard.example.test.*). A NAME spiffe://TD/ns/NS/sa/SA gets that URI SAN instead, in files spiffe-SA.*.
+# Also DIR/other-ca.crt: a CA that signed none of them.
 set -eu
 dir=$1; shift
 mkdir -p "$dir"
@@ -12,10 +13,13 @@ gen() { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -da
 gen "Sluice Test CA" ca
 gen "Some Other CA" other-ca
 for name in "$@"; do
-    file=$(echo "$name" | sed 's/^\*/wildcard/')
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$name" \
+    case "$name" in
+        spiffe://*) file="spiffe-${name##*/}"; san="URI:$name"; cn="${name##*/}" ;;
+        *) file=$(echo "$name" | sed 's/^\*/wildcard/'); san="DNS:$name"; cn="$name" ;;
+    esac
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$cn" \
         -keyout "$file.key" -out "$file.csr" 2>/dev/null
-    printf 'subjectAltName=DNS:%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$name" > "$file.ext"
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$san" > "$file.ext"
     openssl x509 -req -in "$file.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile "$file.ext" \
         -out "$file.crt" 2>/dev/null
     rm -f "$file.csr" "$file.ext"

@@ -386,6 +386,29 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertEqual(try parallel(unlimited, 4), ["200", "200", "200", "200"])
     }
 
+    /// A gateway-bound VirtualService's `sourceLabels` match the gateway workload's labels (its selector).
+    func testSourceLabelsOnAGatewayMatchTheGatewaysLabels() throws {
+        let ports = try backends(["v1", "v2"])
+        let yaml = Self.mesh([("v1", ports[0]), ("v2", ports[1])], routes: """
+            - match: [{sourceLabels: {istio: ingressgateway}}]
+              route: [{destination: {host: app.test.svc.cluster.local, subset: v2}}]
+            - route: [{destination: {host: app.test.svc.cluster.local, subset: v1}}]
+            """).replacingOccurrences(of: "metadata: {name: web, namespace: test}\nspec:\n",
+                                      with: "metadata: {name: web, namespace: test}\nspec:\n  selector: {istio: ingressgateway}\n")
+        XCTAssertTrue(yaml.contains("selector: {istio: ingressgateway}"))
+        // The gateway runs where a workload its selector matches runs: this node's gateway deployment.
+        let p = try proxy(yaml + """
+
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: WorkloadEntry
+            metadata: {name: ingress, namespace: test, annotations: {sluice.dev/node: local}}
+            spec: {address: 127.0.0.9, labels: {istio: ingressgateway}}
+            """)
+        guard !p.ports.isEmpty else { return XCTFail("the gateway opened no listener on this node") }
+        XCTAssertEqual(try requests(p.port, "/x", count: 3), ["200 v2", "200 v2", "200 v2"])
+    }
+
     /// AuthorizationPolicies that select the gateway: DENY first, then an ALLOW must match; policies that select
     /// other workloads, or live in other namespaces, do not apply.
     func testAuthorizationPoliciesGuardTheGateway() throws {

@@ -25,6 +25,9 @@ enum Harness {
         p.arguments = ["python3", root.appendingPathComponent("Tests/Fixtures/\(script)").path] + specs
         let out = Pipe()
         p.standardOutput = out
+        // Not the test runner's stderr: a backend that outlived a crashed test would hold it open, and swift
+        // test would wait for it forever.
+        p.standardError = FileHandle.nullDevice
         try p.run()
         var text = ""
         let handle = out.fileHandleForReading

@@ -12,7 +12,8 @@ final class TLSGatewayTests: XCTestCase {
     static let pki: String = {
         let dir = NSTemporaryDirectory() + "sluice-gw-pki-\(getpid())"
         let (_, status) = try! Harness.run("/bin/sh", [Harness.root.appendingPathComponent("Tests/Fixtures/make_certs.sh").path,
-                                                        dir, "a.example.test", "*.b.example.test", "client.example.test"])
+                                                        dir, "a.example.test", "*.b.example.test", "client.example.test",
+                                                        "spiffe://cluster.local/ns/shop/sa/frontend"])
         precondition(status == 0, "make_certs.sh failed")
         return dir
     }()
@@ -39,7 +40,7 @@ final class TLSGatewayTests: XCTestCase {
     }
 
     /// Two HTTPS servers sharing port 443 (a.example.test -> v1, *.b.example.test -> v2), `mode` on the first.
-    func gateway(_ v1: UInt16, _ v2: UInt16, mode: String = "SIMPLE", extraServers: String = "") -> String {
+    func gateway(_ v1: UInt16, _ v2: UInt16, mode: String = "SIMPLE", extraServers: String = "", extra: String = "") -> String {
         let pki = Self.pki
         return HTTPProxyTests.mesh([("v1", v1), ("v2", v2)], routes: """
             - match: [{authority: {prefix: a.example.test}}]  # curl sends the port too
@@ -57,7 +58,7 @@ final class TLSGatewayTests: XCTestCase {
               tls: {mode: SIMPLE, serverCertificate: \(pki)/wildcard.b.example.test.crt,
                     privateKey: \(pki)/wildcard.b.example.test.key}
             \(extraServers)
-            """)
+            """) + extra
     }
 
     /// curl against `host` at the proxy's port (resolved to loopback), trusting the test CA.
@@ -120,13 +121,30 @@ final class TLSGatewayTests: XCTestCase {
 
     func testMutualTLSRequiresAClientCertificateFromTheCA() throws {
         let ports = try backends(["v1", "v2"])
-        let p = try proxy(gateway(ports[0], ports[1], mode: "MUTUAL"))
+        // /private is only for the frontend workload's identity (the URI SAN of its client certificate).
+        let p = try proxy(gateway(ports[0], ports[1], mode: "MUTUAL", extra: """
+
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: private, namespace: test}
+            spec:
+              action: DENY
+              rules: [{from: [{source: {notPrincipals: ["spiffe://cluster.local/ns/shop/sa/frontend"]}}],
+                       to: [{operation: {paths: ["/private"]}}]}]
+            """))
         var (_, status) = try curl("a.example.test", p.port)
         XCTAssertNotEqual(status, 0, "a client without a certificate got through")
         let (out, ok) = try curl("a.example.test", p.port, "/", ["--cert", "\(Self.pki)/client.example.test.crt",
                                                                  "--key", "\(Self.pki)/client.example.test.key"])
         XCTAssertEqual(ok, 0)
         XCTAssertEqual(out, "v1")
+        let frontend = ["--cert", "\(Self.pki)/spiffe-frontend.crt", "--key", "\(Self.pki)/spiffe-frontend.key",
+                        "-o", "/dev/null", "-w", "%{http_code}"]
+        XCTAssertEqual(try curl("a.example.test", p.port, "/private", frontend).0, "200")
+        XCTAssertEqual(try curl("a.example.test", p.port, "/private", ["--cert", "\(Self.pki)/client.example.test.crt", "--key",
+                                                                       "\(Self.pki)/client.example.test.key", "-o", "/dev/null",
+                                                                       "-w", "%{http_code}"]).0, "403")
         // The other server on the port stays SIMPLE.
         (_, status) = try curl("x.b.example.test", p.port)
         XCTAssertEqual(status, 0)
