@@ -119,6 +119,9 @@ public final class L4Server: @unchecked Sendable {
     /// Binds every listener, starts the workers and returns once each has its listeners armed, so a drain or
     /// update posted right after cannot race a worker that is still starting.
     public func start(_ runtime: ProxyRuntime) throws(StartError) {
+        // splice(2) into a socket the peer reset raises SIGPIPE (it has no MSG_NOSIGNAL): the data plane handles
+        // EPIPE itself, so the signal must not end the process that embeds it.
+        signal(SIGPIPE, SIG_IGN)
         let (fdsPerWorker, counters, bound) = try bindListeners(runtime)
         ports.withLock { $0 = bound }
         for w in 0..<options.workers {
