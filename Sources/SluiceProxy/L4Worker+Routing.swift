@@ -10,6 +10,11 @@ enum RoutingDecision {
     case forward(Forwarding)
 }
 
+struct JWTCacheKey: Hashable {
+    let authenticator: ObjectIdentifier
+    let token: String
+}
+
 struct Forwarding {
     var route: RouteRuntime?
     /// The index of the route's match condition that matched (for `rewrite.uri`).
@@ -60,7 +65,9 @@ extension L4Worker {
         var route: RouteRuntime?
         var condition: Int?
         var matched = table.router.match(facts)
-        if matched == nil, let c = captured, !table.router.hasHost(facts.authority) {
+        // Captured traffic whose Host no VirtualService names goes by the dialled service.
+        let byDestination = matched == nil && captured != nil && !table.router.hasHost(facts.authority)
+        if byDestination, let c = captured {
             // Istio lists a service's addresses among its virtual host's domains: a captured request whose Host is
             // the address (or anything no VirtualService names) follows the dialled service's VirtualService.
             var byService = facts
@@ -106,7 +113,7 @@ extension L4Worker {
             let pick = route.clusters.count == 1 ? 0 : route.pick(rng.next(below: route.totalWeight))
             cluster = route.clusters[pick]
             destination = route.route.route[pick]
-        } else if let c = captured, !table.router.hasHost(facts.authority) {
+        } else if byDestination, let c = captured {
             cluster = c
         } else {
             return .answer(route: nil, status: 404, flag: .noRoute, headers: [], body: "")
@@ -140,13 +147,16 @@ extension L4Worker {
 
     /// A token's verification, remembered per worker until it expires (a signature check costs tens of
     /// microseconds; clients send the same token many times).
+    /// Keyed by the authenticator too: a token valid for one listener's issuers and audiences says nothing about
+    /// another's.
     func verifiedToken(_ token: String, _ authn: RequestAuthenticator) -> Result<VerifiedJWT, JWTError> {
         let now = Date()
-        if let hit = jwtCache[token], hit.expires.map({ $0.timeIntervalSince(now) > 0 }) ?? true { return .success(hit) }
+        let key = JWTCacheKey(authenticator: ObjectIdentifier(authn), token: token)
+        if let hit = jwtCache[key], hit.expires.map({ $0.timeIntervalSince(now) > 0 }) ?? true { return .success(hit) }
         let result = authn.verifier.verify(token, now: now)
         if case .success(let v) = result {
             if jwtCache.count >= 4096 { jwtCache.removeAll(keepingCapacity: true) }
-            jwtCache[token] = v
+            jwtCache[key] = v
         }
         return result
     }

@@ -180,8 +180,9 @@ public final class L4Worker: RingHandler {
         return p
     }()
     let detectPeek = UnsafeMutableRawPointer.allocate(byteCount: ProtocolDetector.peekLength, alignment: 8)
-    /// Verified JWTs by token (see ``verifiedToken(_:_:)``); one worker's, unshared.
-    var jwtCache: [String: VerifiedJWT] = [:]
+    /// Verified JWTs by authenticator and token (see ``verifiedToken(_:_:)``); one worker's, unshared, emptied
+    /// when the runtime (and with it every authenticator) is replaced.
+    var jwtCache: [JWTCacheKey: VerifiedJWT] = [:]
     /// Clusters that freed a connection while requests wait for one (served by ``servePending()``).
     var pendingWake: [WorkerCluster] = []
     /// TLS connections whose session holds plaintext the engine asked for (delivered by ``drainTLSReady()``).
@@ -237,6 +238,8 @@ public final class L4Worker: RingHandler {
 
     private func adopt(_ r: ProxyRuntime) {
         runtime = r
+        // Verifications belong to the old runtime's authenticators (their issuers and audiences).
+        jwtCache.removeAll()
         var next: [ObjectIdentifier: WorkerCluster] = [:]
         for c in r.clusters {
             next[ObjectIdentifier(c)] = clusters[ObjectIdentifier(c)]
