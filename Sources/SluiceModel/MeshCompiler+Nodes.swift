@@ -40,20 +40,21 @@ extension MeshCompiler {
         }
         let running = gatewaysRunning(on: node)
         // Authorization and request authentication that select a gateway running here (by its selector's labels)
-        // apply to its listeners.
+        // apply to its listeners, which name them.
+        var gatewayPolicies: [ResourceKey: (authorization: [String], authentication: [String])] = [:]
         for (k, _) in running {
             guard let r = resources[k], case .gateway(let gw) = r.spec else { continue }
-            for pk in policyKeys(for: k.namespace) where !policies.contains(pk) {
-                guard let p = resources[pk] else { continue }
-                var applies = false
+            var selected: (authorization: [String], authentication: [String]) = ([], [])
+            for pk in policyKeys(for: k.namespace) {
+                guard let p = resources[pk], policy(p, selects: k.namespace, labels: gw.selector) else { continue }
                 switch p.spec {
-                case .authorizationPolicy, .requestAuthentication: applies = true
-                default: break
+                case .authorizationPolicy: selected.authorization.append("\(pk.namespace)/\(pk.name)")
+                case .requestAuthentication: selected.authentication.append("\(pk.namespace)/\(pk.name)")
+                default: continue
                 }
-                if applies, policy(p, selects: k.namespace, labels: gw.selector) {
-                    policies.insert(pk)
-                }
+                policies.insert(pk)
             }
+            gatewayPolicies[k] = selected
         }
         for k in policies.sorted() {
             guard let r = resources[k] else { continue }
@@ -67,11 +68,21 @@ extension MeshCompiler {
         }
         local.scope = Self.scope(namespaces: Set(runs.map(\.resource.namespace)), gateways: running)
         var bound: Set<EndpointAddress> = []
-        for (_, product) in running {
+        for (k, product) in running {
             // Two gateways on one node cannot bind one address; the first in key order keeps it.
-            for l in product.listeners where bound.insert(l.address).inserted { local.items.append(.listener(l)) }
+            for var l in product.listeners where bound.insert(l.address).inserted {
+                l.authorizationPolicies = gatewayPolicies[k]?.authorization ?? []
+                l.requestAuthentications = gatewayPolicies[k]?.authentication ?? []
+                local.items.append(.listener(l))
+            }
         }
         return local
+    }
+
+    /// The SPIFFE identities of the workloads that run on `node` (what the CA may sign for it), without
+    /// compiling the node's snapshot.
+    public func workloadIdentities(on node: String) -> Set<String> {
+        Set(workloads.on(node: node).map { identity(namespace: $0.resource.namespace, serviceAccount: $0.entry.serviceAccount) })
     }
 
     /// Just the scope of `node` (what ``nodeLocal(_:)`` computes, without building the items).

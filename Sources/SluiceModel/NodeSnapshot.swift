@@ -53,6 +53,10 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         /// The gateway workload's labels (its Gateway's `selector`, as Istio's gateway deployments carry them):
         /// what AuthorizationPolicy selectors are matched against for this listener.
         public var workloadLabels: [String: String] = [:]
+        /// `namespace/name` of the AuthorizationPolicies and RequestAuthentications (in the snapshot) that select
+        /// this listener's gateway.
+        public var authorizationPolicies: [String] = []
+        public var requestAuthentications: [String] = []
 
         public init(name: String, address: EndpointAddress, protocol: PortProtocol, routes: [WeightedCluster],
                     gateway: String? = nil, tls: [ServerCertificate] = [], httpsRedirect: Bool = false) {

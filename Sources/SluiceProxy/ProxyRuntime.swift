@@ -251,17 +251,19 @@ public final class ProxyRuntime: @unchecked Sendable {
             }
         }
         rateLimitCount = nextLimit
-        func table(_ gateway: String?, labels: [String: String] = [:]) -> HTTPRouteTable {
-            HTTPRouteTable(virtualServices: snapshot.virtualServices, gateway: gateway, snapshot: snapshot,
-                           clusters: byName, rateLimits: limits,
-                           authorization: gateway.map { Self.authorization(snapshot, gateway: $0, labels: labels) },
-                           authentication: gateway.flatMap { RequestAuthenticator(snapshot, gateway: $0, labels: labels) })
+        func table(_ gateway: String?, listener: NodeSnapshot.Listener? = nil) -> HTTPRouteTable {
+            let authz = Set(listener?.authorizationPolicies ?? []), authn = Set(listener?.requestAuthentications ?? [])
+            return HTTPRouteTable(
+                virtualServices: snapshot.virtualServices, gateway: gateway, snapshot: snapshot, clusters: byName,
+                rateLimits: limits,
+                authorization: AuthorizationEngine(snapshot.authorizationPolicies.filter { authz.contains($0.qualifiedName) }),
+                authentication: RequestAuthenticator(snapshot.requestAuthentications.filter { authn.contains($0.qualifiedName) }))
         }
         var listeners: [ListenerRuntime] = []
         for l in snapshot.listeners {
             let tls = try Self.certificates(l, directory: credentials)
             listeners.append(ListenerRuntime(config: l, clusters: byName,
-                                             http: l.isHTTP ? table(l.gateway, labels: l.workloadLabels) : nil, tls: tls))
+                                             http: l.isHTTP ? table(l.gateway, listener: l) : nil, tls: tls))
         }
         if let capture {
             var services: [EndpointAddress: CapturedService] = [:]
@@ -290,20 +292,4 @@ public final class ProxyRuntime: @unchecked Sendable {
 
     /// Local rate-limit entries over all policies (each worker keeps its share of each).
     let rateLimitCount: Int
-
-    /// The AuthorizationPolicies of the node's snapshot that select gateway `ns/name` (labels: its selector), as
-    /// Istio selects workloads: the gateway's namespace or the root namespace, selector labels all present.
-    static func authorization(_ snapshot: NodeSnapshot, gateway: String, labels: [String: String]) -> AuthorizationEngine {
-        AuthorizationEngine(snapshot.authorizationPolicies.filter {
-            selects($0.namespace, $0.spec.selector, gateway: gateway, labels: labels, root: snapshot.mesh.rootNamespace)
-        })
-    }
-
-    /// Istio's workload selection for gateway `ns/name`: a policy of its namespace or the root namespace whose
-    /// selector's labels it all carries.
-    static func selects(_ namespace: String, _ selector: [String: String]?, gateway: String, labels: [String: String],
-                        root: String) -> Bool {
-        let ns = String(gateway.prefix { $0 != "/" })
-        return (namespace == ns || namespace == root) && (selector ?? [:]).allSatisfy { labels[$0.key] == $0.value }
-    }
 }

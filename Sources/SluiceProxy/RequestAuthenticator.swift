@@ -13,11 +13,8 @@ final class RequestAuthenticator: Sendable {
     /// Issuers whose keys could not be loaded, for the log.
     let unavailable: [String]
 
-    init?(_ snapshot: NodeSnapshot, gateway: String, labels: [String: String]) {
-        let policies = snapshot.requestAuthentications.filter {
-            ProxyRuntime.selects($0.namespace, $0.spec.selector, gateway: gateway, labels: labels,
-                                 root: snapshot.mesh.rootNamespace)
-        }
+    /// - Parameter policies: the RequestAuthentications that select the listener's workload; nil when none do.
+    init?(_ policies: [Named<RequestAuthentication>]) {
         guard !policies.isEmpty else { return nil }
         var issuers: [JWTVerifier.Issuer] = []
         var headers: [(String, String)] = []
