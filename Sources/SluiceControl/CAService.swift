@@ -35,13 +35,9 @@ public final class CAService: Sendable {
     /// Replaces which identities each node hosts (after a configuration change).
     public func updateHosted(_ identities: [String: Set<String>]) { hosted.withLock { $0 = identities } }
 
-    /// Node -> the SPIFFE identities of its workloads, compiled from the mesh configuration.
+    /// Node -> the SPIFFE identities of its workloads, from the mesh configuration (no node snapshots built).
     public static func hostedIdentities(_ compiler: MeshCompiler) -> [String: Set<String>] {
-        var out: [String: Set<String>] = [:]
-        for node in compiler.nodes {
-            out[node] = Set(compiler.snapshot(for: node).workloads.map(\.identity))
-        }
-        return out
+        Dictionary(uniqueKeysWithValues: compiler.nodes.map { ($0, compiler.workloadIdentities(on: $0)) })
     }
 
     /// Signing outcomes by reason (`granted`, `malformed`, `not_authorized`...), for metrics.
