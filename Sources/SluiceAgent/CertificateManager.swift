@@ -113,7 +113,11 @@ public final class CertificateManager: @unchecked Sendable {
     }
 
     private func ensure(_ id: String, now: Date) {
-        if held[id] == nil, let loaded = load(id, now: now) { held[id] = loaded }
+        if held[id] == nil {
+            // Waiting out a back-off: neither the disk nor the CA is asked again before it is over.
+            if let r = retry[id], now < r.at { return }
+            if let loaded = load(id, now: now) { held[id] = loaded }
+        }
         if let h = held[id] {
             if h.schedule.isNearExpiry(now) && !h.alarmed {
                 held[id]!.alarmed = true
@@ -121,8 +125,6 @@ public final class CertificateManager: @unchecked Sendable {
                                metadata: ["identity": "\(id)", "not_after": "\(h.schedule.notAfter)"])
             }
             guard h.schedule.isDue(now) else { return }
-        } else if let r = retry[id], now < r.at {
-            return
         }
         do {
             let (chain, key, info) = try obtain(id)
