@@ -59,7 +59,6 @@ public struct StreamMap<Value>: Sequence {
         count = 0
     }
 
-    public var values: [Value] { compactMap { $0.value } }
 
     private mutating func insert(_ key: Int32, _ value: Value) {
         precondition(key >= 0, "stream ids are not negative")
@@ -105,12 +104,17 @@ public struct StreamMap<Value>: Sequence {
         }
     }
 
-    public func makeIterator() -> AnyIterator<(key: Int32, value: Value)> {
+    public func makeIterator() -> Iterator { Iterator(map: self) }
+
+    /// Walks the slots in place (no boxed iterator on the per-connection paths that scan streams).
+    public struct Iterator: IteratorProtocol {
+        let map: StreamMap
         var k = 0
-        return AnyIterator {
-            while k < keys.count {
+
+        public mutating func next() -> (key: Int32, value: Value)? {
+            while k < map.keys.count {
                 defer { k += 1 }
-                if keys[k] != -1, let v = slots[k] { return (keys[k], v) }
+                if map.keys[k] != -1, let v = map.slots[k] { return (map.keys[k], v) }
             }
             return nil
         }

@@ -409,9 +409,10 @@ extension L4Worker {
     /// A stream's request timeout fired: 504 if nothing was answered yet, else a reset; the upstream half is
     /// cancelled either way.
     func h2StreamTimedOut(_ slot: UInt32, stream low: Int32, deadline: UInt64) {
-        guard let h2 = hconns[Int(slot)].h2, let s = h2.streams.values.first(where: {
-            ($0.deadline == deadline || $0.tryDeadline == deadline || $0.wakeAt == deadline) && $0.id & 0xFF_FFFF == low
-        }) else { return }
+        guard let h2 = hconns[Int(slot)].h2, let s = h2.streams.first(where: {
+            ($0.value.deadline == deadline || $0.value.tryDeadline == deadline || $0.value.wakeAt == deadline)
+                && $0.key & 0xFF_FFFF == low
+        })?.value else { return }
         if s.wakeAt == deadline && s.deadline != deadline {
             if !s.answered { wakeStream(slot, h2, s) }
             return

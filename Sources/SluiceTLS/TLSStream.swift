@@ -35,45 +35,39 @@ public final class TLSStream {
     }
 
     /// A server's end, picking its certificate from `names` by the client's SNI.
-    public init(serving names: TLSServerNames) throws(TLSError) {
-        ERR_clear_error()
-        guard let ssl = SSL_new(names.entries[0].context.ctx) else { throw .openSSL("SSL_new") }
-        self.ssl = ssl
-        self.names = names
-        guard let r = BIO_new(BIO_s_mem()), let w = BIO_new(BIO_s_mem()) else {
-            SSL_free(ssl)
-            throw .openSSL("BIO_new")
-        }
-        rbio = r
-        wbio = w
-        sl_tls_mem_bio_retry_when_empty(r)
-        SSL_set_bio(ssl, r, w)
+    public convenience init(serving names: TLSServerNames) throws(TLSError) {
+        try self.init(context: names.entries[0].context, names: names)
         SSL_set_ex_data(ssl, 0, Unmanaged.passUnretained(names).toOpaque())
         SSL_set_accept_state(ssl)
     }
 
     /// A client's end.
     /// - Parameter serverName: sent as SNI, and (when the context verifies) checked against the certificate.
-    public init(client context: TLSContext, serverName: String?) throws(TLSError) {
-        ERR_clear_error()
-        guard let ssl = SSL_new(context.ctx) else { throw .openSSL("SSL_new") }
-        self.ssl = ssl
-        names = nil
-        guard let r = BIO_new(BIO_s_mem()), let w = BIO_new(BIO_s_mem()) else {
-            SSL_free(ssl)
-            throw .openSSL("BIO_new")
-        }
-        rbio = r
-        wbio = w
-        sl_tls_mem_bio_retry_when_empty(r)
-        SSL_set_bio(ssl, r, w)
+    public convenience init(client context: TLSContext, serverName: String?) throws(TLSError) {
+        try self.init(context: context, names: nil)
         if let serverName {
+            // The session is freed with the object (deinit) when this throws.
             guard sl_tls_set_host_name(ssl, serverName) == 1, SSL_set1_host(ssl, serverName) == 1 else {
-                SSL_free(ssl)
                 throw .openSSL("server name \(serverName)")
             }
         }
         SSL_set_connect_state(ssl)
+    }
+
+    /// A session of `context` wired to two memory BIOs.
+    private init(context: TLSContext, names: TLSServerNames?) throws(TLSError) {
+        ERR_clear_error()
+        guard let ssl = SSL_new(context.ctx) else { throw .openSSL("SSL_new") }
+        guard let r = BIO_new(BIO_s_mem()), let w = BIO_new(BIO_s_mem()) else {
+            SSL_free(ssl)
+            throw .openSSL("BIO_new")
+        }
+        self.ssl = ssl
+        self.names = names
+        rbio = r
+        wbio = w
+        sl_tls_mem_bio_retry_when_empty(r)
+        SSL_set_bio(ssl, r, w)
     }
 
     deinit { SSL_free(ssl) }  // frees both BIOs
