@@ -3,7 +3,7 @@ SHELL := /bin/bash
 SWIFT ?= swift
 # Debian packages the build, the tests, the demo and the benchmarks need.
 DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev pkgconf bpftool python3 curl iproute2 \
-                procps nghttp2-client python3-pip
+                procps nghttp2-client python3-pip tcpdump
 # PyPI packages the tests use (real gRPC clients and servers).
 PY_PACKAGES := grpcio
 BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables nghttp2-client linux-perf

@@ -49,6 +49,8 @@ public final class Agent: @unchecked Sendable {
         /// Set when the agent gets certificates from `sluice control` (`--control`). Its node and trust domain
         /// are filled in at start.
         public var certificates: CertificateManager.Options?
+        /// Where this agent accepts HBONE tunnels, and where it reaches other nodes' agents (with certificates).
+        public var tunnelPort: UInt16 = 15008
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -82,6 +84,10 @@ public final class Agent: @unchecked Sendable {
     private var server: L4Server?
     /// With a control plane: the workloads' certificates (joined, issued and rotated on a thread of their own).
     private var certificates: CertificateManager?
+    /// With certificates: the workloads' TLS contexts for HBONE, and the tunnels' settings.
+    private lazy var tunnels: TunnelSettings? = options.certificates.map { _ in
+        TunnelSettings(credentials: MeshCredentials(), port: options.tunnelPort)
+    }
     private let health = HealthChecker()
     private let http = HTTPEndpoints()
     private let ready = Atomic<Bool>(false)
@@ -234,8 +240,14 @@ public final class Agent: @unchecked Sendable {
         return "/usr/lib/sluice/bpf"
     }
 
+    /// With tunnels, services with workloads on other nodes are not left to the kernel (their bytes would cross
+    /// the network in plaintext).
+    private func served(_ snapshot: NodeSnapshot) -> NodeSnapshot {
+        tunnels == nil ? snapshot : snapshot.sendingRemoteWorkloadsThroughTunnels()
+    }
+
     public func start() throws {
-        let snapshot = try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger)
+        let snapshot = served(try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger))
         try startDatapath(snapshot)
         if snapshot.listeners.isEmpty {
             logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig)"])
@@ -243,7 +255,7 @@ public final class Agent: @unchecked Sendable {
         let runtime: ProxyRuntime
         do {
             runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, capture: capture,
-                                       credentials: options.credentialsDirectory)
+                                       credentials: options.credentialsDirectory, tunnels: tunnels)
         } catch {
             throw StartError(description: error.description)
         }
@@ -269,6 +281,17 @@ public final class Agent: @unchecked Sendable {
             c.trustDomain = snapshot.mesh.trustDomain
             do {
                 let manager = try CertificateManager(options: c, registry: registry, logger: logger)
+                if let credentials = tunnels?.credentials {
+                    manager.onChange = { [logger] files, trust in
+                        do {
+                            try credentials.load(files, trustBundle: trust)
+                            logger.info("tunnel credentials loaded", metadata: [
+                                "generation": "\(credentials.current.number)", "identities": "\(files.keys.sorted())"])
+                        } catch {
+                            logger.error("tunnel credentials not loaded; the previous ones stay in use: \(error)")
+                        }
+                    }
+                }
                 manager.update(identities: snapshot.workloads.map(\.identity))
                 manager.start()
                 certificates = manager
@@ -347,7 +370,7 @@ public final class Agent: @unchecked Sendable {
     public func reload() -> Bool {
         let snapshot: NodeSnapshot
         do {
-            snapshot = try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger)
+            snapshot = served(try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger))
         } catch {
             for line in "\(error)".split(separator: "\n") { logger.error("\(line)") }
             logger.error("configuration update rejected; still serving the last good configuration")
@@ -358,7 +381,7 @@ public final class Agent: @unchecked Sendable {
         let runtime: ProxyRuntime
         do {
             runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 },
-                                       capture: capture, credentials: options.credentialsDirectory)
+                                       capture: capture, credentials: options.credentialsDirectory, tunnels: tunnels)
         } catch {
             logger.error("configuration update rejected: \(error); still serving the last good configuration")
             return false

@@ -56,6 +56,11 @@ public final class CertificateManager: @unchecked Sendable {
     private let renewed: Int
     private let failed: Int
 
+    /// Called on the certificate thread whenever the certificates on disk change (found at start, issued,
+    /// renewed, removed): each workload identity's files, and the trust bundle peers must chain to.
+    public var onChange: (@Sendable (_ files: [String: (chain: String, key: String)], _ trustBundle: String) -> Void)?
+    private var changed = false
+
     public var nodeIdentity: String { "spiffe://\(options.trustDomain)/ns/sluice-nodes/sa/\(options.node)" }
 
     public init(options: Options, registry: MetricsRegistry, logger: Logger) throws {
@@ -105,18 +110,34 @@ public final class CertificateManager: @unchecked Sendable {
         for id in want.sorted() { ensure(id, now: now) }
         for id in held.keys where id != nodeIdentity && !want.contains(id) {
             held[id] = nil
+            changed = true
             let f = files(for: id)
             try? FileManager.default.removeItem(atPath: f.chain)
             try? FileManager.default.removeItem(atPath: f.key)
         }
         updateMetrics(now: now)
+        if changed, let onChange {
+            changed = false
+            var current: [String: (chain: String, key: String)] = [:]
+            for id in held.keys where id != nodeIdentity { current[id] = files(for: id) }
+            onChange(current, trustBundle)
+        }
+    }
+
+    /// The roots the CA last sent (they may be several while the root rotates), else the configured root.
+    public var trustBundle: String {
+        let received = "\(options.directory)/root-cert.pem"
+        return FileManager.default.fileExists(atPath: received) ? received : options.rootCA
     }
 
     private func ensure(_ id: String, now: Date) {
         if held[id] == nil {
             // Waiting out a back-off: neither the disk nor the CA is asked again before it is over.
             if let r = retry[id], now < r.at { return }
-            if let loaded = load(id, now: now) { held[id] = loaded }
+            if let loaded = load(id, now: now) {
+                held[id] = loaded
+                changed = true
+            }
         }
         if let h = held[id] {
             if h.schedule.isNearExpiry(now) && !h.alarmed {
@@ -131,6 +152,7 @@ public final class CertificateManager: @unchecked Sendable {
             try write(chain: chain, key: key, for: id)
             held[id] = Held(schedule: RotationSchedule(notBefore: now, notAfter: info.notAfter, random: .random(in: 0..<1, using: &rng)))
             retry[id] = nil
+            changed = true
             shard.add(renewed)
             logger.info("certificate issued", metadata: ["identity": "\(id)", "not_after": "\(info.notAfter)"])
         } catch {

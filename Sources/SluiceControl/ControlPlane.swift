@@ -98,8 +98,10 @@ public final class ControlPlane: Sendable {
         // The control plane's own serving certificate, from its own CA.
         let key = WorkloadKey()
         let id = SPIFFEID(trustDomain: o.trustDomain, namespace: "sluice-system", serviceAccount: "control")
-        let issued = try ca.sign(requestPEM: try key.signingRequest(for: id), for: id, lifetime: o.maxCertificateLifetime,
-                                 requester: "control", dnsNames: o.serverNames)
+        // It lives a year (as istiod's own), whatever the workloads' cap: agents must reach the CA to renew.
+        let serving = Duration.seconds(365 * 86_400)
+        let issued = try ca.sign(requestPEM: try key.signingRequest(for: id), for: id, lifetime: serving,
+                                 requester: "control", dnsNames: o.serverNames, cap: serving)
         let chainFile = "\(o.stateDirectory)/control.crt", keyFile = "\(o.stateDirectory)/control.key"
         try write(try key.privateKeyPEM, keyFile, mode: 0o600)
         try write(([issued.certificate] + issued.chain).joined(), chainFile, mode: 0o644)

@@ -115,8 +115,11 @@ public final class H2Session {
     /// Set when nghttp2 reports a fatal error: the connection must close.
     public private(set) var failed = false
 
-    /// - Parameter maxConcurrentStreams: advertised to the peer (SETTINGS_MAX_CONCURRENT_STREAMS).
-    public init(server: Bool, maxConcurrentStreams: UInt32 = 1000) {
+    /// - Parameters:
+    ///   - maxConcurrentStreams: advertised to the peer (SETTINGS_MAX_CONCURRENT_STREAMS).
+    ///   - window: when set, the receive window of each stream (SETTINGS_INITIAL_WINDOW_SIZE) and of the whole
+    ///     connection, instead of HTTP/2's 64 KiB (tunnels carrying bulk streams need more in flight).
+    public init(server: Bool, maxConcurrentStreams: UInt32 = 1000, window: Int32? = nil) {
         isServer = server
         var callbacks: OpaquePointer?
         nghttp2_session_callbacks_new(&callbacks)
@@ -166,7 +169,12 @@ public final class H2Session {
         nghttp2_session_set_user_data(session, Unmanaged.passUnretained(self).toOpaque())
         var settings = [nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue),
                                                value: maxConcurrentStreams)]
-        nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &settings, 1)
+        if let window {
+            settings.append(nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue),
+                                                   value: UInt32(window)))
+        }
+        nghttp2_submit_settings(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), &settings, settings.count)
+        if let window { nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, window) }
     }
 
     deinit { nghttp2_session_del(session) }

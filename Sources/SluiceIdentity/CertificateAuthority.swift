@@ -139,10 +139,13 @@ public final class CertificateAuthority: Sendable {
     ///   - authorized: whether the requester may have this identity (the node hosts such a workload); checked
     ///     after the request itself, so a garbage request is reported as such.
     ///   - dnsNames: extra DNS SANs (the control plane's own serving certificate).
+    ///   - cap: the longest lifetime allowed, instead of ``maxLifetime`` (the control plane's serving certificate,
+    ///     which workloads' short lifetimes must not expire under its agents).
     public func sign(requestPEM: String, for identity: SPIFFEID, lifetime: Duration, requester: String,
-                     authorized: Bool = true, dnsNames: [String] = [], now: Date = Date()) throws(SigningError) -> IssuedCertificate {
+                     authorized: Bool = true, dnsNames: [String] = [], cap: Duration? = nil,
+                     now: Date = Date()) throws(SigningError) -> IssuedCertificate {
         do {
-            let issued = try issue(requestPEM, identity, lifetime, requester, authorized, dnsNames, now)
+            let issued = try issue(requestPEM, identity, min(lifetime, cap ?? maxLifetime), requester, authorized, dnsNames, now)
             audit(AuditRecord(time: now, requester: requester, identity: identity.description, granted: true,
                               detail: "serial \(issued.serial) until \(issued.notAfter)"))
             return issued
@@ -183,7 +186,7 @@ public final class CertificateAuthority: Sendable {
         }
         guard authorized else { throw .notAuthorized(node: requester, identity: identity.description) }
 
-        let seconds = min(lifetime, maxLifetime).seconds
+        let seconds = lifetime.seconds
         // Backdated a little: clocks of nodes are never exactly together.
         let notBefore = now.addingTimeInterval(-60), notAfter = now.addingTimeInterval(seconds)
         let serial = Certificate.SerialNumber()

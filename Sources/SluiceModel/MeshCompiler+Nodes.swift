@@ -29,14 +29,21 @@ extension MeshCompiler {
         var policies: Set<ResourceKey> = []
         for w in runs {
             let ns = w.resource.namespace
-            local.items.append(.workload(.init(
+            // The AuthorizationPolicies selecting the workload are named on it: its inbound tunnel streams are
+            // checked against them.
+            var authorization: [String] = []
+            for k in policyKeys(for: ns) {
+                guard let r = resources[k], policy(r, selects: ns, labels: w.entry.labels) else { continue }
+                policies.insert(k)
+                if case .authorizationPolicy = r.spec { authorization.append("\(k.namespace)/\(k.name)") }
+            }
+            var item = NodeSnapshot.Workload(
                 namespace: ns, name: w.resource.name, address: w.entry.address, labels: w.entry.labels,
                 serviceAccount: w.entry.serviceAccount ?? "default",
                 identity: identity(namespace: ns, serviceAccount: w.entry.serviceAccount), ports: w.entry.ports,
-                cgroup: w.cgroup, unit: w.unit)))
-            for k in policyKeys(for: ns) where !policies.contains(k) {
-                if let r = resources[k], policy(r, selects: ns, labels: w.entry.labels) { policies.insert(k) }
-            }
+                cgroup: w.cgroup, unit: w.unit)
+            item.authorizationPolicies = authorization.sorted()
+            local.items.append(.workload(item))
         }
         let running = gatewaysRunning(on: node)
         // Authorization and request authentication that select a gateway running here (by its selector's labels)

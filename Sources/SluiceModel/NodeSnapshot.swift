@@ -144,6 +144,8 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         /// How the agent recognises the workload's processes (`sluice.dev/cgroup`, `sluice.dev/unit`).
         public var cgroup: String?
         public var unit: String?
+        /// `namespace/name` of the AuthorizationPolicies (in the snapshot) that select this workload.
+        public var authorizationPolicies: [String] = []
     }
 
     /// A service as the node's outbound side sees it.
@@ -201,4 +203,22 @@ public struct Named<Spec: Sendable & Hashable & Encodable>: Sendable, Hashable, 
         self.spec = spec
     }
     public var qualifiedName: String { "\(namespace)/\(name)" }
+}
+
+extension NodeSnapshot {
+    /// The snapshot as an agent with mesh certificates serves it: a service the kernel would balance by itself goes
+    /// through the agent when one of its endpoints is a mesh workload on another node, so that its bytes cross the
+    /// network inside a mutual-TLS tunnel rather than in plaintext.
+    public func sendingRemoteWorkloadsThroughTunnels() -> NodeSnapshot {
+        let clustersByName = Dictionary(clusters.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var copy = self
+        for (i, b) in bpfServices.enumerated() where b.isL4Only {
+            let name = Cluster.name(port: b.address.port, subset: nil, host: b.host)
+            let remote = clustersByName[name]?.endpoints.contains { e in
+                e.identity != nil && e.node != nil && e.node != node
+            } ?? false
+            if remote { copy.bpfServices[i].action = .proxy(reason: "mutual TLS to workloads on other nodes (HBONE)") }
+        }
+        return copy
+    }
 }

@@ -19,8 +19,13 @@ public struct AuthorizationRequest: Sendable {
 
     public init(sourceIP: IPAddress?, principal: String? = nil, port: UInt16) {
         self.sourceIP = sourceIP
-        self.principal = principal
+        self.principal = principal.map(Self.bare)
         self.port = port
+    }
+
+    /// A SPIFFE ID without its scheme, as Istio writes principals.
+    static func bare(_ principal: String) -> String {
+        principal.hasPrefix("spiffe://") ? String(principal.dropFirst(9)) : principal
     }
 
     /// `ns` of the principal (Istio's `source.namespace`).
@@ -58,7 +63,19 @@ public final class AuthorizationEngine: Sendable {
     public let unsupported: [String]
 
     public init(_ policies: [Named<AuthorizationPolicy>]) {
-        let all = policies.map { Compiled(name: $0.qualifiedName, action: $0.spec.action, rules: $0.spec.rules) }
+        // Principals compare in Istio's form, `TD/ns/NS/sa/SA` (a policy may also spell the `spiffe://` scheme).
+        let all = policies.map { p in
+            Compiled(name: p.qualifiedName, action: p.spec.action, rules: p.spec.rules.map { rules in
+                rules.map { rule in
+                    var rule = rule
+                    for i in rule.from.indices {
+                        rule.from[i].principals = rule.from[i].principals.map(AuthorizationRequest.bare)
+                        rule.from[i].notPrincipals = rule.from[i].notPrincipals.map(AuthorizationRequest.bare)
+                    }
+                    return rule
+                }
+            })
+        }
         deny = all.filter { $0.action == .deny }
         allow = all.filter { $0.action == .allow }
         audit = all.filter { $0.action == .audit }

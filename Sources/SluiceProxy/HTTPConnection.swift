@@ -204,6 +204,8 @@ struct HTTPConn {
     var client = ""
     /// The client workload's labels (captured connections from a workload of this node).
     var sourceLabels: [String: String] = [:]
+    /// The workload identity its upstream tunnels present: the client workload's (captured), the gateway's.
+    var sourceIdentity: String?
     var ex: Exchange?
     var requests = 0
     /// A receive buffer of the last exchange that a cancelled send may still read: given back when the slot is freed.
@@ -242,6 +244,9 @@ struct UpConn {
     var shadowSent = 0
     /// An HTTP/2 connection shared by many streams.
     var h2: H2Upstream?
+    /// Set when the endpoint is reached through an HBONE tunnel: the identity the tunnel presents (a pooled
+    /// connection is reused only for requests of the same identity).
+    var identity: String?
     /// An HTTP/2 client stream's HTTP/1.1 request on this connection.
     var leg: H1Leg?
     /// Memory a cancelled send may still read: freed with the connection.

@@ -54,7 +54,8 @@ final class H2Upstream {
     let session = H2Session(server: false)
     let slot: UInt32
     let cluster: WorkerCluster
-    let endpoint: Int
+    let key: H2PoolKey
+    var endpoint: Int { key.endpoint }
     /// Upstream stream id -> the client connection slot, its generation, and the client's stream id.
     var streams = StreamMap<(slot: UInt32, generation: UInt32, stream: Int32)>()
     var queue: [Segment] = []
@@ -62,11 +63,17 @@ final class H2Upstream {
     var connected = false
     /// GOAWAY received or the connection failed: no new streams.
     var closing = false
-    init(slot: UInt32, cluster: WorkerCluster, endpoint: Int) {
+    init(slot: UInt32, cluster: WorkerCluster, key: H2PoolKey) {
         self.slot = slot
         self.cluster = cluster
-        self.endpoint = endpoint
+        self.key = key
     }
+}
+
+/// HTTP/2 upstream connections are shared per endpoint, and per identity when the endpoint is tunnelled.
+struct H2PoolKey: Hashable {
+    let endpoint: Int
+    let identity: String?
 }
 
 /// HTTP/2 and gRPC: a client connection whose first bytes are the HTTP/2 preface (h2c with prior knowledge) is
@@ -133,7 +140,7 @@ extension L4Worker {
                 touchH2(up)
             case .end(let sid):
                 h2.streams[sid]?.requestEnded = true
-                if let s = h2.streams[sid], s.shadowCluster != nil { mirrorStream(s) }
+                if let s = h2.streams[sid], s.shadowCluster != nil { mirrorStream(s, identity: hconns[Int(slot)].sourceIdentity) }
                 if let leg = h2.streams[sid]?.leg { legEnd(leg) }
                 if let s = h2.streams[sid], let up = s.up, s.upStream > 0 {
                     up.session.finish(stream: s.upStream)
@@ -253,7 +260,7 @@ extension L4Worker {
         {
             s.shadowCluster = mc
             if s.body == nil { s.body = [] }
-            if endStream { mirrorStream(s) }
+            if endStream { mirrorStream(s, identity: hconns[Int(slot)].sourceIdentity) }
         }
         if f.delay > 0 {
             // Fault delay: the stream waits here; its body, if any, is held until it goes.
@@ -286,7 +293,7 @@ extension L4Worker {
             }
             return true
         }
-        guard let up = h2Upstream(wc, hash: s.hash) else { return false }
+        guard let up = h2Upstream(wc, hash: s.hash, identity: hconns[Int(slot)].sourceIdentity) else { return false }
         let usid = up.session.request(s.request, endStream: endNow)
         guard usid > 0 else { return false }
         s.up = up
@@ -362,14 +369,14 @@ extension L4Worker {
     }
 
     /// Sends the stream's mirror copy as HTTP/1.1 (Istio's `-shadow` authority), with the body if it was kept.
-    private func mirrorStream(_ s: H2Stream) {
+    private func mirrorStream(_ s: H2Stream, identity: String?) {
         guard let wc = s.shadowCluster else { return }
         s.shadowCluster = nil
         guard let body = s.retries == 0 && s.wakeAt != 0 ? s.held : s.body else {
             shard.add(wc.runtime.metrics.mirrorSkipped)
             return
         }
-        sendShadow(wc, hash: s.hash, head: Self.shadowHead(s.request, bodyLength: body.count), body: body)
+        sendShadow(wc, hash: s.hash, head: Self.shadowHead(s.request, bodyLength: body.count), body: body, identity: identity)
     }
 
     /// An HTTP/1.1 request head for an HTTP/2 request's fields, with the `-shadow` authority of a mirror copy.
@@ -452,15 +459,17 @@ extension L4Worker {
 
     // MARK: - upstream connections
 
-    /// The worker's HTTP/2 connection to an endpoint of `wc` (one per endpoint, shared), connecting if needed.
-    func h2Upstream(_ wc: WorkerCluster, hash: UInt64) -> H2Upstream? {
+    /// The worker's HTTP/2 connection to an endpoint of `wc` (one per endpoint, shared — per identity when
+    /// tunnelled), connecting if needed.
+    func h2Upstream(_ wc: WorkerCluster, hash: UInt64, identity: String?) -> H2Upstream? {
         guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1) else { return nil }
-        if let existing = wc.h2[e], !existing.closing { return existing }
-        guard let u = connectUp(wc, endpoint: e) else { return nil }
+        let key = H2PoolKey(endpoint: e, identity: wc.runtime.tunnelTargets[e] == nil ? nil : identity)
+        if let existing = wc.h2[key], !existing.closing { return existing }
+        guard let u = connectUp(wc, endpoint: e, identity: identity) else { return nil }
         wc.runtime.active.add(1)
-        let up = H2Upstream(slot: u, cluster: wc, endpoint: e)
+        let up = H2Upstream(slot: u, cluster: wc, key: key)
         ups[Int(u)].h2 = up
-        wc.h2[e] = up
+        wc.h2[key] = up
         return up
     }
 
@@ -535,7 +544,7 @@ extension L4Worker {
                 sid = s
             case .goaway:
                 up.closing = true
-                if up.cluster.h2[up.endpoint] === up { up.cluster.h2[up.endpoint] = nil }
+                if up.cluster.h2[up.key] === up { up.cluster.h2[up.key] = nil }
                 continue
             }
             if let (slot, gen, dsid) = up.streams[sid], dsid == -1 {
@@ -612,7 +621,7 @@ extension L4Worker {
     /// The upstream connection is gone: streams without a response get 503, the others are reset.
     private func failH2Upstream(_ up: H2Upstream, flag: ResponseFlag) {
         up.closing = true
-        if up.cluster.h2[up.endpoint] === up { up.cluster.h2[up.endpoint] = nil }
+        if up.cluster.h2[up.key] === up { up.cluster.h2[up.key] = nil }
         let streams = up.streams
         up.streams.removeAll()
         for (_, (slot, gen, dsid)) in streams {

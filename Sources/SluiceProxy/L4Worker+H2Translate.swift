@@ -91,7 +91,7 @@ extension L4Worker {
         let wc = leg.cluster
         guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1) else { return false }
         leg.endpoint = e
-        if !fresh, let u = takeIdle(wc, endpoint: e) {
+        if !fresh, let u = takeIdle(wc, endpoint: e, identity: hconns[Int(leg.slot)].sourceIdentity) {
             ups[Int(u)].leg = leg
             leg.up = u
             leg.reused = true
@@ -100,7 +100,7 @@ extension L4Worker {
             receiveLeg(leg)
             return true
         }
-        guard let u = connectUp(wc, endpoint: e) else { return false }
+        guard let u = connectUp(wc, endpoint: e, identity: hconns[Int(leg.slot)].sourceIdentity) else { return false }
         wc.runtime.active.add(1)
         ups[Int(u)].leg = leg
         leg.up = u
@@ -370,7 +370,7 @@ extension L4Worker {
     func dispatchH2(_ slot: UInt32) {
         let i = Int(slot)
         guard let ex = hconns[i].ex, let wc = ex.cluster, let head = ex.upHead else { return }
-        guard let up = h2Upstream(wc, hash: ex.hash) else {
+        guard let up = h2Upstream(wc, hash: ex.hash, identity: hconns[i].sourceIdentity) else {
             respondLocally(slot, status: 503, flag: .noHealthyUpstream, body: "no healthy upstream")
             return
         }

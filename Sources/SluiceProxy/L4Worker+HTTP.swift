@@ -40,6 +40,7 @@ extension L4Worker {
         hconns[i].httpsRedirect = httpsRedirect
         // A gateway's requests come from the gateway workload: `sourceLabels` match its labels (as in Istio).
         hconns[i].sourceLabels = labels
+        hconns[i].sourceIdentity = runtime.listeners[listeners[li].runtimeIndex].identity
         Socket.setNoDelay(fd)
         hconns[i].fd = fd
         hconns[i].phase = .open
@@ -56,6 +57,7 @@ extension L4Worker {
             : String(peer.prefix { $0 != ":" })
         // Captured: the client is a workload of this node, whose labels `sourceLabels` matches select on.
         if captured != nil, let labels = runtime.workloadLabels[hconns[i].client] { hconns[i].sourceLabels = labels }
+        if captured != nil { hconns[i].sourceIdentity = runtime.workloadIdentities[hconns[i].client] }
         openCount += 1
         shard.addSigned(stats.activeConnections, 1)
         receiveDown(slot)
@@ -290,7 +292,7 @@ extension L4Worker {
                         up.session.finish(stream: ex.h2stream)
                         touchH2(up)
                     }
-                    if let ex = hconns[i].ex, ex.shadowHead != nil { mirror(ex) }
+                    if let ex = hconns[i].ex, ex.shadowHead != nil { mirror(ex, identity: hconns[i].sourceIdentity) }
                 case .error(let err):
                     respondLocally(slot, status: err.status, flag: .downstreamProtocolError, close: true)
                 }
@@ -519,7 +521,7 @@ extension L4Worker {
             return
         }
         hconns[i].ex!.lastEndpoint = Int32(e)
-        if let u = takeIdle(wc, endpoint: e) {
+        if let u = takeIdle(wc, endpoint: e, identity: hconns[i].sourceIdentity) {
             ups[Int(u)].owner = slot
             ups[Int(u)].ownerGeneration = hconns[i].generation
             hconns[i].ex!.up = Int32(u)
@@ -535,7 +537,7 @@ extension L4Worker {
             if !enqueuePending(slot, wc) { overflow(slot) }
             return
         }
-        guard let u = connectUp(wc, endpoint: e) else {
+        guard let u = connectUp(wc, endpoint: e, identity: hconns[i].sourceIdentity) else {
             wc.runtime.active.add(-1)
             attemptFailed(slot, .connectFailure)
             return
@@ -549,7 +551,11 @@ extension L4Worker {
     /// Opens a connection to endpoint `e` of `wc` in a new upstream slot: the connect is linked to the cluster's
     /// connect timeout and completes as `.uConnect` on the slot. Nil when no socket could be made. The caller
     /// counts it in the cluster's connections and says who owns the slot.
-    func connectUp(_ wc: WorkerCluster, endpoint e: Int) -> UInt32? {
+    ///
+    /// An endpoint on another node is reached through an HBONE tunnel presenting `identity` (the requests'
+    /// source workload); without one, nothing is sent.
+    func connectUp(_ wc: WorkerCluster, endpoint e: Int, identity: String?) -> UInt32? {
+        if let target = wc.runtime.tunnelTargets[e] { return connectUpThroughTunnel(wc, endpoint: e, target, identity: identity) }
         let addr = wc.runtime.addresses + e
         let fd = Socket.stream(family: addr.pointee.family)
         guard fd >= 0 else { return nil }
@@ -573,11 +579,20 @@ extension L4Worker {
     }
 
     /// A pooled idle connection to endpoint `e` of `wc`, now busy; nil when the pool has none.
-    func takeIdle(_ wc: WorkerCluster, endpoint e: Int) -> UInt32? {
-        while let u = wc.idle[e].popLast() {
-            guard ups[Int(u)].phase == .idle else { continue }
-            ups[Int(u)].phase = .busy
-            return u
+    func takeIdle(_ wc: WorkerCluster, endpoint e: Int, identity: String?) -> UInt32? {
+        // Tunnelled connections present an identity: only requests of that identity reuse them.
+        let wanted = wc.runtime.tunnelTargets[e] == nil ? nil : identity
+        var k = wc.idle[e].count - 1
+        while k >= 0 {
+            let u = wc.idle[e][k]
+            if ups[Int(u)].phase != .idle {
+                wc.idle[e].remove(at: k)
+            } else if ups[Int(u)].identity == wanted {
+                wc.idle[e].remove(at: k)
+                ups[Int(u)].phase = .busy
+                return u
+            }
+            k -= 1
         }
         return nil
     }
@@ -1036,7 +1051,7 @@ extension L4Worker {
     // MARK: - mirroring
 
     /// Sends the exchange's mirrored copy (head and the kept body) on a connection of its own.
-    private func mirror(_ ex: Exchange) {
+    private func mirror(_ ex: Exchange, identity: String?) {
         guard let head = ex.shadowHead, let wc = ex.shadowCluster else { return }
         ex.shadowHead = nil
         // A body too large to keep cannot be copied: the request is not mirrored (counted).
@@ -1044,12 +1059,13 @@ extension L4Worker {
             shard.add(wc.runtime.metrics.mirrorSkipped)
             return
         }
-        sendShadow(wc, hash: ex.hash, head: head, body: body)
+        sendShadow(wc, hash: ex.hash, head: head, body: body, identity: identity)
     }
 
     /// Sends a mirror copy on a connection of its own to an endpoint of `wc`; its answer is read and dropped.
-    func sendShadow(_ wc: WorkerCluster, hash: UInt64, head: [UInt8], body: [UInt8]) {
-        guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1), let u = connectUp(wc, endpoint: e) else {
+    func sendShadow(_ wc: WorkerCluster, hash: UInt64, head: [UInt8], body: [UInt8], identity: String?) {
+        guard let e = wc.pick(now: loop.now, clientHash: hash, excluding: -1),
+            let u = connectUp(wc, endpoint: e, identity: identity) else {
             return
         }
         wc.runtime.active.add(1)

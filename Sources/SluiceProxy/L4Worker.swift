@@ -87,6 +87,8 @@ public final class L4Worker: RingHandler {
         case detectWait, detectTimeout
         // HTTP: downstream connection ops (slot in `hconns`), upstream ops (slot in `ups`), the worker's timer.
         case hRecv = 32, hSend, uConnect, uConnectTimeout, uSend, uRecv, timer
+        // HBONE: tunnel connections (slot in `tunnels`) and their streams' plain sockets (slot in `tunnelStreams`).
+        case tConnect = 64, tConnectTimeout, tRecv, tSend, sConnect, sConnectTimeout, sRecv, sSend
     }
 
     /// `detecting`: a captured connection to a port of no declared protocol, waiting for its first bytes.
@@ -187,6 +189,21 @@ public final class L4Worker: RingHandler {
     var pendingWake: [WorkerCluster] = []
     /// TLS connections whose session holds plaintext the engine asked for (delivered by ``drainTLSReady()``).
     var tlsReady: [(slot: UInt32, generation: UInt32)] = []
+    // HBONE state (see L4Worker+Tunnel.swift).
+    let tunnelStats: TunnelStats
+    var tunnels: [Tunnel?] = []
+    var tunnelGenerations: [UInt32] = []
+    var tunnelFree: [UInt32] = []
+    var tunnelStreams: [TunnelStream?] = []
+    var tunnelStreamGenerations: [UInt32] = []
+    var tunnelStreamFree: [UInt32] = []
+    /// Outbound tunnels by (source identity, node, destination identity).
+    var tunnelPool: [TunnelKey: Tunnel] = [:]
+    let tunnelConnectTimeout: UnsafeMutablePointer<__kernel_timespec> = {
+        let p = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
+        p.initialize(to: __kernel_timespec(tv_sec: 10, tv_nsec: 0))
+        return p
+    }()
     /// Finished exchanges kept for reuse.
     var exchangePool: [Exchange] = []
     /// Workers sharing the listeners (rate limits are split among them).
@@ -212,6 +229,7 @@ public final class L4Worker: RingHandler {
         self.mailbox = mailbox
         shard = registry.makeShard()
         stats = WorkerStats(registry: registry, worker: index)
+        tunnelStats = TunnelStats(registry: registry, worker: index)
         pipes = PipePool(shard: shard, gauge: stats.pipesInUse)
         self.connectionLimit = Int64(connectionLimit)
         rng = FastRandom(seed: mix64(UInt64(index) &+ 0x5EED))
@@ -311,6 +329,7 @@ public final class L4Worker: RingHandler {
                 fail(UInt32(slot), reset: true)
             }
             for slot in hconns.indices where hconns[slot].phase == .open { teardownHTTP(UInt32(slot), reset: true) }
+            closeAllTunnels()
         }
         if now - lastIdleScan >= 1_000_000_000 {
             lastIdleScan = now
@@ -320,6 +339,7 @@ public final class L4Worker: RingHandler {
             }
             if openCount == 0 { pipes.drainPool() }
             scanHTTP(now: now)
+            scanTunnels(now: now)
             retryPending()
             for slot in conns.indices where conns[slot].phase == .relaying {
                 let c = conns[slot]
@@ -353,6 +373,10 @@ public final class L4Worker: RingHandler {
         }
         let lr = runtime.listeners[l.runtimeIndex]
         let cr: ClusterRuntime
+        if lr.inbound != nil {
+            acceptTunnel(fd: fd, listener: li)
+            return
+        }
         if lr.capture != nil {
             // Captured by the BPF programs: the service follows from where the client was going.
             guard let (service, original) = lr.capturedService(peer: Socket.peerAddress(fd)) else {
@@ -433,6 +457,10 @@ public final class L4Worker: RingHandler {
         let wc = conns[i].cluster!
         guard let e = wc.pick(now: loop.now, clientHash: conns[i].clientHash, excluding: excluding) else {
             upstreamFailed(slot)
+            return
+        }
+        if let target = wc.runtime.tunnelTargets[e] {
+            openTunnelStream(slot, endpoint: e, target)
             return
         }
         let addr = wc.runtime.addresses + e
@@ -522,6 +550,10 @@ public final class L4Worker: RingHandler {
             return
         }
         if op == .ignore { return }
+        if op.rawValue >= Op.tConnect.rawValue {
+            completeTunnel(op, ud, result: result)
+            return
+        }
         if op.rawValue >= Op.hRecv.rawValue {
             completeHTTP(op, ud, result: result, flags: flags)
             if !tlsReady.isEmpty { drainTLSReady() }
@@ -596,7 +628,8 @@ public final class L4Worker: RingHandler {
             }
         case .detectWait, .detectTimeout:
             if conns[i].phase == .detecting && conns[i].pending == 0 { detected(slot) }
-        case .accept, .ignore, .hRecv, .hSend, .uConnect, .uConnectTimeout, .uSend, .uRecv, .timer:
+        case .accept, .ignore, .hRecv, .hSend, .uConnect, .uConnectTimeout, .uSend, .uRecv, .timer,
+             .tConnect, .tConnectTimeout, .tRecv, .tSend, .sConnect, .sConnectTimeout, .sRecv, .sSend:
             break
         }
         if conns[i].phase == .closing && conns[i].pending == 0 { freeConn(slot) }
@@ -711,6 +744,15 @@ public final class L4Worker: RingHandler {
             io_uring_prep_cancel_fd(s, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
             io_uring_sqe_set_data64(s, UserData(slot: 0, generation: 0, op: Op.ignore.rawValue).raw)
         }
+    }
+
+    /// Reuses a connection slot whose socket and counts were handed over (to a tunnel stream).
+    func recycleConnSlot(_ slot: UInt32) {
+        let i = Int(slot)
+        let gen = (conns[i].generation + 1) & 0xFF_FFFF
+        conns[i] = Conn()
+        conns[i].generation = gen
+        freeSlots.append(slot)
     }
 
     func freeConn(_ slot: UInt32) {

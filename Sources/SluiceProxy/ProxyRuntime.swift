@@ -46,10 +46,19 @@ public final class ClusterRuntime: @unchecked Sendable {
     /// Requests queued for a connection, over all workers (`http1MaxPendingRequests`).
     public let pendingRequests = SharedCounter()
     let metrics: ClusterMetrics
+    /// Per endpoint: set when it is a mesh workload on another node, reached through an HBONE tunnel to that
+    /// node's agent.
+    let tunnelTargets: [TunnelTarget?]
 
-    init(config: NodeSnapshot.Cluster, registry: MetricsRegistry) {
+    init(config: NodeSnapshot.Cluster, registry: MetricsRegistry, tunnels: TunnelSettings? = nil, node: String = "") {
         self.config = config
         let n = config.endpoints.count
+        tunnelTargets = config.endpoints.map { e in
+            guard let tunnels, let peer = e.node, peer != node, let identity = e.identity,
+                let agent = Socket.Address(ip: e.address.ip.description, port: tunnels.port)
+            else { return nil }
+            return TunnelTarget(node: peer, identity: identity, agent: agent, authority: e.address.description)
+        }
         addresses = .allocate(capacity: max(1, n))
         for (i, e) in config.endpoints.enumerated() {
             (addresses + i).initialize(to: Socket.Address(ip: e.address.ip.description, port: e.address.port)!)
@@ -141,6 +150,35 @@ struct CapturedService {
     let pipeline: Pipeline
 }
 
+/// Where one endpoint's connections go when it runs on another node: that node's agent (the endpoint's address,
+/// HBONE port), which must present `identity`; the CONNECT names the endpoint.
+struct TunnelTarget {
+    let node: String
+    let identity: String
+    let agent: Socket.Address
+    let authority: String
+}
+
+/// HBONE: mutual TLS between agents with the workloads' certificates, HTTP/2 CONNECT streams inside.
+public struct TunnelSettings: Sendable {
+    public var credentials: MeshCredentials
+    /// Where agents accept tunnels (every node the same, as Istio's 15008).
+    public var port: UInt16
+    /// The inbound listener's address (the node's addresses, port ``port``).
+    public var listen: EndpointAddress
+    public init(credentials: MeshCredentials, port: UInt16 = 15008, listen: EndpointAddress? = nil) {
+        self.credentials = credentials
+        self.port = port
+        self.listen = listen ?? EndpointAddress(ip: .v4(0), port: port)
+    }
+}
+
+/// A workload of this node as its inbound tunnel streams see it: who it is and what may call it.
+struct InboundWorkload {
+    let workload: NodeSnapshot.Workload
+    let authorization: AuthorizationEngine
+}
+
 /// One listener's routing: weighted clusters of its TCP route, per-request routes of an HTTP listener, or, for the
 /// capture listener, the service of each captured address.
 public final class ListenerRuntime: @unchecked Sendable {
@@ -155,10 +193,16 @@ public final class ListenerRuntime: @unchecked Sendable {
     let capture: OutboundCapture?
     /// HTTPS listeners: the certificates, chosen by SNI.
     let tls: TLSServerNames?
+    /// Set on the HBONE listener: the node's workloads by address.
+    let inbound: [String: InboundWorkload]?
+    /// A gateway listener's workload identity (the node's workload its Gateway selects): what its upstream tunnels
+    /// present.
+    let identity: String?
 
     init(config: NodeSnapshot.Listener, clusters: [String: ClusterRuntime], http: HTTPRouteTable?,
-         tls: TLSServerNames?) {
+         tls: TLSServerNames?, identity: String? = nil) {
         self.config = config
+        self.identity = identity
         self.tls = tls
         // The compiler guarantees every route names a cluster of the snapshot.
         self.clusters = config.routes.map { clusters[$0.cluster]! }
@@ -167,6 +211,20 @@ public final class ListenerRuntime: @unchecked Sendable {
         self.http = config.isHTTP ? http : nil
         captured = nil
         capture = nil
+        inbound = nil
+    }
+
+    init(tunnelsAt address: EndpointAddress, workloads: [String: InboundWorkload]) {
+        config = NodeSnapshot.Listener(name: "inbound-hbone", address: address, protocol: .tcp, routes: [])
+        clusters = []
+        weights = []
+        totalWeight = 0
+        captured = nil
+        http = nil
+        capture = nil
+        tls = nil
+        inbound = workloads
+        identity = nil
     }
 
     init(capture: OutboundCapture, address: EndpointAddress, services: [EndpointAddress: CapturedService],
@@ -180,6 +238,8 @@ public final class ListenerRuntime: @unchecked Sendable {
         self.http = http
         self.capture = capture
         tls = nil
+        inbound = nil
+        identity = nil
     }
 
     /// The service of a connection accepted on the capture listener, from the client's address, and the address
@@ -222,6 +282,9 @@ public final class ProxyRuntime: @unchecked Sendable {
     public let listeners: [ListenerRuntime]
     /// Labels of the node's workloads by address: the source of a captured connection.
     let workloadLabels: [String: [String: String]]
+    /// Identities of the node's workloads by address: what a captured connection's tunnel presents.
+    let workloadIdentities: [String: String]
+    let tunnels: TunnelSettings?
 
     /// - Parameter previous: the runtime being replaced; clusters whose configuration did not change are carried
     ///   over as the same objects, so their health, ejections and balancer state survive the update.
@@ -229,10 +292,15 @@ public final class ProxyRuntime: @unchecked Sendable {
     ///   each service address the snapshot sends to the agent is served from its default cluster.
     /// - Parameter credentials: the directory of gateway certificates named by `credentialName`.
     /// - Throws: ``RuntimeError`` when a listener's certificate or key cannot be loaded.
+    /// - Parameter tunnels: when set, endpoints on other nodes are reached through HBONE tunnels, and the node's
+    ///   workloads accept tunnels on ``TunnelSettings/listen``.
     public init(snapshot: NodeSnapshot, registry: MetricsRegistry, previous: ProxyRuntime? = nil,
-                capture: OutboundCapture? = nil, credentials: String = ProxyRuntime.defaultCredentials) throws(RuntimeError) {
+                capture: OutboundCapture? = nil, credentials: String = ProxyRuntime.defaultCredentials,
+                tunnels: TunnelSettings? = nil) throws(RuntimeError) {
         self.snapshot = snapshot
+        self.tunnels = tunnels
         workloadLabels = Dictionary(snapshot.workloads.map { ($0.address, $0.labels) }, uniquingKeysWith: { a, _ in a })
+        workloadIdentities = Dictionary(snapshot.workloads.map { ($0.address, $0.identity) }, uniquingKeysWith: { a, _ in a })
         var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
         // Only clusters traffic can reach get sockets, health state and metrics: those of TCP routes, and every
@@ -240,7 +308,7 @@ public final class ProxyRuntime: @unchecked Sendable {
         let routesRequests = capture != nil || snapshot.listeners.contains(where: \.isHTTP)
         let used = Set(snapshot.listeners.flatMap { $0.routes.map(\.cluster) })
         clusters = snapshot.clusters.filter { routesRequests || used.contains($0.name) }
-            .map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry) }
+            .map { reusable[$0] ?? ClusterRuntime(config: $0, registry: registry, tunnels: tunnels, node: snapshot.node) }
         let byName = Dictionary(uniqueKeysWithValues: clusters.map { ($0.config.name, $0) })
         var limits: [String: [RateLimitRuntime]] = [:]
         var nextLimit = 0
@@ -262,8 +330,13 @@ public final class ProxyRuntime: @unchecked Sendable {
         var listeners: [ListenerRuntime] = []
         for l in snapshot.listeners {
             let tls = try Self.certificates(l, directory: credentials)
+            // The gateway runs as a workload of this node: the first one its selector matches.
+            let gatewayIdentity = l.workloadLabels.isEmpty ? nil : snapshot.workloads.first { w in
+                l.workloadLabels.allSatisfy { w.labels[$0.key] == $0.value }
+            }?.identity
             listeners.append(ListenerRuntime(config: l, clusters: byName,
-                                             http: l.isHTTP ? table(l.gateway, listener: l) : nil, tls: tls))
+                                             http: l.isHTTP ? table(l.gateway, listener: l) : nil, tls: tls,
+                                             identity: gatewayIdentity))
         }
         if let capture {
             var services: [EndpointAddress: CapturedService] = [:]
@@ -286,6 +359,15 @@ public final class ProxyRuntime: @unchecked Sendable {
             for a in capture.addresses {
                 listeners.append(ListenerRuntime(capture: capture, address: a, services: services, http: mesh))
             }
+        }
+        if let tunnels {
+            var inbound: [String: InboundWorkload] = [:]
+            for w in snapshot.workloads where inbound[w.address] == nil {
+                let names = Set(w.authorizationPolicies)
+                inbound[w.address] = InboundWorkload(
+                    workload: w, authorization: AuthorizationEngine(snapshot.authorizationPolicies.filter { names.contains($0.qualifiedName) }))
+            }
+            listeners.append(ListenerRuntime(tunnelsAt: tunnels.listen, workloads: inbound))
         }
         self.listeners = listeners
     }

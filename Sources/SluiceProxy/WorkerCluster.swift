@@ -14,7 +14,7 @@ final class WorkerCluster {
     /// Idle pooled HTTP/1.1 connections per endpoint (slots of the worker's upstream table), most recent last.
     var idle: [[UInt32]]
     /// The worker's HTTP/2 connection per endpoint (shared by all streams routed there).
-    var h2: [Int: H2Upstream] = [:]
+    var h2: [H2PoolKey: H2Upstream] = [:]
     /// Requests of this worker waiting for a connection while the cluster is at `maxConnections`, oldest first.
     var pending: [(slot: UInt32, generation: UInt32)] = []
 

@@ -42,12 +42,15 @@ public final class TLSStream {
     }
 
     /// A client's end.
-    /// - Parameter serverName: sent as SNI, and (when the context verifies) checked against the certificate.
-    public convenience init(client context: TLSContext, serverName: String?) throws(TLSError) {
+    /// - Parameters:
+    ///   - serverName: sent as SNI, and (when the context verifies and `checkHostName`) checked against the
+    ///     certificate's DNS names. Mesh peers are checked by their SPIFFE URI instead (``peerURIs``), so HBONE
+    ///     sends the name without the DNS check.
+    public convenience init(client context: TLSContext, serverName: String?, checkHostName: Bool = true) throws(TLSError) {
         try self.init(context: context, names: nil)
         if let serverName {
             // The session is freed with the object (deinit) when this throws.
-            guard sl_tls_set_host_name(ssl, serverName) == 1, SSL_set1_host(ssl, serverName) == 1 else {
+            guard sl_tls_set_host_name(ssl, serverName) == 1, !checkHostName || SSL_set1_host(ssl, serverName) == 1 else {
                 throw .openSSL("server name \(serverName)")
             }
         }

@@ -26,6 +26,8 @@ struct AgentCommand: ParsableCommand {
     var joinToken: String?
     @Option(name: .customLong("control-server-name"), help: "The name in the control plane's certificate.")
     var controlServerName = "sluice-control"
+    @Option(name: .customLong("tunnel-port"), help: "HBONE port: where this agent accepts mutual-TLS tunnels and reaches other nodes' agents (with --control).")
+    var tunnelPort: UInt16 = 15008
     @Option(help: "This node's name.") var node: String?
     @Option(help: "Data-plane worker threads (default: one per core).") var workers: Int?
     @Option(name: .customLong("state-dir"), help: "Where the agent keeps its state.") var stateDir: String = "/var/lib/sluice"
@@ -127,6 +129,7 @@ struct AgentCommand: ParsableCommand {
                                                trustDomain: "", directory: stateDir + "/certs")
             c.serverName = controlServerName
             options.certificates = c
+            options.tunnelPort = tunnelPort
         }
         options.bpfDirectory = bpfDir
         options.pinDirectory = pinDir

@@ -151,14 +151,7 @@ final class ControlPlaneTests: XCTestCase {
         (try? Harness.run("/usr/bin/openssl", ["x509", "-in", path, "-noout", "-serial"]).output) ?? ""
     }
 
-    func waitFor(_ timeout: TimeInterval, _ condition: () -> Bool) -> Bool {
-        let end = Date().addingTimeInterval(timeout)
-        while Date() < end {
-            if condition() { return true }
-            Thread.sleep(forTimeInterval: 0.1)
-        }
-        return condition()
-    }
+    func waitFor(_ timeout: TimeInterval, _ condition: () -> Bool) -> Bool { Harness.wait(timeout, condition) }
 
     /// The agent binary as Istio's node agent: joins with its token, gets the certificate of the workload on its
     /// node (key 0600, never sent), renews it before it expires, keeps it while the control plane is down, and

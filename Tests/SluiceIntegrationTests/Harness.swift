@@ -64,11 +64,31 @@ enum Harness {
         return (fd, Socket.localPort(fd))
     }
 
-    /// A port with nothing listening on it (bound then closed).
+    /// Polls `condition` every 100 ms until it holds or `timeout` passes; returns whether it held.
+    static func wait(_ timeout: TimeInterval, _ condition: () -> Bool) -> Bool {
+        let end = Date().addingTimeInterval(timeout)
+        while Date() < end {
+            if condition() { return true }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        return condition()
+    }
+
+    /// A port with nothing listening on it (bound then closed), below the ephemeral range: a client connecting to
+    /// it again and again (health checks) can never be given it as its own source port (a self-connect would hold
+    /// it, and a test that later starts a server there would fail).
     static func deadPort() -> UInt16 {
-        let (fd, port) = loopbackSocket(backlog: nil)
-        close(fd)
-        return port
+        while true {
+            let port = UInt16.random(in: 20_000..<32_000)
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var a = sockaddr_in()
+            a.sin_family = sa_family_t(AF_INET)
+            a.sin_port = port.bigEndian
+            a.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, 16) } } == 0
+            close(fd)
+            if ok { return port }
+        }
     }
 
     /// Compiles `yaml` (listener ports are replaced by free ones) and starts a proxy on it.

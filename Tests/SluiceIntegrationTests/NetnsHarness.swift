@@ -43,7 +43,9 @@ final class NetnsHarness {
                 try Self.ip(["-n", bridgeNamespace, "link", "set", "\(id)b\(i)", "master", "br0"])
                 try Self.ip(["-n", bridgeNamespace, "link", "set", "\(id)b\(i)", "up"])
                 let cg = "\(cgroupRoot)/node\(i)"
-                try FileManager.default.createDirectory(atPath: cg, withIntermediateDirectories: true)
+                // Two leaves per node: the agent's, and its workloads' (which the agent captures).
+                try FileManager.default.createDirectory(atPath: cg + "/agent", withIntermediateDirectories: true)
+                try FileManager.default.createDirectory(atPath: cg + "/workloads", withIntermediateDirectories: true)
                 cgroups.append(cg)
             }
         } catch {
@@ -55,15 +57,17 @@ final class NetnsHarness {
     var bridgeNamespace: String { "\(id)-br" }
     func namespace(_ i: Int) -> String { "\(id)-n\(i)" }
     func address(_ i: Int) -> String { "\(subnet).\(i + 1)" }
-    func cgroup(_ i: Int) -> String { cgroups[i] }
+    /// Node `i`'s cgroup for its agent (and other infrastructure), and the one for its workloads.
+    func cgroup(_ i: Int) -> String { cgroups[i] + "/agent" }
+    func workloadCgroup(_ i: Int) -> String { cgroups[i] + "/workloads" }
 
-    /// Starts `arguments` inside node `i`'s namespace and cgroup; its output goes to `log` if given.
+    /// Starts `arguments` inside node `i`'s namespace and its agent cgroup (or its workloads' cgroup); its output
+    /// goes to `log` if given.
     @discardableResult
-    func start(_ i: Int, _ arguments: [String], log: String? = nil) throws -> Process {
+    func start(_ i: Int, _ arguments: [String], log: String? = nil, workload: Bool = false) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        let command = arguments.map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
-        p.arguments = ["-c", "echo $$ > \(cgroups[i])/cgroup.procs && exec ip netns exec \(namespace(i)) \(command)"]
+        p.arguments = ["-c", "echo $$ > \(workload ? workloadCgroup(i) : cgroup(i))/cgroup.procs && exec \(enter(i)) \(Self.quoted(arguments))"]
         if let log {
             FileManager.default.createFile(atPath: log, contents: nil)
             let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
@@ -80,7 +84,20 @@ final class NetnsHarness {
 
     /// Runs `arguments` in node `i` to completion; returns its output and status.
     func run(_ i: Int, _ arguments: [String]) throws -> (output: String, status: Int32) {
-        try Harness.run("/usr/sbin/ip", ["netns", "exec", namespace(i)] + arguments)
+        try Harness.run("/usr/bin/nsenter", ["--net=/run/netns/\(namespace(i))"] + arguments)
+    }
+
+    /// Runs `arguments` as a workload of node `i` (in the cgroup its agent captures) to completion.
+    func runWorkload(_ i: Int, _ arguments: [String]) throws -> (output: String, status: Int32) {
+        try Harness.run("/bin/sh", ["-c", "echo $$ > \(workloadCgroup(i))/cgroup.procs && exec \(enter(i)) \(Self.quoted(arguments))"])
+    }
+
+    /// Enters only node `i`'s network namespace (`ip netns exec` would also mount a /sys of its own, hiding the
+    /// cgroup2 and bpffs mounts an agent needs).
+    func enter(_ i: Int) -> String { "nsenter --net=/run/netns/\(namespace(i))" }
+
+    static func quoted(_ arguments: [String]) -> String {
+        arguments.map { "'" + $0.replacingOccurrences(of: "'", with: "'\\''") + "'" }.joined(separator: " ")
     }
 
     /// Stops every process, then removes the namespaces (with their links and the bridge) and cgroups.
@@ -116,9 +133,6 @@ final class NetnsHarness {
         let root = cgroupMount()
         for entry in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] where entry.hasPrefix(prefix) {
             guard let pid = Int32(entry.dropFirst(prefix.count)), kill(pid, 0) != 0 else { continue }
-            for child in (try? FileManager.default.contentsOfDirectory(atPath: "\(root)/\(entry)")) ?? [] {
-                removeCgroup("\(root)/\(entry)/\(child)")
-            }
             removeCgroup("\(root)/\(entry)")
         }
     }
@@ -140,8 +154,13 @@ final class NetnsHarness {
         return "/sys/fs/cgroup"
     }
 
-    /// Moves any process left in `path` to the root cgroup and removes the directory.
+    /// Moves any process left in `path` (and its children) to the root cgroup and removes the directories.
     static func removeCgroup(_ path: String) {
+        var isDirectory: ObjCBool = false
+        for child in (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        where FileManager.default.fileExists(atPath: "\(path)/\(child)", isDirectory: &isDirectory) && isDirectory.boolValue {
+            removeCgroup("\(path)/\(child)")
+        }
         if let procs = try? String(contentsOfFile: path + "/cgroup.procs", encoding: .utf8) {
             for pid in procs.split(separator: "\n") {
                 try? String(pid).write(toFile: cgroupMount() + "/cgroup.procs", atomically: false, encoding: .utf8)
