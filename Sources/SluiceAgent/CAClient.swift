@@ -9,8 +9,9 @@ struct CAClient {
     let address: String
     /// The name the control plane's certificate carries (verified).
     let serverName: String
-    /// The mesh root the control plane's certificate must chain to.
-    let rootCA: String
+    /// The roots the control plane's certificate must chain to (the configured root, then the bundle the CA
+    /// last sent: while the root rotates, the control plane's certificate may come from the new one).
+    var rootCA: String
     var timeout: TimeInterval = 5
 
     struct Failure: Error, CustomStringConvertible {

@@ -185,6 +185,8 @@ public final class CertificateManager: @unchecked Sendable {
         let key = WorkloadKey()
         let csr = try key.signingRequest(for: spiffe)
         let status: Int, answer: [String: Any]
+        var client = self.client
+        client.rootCA = trustBundle
         if id == nodeIdentity && held[id] == nil {
             guard let path = options.joinToken,
                 let token = try? String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)

@@ -9,6 +9,8 @@ final class MeshTunnelTests: XCTestCase {
     var dir = ""
     var net: NetnsHarness?
     var pins: [String] = []
+    var control: Process?
+    var controlArguments: [String] = []
     let sluice = Harness.root.appendingPathComponent(".build/debug/sluice").path
     let vip = "240.10.0.1"
 
@@ -33,7 +35,8 @@ final class MeshTunnelTests: XCTestCase {
 
     /// Starts the CA on node 0 and agents on nodes 1 (capturing its workloads) and 2, waits until both agents have
     /// their tunnel credentials.
-    func startMesh(lifetime: String = "1h", policy: String = "") throws -> NetnsHarness {
+    /// - Parameter caDirectory: a plug-in CA (Istio's `cacerts` layout) instead of the generated root.
+    func startMesh(lifetime: String = "1h", policy: String = "", caDirectory: String? = nil) throws -> NetnsHarness {
         let net = try NetnsHarness(nodes: 3)
         self.net = net
         try NetnsHarness.ip(["-n", net.namespace(1), "addr", "add", "\(intruderAddress(net))/24", "dev", "eth0"])
@@ -83,10 +86,14 @@ final class MeshTunnelTests: XCTestCase {
             \(policy)
             """.write(toFile: "\(dir)/mesh/mesh.yaml", atomically: true, encoding: .utf8)
         try "tok-n1 n1\ntok-n2 n2\n".write(toFile: "\(dir)/tokens", atomically: true, encoding: .utf8)
-        try net.start(0, [sluice, "control", "--state-dir", "\(dir)/ca", "--config", "\(dir)/mesh", "--join-tokens", "\(dir)/tokens",
-                          "--listen", "\(net.address(0)):15012", "--max-cert-lifetime", lifetime,
-                          "--metrics", "127.0.0.1:15014"], log: "\(dir)/control.log")
-        XCTAssertTrue(wait(10) { FileManager.default.fileExists(atPath: "\(self.dir)/ca/control.crt") }, read("control.log"))
+        controlArguments = [sluice, "control", "--state-dir", "\(dir)/ca", "--config", "\(dir)/mesh", "--join-tokens", "\(dir)/tokens",
+                            "--listen", "\(net.address(0)):15012", "--max-cert-lifetime", lifetime, "--metrics", "127.0.0.1:15014"]
+        if let caDirectory {
+            controlArguments += ["--ca-dir", caDirectory]
+            try FileManager.default.createDirectory(atPath: "\(dir)/ca", withIntermediateDirectories: true)
+            try FileManager.default.copyItem(atPath: "\(caDirectory)/root-cert.pem", toPath: "\(dir)/ca/root-cert.pem")
+        }
+        try restartControl(net)
         for node in [1, 2] {
             try "tok-n\(node)\n".write(toFile: "\(dir)/n\(node).token", atomically: true, encoding: .utf8)
             var args = [sluice, "agent", "--local-config", "\(dir)/mesh", "--node", "n\(node)", "--workers", "2",
@@ -122,11 +129,14 @@ final class MeshTunnelTests: XCTestCase {
         try echo.write(toFile: "\(dir)/echo.py", atomically: true, encoding: .utf8)
         try net.start(2, ["python3", "\(dir)/echo.py"], log: "\(dir)/echo.log", workload: true)
         try """
-            import socket, sys, threading
+            import os, socket, sys, threading
+            # count 0: until the file `stop` appears in this script's directory; prints "OK DONE" then.
             src, n, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+            stop = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'stop')
             payload = (b'PLAINTEXT-MARKER-0123456789-' * (n // 28 + 1))[:n]
-            ok = 0
-            for _ in range(count):
+            ok = done = 0
+            while (done < count) if count else not os.path.exists(stop):
+                done += 1
                 try:
                     s = socket.socket(); s.bind((src, 0)); s.settimeout(10); s.connect(('\(vip)', 7000))
                     t = threading.Thread(target=lambda: s.sendall(payload)); t.start()
@@ -139,9 +149,19 @@ final class MeshTunnelTests: XCTestCase {
                     if got == payload: ok += 1
                 except Exception as e:
                     print('error', type(e).__name__, file=sys.stderr)
-            print(ok)
+            print(ok if count else '%d %d' % (ok, done), flush=True)
             """.write(toFile: "\(dir)/client.py", atomically: true, encoding: .utf8)
         return net
+    }
+
+    /// (Re)starts the control plane on node 0 and waits until it is ready.
+    func restartControl(_ net: NetnsHarness) throws {
+        if let control, control.isRunning {
+            control.terminate()
+            control.waitUntilExit()
+        }
+        control = try net.start(0, controlArguments, log: "\(dir)/control.log")
+        XCTAssertTrue(wait(10) { self.read("control.log").contains("control plane ready") }, read("control.log"))
     }
 
     /// Echo exchanges of `bytes` each from `source` on n1 through the VIP; returns how many came back whole.
@@ -273,5 +293,58 @@ final class MeshTunnelTests: XCTestCase {
         XCTAssertGreaterThan(done, 40)
         // New tunnels were opened with the new certificates.
         XCTAssertGreaterThanOrEqual(metric(net, 1, ["sluice_hbone_tunnels_opened_total", "direction=\"outbound\""]), 2)
+    }
+
+    /// Istio's plug-in CA root rotation, with the control plane restarted at each step (6-second certificates, so
+    /// every step reaches every agent within seconds) while connections keep coming: trust A; trust A and B; sign
+    /// with B; trust B only. Not one exchange fails.
+    func testRootRotationDropsNothing() throws {
+        let cacerts = "\(dir)/cacerts"
+        try FileManager.default.createDirectory(atPath: cacerts, withIntermediateDirectories: true)
+        for name in ["a", "b"] {
+            XCTAssertEqual(try Harness.run("/usr/bin/openssl", [
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                "-subj", "/O=cluster.local/CN=Root \(name.uppercased())", "-keyout", "\(dir)/root-\(name).key",
+                "-out", "\(dir)/root-\(name).crt", "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign"]).status, 0)
+        }
+        let rootA = read("root-a.crt"), rootB = read("root-b.crt")
+        func plug(signing: String, trusting: [String]) throws {
+            try read("root-\(signing).crt").write(toFile: "\(cacerts)/ca-cert.pem", atomically: true, encoding: .utf8)
+            try read("root-\(signing).key").write(toFile: "\(cacerts)/ca-key.pem", atomically: true, encoding: .utf8)
+            try trusting.joined().write(toFile: "\(cacerts)/root-cert.pem", atomically: true, encoding: .utf8)
+        }
+        try plug(signing: "a", trusting: [rootA])
+        let net = try startMesh(lifetime: "6s", caDirectory: cacerts)
+
+        // Load: echo exchanges one after another until the file `stop` appears.
+        let load = try net.start(1, ["python3", "\(dir)/client.py", net.address(1), String(16 << 10), "0"],
+                                 log: "\(dir)/load.log", workload: true)
+        func bundle(_ node: Int) -> String { read("n\(node)/certs/root-cert.pem") }
+        func issuer(_ node: Int, _ sa: String) -> String {
+            (try? Harness.run("/usr/bin/openssl", ["x509", "-in", "\(dir)/n\(node)/certs/shop_\(sa).crt", "-noout", "-issuer"]).output) ?? ""
+        }
+        Thread.sleep(forTimeInterval: 2)
+        // 1. Trust both roots, still signing with A: every agent receives the two-root bundle.
+        try plug(signing: "a", trusting: [rootA, rootB])
+        try restartControl(net)
+        XCTAssertTrue(wait(20) { [1, 2].allSatisfy { bundle($0).contains(rootA) && bundle($0).contains(rootB) } })
+        // 2. Sign with B: new certificates chain to B, peers still on A's accept them.
+        try plug(signing: "b", trusting: [rootA, rootB])
+        try restartControl(net)
+        XCTAssertTrue(wait(20) { issuer(1, "client").contains("Root B") && issuer(2, "echo").contains("Root B") })
+        Thread.sleep(forTimeInterval: 7)  // every certificate signed by A has expired by now
+        // 3. Drop A.
+        try plug(signing: "b", trusting: [rootB])
+        try restartControl(net)
+        XCTAssertTrue(wait(20) { [1, 2].allSatisfy { !bundle($0).contains(rootA) && bundle($0).contains(rootB) } })
+        Thread.sleep(forTimeInterval: 2)
+        FileManager.default.createFile(atPath: "\(dir)/stop", contents: nil)
+        load.waitUntilExit()
+        let counts = read("load.log").split(separator: "\n").last?.split(separator: " ").compactMap { Int($0) } ?? []
+        XCTAssertEqual(counts.count, 2, read("load.log"))
+        guard counts.count == 2 else { return }
+        XCTAssertGreaterThan(counts[1], 50)
+        XCTAssertEqual(counts[0], counts[1], read("load.log") + read("n1.log") + read("n2.log"))
     }
 }
