@@ -104,7 +104,7 @@ let package = Package(
         .testTarget(
             name: "SluiceIntegrationTests",
             dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent", "SluiceBPF",
-                           "SluiceTestSupport"]
+                           "SluiceIdentity", "SluiceTestSupport"]
         ),
     ]
 )

@@ -1,6 +1,7 @@
 import CSluiceLinux
 import Glibc
 import SluiceHTTP
+import SluiceIdentity
 import SluiceModel
 import SluiceRing
 import SluiceTLS
@@ -133,6 +134,9 @@ final class TunnelStream {
 struct TunnelStats {
     let tunnelsOpened: (outbound: Int, inbound: Int)
     let tunnelFailures: (connect: Int, handshake: Int, identity: Int)
+    /// Handshakes refused for the peer's certificate, by reason (see ``TLSStream/certificateProblem``), and
+    /// inbound callers from another trust domain.
+    let certificateRefusals: [String: Int]
     let streams: (opened: Int, accepted: Int, refused: Int, denied: Int, noIdentity: Int, unknownDestination: Int,
                   workloadUnreachable: Int)
 
@@ -148,7 +152,13 @@ struct TunnelStats {
                              help: "HBONE connections that failed to connect, to handshake, or whose peer presented the wrong identity",
                              labels: l + [("reason", reason)])
         }
-        tunnelFailures = (failure("connect"), failure("handshake"), failure("identity"))
+        tunnelFailures = (failure("connect"), failure("handshake"), failure("wrong_identity"))
+        var refusals: [String: Int] = [:]
+        for reason in ["no_certificate", "certificate_expired", "certificate_not_yet_valid", "certificate_untrusted",
+                       "certificate_invalid", "wrong_trust_domain"] {
+            refusals[reason] = failure(reason)
+        }
+        certificateRefusals = refusals
         func stream(_ direction: String, _ result: String) -> Int {
             registry.counter("sluice_hbone_streams_total", help: "HBONE CONNECT streams by direction and outcome",
                              labels: l + [("direction", direction), ("result", result)])
@@ -412,8 +422,11 @@ extension L4Worker {
                 flushTunnel(t)
                 receiveTunnel(t)
                 return
-            case .failed:
-                shard.add(tunnelStats.tunnelFailures.handshake)
+            case .failed(let why):
+                // Counted by what was wrong with the peer's certificate, when that was it.
+                let reason = t.tls.certificateProblem
+                    ?? (why.contains("did not return a certificate") ? "no_certificate" : nil)
+                shard.add(reason.flatMap { tunnelStats.certificateRefusals[$0] } ?? tunnelStats.tunnelFailures.handshake)
                 closeTunnel(t)
                 return
             case .done:
@@ -459,6 +472,13 @@ extension L4Worker {
         } else {
             guard let peer = uris.first(where: { $0.hasPrefix("spiffe://") }) else {
                 shard.add(tunnelStats.tunnelFailures.identity)
+                closeTunnel(t)
+                return false
+            }
+            // A certificate of the mesh's CA for another trust domain (a federated or misissued one) is no caller
+            // of this mesh.
+            guard SPIFFEID(peer)?.trustDomain == runtime.snapshot.mesh.trustDomain else {
+                shard.add(tunnelStats.certificateRefusals["wrong_trust_domain"]!)
                 closeTunnel(t)
                 return false
             }

@@ -174,6 +174,24 @@ public final class TLSStream {
 
     public var resumed: Bool { SSL_session_reused(ssl) == 1 }
 
+    /// Why the peer's certificate was refused, as a metric label: `certificate_expired`,
+    /// `certificate_not_yet_valid`, `certificate_untrusted` (self-signed, or from a CA not trusted here),
+    /// `certificate_invalid` (anything else verification refused); nil when verification found nothing wrong (the
+    /// handshake failed for another reason: see ``Progress/failed(_:)``'s text).
+    public var certificateProblem: String? {
+        let verify = Int32(SSL_get_verify_result(ssl))
+        switch verify {
+        case X509_V_OK: return nil
+        case X509_V_ERR_CERT_HAS_EXPIRED: return "certificate_expired"
+        case X509_V_ERR_CERT_NOT_YET_VALID: return "certificate_not_yet_valid"
+        case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN,
+             X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY, X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE,
+             X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+            return "certificate_untrusted"
+        default: return "certificate_invalid"
+        }
+    }
+
     private func failure(_ what: String) -> String {
         let reasons = TLSError.drainErrors()
         let verify = SSL_get_verify_result(ssl)

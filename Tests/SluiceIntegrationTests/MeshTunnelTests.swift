@@ -1,4 +1,5 @@
 import Foundation
+import SluiceIdentity
 import XCTest
 
 /// HBONE between nodes (root): three network namespaces — the CA, node n1 with a client workload (captured by its
@@ -253,7 +254,8 @@ final class MeshTunnelTests: XCTestCase {
         XCTAssertLessThanOrEqual(metric(net, 1, ["sluice_hbone_tunnels_opened_total", "direction=\"outbound\""]), 5)
     }
 
-    /// Callers that are not mesh agents, or present a certificate the mesh did not issue, get no tunnel.
+    /// Callers without a valid certificate of this mesh get no tunnel, each refusal counted by its reason: none,
+    /// another CA's, expired, not yet valid, and one of the mesh's own CA for another trust domain.
     func testTunnelsRefuseCallersWithoutAMeshCertificate() throws {
         let net = try startMesh()
         let pki = "\(dir)/pki"
@@ -265,12 +267,31 @@ final class MeshTunnelTests: XCTestCase {
                                 + "-CAfile \(dir)/ca/root-cert.pem -verify_return_error -quiet \(extra.joined(separator: " ")) >/dev/null 2>&1; "
                                 + "echo $?"]).status
         }
-        let before = metric(net, 2, ["sluice_hbone_tunnel_failures_total", "reason=\"handshake\""])
-        // No client certificate.
-        _ = try handshake([])
-        // A certificate from another CA (the test PKI), with a SPIFFE name of this mesh.
-        _ = try handshake(["-cert", "\(pki)/spiffe-client.crt", "-key", "\(pki)/spiffe-client.key"])
-        XCTAssertTrue(wait(5) { self.metric(net, 2, ["sluice_hbone_tunnel_failures_total", "reason=\"handshake\""]) >= before + 2 })
+        // Certificates from the mesh's own root, wrong in time or trust domain.
+        let root = read("ca/root-cert.pem"), rootKey = read("ca/root-key.pem")
+        func issue(_ name: String, trustDomain: String = "cluster.local", at now: Date) throws -> [String] {
+            let ca = try CertificateAuthority(trustDomain: trustDomain, certificatePEM: root, keyPEM: rootKey, rootPEM: [root])
+            let id = SPIFFEID(trustDomain: trustDomain, namespace: "shop", serviceAccount: "client")
+            let key = WorkloadKey()
+            let issued = try ca.sign(requestPEM: try key.signingRequest(for: id), for: id, lifetime: .seconds(3600),
+                                     requester: "test", now: now)
+            try issued.certificate.write(toFile: "\(dir)/\(name).crt", atomically: true, encoding: .utf8)
+            try key.privateKeyPEM.write(toFile: "\(dir)/\(name).key", atomically: true, encoding: .utf8)
+            return ["-cert", "\(dir)/\(name).crt", "-key", "\(dir)/\(name).key"]
+        }
+        let cases: [(reason: String, options: [String])] = [
+            ("no_certificate", []),
+            ("certificate_untrusted", ["-cert", "\(pki)/spiffe-client.crt", "-key", "\(pki)/spiffe-client.key"]),
+            ("certificate_expired", try issue("expired", at: Date().addingTimeInterval(-2 * 86_400))),
+            ("certificate_not_yet_valid", try issue("early", at: Date().addingTimeInterval(86_400))),
+            ("wrong_trust_domain", try issue("foreign", trustDomain: "other.example", at: Date())),
+        ]
+        for c in cases { _ = try handshake(c.options) }
+        for c in cases {
+            XCTAssertTrue(wait(5) { self.metric(net, 2, ["sluice_hbone_tunnel_failures_total", "reason=\"\(c.reason)\""]) == 1 },
+                          c.reason + "\n" + metrics(net, 2))
+        }
+        XCTAssertEqual(metric(net, 2, ["sluice_hbone_tunnels_opened_total", "direction=\"inbound\""]), 0)
         // The legitimate path still works.
         XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 10000), 1)
     }
