@@ -168,7 +168,7 @@ public final class Agent: @unchecked Sendable {
                 try setAgent(dp, snapshot)
                 // The agent's own ports are never captured, whatever a service declares.
                 try dp.setExclusions(cidrs: options.captureExclusions,
-                                     ports: [options.outboundPort, 15000, 15008, 15020, 15021, 15053])
+                                     ports: [options.outboundPort, 15000, options.tunnelPort, 15020, 15021, 15053])
                 try dp.apply(snapshot.bpfServices)
             } catch {
                 if !adopting { try? dp.uninstall() }
@@ -193,7 +193,14 @@ public final class Agent: @unchecked Sendable {
             capture = OutboundCapture(
                 addresses: [EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.outboundPort),
                             EndpointAddress(ip: IPAddress("::1")!, port: options.outboundPort)],
-                originalDestination: { [dp] ip, port in dp.originalDestination(client: ip, port: port)?.address })
+                originalDestination: { [dp] ip, port in
+                    dp.originalDestination(client: ip, port: port).map { ($0.address, $0.cgroupID) }
+                },
+                cgroupID: { path in
+                    // `sluice.dev/cgroup`: absolute, or relative to the cgroup2 mount; its id is its inode number.
+                    var st = stat()
+                    return stat(path.hasPrefix("/") ? path : mount + "/" + path, &st) == 0 ? UInt64(st.st_ino) : nil
+                })
             let kernel = snapshot.bpfServices.filter(\.isL4Only).count
             logger.info("capturing", metadata: ["cgroup": "\(path)", "adopted": "\(adopting)",
                                                 "kernel_balanced": "\(kernel)",
@@ -215,6 +222,8 @@ public final class Agent: @unchecked Sendable {
             ("sluice_bpf_misses_total", "Service entries without a usable backend table", c.misses),
             ("sluice_bpf_dns_queries_total", "DNS queries sent to the agent's DNS listener", c.dnsQueries),
             ("sluice_bpf_denied_total", "Connects refused: not a service while the mesh is REGISTRY_ONLY", c.denied),
+            ("sluice_bpf_peer_authentication_dropped_total",
+             "Packets from outside the node to workload ports whose PeerAuthentication is STRICT, dropped", c.strictDropped),
         ] {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(value)\n"
         }
@@ -226,6 +235,20 @@ public final class Agent: @unchecked Sendable {
         try dp.setAgent(address: "127.0.0.1", port: options.outboundPort,
                         dnsPort: options.dnsPort == 0 ? nil : options.dnsPort,
                         registryOnly: snapshot.mesh.outboundTrafficPolicy == .registryOnly)
+        try dp.setPeerAuthentication(Self.peerAuthentication(snapshot))
+    }
+
+    /// The kernel's PeerAuthentication entries for the node's workloads: each workload's mode, and its ports' own.
+    static func peerAuthentication(_ snapshot: NodeSnapshot) -> [Datapath.PeerAuthenticationEntry] {
+        var out: [Datapath.PeerAuthenticationEntry] = []
+        for w in snapshot.workloads {
+            guard let ip = IPAddress(w.address) else { continue }
+            out.append(.init(address: ip, port: 0, strict: w.peerAuthentication == .strict))
+            for (port, mode) in w.peerAuthenticationPorts.sorted(by: { $0.key < $1.key }) {
+                out.append(.init(address: ip, port: port, strict: mode == .strict))
+            }
+        }
+        return out
     }
 
     /// `bpf/` objects: beside the build output (`.build/bpf`), then the installed location.
@@ -386,8 +409,8 @@ public final class Agent: @unchecked Sendable {
             logger.error("configuration update rejected: \(error); still serving the last good configuration")
             return false
         }
-        if let datapath, current.withLock({ ($0?.snapshot.bpfServices, $0?.snapshot.mesh) })
-            != (snapshot.bpfServices, snapshot.mesh)
+        if let datapath, current.withLock({ ($0?.snapshot.bpfServices, $0?.snapshot.mesh, $0?.snapshot.workloads) })
+            != (snapshot.bpfServices, snapshot.mesh, snapshot.workloads)
         {
             do {
                 try datapath.apply(snapshot.bpfServices)

@@ -35,7 +35,9 @@ struct CAClient {
         var progress = tls.handshake()
         while progress == .needInput {
             try flush(tls, fd)
-            try receive(tls, fd)
+            // A control plane that goes away mid-handshake (a restart) closes the connection: give up this attempt
+            // (receiving again would return end of stream at once, forever).
+            guard try receive(tls, fd) else { throw Failure(description: "\(address) closed the connection during the TLS handshake") }
             progress = tls.handshake()
         }
         if case .failed(let why) = progress { throw Failure(description: "TLS handshake with \(address): \(why)") }

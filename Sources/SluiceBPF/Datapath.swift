@@ -31,6 +31,7 @@ public final class Datapath: @unchecked Sendable {
         Program(object: "sendmsg6.bpf.o", name: "sl_sendmsg6", attachType: BPF_CGROUP_UDP6_SENDMSG),
         Program(object: "recvmsg6.bpf.o", name: "sl_recvmsg6", attachType: BPF_CGROUP_UDP6_RECVMSG),
         Program(object: "getpeername6.bpf.o", name: "sl_getpeername6", attachType: BPF_CGROUP_INET6_GETPEERNAME),
+        Program(object: "ingress.bpf.o", name: "sl_ingress", attachType: BPF_CGROUP_INET_INGRESS),
     ]
 
     public let pinDirectory: String
@@ -50,6 +51,9 @@ public final class Datapath: @unchecked Sendable {
     let slots6FD: Int32
     let excludedCIDRsFD: Int32
     let excludedPortsFD: Int32
+    let inboundFD: Int32
+    /// What ``setPeerAuthentication(_:)`` last wrote.
+    private var inbound: [InboundKey: UInt8] = [:]
     private var exclusions: (cidrs: [sl_cidr_key], ports: [UInt16]) = ([], [])
     /// What ``apply(_:)`` last wrote, to write only differences next time.
     var installed: [ServiceKey: Installed] = [:]
@@ -110,7 +114,9 @@ public final class Datapath: @unchecked Sendable {
         slots6FD = fd("sl_slots6")
         excludedCIDRsFD = fd("sl_exclude_cidrs")
         excludedPortsFD = fd("sl_exclude_ports")
-        if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD, services6FD, slots6FD, peers6FD]
+        inboundFD = fd("sl_inbound")
+        if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD, services6FD, slots6FD, peers6FD,
+            inboundFD]
             .contains(where: { $0 < 0 }) {
             // Every stored property is set here, so deinit runs and closes the objects.
             throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")
@@ -266,6 +272,45 @@ public final class Datapath: @unchecked Sendable {
         exclusions = (keys, ports)
     }
 
+    /// One workload port's PeerAuthentication mode in the kernel: `port` 0 is the workload's own mode.
+    public struct PeerAuthenticationEntry: Sendable, Hashable {
+        public var address: IPAddress
+        public var port: UInt16
+        public var strict: Bool
+        public init(address: IPAddress, port: UInt16, strict: Bool) {
+            self.address = address
+            self.port = port
+            self.strict = strict
+        }
+    }
+
+    struct InboundKey: Hashable {
+        let addr: UInt32
+        let port: UInt16
+    }
+
+    /// Replaces the PeerAuthentication entries the ingress program checks (IPv4 workloads; IPv6 ones are not
+    /// enforced in the kernel yet). New and changed entries are written before stale ones go.
+    public func setPeerAuthentication(_ entries: [PeerAuthenticationEntry]) throws(BPFError) {
+        var next: [InboundKey: UInt8] = [:]
+        for e in entries {
+            guard case .v4(let a) = e.address else { continue }
+            next[InboundKey(addr: a, port: e.port.bigEndian)] = UInt8(e.strict ? SL_PEER_STRICT.rawValue : SL_PEER_PERMISSIVE.rawValue)
+        }
+        guard next.count <= Int(SL_MAX_INBOUND) else { throw BPFError("more than \(SL_MAX_INBOUND) PeerAuthentication entries") }
+        for (k, v) in next where inbound[k] != v {
+            var key = sl_inbound_key(addr: k.addr, port: k.port, pad: 0)
+            var value = v
+            let rc = bpf_map_update_elem(inboundFD, &key, &value, 0)
+            if rc != 0 { throw .errno("write sl_inbound", rc) }
+        }
+        for k in inbound.keys where next[k] == nil {
+            var key = sl_inbound_key(addr: k.addr, port: k.port, pad: 0)
+            bpf_map_delete_elem(inboundFD, &key)
+        }
+        inbound = next
+    }
+
     /// Detaches every program and removes every pin: the host is as before the agent ran.
     public func uninstall() throws(BPFError) {
         // Close this agent's link descriptors; removing the pins then lets the kernel detach the programs.
@@ -348,7 +393,8 @@ public final class Datapath: @unchecked Sendable {
         }
         return Counters(connects: read(SL_COUNT_CONNECTS), balanced: read(SL_COUNT_BALANCED),
                         redirected: read(SL_COUNT_REDIRECTED), misses: read(SL_COUNT_MISSES),
-                        excluded: read(SL_COUNT_EXCLUDED), dnsQueries: read(SL_COUNT_DNS), denied: read(SL_COUNT_DENIED))
+                        excluded: read(SL_COUNT_EXCLUDED), dnsQueries: read(SL_COUNT_DNS), denied: read(SL_COUNT_DENIED),
+                        strictDropped: read(SL_COUNT_STRICT))
     }
 
     public struct Counters: Sendable, Equatable {
@@ -359,6 +405,8 @@ public final class Datapath: @unchecked Sendable {
         public var excluded: UInt64
         public var dnsQueries: UInt64
         public var denied: UInt64
+        /// Packets from outside the node to STRICT workload ports, dropped.
+        public var strictDropped: UInt64
     }
 
     /// Programs attached to `cgroup` (0 after ``uninstall()``), through the kernel's own query.

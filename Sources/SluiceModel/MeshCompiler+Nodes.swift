@@ -32,17 +32,33 @@ extension MeshCompiler {
             // The AuthorizationPolicies selecting the workload are named on it: its inbound tunnel streams are
             // checked against them.
             var authorization: [String] = []
+            // PeerAuthentication by Istio's precedence: the first (in key order) selecting the workload, else its
+            // namespace's, else the mesh's (root namespace, no selector); UNSET defers to the next.
+            var own: PeerAuthentication?
+            var namespaceMode = PeerAuthentication.Mode.unset, meshMode = PeerAuthentication.Mode.unset
             for k in policyKeys(for: ns) {
                 guard let r = resources[k], policy(r, selects: ns, labels: w.entry.labels) else { continue }
                 policies.insert(k)
-                if case .authorizationPolicy = r.spec { authorization.append("\(k.namespace)/\(k.name)") }
+                switch r.spec {
+                case .authorizationPolicy: authorization.append("\(k.namespace)/\(k.name)")
+                case .peerAuthentication(let p) where p.selector != nil:
+                    if own == nil { own = p }
+                case .peerAuthentication(let p) where k.namespace == ns && ns != mesh.rootNamespace:
+                    if namespaceMode == .unset { namespaceMode = p.mode }
+                case .peerAuthentication(let p):
+                    if meshMode == .unset { meshMode = p.mode }
+                default: break
+                }
             }
+            let mode = [own?.mode ?? .unset, namespaceMode, meshMode].first { $0 != .unset } ?? .permissive
             var item = NodeSnapshot.Workload(
                 namespace: ns, name: w.resource.name, address: w.entry.address, labels: w.entry.labels,
                 serviceAccount: w.entry.serviceAccount ?? "default",
                 identity: identity(namespace: ns, serviceAccount: w.entry.serviceAccount), ports: w.entry.ports,
                 cgroup: w.cgroup, unit: w.unit)
             item.authorizationPolicies = authorization.sorted()
+            item.peerAuthentication = mode
+            item.peerAuthenticationPorts = (own?.portLevel ?? [:]).mapValues { $0 == .unset ? mode : $0 }
             local.items.append(.workload(item))
         }
         let running = gatewaysRunning(on: node)

@@ -146,6 +146,10 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         public var unit: String?
         /// `namespace/name` of the AuthorizationPolicies (in the snapshot) that select this workload.
         public var authorizationPolicies: [String] = []
+        /// Its PeerAuthentication in effect (Istio's precedence: the workload's own policy, its namespace's, the
+        /// mesh's; PERMISSIVE when none sets one), and its ports' own modes (`portLevelMtls`).
+        public var peerAuthentication: PeerAuthentication.Mode = .permissive
+        public var peerAuthenticationPorts: [UInt16: PeerAuthentication.Mode] = [:]
     }
 
     /// A service as the node's outbound side sees it.

@@ -13,10 +13,11 @@ import SluiceRing
 extension L4Worker {
     static let detectRetryNanos: Int64 = 2_000_000
 
-    func detectProtocol(fd: Int32, listener li: Int, service: CapturedService, port: UInt16) {
+    func detectProtocol(fd: Int32, listener li: Int, service: CapturedService, port: UInt16, identity: String?) {
         let slot = allocate()
         let i = Int(slot)
         conns[i].down = fd
+        conns[i].sourceIdentity = identity
         conns[i].listener = Int32(li)
         conns[i].phase = .detecting
         conns[i].detecting = service
@@ -77,14 +78,15 @@ extension L4Worker {
         let service = conns[i].detecting!
         let li = Int(conns[i].listener)
         let port = conns[i].detectingPort
+        let identity = conns[i].sourceIdentity
         conns[i].down = -1
         conns[i].phase = .closing
         freeConn(slot)
         let lr = runtime.listeners[listeners[li].runtimeIndex]
         if verdict == .http1 || verdict == .http2, let table = lr.http {
-            acceptHTTP(fd: fd, listener: li, table: table, captured: service.cluster, port: port)
+            acceptHTTP(fd: fd, listener: li, table: table, captured: service.cluster, port: port, identity: identity)
         } else {
-            relay(fd: fd, listener: li, cluster: service.cluster)
+            relay(fd: fd, listener: li, cluster: service.cluster, identity: identity)
         }
     }
 }

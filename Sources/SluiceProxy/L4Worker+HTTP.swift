@@ -27,8 +27,10 @@ extension L4Worker {
 
     // MARK: - accept
 
+    /// - Parameter identity: a captured client's workload identity (a gateway's is its listener's).
     func acceptHTTP(fd: Int32, listener li: Int, table: HTTPRouteTable, captured: ClusterRuntime?, port: UInt16,
-                    tls: TLSServerNames? = nil, httpsRedirect: Bool = false, labels: [String: String] = [:]) {
+                    tls: TLSServerNames? = nil, httpsRedirect: Bool = false, labels: [String: String] = [:],
+                    identity: String? = nil) {
         let slot = allocateHTTP()
         let i = Int(slot)
         if let tls, !startTLS(slot, tls) {
@@ -57,7 +59,7 @@ extension L4Worker {
             : String(peer.prefix { $0 != ":" })
         // Captured: the client is a workload of this node, whose labels `sourceLabels` matches select on.
         if captured != nil, let labels = runtime.workloadLabels[hconns[i].client] { hconns[i].sourceLabels = labels }
-        if captured != nil { hconns[i].sourceIdentity = runtime.workloadIdentities[hconns[i].client] }
+        if captured != nil { hconns[i].sourceIdentity = identity }
         openCount += 1
         shard.addSigned(stats.activeConnections, 1)
         receiveDown(slot)

@@ -190,9 +190,7 @@ extension L4Worker {
             return
         }
         let credentials = settings.credentials.current
-        guard let source = runtime.workloadIdentities[Self.ipString(Socket.peerAddress(conns[i].down))],
-            let identity = credentials.identities[source]
-        else {
+        guard let source = conns[i].sourceIdentity, let identity = credentials.identities[source] else {
             // A client that is no workload of this node (or one whose certificate has not come yet) has no identity
             // to present: nothing leaves the node in plaintext instead.
             shard.add(tunnelStats.streams.noIdentity)

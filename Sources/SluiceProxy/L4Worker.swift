@@ -115,6 +115,8 @@ public final class L4Worker: RingHandler {
         /// Detecting: the service the client dialled, and its port.
         var detecting: CapturedService?
         var detectingPort: UInt16 = 0
+        /// Captured: the client's workload identity.
+        var sourceIdentity: String?
     }
 
     struct Listening {
@@ -379,21 +381,24 @@ public final class L4Worker: RingHandler {
         }
         if lr.capture != nil {
             // Captured by the BPF programs: the service follows from where the client was going.
-            guard let (service, original) = lr.capturedService(peer: Socket.peerAddress(fd)) else {
+            let peer = Socket.peerAddress(fd)
+            guard let (service, original, cgroup) = lr.capturedService(peer: peer) else {
                 l.counter.add(-1)
                 shard.add(stats.captureUnknown)
                 close(fd)
                 return
             }
+            let identity = runtime.sourceIdentity(cgroup: cgroup, address: Self.ipString(peer))
             switch service.pipeline {
             case .http:
                 guard let table = lr.http else { fallthrough }
-                acceptHTTP(fd: fd, listener: li, table: table, captured: service.cluster, port: original.port)
+                acceptHTTP(fd: fd, listener: li, table: table, captured: service.cluster, port: original.port, identity: identity)
                 return
             case .tcp:
-                cr = service.cluster
+                relay(fd: fd, listener: li, cluster: service.cluster, identity: identity)
+                return
             case .detect:
-                detectProtocol(fd: fd, listener: li, service: service, port: original.port)
+                detectProtocol(fd: fd, listener: li, service: service, port: original.port, identity: identity)
                 return
             }
         } else if let table = lr.http {
@@ -412,11 +417,12 @@ public final class L4Worker: RingHandler {
             }
             cr = lr.clusters[chosen]
         }
-        relay(fd: fd, listener: li, cluster: cr)
+        relay(fd: fd, listener: li, cluster: cr, identity: nil)
     }
 
-    /// Relays an accepted connection's bytes to an endpoint of `cr`.
-    func relay(fd: Int32, listener li: Int, cluster cr: ClusterRuntime) {
+    /// Relays an accepted connection's bytes to an endpoint of `cr`; `identity`: the captured client's workload
+    /// identity (what a tunnel to another node presents).
+    func relay(fd: Int32, listener li: Int, cluster cr: ClusterRuntime, identity: String?) {
         guard let wc = clusters[ObjectIdentifier(cr)] else {
             listeners[li].counter.add(-1)
             close(fd)
@@ -427,6 +433,7 @@ public final class L4Worker: RingHandler {
         conns[Int(slot)].down = fd
         conns[Int(slot)].listener = Int32(li)
         conns[Int(slot)].cluster = wc
+        conns[Int(slot)].sourceIdentity = identity
         conns[Int(slot)].phase = .connecting
         conns[Int(slot)].lastActive = loop.now
         openCount += 1

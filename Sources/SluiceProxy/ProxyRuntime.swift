@@ -242,9 +242,9 @@ public final class ListenerRuntime: @unchecked Sendable {
         identity = nil
     }
 
-    /// The service of a connection accepted on the capture listener, from the client's address, and the address
-    /// the client dialled.
-    func capturedService(peer: Socket.Address) -> (CapturedService, EndpointAddress)? {
+    /// The service of a connection accepted on the capture listener, from the client's address; the address the
+    /// client dialled, and the client's cgroup.
+    func capturedService(peer: Socket.Address) -> (CapturedService, EndpointAddress, cgroup: UInt64)? {
         guard let capture, let captured else { return nil }
         let client: (IPAddress, UInt16)? = withUnsafeBytes(of: peer.storage) { raw in
             let port = UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
@@ -255,8 +255,8 @@ public final class ListenerRuntime: @unchecked Sendable {
             default: return nil
             }
         }
-        guard let (ip, port) = client, let original = capture.originalDestination(ip, port) else { return nil }
-        return captured[original].map { ($0, original) }
+        guard let (ip, port) = client, let (original, cgroup) = capture.originalDestination(ip, port) else { return nil }
+        return captured[original].map { ($0, original, cgroup) }
     }
 }
 
@@ -265,13 +265,18 @@ public final class ListenerRuntime: @unchecked Sendable {
 public struct OutboundCapture: Sendable {
     /// The listeners (IPv4 and IPv6 loopback, the same port).
     public var addresses: [EndpointAddress]
-    /// Client address and port -> the address the client dialled.
-    public var originalDestination: @Sendable (IPAddress, UInt16) -> EndpointAddress?
+    /// Client address and port -> the address the client dialled, and the client's cgroup id (0: unknown).
+    public var originalDestination: @Sendable (IPAddress, UInt16) -> (EndpointAddress, UInt64)?
+    /// A workload's `sluice.dev/cgroup` path -> that cgroup's id (what the programs record), nil if it does not
+    /// exist.
+    public var cgroupID: @Sendable (String) -> UInt64?
 
     public init(addresses: [EndpointAddress],
-                originalDestination: @escaping @Sendable (IPAddress, UInt16) -> EndpointAddress?) {
+                originalDestination: @escaping @Sendable (IPAddress, UInt16) -> (EndpointAddress, UInt64)?,
+                cgroupID: @escaping @Sendable (String) -> UInt64? = { _ in nil }) {
         self.addresses = addresses
         self.originalDestination = originalDestination
+        self.cgroupID = cgroupID
     }
 }
 
@@ -282,8 +287,11 @@ public final class ProxyRuntime: @unchecked Sendable {
     public let listeners: [ListenerRuntime]
     /// Labels of the node's workloads by address: the source of a captured connection.
     let workloadLabels: [String: [String: String]]
-    /// Identities of the node's workloads by address: what a captured connection's tunnel presents.
+    /// Identities of the node's workloads by address, and by cgroup id where a cgroup holds workloads of one
+    /// identity only; the identity when the node's workloads all have one (see ``sourceIdentity(cgroup:address:)``).
     let workloadIdentities: [String: String]
+    let identitiesByCgroup: [UInt64: String]
+    let soleIdentity: String?
     let tunnels: TunnelSettings?
 
     /// - Parameter previous: the runtime being replaced; clusters whose configuration did not change are carried
@@ -301,6 +309,15 @@ public final class ProxyRuntime: @unchecked Sendable {
         self.tunnels = tunnels
         workloadLabels = Dictionary(snapshot.workloads.map { ($0.address, $0.labels) }, uniquingKeysWith: { a, _ in a })
         workloadIdentities = Dictionary(snapshot.workloads.map { ($0.address, $0.identity) }, uniquingKeysWith: { a, _ in a })
+        var byCgroup: [UInt64: Set<String>] = [:]
+        if let capture {
+            for w in snapshot.workloads {
+                if let path = w.cgroup, let id = capture.cgroupID(path) { byCgroup[id, default: []].insert(w.identity) }
+            }
+        }
+        identitiesByCgroup = byCgroup.compactMapValues { $0.count == 1 ? $0.first : nil }
+        let identities = Set(snapshot.workloads.map(\.identity))
+        soleIdentity = identities.count == 1 ? identities.first : nil
         var reusable: [NodeSnapshot.Cluster: ClusterRuntime] = [:]
         for c in previous?.clusters ?? [] { reusable[c.config] = c }
         // Only clusters traffic can reach get sockets, health state and metrics: those of TCP routes, and every
@@ -374,4 +391,12 @@ public final class ProxyRuntime: @unchecked Sendable {
 
     /// Local rate-limit entries over all policies (each worker keeps its share of each).
     let rateLimitCount: Int
+
+    /// The workload identity of a captured client: by its cgroup (`sluice.dev/cgroup`, when that cgroup holds one
+    /// identity), else by its source address (a client that bound its workload's address), else the node's only
+    /// identity. Nil: the client cannot be told apart, and nothing is sent on its behalf to another node.
+    func sourceIdentity(cgroup: UInt64, address: String) -> String? {
+        if cgroup != 0, let id = identitiesByCgroup[cgroup] { return id }
+        return workloadIdentities[address] ?? soleIdentity
+    }
 }

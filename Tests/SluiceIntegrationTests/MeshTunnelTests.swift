@@ -42,15 +42,20 @@ final class MeshTunnelTests: XCTestCase {
         self.net = net
         try NetnsHarness.ip(["-n", net.namespace(1), "addr", "add", "\(intruderAddress(net))/24", "dev", "eth0"])
         try NetnsHarness.ip(["-n", net.namespace(2), "addr", "add", "\(webAddress(net))/24", "dev", "eth0"])
+        // n1's two workloads also have cgroups of their own (inside the captured one): how the agent tells apart
+        // clients that do not bind their address.
+        for w in ["client", "intruder"] {
+            try FileManager.default.createDirectory(atPath: net.workloadCgroup(1) + "/" + w, withIntermediateDirectories: true)
+        }
         try """
             apiVersion: networking.istio.io/v1
             kind: WorkloadEntry
-            metadata: {name: client, namespace: shop, annotations: {sluice.dev/node: n1}}
+            metadata: {name: client, namespace: shop, annotations: {sluice.dev/node: n1, sluice.dev/cgroup: \(net.workloadCgroup(1))/client}}
             spec: {address: \(net.address(1)), labels: {app: client}, serviceAccount: client}
             ---
             apiVersion: networking.istio.io/v1
             kind: WorkloadEntry
-            metadata: {name: intruder, namespace: shop, annotations: {sluice.dev/node: n1}}
+            metadata: {name: intruder, namespace: shop, annotations: {sluice.dev/node: n1, sluice.dev/cgroup: \(net.workloadCgroup(1))/intruder}}
             spec: {address: \(intruderAddress(net)), labels: {app: intruder}, serviceAccount: intruder}
             ---
             apiVersion: networking.istio.io/v1
@@ -102,12 +107,11 @@ final class MeshTunnelTests: XCTestCase {
                         "--join-token", "\(dir)/n\(node).token", "--state-dir", "\(dir)/n\(node)", "--dns-port", "0",
                         "--metrics", "127.0.0.1:15020", "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                         "--log-level", "debug"]
-            if node == 1 {
-                let pin = "/sys/fs/bpf/\(net.id)-n1"
-                pins.append(pin)
-                args += ["--cgroup", net.workloadCgroup(1), "--pin-dir", pin,
-                         "--bpf-dir", Harness.root.appendingPathComponent(".build/bpf").path]
-            }
+            // Each agent captures its node's workloads (and enforces their PeerAuthentication in the kernel).
+            let pin = "/sys/fs/bpf/\(net.id)-n\(node)"
+            pins.append(pin)
+            args += ["--cgroup", net.workloadCgroup(node), "--pin-dir", pin,
+                     "--bpf-dir", Harness.root.appendingPathComponent(".build/bpf").path]
             try net.start(node, args, log: "\(dir)/n\(node).log")
         }
         for node in [1, 2] {
@@ -115,9 +119,9 @@ final class MeshTunnelTests: XCTestCase {
         }
         // The echo workload on n2.
         let echo = """
-            import socket, threading
+            import socket, sys, threading
             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(('\(net.address(2))', 7000)); s.listen(128)
+            s.bind(('\(net.address(2))', int(sys.argv[1]) if len(sys.argv) > 1 else 7000)); s.listen(128)
             def serve(c):
                 while True:
                     d = c.recv(65536)
@@ -139,7 +143,9 @@ final class MeshTunnelTests: XCTestCase {
             while (done < count) if count else not os.path.exists(stop):
                 done += 1
                 try:
-                    s = socket.socket(); s.bind((src, 0)); s.settimeout(10); s.connect(('\(vip)', 7000))
+                    s = socket.socket(); s.settimeout(10)
+                    if src != '-': s.bind((src, 0))
+                    s.connect(('\(vip)', 7000))
                     t = threading.Thread(target=lambda: s.sendall(payload)); t.start()
                     got = b''
                     while len(got) < n:
@@ -165,9 +171,18 @@ final class MeshTunnelTests: XCTestCase {
         XCTAssertTrue(wait(10) { self.read("control.log").contains("control plane ready") }, read("control.log"))
     }
 
+    /// Whether a plain connection from node `from` to node 2's `port` gets its echo (2 s at most).
+    func directEcho(_ net: NetnsHarness, from: Int, port: Int) throws -> Bool {
+        let script = "import socket;s=socket.create_connection(('\(net.address(2))',\(port)),timeout=2);"
+            + "s.sendall(b'ping');print(s.recv(10).decode())"
+        return try net.run(from, ["python3", "-c", script]).output.contains("ping")
+    }
+
     /// Echo exchanges of `bytes` each from `source` on n1 through the VIP; returns how many came back whole.
-    func exchanges(_ net: NetnsHarness, from source: String, bytes: Int, count: Int = 1) throws -> Int {
-        let (out, _) = try net.runWorkload(1, ["python3", "\(dir)/client.py", source, String(bytes), String(count)])
+    /// `source` "-": the client does not bind an address (its connections come from loopback once captured), and
+    /// runs in the child cgroup `cgroup` of the captured one.
+    func exchanges(_ net: NetnsHarness, from source: String, bytes: Int, count: Int = 1, cgroup: String? = nil) throws -> Int {
+        let (out, _) = try net.runWorkload(1, ["python3", "\(dir)/client.py", source, String(bytes), String(count)], cgroup: cgroup)
         return Int(out.split(separator: "\n").last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "") ?? -1
     }
 
@@ -219,6 +234,10 @@ final class MeshTunnelTests: XCTestCase {
         XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 1 << 20, count: 3), 3, metrics(net, 1) + metrics(net, 2))
         // Another workload of the same node, with its own identity, is refused by the destination.
         XCTAssertEqual(try exchanges(net, from: intruderAddress(net), bytes: 1000), 0)
+        // Clients that do not bind an address are told apart by their cgroup.
+        XCTAssertEqual(try exchanges(net, from: "-", bytes: 1000, cgroup: "client"), 1)
+        XCTAssertEqual(try exchanges(net, from: "-", bytes: 1000, cgroup: "intruder"), 0)
+
         // HTTP through the L7 proxy goes through the tunnel too (pooled upstream connections, per identity).
         try FileManager.default.createDirectory(atPath: "\(dir)/www", withIntermediateDirectories: true)
         try String(repeating: "PLAINTEXT-MARKER-HTTP ", count: 500).write(toFile: "\(dir)/www/page.txt", atomically: true, encoding: .utf8)
@@ -243,15 +262,17 @@ final class MeshTunnelTests: XCTestCase {
         let direct = try Harness.run("/usr/bin/tcpdump", ["-r", pcap, "-nn", "tcp port 7000 or tcp port 8080"]).output
         XCTAssertGreaterThan(hbone.split(separator: "\n").count, 100)
         XCTAssertEqual(direct.split(separator: "\n").filter { $0.contains(" IP ") }.count, 0, direct)
+        // No PeerAuthentication: PERMISSIVE, a client outside the mesh (node 0 runs no agent) reaches the workload.
+        XCTAssertTrue(try directEcho(net, from: 0, port: 7000))
 
         XCTAssertGreaterThanOrEqual(metric(net, 2, ["sluice_hbone_streams_total", "direction=\"inbound\"", "result=\"ok\""]), 4)
-        XCTAssertEqual(metric(net, 2, ["sluice_hbone_streams_total", "direction=\"inbound\"", "result=\"denied\""]), 1)
+        XCTAssertEqual(metric(net, 2, ["sluice_hbone_streams_total", "direction=\"inbound\"", "result=\"denied\""]), 2)
         // (Refusals also count the HTTP calls made before the web server listened: workload unreachable, 503.)
         XCTAssertGreaterThanOrEqual(metric(net, 1, ["sluice_hbone_streams_total", "direction=\"outbound\"", "result=\"refused\""]), 1)
         // Tunnels are pooled per worker by (source identity, destination node, destination identity): the client's
-        // calls to echo used at most one per worker (2), to web at most 2 more, the other identity one more.
+        // calls to echo used at most one per worker (2), to web at most 2 more, the other identity at most 2 more.
         XCTAssertGreaterThanOrEqual(metric(net, 1, ["sluice_hbone_streams_total", "direction=\"outbound\"", "result=\"ok\""]), 4)
-        XCTAssertLessThanOrEqual(metric(net, 1, ["sluice_hbone_tunnels_opened_total", "direction=\"outbound\""]), 5)
+        XCTAssertLessThanOrEqual(metric(net, 1, ["sluice_hbone_tunnels_opened_total", "direction=\"outbound\""]), 6)
     }
 
     /// Callers without a valid certificate of this mesh get no tunnel, each refusal counted by its reason: none,
@@ -367,5 +388,28 @@ final class MeshTunnelTests: XCTestCase {
         guard counts.count == 2 else { return }
         XCTAssertGreaterThan(counts[1], 50)
         XCTAssertEqual(counts[0], counts[1], read("load.log") + read("n1.log") + read("n2.log"))
+    }
+
+    /// PeerAuthentication STRICT on the echo workload, PERMISSIVE on its port 7001: plaintext from outside the mesh
+    /// is refused on 7000 (dropped in the kernel, counted) and accepted on 7001, while mesh callers keep coming in
+    /// through the tunnel.
+    func testStrictPeerAuthenticationRefusesPlaintextFromOutsideTheMesh() throws {
+        let net = try startMesh(policy: """
+            ---
+            apiVersion: security.istio.io/v1
+            kind: PeerAuthentication
+            metadata: {name: echo-strict, namespace: shop}
+            spec:
+              selector: {matchLabels: {app: echo}}
+              mtls: {mode: STRICT}
+              portLevelMtls: {7001: {mode: PERMISSIVE}}
+            """)
+        try net.start(2, ["python3", "\(dir)/echo.py", "7001"], log: "\(dir)/echo-7001.log", workload: true)
+        XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 100_000, count: 2), 2)
+        XCTAssertFalse(try directEcho(net, from: 0, port: 7000), "plaintext into a STRICT port")
+        XCTAssertTrue(Harness.wait(5) { (try? self.directEcho(net, from: 0, port: 7001)) == true }, "PERMISSIVE port")
+        XCTAssertGreaterThan(metric(net, 2, ["sluice_bpf_peer_authentication_dropped_total"]), 0)
+        // The mesh path still works after the refusals.
+        XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 1000), 1)
     }
 }

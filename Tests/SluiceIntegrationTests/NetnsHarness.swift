@@ -87,9 +87,11 @@ final class NetnsHarness {
         try Harness.run("/usr/bin/nsenter", ["--net=/run/netns/\(namespace(i))"] + arguments)
     }
 
-    /// Runs `arguments` as a workload of node `i` (in the cgroup its agent captures) to completion.
-    func runWorkload(_ i: Int, _ arguments: [String]) throws -> (output: String, status: Int32) {
-        try Harness.run("/bin/sh", ["-c", "echo $$ > \(workloadCgroup(i))/cgroup.procs && exec \(enter(i)) \(Self.quoted(arguments))"])
+    /// Runs `arguments` as a workload of node `i` (in the cgroup its agent captures, or in its child `cgroup`) to
+    /// completion.
+    func runWorkload(_ i: Int, _ arguments: [String], cgroup child: String? = nil) throws -> (output: String, status: Int32) {
+        let cg = workloadCgroup(i) + (child.map { "/" + $0 } ?? "")
+        return try Harness.run("/bin/sh", ["-c", "echo $$ > \(cg)/cgroup.procs && exec \(enter(i)) \(Self.quoted(arguments))"])
     }
 
     /// Enters only node `i`'s network namespace (`ip netns exec` would also mount a /sys of its own, hiding the

@@ -109,6 +109,15 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_exclude_ports SEC(".maps");
 
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, SL_MAX_INBOUND);
+    __type(key, struct sl_inbound_key);
+    __type(value, __u8);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_inbound SEC(".maps");
+
 static __always_inline void sl_count(__u32 which) {
     __u64 *v = bpf_map_lookup_elem(&sl_counters, &which);
     if (v) *v += 1;

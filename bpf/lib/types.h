@@ -39,6 +39,7 @@ enum sl_counter {
     SL_COUNT_EXCLUDED = 4,   /* destination on the exclusion list */
     SL_COUNT_DNS = 5,        /* DNS queries (UDP to port 53) sent to the agent's DNS listener */
     SL_COUNT_DENIED = 6,     /* connects refused: not a service while the mesh is REGISTRY_ONLY */
+    SL_COUNT_STRICT = 7,     /* packets from outside the node to a STRICT (mTLS only) workload port, dropped */
     SL_COUNT_MAX = 8,
 };
 
@@ -142,12 +143,25 @@ struct sl_cidr_key {
     sl_u32 addr;
 };
 
+/* PeerAuthentication of a workload port: `port` 0 is the workload's own mode, a port's entry overrides it. */
+enum sl_peer_mode {
+    SL_PEER_PERMISSIVE = 1, /* plaintext from outside the mesh accepted (Istio's default) */
+    SL_PEER_STRICT = 2,     /* only through the agent (HBONE, or a captured connection of this node) */
+};
+
+struct sl_inbound_key {
+    sl_u32 addr;
+    sl_u16 port;
+    sl_u16 pad;
+};
+
 /* Capacities, shared so that user space can refuse an update that would not fit. */
 #define SL_MAX_SERVICES 65536
 #define SL_MAX_SLOTS (1 << 20)
 #define SL_MAX_SLOTS_PER_SERVICE 65521
 #define SL_MAX_EXCLUSIONS 1024
 #define SL_MAX_SLOTS6 (1 << 18)
+#define SL_MAX_INBOUND 65536
 
 #define SL_STATIC_ASSERT(c, m) _Static_assert(c, m)
 SL_STATIC_ASSERT(sizeof(struct sl_service_key) == 8, "sl_service_key layout");
@@ -157,6 +171,7 @@ SL_STATIC_ASSERT(sizeof(struct sl_config) == 12, "sl_config layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst) == 16, "sl_original_dst layout");
 SL_STATIC_ASSERT(sizeof(struct sl_peer_key) == 8, "sl_peer_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_cidr_key) == 8, "sl_cidr_key layout");
+SL_STATIC_ASSERT(sizeof(struct sl_inbound_key) == 8, "sl_inbound_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_service_key6) == 20, "sl_service_key6 layout");
 SL_STATIC_ASSERT(sizeof(struct sl_backend6) == 20, "sl_backend6 layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst6) == 32, "sl_original_dst6 layout");
