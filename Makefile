@@ -6,11 +6,11 @@ DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev lib
                 procps nghttp2-client python3-pip tcpdump
 # PyPI packages the tests use (real gRPC clients and servers).
 PY_PACKAGES := grpcio
-BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables nghttp2-client linux-perf
+BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables nghttp2-client linux-perf openssl
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 
-.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf bench-http fuzz clean
+.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf bench-http bench-hbone fuzz clean
 
 all: build
 
@@ -93,6 +93,14 @@ bench-http: bench-deps build-release
 
 bench: bench-deps bpf build-release
 	@bash Benchmarks/bench.sh
+	@$(BENCH_HBONE)
+
+# Only the HBONE figures (root): two node agents' mutual-TLS tunnels vs a haproxy pair doing TLS origination and
+# termination vs direct, across network namespaces on one bridge (~4 minutes).
+BENCH_HBONE = set -o pipefail; ulimit -n 1048576 2>/dev/null || ulimit -n "$$(ulimit -Hn)"; \
+	python3 Benchmarks/bench_hbone.py | python3 Benchmarks/bench_hbone.py --print
+bench-hbone: bench-deps bpf build-release
+	@$(BENCH_HBONE)
 
 # Only the kernel-path figures (root): kernel-balanced throughput and connect() latency added by the programs.
 bench-bpf: bench-deps bpf build-release
