@@ -263,10 +263,11 @@ public final class Agent: @unchecked Sendable {
         return "/usr/lib/sluice/bpf"
     }
 
-    /// With tunnels, services with workloads on other nodes are not left to the kernel (their bytes would cross
-    /// the network in plaintext).
+    /// Services whose connections the agent must see are not left to the kernel: with tunnels, those with workloads
+    /// on other nodes (their bytes would cross the network in plaintext); those with workloads of this node that an
+    /// AuthorizationPolicy selects.
     private func served(_ snapshot: NodeSnapshot) -> NodeSnapshot {
-        tunnels == nil ? snapshot : snapshot.sendingRemoteWorkloadsThroughTunnels()
+        snapshot.servedByAgent(tunnels: tunnels != nil)
     }
 
     public func start() throws {

@@ -210,18 +210,19 @@ public struct Named<Spec: Sendable & Hashable & Encodable>: Sendable, Hashable, 
 }
 
 extension NodeSnapshot {
-    /// The snapshot as an agent with mesh certificates serves it: a service the kernel would balance by itself goes
-    /// through the agent when one of its endpoints is a mesh workload on another node, so that its bytes cross the
-    /// network inside a mutual-TLS tunnel rather than in plaintext.
-    public func sendingRemoteWorkloadsThroughTunnels() -> NodeSnapshot {
+    /// The snapshot as an agent serves it: with mesh certificates (`tunnels`), a service the kernel would balance by
+    /// itself goes through the agent when one of its endpoints is a mesh workload on another node, so that its bytes
+    /// cross the network inside a mutual-TLS tunnel rather than in plaintext. (Services with backends that an
+    /// AuthorizationPolicy selects already go through the agent: the compiler decides that.)
+    public func servedByAgent(tunnels: Bool) -> NodeSnapshot {
+        guard tunnels else { return self }
         let clustersByName = Dictionary(clusters.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         var copy = self
         for (i, b) in bpfServices.enumerated() where b.isL4Only {
-            let name = Cluster.name(port: b.address.port, subset: nil, host: b.host)
-            let remote = clustersByName[name]?.endpoints.contains { e in
-                e.identity != nil && e.node != nil && e.node != node
-            } ?? false
-            if remote { copy.bpfServices[i].action = .proxy(reason: "mutual TLS to workloads on other nodes (HBONE)") }
+            let endpoints = clustersByName[Cluster.name(port: b.address.port, subset: nil, host: b.host)]?.endpoints ?? []
+            if endpoints.contains(where: { $0.identity != nil && $0.node != nil && $0.node != node }) {
+                copy.bpfServices[i].action = .proxy(reason: "mutual TLS to workloads on other nodes (HBONE)")
+            }
         }
         return copy
     }

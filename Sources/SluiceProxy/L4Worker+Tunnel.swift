@@ -877,4 +877,18 @@ extension L4Worker {
         trackUp(s, u, .uConnect)
         return u
     }
+
+    // MARK: - calls between workloads of this node
+
+    /// Whether the captured client in `slot` may connect to `endpoint` when that is a workload of this node: its
+    /// AuthorizationPolicies judge the client's identity, address and the port (L4 fields).
+    func localCallAllowed(_ slot: UInt32, endpoint: EndpointAddress) -> Bool {
+        guard let w = runtime.localWorkloads[endpoint.ip.description], !w.authorization.isEmpty else { return true }
+        let i = Int(slot)
+        var request = AuthorizationRequest(sourceIP: IPAddress(Self.ipString(Socket.peerAddress(conns[i].down))),
+                                           principal: conns[i].sourceIdentity, port: endpoint.port)
+        request.destinationIP = endpoint.ip
+        if case .deny = w.authorization.evaluate(request) { return false }
+        return true
+    }
 }

@@ -470,6 +470,13 @@ public final class L4Worker: RingHandler {
             openTunnelStream(slot, endpoint: e, target)
             return
         }
+        // A workload of this node is called without a tunnel: its AuthorizationPolicies are checked here, as its
+        // node's agent checks a tunnelled caller.
+        if runtime.localPolicies, !localCallAllowed(slot, endpoint: wc.runtime.config.endpoints[e].address) {
+            shard.add(stats.authorizationDenied)
+            teardown(slot, reset: true)
+            return
+        }
         let addr = wc.runtime.addresses + e
         let fd = Socket.stream(family: addr.pointee.family)
         guard fd >= 0 else {

@@ -292,6 +292,10 @@ public final class ProxyRuntime: @unchecked Sendable {
     let workloadIdentities: [String: String]
     let identitiesByCgroup: [UInt64: String]
     let soleIdentity: String?
+    /// The node's workloads by address with the AuthorizationPolicies that select them; `localPolicies` when any
+    /// has one (a captured connection to such a workload is checked before it is connected).
+    let localWorkloads: [String: InboundWorkload]
+    let localPolicies: Bool
     let tunnels: TunnelSettings?
 
     /// - Parameter previous: the runtime being replaced; clusters whose configuration did not change are carried
@@ -377,13 +381,15 @@ public final class ProxyRuntime: @unchecked Sendable {
                 listeners.append(ListenerRuntime(capture: capture, address: a, services: services, http: mesh))
             }
         }
+        var inbound: [String: InboundWorkload] = [:]
+        for w in snapshot.workloads where inbound[w.address] == nil {
+            let names = Set(w.authorizationPolicies)
+            inbound[w.address] = InboundWorkload(
+                workload: w, authorization: AuthorizationEngine(snapshot.authorizationPolicies.filter { names.contains($0.qualifiedName) }))
+        }
+        localWorkloads = inbound
+        localPolicies = inbound.values.contains { !$0.authorization.isEmpty }
         if let tunnels {
-            var inbound: [String: InboundWorkload] = [:]
-            for w in snapshot.workloads where inbound[w.address] == nil {
-                let names = Set(w.authorizationPolicies)
-                inbound[w.address] = InboundWorkload(
-                    workload: w, authorization: AuthorizationEngine(snapshot.authorizationPolicies.filter { names.contains($0.qualifiedName) }))
-            }
             listeners.append(ListenerRuntime(tunnelsAt: tunnels.listen, workloads: inbound))
         }
         self.listeners = listeners

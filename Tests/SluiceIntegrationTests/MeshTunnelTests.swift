@@ -37,7 +37,8 @@ final class MeshTunnelTests: XCTestCase {
     /// Starts the CA on node 0 and agents on nodes 1 (capturing its workloads) and 2, waits until both agents have
     /// their tunnel credentials.
     /// - Parameter caDirectory: a plug-in CA (Istio's `cacerts` layout) instead of the generated root.
-    func startMesh(lifetime: String = "1h", policy: String = "", caDirectory: String? = nil) throws -> NetnsHarness {
+    /// - Parameter policy: more YAML for the mesh, given the network (for addresses).
+    func startMesh(lifetime: String = "1h", policy: (NetnsHarness) -> String = { _ in "" }, caDirectory: String? = nil) throws -> NetnsHarness {
         let net = try NetnsHarness(nodes: 3)
         self.net = net
         try NetnsHarness.ip(["-n", net.namespace(1), "addr", "add", "\(intruderAddress(net))/24", "dev", "eth0"])
@@ -89,7 +90,7 @@ final class MeshTunnelTests: XCTestCase {
               resolution: STATIC
               ports: [{number: 8080, name: http, protocol: HTTP}]
               workloadSelector: {labels: {app: web}}
-            \(policy)
+            \(policy(net))
             """.write(toFile: "\(dir)/mesh/mesh.yaml", atomically: true, encoding: .utf8)
         try "tok-n1 n1\ntok-n2 n2\n".write(toFile: "\(dir)/tokens", atomically: true, encoding: .utf8)
         controlArguments = [sluice, "control", "--state-dir", "\(dir)/ca", "--config", "\(dir)/mesh", "--join-tokens", "\(dir)/tokens",
@@ -209,7 +210,7 @@ final class MeshTunnelTests: XCTestCase {
     }
 
     func testBytesBetweenNodesAreTLSAndTheDestinationSeesTheCallersIdentity() throws {
-        let net = try startMesh(policy: """
+        let net = try startMesh(policy: { net in """
             ---
             apiVersion: security.istio.io/v1
             kind: AuthorizationPolicy
@@ -218,7 +219,7 @@ final class MeshTunnelTests: XCTestCase {
               selector: {matchLabels: {app: echo}}
               action: ALLOW
               rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
-            """)
+            """ })
         // Everything on the bridge, from before the first byte.
         let pcap = "\(dir)/bridge.pcap"
         let dump = Process()
@@ -394,7 +395,7 @@ final class MeshTunnelTests: XCTestCase {
     /// is refused on 7000 (dropped in the kernel, counted) and accepted on 7001, while mesh callers keep coming in
     /// through the tunnel.
     func testStrictPeerAuthenticationRefusesPlaintextFromOutsideTheMesh() throws {
-        let net = try startMesh(policy: """
+        let net = try startMesh(policy: { net in """
             ---
             apiVersion: security.istio.io/v1
             kind: PeerAuthentication
@@ -403,7 +404,7 @@ final class MeshTunnelTests: XCTestCase {
               selector: {matchLabels: {app: echo}}
               mtls: {mode: STRICT}
               portLevelMtls: {7001: {mode: PERMISSIVE}}
-            """)
+            """ })
         try net.start(2, ["python3", "\(dir)/echo.py", "7001"], log: "\(dir)/echo-7001.log", workload: true)
         XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 100_000, count: 2), 2)
         XCTAssertFalse(try directEcho(net, from: 0, port: 7000), "plaintext into a STRICT port")
@@ -411,5 +412,50 @@ final class MeshTunnelTests: XCTestCase {
         XCTAssertGreaterThan(metric(net, 2, ["sluice_bpf_peer_authentication_dropped_total"]), 0)
         // The mesh path still works after the refusals.
         XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 1000), 1)
+    }
+
+    /// A call between two workloads of one node goes through no tunnel, but still through the destination's
+    /// AuthorizationPolicy (checked by the node's agent, which the kernel now sends the service's connections to).
+    func testCallsWithinANodeAreAuthorizedByTheDestinationsPolicy() throws {
+        let net = try startMesh(policy: { net in """
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: WorkloadEntry
+            metadata: {name: neighbour, namespace: shop, annotations: {sluice.dev/node: n1}}
+            spec: {address: \(net.subnet).103, labels: {app: neighbour}, serviceAccount: neighbour}
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {name: neighbour, namespace: shop}
+            spec:
+              hosts: [neighbour.shop.svc.cluster.local]
+              addresses: [240.10.0.3]
+              location: MESH_INTERNAL
+              resolution: STATIC
+              ports: [{number: 7000, name: tcp-echo, protocol: TCP}]
+              workloadSelector: {labels: {app: neighbour}}
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: neighbour-callers, namespace: shop}
+            spec:
+              selector: {matchLabels: {app: neighbour}}
+              action: ALLOW
+              rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+            """ })
+        try NetnsHarness.ip(["-n", net.namespace(1), "addr", "add", "\(net.subnet).103/24", "dev", "eth0"])
+        let echo = read("echo.py").replacingOccurrences(of: "'\(net.address(2))'", with: "'\(net.subnet).103'")
+        try echo.write(toFile: "\(dir)/echo-n1.py", atomically: true, encoding: .utf8)
+        try net.start(1, ["python3", "\(dir)/echo-n1.py", "7000"], log: "\(dir)/echo-n1.log", workload: true)
+        let client = read("client.py").replacingOccurrences(of: "'\(vip)'", with: "'240.10.0.3'")
+        try client.write(toFile: "\(dir)/client-n1.py", atomically: true, encoding: .utf8)
+        func calls(_ cgroup: String) throws -> Int {
+            let (out, _) = try net.runWorkload(1, ["python3", "\(dir)/client-n1.py", "-", "1000", "2"], cgroup: cgroup)
+            return Int(out.split(separator: "\n").last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "") ?? -1
+        }
+        XCTAssertTrue(Harness.wait(5) { (try? calls("client")) == 2 }, read("n1.log"))
+        XCTAssertEqual(try calls("intruder"), 0)
+        XCTAssertGreaterThanOrEqual(metric(net, 1, ["sluice_authorization_denied_total"]), 2)
+        XCTAssertEqual(metric(net, 1, ["sluice_hbone_streams_total"]), 0, "no tunnel within the node")
     }
 }

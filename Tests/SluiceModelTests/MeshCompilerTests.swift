@@ -132,6 +132,50 @@ final class MeshCompilerTests: XCTestCase {
         XCTAssertEqual(b.peerAuthentications.map(\.qualifiedName), ["istio-system/mesh-wide"])
     }
 
+    /// Istio's PeerAuthentication precedence: the workload's own (selector) policy, then its namespace's, then the
+    /// mesh's; UNSET defers; `portLevelMtls` refines the workload's own policy.
+    func testPeerAuthenticationInEffectFollowsIstiosPrecedence() throws {
+        func modes(_ policies: String) throws -> [String: (PeerAuthentication.Mode, [UInt16: PeerAuthentication.Mode])] {
+            let m = try MeshCompiler(Self.decode(Self.twoNamespaces + policies))
+            let b = m.snapshot(for: "node-b")
+            return Dictionary(uniqueKeysWithValues: b.workloads.map { ("\($0.namespace)/\($0.name)", ($0.peerAuthentication, $0.peerAuthenticationPorts)) })
+        }
+        func policy(_ name: String, _ ns: String, _ body: String) -> String {
+            "\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: \(name), namespace: \(ns)}\nspec: \(body)\n"
+        }
+        var m = try modes("")
+        XCTAssertEqual(m["shop/ratings-2"]?.0, .permissive, "nothing set: PERMISSIVE")
+        m = try modes(policy("mesh", "istio-system", "{mtls: {mode: STRICT}}"))
+        XCTAssertEqual(m["shop/ratings-2"]?.0, .strict)
+        XCTAssertEqual(m["books/reviews-1"]?.0, .strict)
+        m = try modes(policy("mesh", "istio-system", "{mtls: {mode: STRICT}}") + policy("shop", "shop", "{mtls: {mode: PERMISSIVE}}"))
+        XCTAssertEqual(m["shop/ratings-2"]?.0, .permissive, "the namespace's overrides the mesh's")
+        XCTAssertEqual(m["books/reviews-1"]?.0, .strict)
+        m = try modes(policy("shop", "shop", "{mtls: {mode: PERMISSIVE}}")
+                      + policy("ratings", "shop", "{selector: {matchLabels: {app: ratings}}, mtls: {mode: UNSET}, portLevelMtls: {8000: {mode: STRICT}}}"))
+        XCTAssertEqual(m["shop/ratings-2"]?.0, .permissive, "UNSET defers to the namespace's")
+        XCTAssertEqual(m["shop/ratings-2"]?.1, [8000: .strict])
+    }
+
+    /// With tunnels, kernel balancing is given up for a service with a mesh backend on another node; a service the
+    /// compiler already sends to the agent keeps its reason.
+    func testServicesWithGuardedOrRemoteBackendsGoThroughTheAgent() throws {
+        let plain = try MeshCompiler(Self.decode(Self.twoNamespaces)).snapshot(for: "node-a")
+        XCTAssertTrue(plain.servedByAgent(tunnels: false).bpfServices[0].isL4Only)
+        XCTAssertEqual(plain.servedByAgent(tunnels: true).bpfServices[0].action,
+                       .proxy(reason: "mutual TLS to workloads on other nodes (HBONE)"), "ratings-2 runs on node-b")
+        let guarded = try MeshCompiler(Self.decode(Self.twoNamespaces + """
+
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: ratings, namespace: shop}
+            spec: {selector: {matchLabels: {app: ratings}}, rules: [{from: [{source: {namespaces: [shop]}}]}]}
+            """)).snapshot(for: "node-a")
+        XCTAssertEqual(guarded.servedByAgent(tunnels: true).bpfServices[0].action,
+                       .proxy(reason: "AuthorizationPolicy shop/ratings authorizes its workloads"))
+    }
+
     // MARK: - BPF services map
 
     func testPlainTCPServiceIsBalancedInTheKernel() throws {
