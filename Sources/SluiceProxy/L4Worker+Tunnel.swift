@@ -133,6 +133,7 @@ final class TunnelStream {
 /// Worker-wide HBONE counters.
 struct TunnelStats {
     let tunnelsOpened: (outbound: Int, inbound: Int)
+    let tunnelsResumed: Int
     let tunnelFailures: (connect: Int, handshake: Int, identity: Int)
     /// Handshakes refused for the peer's certificate, by reason (see ``TLSStream/certificateProblem``), and
     /// inbound callers from another trust domain.
@@ -147,6 +148,8 @@ struct TunnelStats {
                              labels: l + [("direction", direction)])
         }
         tunnelsOpened = (tunnels("outbound"), tunnels("inbound"))
+        tunnelsResumed = registry.counter("sluice_hbone_tunnels_resumed_total",
+                                          help: "Outbound HBONE connections that resumed a TLS session (no full handshake)", labels: l)
         func failure(_ reason: String) -> Int {
             registry.counter("sluice_hbone_tunnel_failures_total",
                              help: "HBONE connections that failed to connect, to handshake, or whose peer presented the wrong identity",
@@ -250,8 +253,9 @@ extension L4Worker {
 
     private func connectTunnel(key: TunnelKey, target: TunnelTarget, identity: MeshCredentials.Identity,
                                credentials: UInt64) -> Tunnel? {
+        // Sessions are resumed per (node, identity): any worker's next tunnel there skips the full handshake.
         guard let tls = try? TLSStream(client: identity.client, serverName: MeshCredentials.serverName(for: target.identity),
-                                       checkHostName: false)
+                                       checkHostName: false, sessionKey: "\(target.node)|\(target.identity)")
         else { return nil }
         let fd = Socket.stream(family: target.agent.family)
         guard fd >= 0 else { return nil }
@@ -436,6 +440,8 @@ extension L4Worker {
             let r = t.tls.read(into: UnsafeMutableRawBufferPointer(start: t.receiveBuffer, count: Tunnel.receiveSize))
             switch r {
             case .bytes(let n):
+                // The server's session tickets have been read by now: keep one for the next tunnel there.
+                if t.outbound { t.tls.rememberSession() }
                 if !t.h2.receive(UnsafeRawBufferPointer(start: t.receiveBuffer, count: n)) {
                     flushTunnel(t)
                     closeTunnel(t)
@@ -467,6 +473,7 @@ extension L4Worker {
                 return false
             }
             shard.add(tunnelStats.tunnelsOpened.outbound)
+            if t.tls.resumed { shard.add(tunnelStats.tunnelsResumed) }
         } else {
             guard let peer = uris.first(where: { $0.hasPrefix("spiffe://") }) else {
                 shard.add(tunnelStats.tunnelFailures.identity)

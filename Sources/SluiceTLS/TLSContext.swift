@@ -1,5 +1,6 @@
 import CSluiceLinux
 import Glibc
+import Synchronization
 
 /// A TLS failure, with OpenSSL's reason where it gave one.
 public struct TLSError: Error, CustomStringConvertible, Sendable {
@@ -41,6 +42,9 @@ public enum TLSVersion: Sendable, Hashable {
 /// Only this module sees private keys: they are read from files straight into OpenSSL.
 public final class TLSContext: @unchecked Sendable {
     let ctx: OpaquePointer
+    /// Client contexts: the last resumable session per peer (see ``TLSStream/rememberSession()``), for
+    /// resumption (TLS 1.3 PSK from the server's ticket) on the next connection to it.
+    private let sessions = Mutex<[String: KeptSession]>([:])
     /// Protocols offered (client) or accepted in the peer's order of preference (server), e.g. `["h2", "http/1.1"]`.
     public let alpn: [String]
     let alpnWire: [UInt8]
@@ -120,6 +124,27 @@ public final class TLSContext: @unchecked Sendable {
     }
 
     deinit { SSL_CTX_free(ctx) }
+
+    /// A session reference the context owns (freed with it).
+    final class KeptSession: @unchecked Sendable {
+        let session: OpaquePointer
+        init(_ session: OpaquePointer) { self.session = session }
+        deinit { SSL_SESSION_free(session) }
+    }
+
+    /// A new reference to the session kept for `key` (the caller frees it), if any.
+    func session(for key: String) -> OpaquePointer? {
+        let kept = sessions.withLock { $0[key] }
+        guard let kept else { return nil }
+        SSL_SESSION_up_ref(kept.session)
+        return kept.session
+    }
+
+    /// Keeps `session` (a reference the context now owns) for `key`, replacing the one before.
+    func keep(_ session: OpaquePointer, for key: String) {
+        let box = KeptSession(session)
+        sessions.withLock { $0[key] = box }
+    }
 
     /// ALPN's wire form: each name prefixed by its length.
     static func wire(_ names: [String]) -> [UInt8] {

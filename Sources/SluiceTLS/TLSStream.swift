@@ -15,6 +15,8 @@ public final class TLSStream {
     private let wbio: OpaquePointer
     /// Keeps the SNI callback's certificates alive for as long as the handshake may consult them.
     private let names: TLSServerNames?
+    /// Client: the context and key its session is remembered under (resumption).
+    private var resumption: (context: TLSContext, key: String)?
     public private(set) var handshakeDone = false
 
     public enum Progress: Equatable {
@@ -46,8 +48,18 @@ public final class TLSStream {
     ///   - serverName: sent as SNI, and (when the context verifies and `checkHostName`) checked against the
     ///     certificate's DNS names. Mesh peers are checked by their SPIFFE URI instead (``peerURIs``), so HBONE
     ///     sends the name without the DNS check.
-    public convenience init(client context: TLSContext, serverName: String?, checkHostName: Bool = true) throws(TLSError) {
+    ///   - sessionKey: when set, a session remembered under this key (``rememberSession()``) is offered for
+    ///     resumption, so a later connection to the same peer skips the full handshake.
+    public convenience init(client context: TLSContext, serverName: String?, checkHostName: Bool = true,
+                            sessionKey: String? = nil) throws(TLSError) {
         try self.init(context: context, names: nil)
+        if let sessionKey {
+            resumption = (context, sessionKey)
+            if let session = context.session(for: sessionKey) {
+                SSL_set_session(ssl, session)
+                SSL_SESSION_free(session)
+            }
+        }
         if let serverName {
             // The session is freed with the object (deinit) when this throws.
             guard sl_tls_set_host_name(ssl, serverName) == 1, !checkHostName || SSL_set1_host(ssl, serverName) == 1 else {
@@ -173,6 +185,21 @@ public final class TLSStream {
     public var version: String { String(cString: SSL_get_version(ssl)) }
 
     public var resumed: Bool { SSL_session_reused(ssl) == 1 }
+
+    /// Client: keeps this connection's session (once the server's ticket has arrived, i.e. after the first read
+    /// past the handshake in TLS 1.3) for the next connection with the same session key. Returns whether one was
+    /// kept.
+    @discardableResult
+    public func rememberSession() -> Bool {
+        guard let (context, key) = resumption, let session = SSL_get1_session(ssl) else { return false }
+        guard SSL_SESSION_is_resumable(session) == 1 else {
+            SSL_SESSION_free(session)
+            return false
+        }
+        context.keep(session, for: key)
+        resumption = nil
+        return true
+    }
 
     /// Why the peer's certificate was refused, as a metric label: `certificate_expired`,
     /// `certificate_not_yet_valid`, `certificate_untrusted` (self-signed, or from a CA not trusted here),

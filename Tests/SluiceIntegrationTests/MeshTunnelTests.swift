@@ -134,6 +134,8 @@ final class MeshTunnelTests: XCTestCase {
             """
         try echo.write(toFile: "\(dir)/echo.py", atomically: true, encoding: .utf8)
         try net.start(2, ["python3", "\(dir)/echo.py"], log: "\(dir)/echo.log", workload: true)
+        // Listening before any test traffic (from its own node: loopback, whatever its PeerAuthentication).
+        XCTAssertTrue(wait(10) { (try? self.directEcho(net, from: 2, port: 7000)) == true }, "echo server did not start")
         try """
             import os, socket, sys, threading
             # count 0: until the file `stop` appears in this script's directory; prints "OK DONE" then.
@@ -332,7 +334,7 @@ final class MeshTunnelTests: XCTestCase {
         }
         let last = try Harness.run("/usr/bin/openssl", ["x509", "-in", crt, "-noout", "-serial"]).output
         XCTAssertNotEqual(first, last, "the certificate rotated during the run")
-        XCTAssertEqual(ok, done, read("n1.log"))
+        XCTAssertEqual(ok, done, metrics(net, 1) + metrics(net, 2))
         XCTAssertGreaterThan(done, 40)
         // New tunnels were opened with the new certificates.
         XCTAssertGreaterThanOrEqual(metric(net, 1, ["sluice_hbone_tunnels_opened_total", "direction=\"outbound\""]), 2)
@@ -406,7 +408,8 @@ final class MeshTunnelTests: XCTestCase {
               portLevelMtls: {7001: {mode: PERMISSIVE}}
             """ })
         try net.start(2, ["python3", "\(dir)/echo.py", "7001"], log: "\(dir)/echo-7001.log", workload: true)
-        XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 100_000, count: 2), 2)
+        XCTAssertTrue(wait(10) { (try? self.directEcho(net, from: 2, port: 7001)) == true })
+        XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 100_000, count: 2), 2, metrics(net, 1) + metrics(net, 2) + read("n2.log"))
         XCTAssertFalse(try directEcho(net, from: 0, port: 7000), "plaintext into a STRICT port")
         XCTAssertTrue(Harness.wait(5) { (try? self.directEcho(net, from: 0, port: 7001)) == true }, "PERMISSIVE port")
         XCTAssertGreaterThan(metric(net, 2, ["sluice_bpf_peer_authentication_dropped_total"]), 0)

@@ -13,7 +13,8 @@ final class TLSStreamTests: XCTestCase {
             .appendingPathComponent("Fixtures/make_certs.sh").path
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = [script, dir, "a.example.test", "*.b.example.test", "client.example.test"]
+        p.arguments = [script, dir, "a.example.test", "*.b.example.test", "client.example.test",
+                       "spiffe://cluster.local/ns/shop/sa/client"]
         try! p.run()
         p.waitUntilExit()
         precondition(p.terminationStatus == 0, "make_certs.sh failed")
@@ -36,6 +37,39 @@ final class TLSStreamTests: XCTestCase {
     }
 
     func pump(_ from: TLSStream, _ to: TLSStream) { InMemoryTLS.move(from, to) }
+
+    /// A client context remembers the session of a mutual TLS connection (TLS 1.3 ticket) and the next connection
+    /// with the same key resumes it: no certificate exchange, and the server still knows who the client is.
+    func testSessionsAreResumedPerKeyWithTheClientsIdentityKept() throws {
+        let names = TLSServerNames([.init(hosts: ["*"], context: try TLSContext(
+            certificateChain: "\(Self.pki)/a.example.test.crt", privateKey: "\(Self.pki)/a.example.test.key",
+            clientCA: "\(Self.pki)/ca.crt", minVersion: .v1_3))])
+        let client = try TLSContext(clientTrusting: "\(Self.pki)/ca.crt", certificateChain: "\(Self.pki)/spiffe-client.crt",
+                                    privateKey: "\(Self.pki)/spiffe-client.key", minVersion: .v1_3)
+        func connect(key: String) throws -> (TLSStream, TLSStream) {
+            let s = try TLSStream(serving: names), c = try TLSStream(client: client, serverName: "a.example.test", sessionKey: key)
+            let (sp, cp) = shake(s, c)
+            XCTAssertEqual(sp, .done)
+            XCTAssertEqual(cp, .done)
+            // The server's tickets come after the handshake; the client takes them in with its first read.
+            _ = "ping".utf8.withContiguousStorageIfAvailable { s.write(UnsafeRawBufferPointer($0)) }
+            pump(s, c)
+            var buf = [UInt8](repeating: 0, count: 64)
+            XCTAssertEqual(buf.withUnsafeMutableBytes { c.read(into: $0) }, .bytes(4))
+            return (s, c)
+        }
+        let (s1, c1) = try connect(key: "node-2")
+        XCTAssertFalse(c1.resumed)
+        XCTAssertEqual(s1.peerURIs, ["spiffe://cluster.local/ns/shop/sa/client"])
+        XCTAssertTrue(c1.rememberSession())
+        let (s2, c2) = try connect(key: "node-2")
+        XCTAssertTrue(c2.resumed)
+        XCTAssertTrue(s2.resumed)
+        XCTAssertEqual(s2.peerURIs, s1.peerURIs)
+        // Another key has nothing to resume.
+        let (_, c3) = try connect(key: "node-3")
+        XCTAssertFalse(c3.resumed)
+    }
 
     func testHandshakeAndBytesBothWays() throws {
         let names = TLSServerNames([.init(hosts: ["a.example.test"], context: try server("a.example.test"))])
