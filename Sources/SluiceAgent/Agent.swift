@@ -85,8 +85,8 @@ public final class Agent: @unchecked Sendable {
     /// With a control plane: the workloads' certificates (joined, issued and rotated on a thread of their own).
     private var certificates: CertificateManager?
     /// With certificates: the workloads' TLS contexts for HBONE, and the tunnels' settings.
-    private lazy var tunnels: TunnelSettings? = options.certificates.map { _ in
-        TunnelSettings(credentials: MeshCredentials(), port: options.tunnelPort)
+    private lazy var tunnels: TunnelSettings? = options.certificates.map { [logger] _ in
+        TunnelSettings(credentials: MeshCredentials(), port: options.tunnelPort, logDenial: { logger.warning("\($0)") })
     }
     private let health = HealthChecker()
     private let http = HTTPEndpoints()

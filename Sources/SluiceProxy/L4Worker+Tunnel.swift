@@ -178,6 +178,7 @@ extension L4Worker {
     /// A stream's bytes queued in its tunnel beyond which its socket is not read, and below which it is again.
     static let tunnelHighWater = 256 << 10
     static let tunnelLowWater = 64 << 10
+    static let denialLogLimit = 10
     /// An outbound tunnel without streams for this long is closed.
     static let tunnelIdleNanos: UInt64 = 60_000_000_000
 
@@ -328,8 +329,10 @@ extension L4Worker {
         var request = AuthorizationRequest(sourceIP: Self.forwardedFor(fields) ?? t.peerIP, principal: t.peer,
                                            port: destination.port)
         request.destinationIP = destination.ip
-        if case .deny = w.authorization.evaluate(request) {
+        request.layer4 = true
+        if case .deny(let policy, _) = w.authorization.evaluate(request) {
             shard.add(stats.authorizationDenied)
+            logDenial(request, to: destination, workload: w.workload, policy: policy)
             return refuse("403", tunnelStats.streams.denied)
         }
         guard let address = Socket.Address(ip: destination.ip.description, port: destination.port) else {
@@ -895,7 +898,27 @@ extension L4Worker {
         var request = AuthorizationRequest(sourceIP: IPAddress(Self.ipString(Socket.peerAddress(conns[i].down))),
                                            principal: conns[i].sourceIdentity, port: endpoint.port)
         request.destinationIP = endpoint.ip
-        if case .deny = w.authorization.evaluate(request) { return false }
+        request.layer4 = true
+        if case .deny(let policy, _) = w.authorization.evaluate(request) {
+            logDenial(request, to: endpoint, workload: w.workload, policy: policy)
+            return false
+        }
         return true
+    }
+
+    /// One line per denied connection, at most ``denialLogLimit`` per second per worker (a flood of refused
+    /// callers must not become a flood of log lines; the counters keep the full count).
+    func logDenial(_ r: AuthorizationRequest, to destination: EndpointAddress, workload: NodeSnapshot.Workload, policy: String?) {
+        guard let log = runtime.tunnels?.logDenial else { return }
+        let second = loop.now / 1_000_000_000
+        if second != denialLogSecond {
+            denialLogSecond = second
+            denialLogCount = 0
+        }
+        denialLogCount += 1
+        guard denialLogCount <= Self.denialLogLimit else { return }
+        log("connection denied by AuthorizationPolicy: source=\(r.principal ?? "none") source_ip=\(r.sourceIP.map { "\($0)" } ?? "-") "
+            + "destination=\(destination) workload=\(workload.namespace)/\(workload.name) "
+            + "policy=\(policy ?? "no ALLOW policy matched")")
     }
 }

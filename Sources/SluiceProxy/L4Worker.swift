@@ -201,6 +201,9 @@ public final class L4Worker: RingHandler {
     var tunnelStreamFree: [UInt32] = []
     /// Outbound tunnels by (source identity, node, destination identity).
     var tunnelPool: [TunnelKey: Tunnel] = [:]
+    /// Denial log lines this second (rate limit).
+    var denialLogSecond: UInt64 = 0
+    var denialLogCount = 0
     let tunnelConnectTimeout: UnsafeMutablePointer<__kernel_timespec> = {
         let p = UnsafeMutablePointer<__kernel_timespec>.allocate(capacity: 1)
         p.initialize(to: __kernel_timespec(tv_sec: 10, tv_nsec: 0))

@@ -166,10 +166,14 @@ public struct TunnelSettings: Sendable {
     public var port: UInt16
     /// The inbound listener's address (the node's addresses, port ``port``).
     public var listen: EndpointAddress
-    public init(credentials: MeshCredentials, port: UInt16 = 15008, listen: EndpointAddress? = nil) {
+    /// Where connection denials are logged (a few lines per second per worker at most).
+    public var logDenial: (@Sendable (String) -> Void)?
+    public init(credentials: MeshCredentials, port: UInt16 = 15008, listen: EndpointAddress? = nil,
+                logDenial: (@Sendable (String) -> Void)? = nil) {
         self.credentials = credentials
         self.port = port
         self.listen = listen ?? EndpointAddress(ip: .v4(0), port: port)
+        self.logDenial = logDenial
     }
 }
 

@@ -235,8 +235,11 @@ final class MeshTunnelTests: XCTestCase {
 
         // The client's identity is allowed: 3 exchanges of 1 MB each way, whole.
         XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 1 << 20, count: 3), 3, metrics(net, 1) + metrics(net, 2))
-        // Another workload of the same node, with its own identity, is refused by the destination.
+        // Another workload of the same node, with its own identity, is refused by the destination (and logged there).
         XCTAssertEqual(try exchanges(net, from: intruderAddress(net), bytes: 1000), 0)
+        XCTAssertTrue(wait(2) { self.read("n2.log").contains(
+            "connection denied by AuthorizationPolicy: source=cluster.local/ns/shop/sa/intruder source_ip=\(self.intruderAddress(net))") },
+                      read("n2.log"))
         // Clients that do not bind an address are told apart by their cgroup.
         XCTAssertEqual(try exchanges(net, from: "-", bytes: 1000, cgroup: "client"), 1)
         XCTAssertEqual(try exchanges(net, from: "-", bytes: 1000, cgroup: "intruder"), 0)

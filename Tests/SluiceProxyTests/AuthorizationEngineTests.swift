@@ -125,4 +125,31 @@ final class AuthorizationEngineTests: XCTestCase {
                         engine.evaluate(request(ip: "10.1.0.1", path: "/public")).allowed,
                         engine.evaluate(request(ip: "10.0.0.1", method: "PUT")).allowed], [true, false, true, false])
     }
+
+    /// On a connection (tunnel stream, relayed TCP) request attributes are unknown, as for Istio's ztunnel: an ALLOW
+    /// rule naming them is never satisfied, a DENY rule naming them applies on its connection attributes alone.
+    func testConnectionsCannotSatisfyRequestRulesAndDenyRulesFailClosed() {
+        let client = "cluster.local/ns/shop/sa/client"
+        var connection = AuthorizationRequest(sourceIP: IPAddress("10.0.0.5"), principal: "spiffe://" + client, port: 7000)
+        connection.layer4 = true
+        let byPrincipal = P.Rule(from: [.init(principals: [client])], to: [], when: [])
+        let byMethod = P.Rule(from: [.init(principals: [client])], to: [.init(methods: ["GET"])], when: [])
+        let byHeader = P.Rule(from: [], to: [], when: [.init(key: "request.headers[x-user]", values: ["a"], notValues: [])])
+        XCTAssertTrue(AuthorizationEngine([policy(.allow, [byPrincipal])]).evaluate(connection).allowed)
+        XCTAssertFalse(AuthorizationEngine([policy(.allow, [byMethod])]).evaluate(connection).allowed,
+                       "an ALLOW on methods cannot be checked on a connection")
+        XCTAssertFalse(AuthorizationEngine([policy(.deny, [byMethod])]).evaluate(connection).allowed,
+                       "a DENY on methods applies on its principal alone")
+        XCTAssertFalse(AuthorizationEngine([policy(.deny, [byHeader])]).evaluate(connection).allowed)
+        var other = connection
+        other.principal = "cluster.local/ns/shop/sa/other"
+        XCTAssertTrue(AuthorizationEngine([policy(.deny, [byMethod])]).evaluate(other).allowed, "the principal differs")
+        // The same rules on a request are checked in full.
+        var request = connection
+        request.layer4 = false
+        request.method = "POST"
+        XCTAssertTrue(AuthorizationEngine([policy(.deny, [byMethod])]).evaluate(request).allowed)
+        request.method = "GET"
+        XCTAssertTrue(AuthorizationEngine([policy(.allow, [byMethod])]).evaluate(request).allowed)
+    }
 }
