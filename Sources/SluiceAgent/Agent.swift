@@ -51,6 +51,10 @@ public final class Agent: @unchecked Sendable {
         public var certificates: CertificateManager.Options?
         /// Where this agent accepts HBONE tunnels, and where it reaches other nodes' agents (with certificates).
         public var tunnelPort: UInt16 = 15008
+        /// RequestAuthentication `jwksUri` over https: extra roots to trust besides the system's, and how often the
+        /// sets are fetched again.
+        public var jwksTrust: String?
+        public var jwksRefresh: Duration = .seconds(300)
 
         public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
@@ -263,6 +267,9 @@ public final class Agent: @unchecked Sendable {
         return "/usr/lib/sluice/bpf"
     }
 
+    /// Remote JWKS, fetched by the config thread.
+    private lazy var jwks = JWKSCache { [options] url in try JWKSFetcher.fetch(url, extraTrust: options.jwksTrust) }
+
     /// Services whose connections the agent must see are not left to the kernel: with tunnels, those with workloads
     /// on other nodes (their bytes would cross the network in plaintext); those with workloads of this node that an
     /// AuthorizationPolicy selects.
@@ -279,7 +286,7 @@ public final class Agent: @unchecked Sendable {
         let runtime: ProxyRuntime
         do {
             runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, capture: capture,
-                                       credentials: options.credentialsDirectory, tunnels: tunnels)
+                                       credentials: options.credentialsDirectory, tunnels: tunnels, jwks: jwks)
         } catch {
             throw StartError(description: error.description)
         }
@@ -377,6 +384,7 @@ public final class Agent: @unchecked Sendable {
         let interval = options.reloadInterval
         _ = startThread(name: "sluice-config") { [self] in
             var last = ConfigLoader.fingerprint(path)
+            var jwksFetched = ContinuousClock.now
             while watching.load(ordering: .relaxed) {
                 usleep(UInt32(clamping: interval.milliseconds * 1000))
                 let now = ConfigLoader.fingerprint(path)
@@ -384,14 +392,23 @@ public final class Agent: @unchecked Sendable {
                     last = now
                     reload()
                 }
+                // Remote key sets again every so often; a changed one rebuilds the runtime with it.
+                if ContinuousClock.now - jwksFetched >= options.jwksRefresh {
+                    jwksFetched = .now
+                    if jwks.refresh() {
+                        logger.info("JWKS changed; rebuilding the runtime with the new keys")
+                        reload(force: true)
+                    }
+                }
             }
         }
     }
 
     /// Loads, validates and compiles the configuration again and publishes it. On any error the last good
     /// configuration keeps serving and every problem is logged with its file, line and field.
+    /// - Parameter force: rebuild the runtime even when the configuration did not change (new remote keys).
     @discardableResult
-    public func reload() -> Bool {
+    public func reload(force: Bool = false) -> Bool {
         let snapshot: NodeSnapshot
         do {
             snapshot = served(try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger))
@@ -400,12 +417,13 @@ public final class Agent: @unchecked Sendable {
             logger.error("configuration update rejected; still serving the last good configuration")
             return false
         }
-        if current.withLock({ $0?.snapshot == snapshot }) { return true }
+        if !force && current.withLock({ $0?.snapshot == snapshot }) { return true }
         // Everything that can refuse the snapshot runs before anything changes (certificates load here).
         let runtime: ProxyRuntime
         do {
             runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 },
-                                       capture: capture, credentials: options.credentialsDirectory, tunnels: tunnels)
+                                       capture: capture, credentials: options.credentialsDirectory, tunnels: tunnels,
+                                       jwks: jwks)
         } catch {
             logger.error("configuration update rejected: \(error); still serving the last good configuration")
             return false

@@ -21,10 +21,48 @@ struct CAClient {
     /// POSTs `body` (JSON) to `path`, presenting `clientCertificate` (chain file, key file) if given; returns the
     /// status and the decoded JSON answer.
     func post(_ path: String, _ body: [String: Any], clientCertificate: (String, String)? = nil) throws -> (Int, [String: Any]) {
+        let payload = try JSONSerialization.data(withJSONObject: body)
+        let head = "POST \(path) HTTP/1.1\r\nhost: \(serverName)\r\ncontent-type: application/json\r\n"
+            + "content-length: \(payload.count)\r\nconnection: close\r\n\r\n"
+        let response = try exchange(Array(head.utf8) + Array(payload), clientCertificate: clientCertificate)
+        let (status, body) = try Self.split(response)
+        let json = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] ?? [:]
+        return (status, json)
+    }
+
+    /// GETs an `https://HOST[:PORT]/PATH` URL (JWKS), trusting the system's CAs and `extraTrust` (PEM file); returns
+    /// the status and body (length-delimited, chunked or read to the end).
+    static func get(_ url: String, extraTrust: String? = nil, timeout: TimeInterval = 5) throws -> (Int, String) {
+        guard url.hasPrefix("https://") else { throw Failure(description: "'\(url)' is not an https URL") }
+        let rest = url.dropFirst("https://".count)
+        let authority = String(rest.prefix { $0 != "/" })
+        let path = rest.dropFirst(authority.count).isEmpty ? "/" : String(rest.dropFirst(authority.count))
+        let host = authority.hasPrefix("[") ? String(authority.prefix { $0 != "]" }.dropFirst())
+            : String(authority.prefix { $0 != ":" })
+        let address = authority.contains(":") && !authority.hasSuffix("]") ? authority : "\(authority):443"
+        // The system bundle, plus the extra roots when given (one file for OpenSSL: concatenated).
+        var trust = "/etc/ssl/certs/ca-certificates.crt"
+        if let extraTrust {
+            let combined = NSTemporaryDirectory() + "sluice-jwks-trust-\(getpid()).pem"
+            let system = (try? String(contentsOfFile: trust, encoding: .utf8)) ?? ""
+            let extra = (try? String(contentsOfFile: extraTrust, encoding: .utf8)) ?? ""
+            try (system + "\n" + extra).write(toFile: combined, atomically: true, encoding: .utf8)
+            trust = combined
+        }
+        var client = CAClient(address: address, serverName: host, rootCA: trust)
+        client.timeout = timeout
+        let head = "GET \(path) HTTP/1.1\r\nhost: \(authority)\r\naccept: application/json\r\nconnection: close\r\n\r\n"
+        let (status, body) = try split(try client.exchange(Array(head.utf8), clientCertificate: nil, minVersion: .v1_2))
+        return (status, String(decoding: body, as: UTF8.self))
+    }
+
+    /// Sends `request` over a new TLS connection and reads the whole response (until the peer closes, or a
+    /// `content-length` body is complete).
+    func exchange(_ request: [UInt8], clientCertificate: (String, String)?, minVersion: TLSVersion = .v1_3) throws -> [UInt8] {
         let context: TLSContext
         do {
             context = try TLSContext(clientTrusting: rootCA, certificateChain: clientCertificate?.0,
-                                     privateKey: clientCertificate?.1, minVersion: .v1_3)
+                                     privateKey: clientCertificate?.1, minVersion: minVersion)
         } catch {
             throw Failure(description: "TLS setup: \(error)")
         }
@@ -41,10 +79,7 @@ struct CAClient {
             progress = tls.handshake()
         }
         if case .failed(let why) = progress { throw Failure(description: "TLS handshake with \(address): \(why)") }
-        let payload = try JSONSerialization.data(withJSONObject: body)
-        let head = "POST \(path) HTTP/1.1\r\nhost: \(serverName)\r\ncontent-type: application/json\r\n"
-            + "content-length: \(payload.count)\r\nconnection: close\r\n\r\n"
-        _ = (Array(head.utf8) + Array(payload)).withUnsafeBytes { tls.write($0) }
+        _ = request.withUnsafeBytes { tls.write($0) }
         try flush(tls, fd)
         var response: [UInt8] = []
         var plain = [UInt8](repeating: 0, count: 16 << 10)
@@ -57,8 +92,9 @@ struct CAClient {
                 try flush(tls, fd)
                 if try !receive(tls, fd) { break reading }
             }
+            guard response.count <= 4 << 20 else { throw Failure(description: "response from \(address) over 4 MiB") }
         }
-        return try Self.parse(response)
+        return response
     }
 
     /// Whether `bytes` hold a whole response (head and `content-length` bytes of body).
@@ -72,15 +108,26 @@ struct CAClient {
         return text[split.upperBound...].utf8.count >= length
     }
 
-    /// Status and JSON body of an HTTP/1.1 response read to the end.
-    static func parse(_ bytes: [UInt8]) throws -> (Int, [String: Any]) {
+    /// Status and body of an HTTP/1.1 response read to the end (a chunked body is decoded).
+    static func split(_ bytes: [UInt8]) throws -> (Int, [UInt8]) {
         let text = String(decoding: bytes, as: UTF8.self)
-        guard let split = text.range(of: "\r\n\r\n"), text.hasPrefix("HTTP/1.1 "),
+        guard let split = text.range(of: "\r\n\r\n"), text.hasPrefix("HTTP/1."),
             let status = Int(text.dropFirst(9).prefix(3))
         else { throw Failure(description: "not an HTTP/1.1 response") }
-        let body = Data(text[split.upperBound...].utf8)
-        let json = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any] ?? [:]
-        return (status, json)
+        let body = Array(text[split.upperBound...].utf8)
+        guard text[..<split.lowerBound].lowercased().contains("transfer-encoding: chunked") else { return (status, body) }
+        var out: [UInt8] = [], i = 0
+        while i < body.count {
+            guard let lineEnd = (i..<body.count - 1).first(where: { body[$0] == 13 && body[$0 + 1] == 10 }),
+                let size = Int(String(decoding: body[i..<lineEnd], as: UTF8.self).split(separator: ";").first ?? "", radix: 16)
+            else { throw Failure(description: "bad chunked body") }
+            if size == 0 { break }
+            let start = lineEnd + 2
+            guard start + size <= body.count else { throw Failure(description: "truncated chunked body") }
+            out += body[start..<start + size]
+            i = start + size + 2
+        }
+        return (status, out)
     }
 
     private func connect() throws -> Int32 {
@@ -130,5 +177,14 @@ struct CAClient {
         if n == 0 { return false }
         buf.withUnsafeBytes { tls.receive(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
         return true
+    }
+}
+
+/// RequestAuthentication's remote key sets: an https GET trusting the system's CAs (and `extraTrust`).
+public enum JWKSFetcher {
+    public static func fetch(_ url: String, extraTrust: String? = nil) throws -> String {
+        let (status, body) = try CAClient.get(url, extraTrust: extraTrust)
+        guard status == 200 else { throw CAClient.Failure(description: "\(url) answered \(status)") }
+        return body
     }
 }

@@ -310,9 +310,10 @@ public final class ProxyRuntime: @unchecked Sendable {
     /// - Throws: ``RuntimeError`` when a listener's certificate or key cannot be loaded.
     /// - Parameter tunnels: when set, endpoints on other nodes are reached through HBONE tunnels, and the node's
     ///   workloads accept tunnels on ``TunnelSettings/listen``.
+    /// - Parameter jwks: where RequestAuthentication's http(s) `jwksUri` sets come from.
     public init(snapshot: NodeSnapshot, registry: MetricsRegistry, previous: ProxyRuntime? = nil,
                 capture: OutboundCapture? = nil, credentials: String = ProxyRuntime.defaultCredentials,
-                tunnels: TunnelSettings? = nil) throws(RuntimeError) {
+                tunnels: TunnelSettings? = nil, jwks: JWKSCache? = nil) throws(RuntimeError) {
         self.snapshot = snapshot
         self.tunnels = tunnels
         workloadLabels = Dictionary(snapshot.workloads.map { ($0.address, $0.labels) }, uniquingKeysWith: { a, _ in a })
@@ -350,7 +351,8 @@ public final class ProxyRuntime: @unchecked Sendable {
                 virtualServices: snapshot.virtualServices, gateway: gateway, snapshot: snapshot, clusters: byName,
                 rateLimits: limits,
                 authorization: AuthorizationEngine(snapshot.authorizationPolicies.filter { authz.contains($0.qualifiedName) }),
-                authentication: RequestAuthenticator(snapshot.requestAuthentications.filter { authn.contains($0.qualifiedName) }))
+                authentication: RequestAuthenticator(snapshot.requestAuthentications.filter { authn.contains($0.qualifiedName) },
+                                                     jwks: jwks))
         }
         var listeners: [ListenerRuntime] = []
         for l in snapshot.listeners {

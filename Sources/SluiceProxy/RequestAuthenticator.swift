@@ -3,8 +3,8 @@ import SluiceIdentity
 import SluiceModel
 
 /// A listener's RequestAuthentication: where tokens are looked for and the verifier of their issuers. Built off
-/// the data plane (JWKS inline, or `jwksUri` as a `file://` path, read here); a token from an issuer whose keys
-/// could not be loaded fails verification.
+/// the data plane (JWKS inline, `jwksUri` as a `file://` path read here, or an http(s) URL from the
+/// ``JWKSCache``); a token from an issuer whose keys could not be loaded fails verification.
 final class RequestAuthenticator: Sendable {
     let verifier: JWTVerifier
     /// Header names (lower-case) with the prefix before the token; default `authorization: Bearer `.
@@ -14,7 +14,7 @@ final class RequestAuthenticator: Sendable {
     let unavailable: [String]
 
     /// - Parameter policies: the RequestAuthentications that select the listener's workload; nil when none do.
-    init?(_ policies: [Named<RequestAuthentication>]) {
+    init?(_ policies: [Named<RequestAuthentication>], jwks cache: JWKSCache? = nil) {
         guard !policies.isEmpty else { return nil }
         var issuers: [JWTVerifier.Issuer] = []
         var headers: [(String, String)] = []
@@ -26,6 +26,8 @@ final class RequestAuthenticator: Sendable {
                 text = inline
             } else if let uri = rule.jwksUri, uri.hasPrefix("file://") {
                 text = try? String(contentsOfFile: String(uri.dropFirst("file://".count)), encoding: .utf8)
+            } else if let uri = rule.jwksUri, let cache {
+                text = cache.text(for: uri)
             } else {
                 text = nil
             }

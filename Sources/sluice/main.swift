@@ -26,6 +26,10 @@ struct AgentCommand: ParsableCommand {
     var joinToken: String?
     @Option(name: .customLong("control-server-name"), help: "The name in the control plane's certificate.")
     var controlServerName = "sluice-control"
+    @Option(name: .customLong("jwks-ca"), help: "PEM file of extra roots to trust when fetching RequestAuthentication jwksUri sets (besides the system's).")
+    var jwksCA: String?
+    @Option(name: .customLong("jwks-refresh"), help: "How often remote JWKS are fetched again (Istio duration, default 5m).")
+    var jwksRefresh: String = "5m"
     @Option(name: .customLong("tunnel-port"), help: "HBONE port: where this agent accepts mutual-TLS tunnels and reaches other nodes' agents (with --control).")
     var tunnelPort: UInt16 = 15008
     @Option(help: "This node's name.") var node: String?
@@ -92,6 +96,9 @@ struct AgentCommand: ParsableCommand {
         if control != nil && caRoot == nil {
             throw ValidationError("--control needs --ca-root: the mesh root the control plane's certificate chains to")
         }
+        guard let r = parseIstioDuration(jwksRefresh), r > .zero else {
+            throw ValidationError("--jwks-refresh '\(jwksRefresh)' is not a positive duration (e.g. 5m)")
+        }
         guard let t = parseIstioDuration(headerTimeout), t > .zero else {
             throw ValidationError("--header-timeout must be a duration such as 10s or 500ms")
         }
@@ -124,6 +131,8 @@ struct AgentCommand: ParsableCommand {
         options.maxURIBytes = maxURIBytes
         options.headerTimeout = parseIstioDuration(headerTimeout)!
         options.credentialsDirectory = credentialsDir
+        options.jwksTrust = jwksCA
+        options.jwksRefresh = parseIstioDuration(jwksRefresh)!
         if let control {
             var c = CertificateManager.Options(control: control, rootCA: caRoot!, joinToken: joinToken, node: "",
                                                trustDomain: "", directory: stateDir + "/certs")

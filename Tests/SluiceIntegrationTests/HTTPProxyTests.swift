@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import SluiceAgent
 import SluiceModel
 import SluiceProxy
 import SluiceRing
@@ -26,8 +27,8 @@ final class HTTPProxyTests: XCTestCase {
         return ports
     }
 
-    func proxy(_ yaml: String, workers: Int = 2, headerTimeout: Duration = .seconds(10)) throws -> Harness.Proxy {
-        let p = try Harness.proxy(yaml, workers: workers, headerTimeout: headerTimeout)
+    func proxy(_ yaml: String, workers: Int = 2, headerTimeout: Duration = .seconds(10), jwks: JWKSCache? = nil) throws -> Harness.Proxy {
+        let p = try Harness.proxy(yaml, workers: workers, headerTimeout: headerTimeout, jwks: jwks)
         cleanups.append { p.stop() }
         return p
     }
@@ -509,6 +510,69 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertEqual(try code("/public", "garbage"), "401")
         XCTAssertEqual(try curl(["-H", "Authorization: Bearer \(expired)", "\(base)/public"]).lines, ["Jwt is expired"])
         XCTAssertEqual(p.metric("sluice_request_authentication_failed_total"), 4)
+    }
+
+    /// `jwksUri` over https (a real TLS server with its own CA): the keys are fetched when the runtime is built, a
+    /// token they signed passes, another key's fails; when the issuer rotates its keys a refresh sees the change
+    /// (the agent then rebuilds its runtime), and an unreachable set leaves its issuer's tokens refused.
+    func testJWKSIsFetchedOverHTTPSAndRefreshed() throws {
+        let dir = NSTemporaryDirectory() + "sluice-jwks-\(UUID().uuidString)"
+        cleanups.append { try? FileManager.default.removeItem(atPath: dir) }
+        XCTAssertEqual(try Harness.run("/bin/sh", [Harness.root.appendingPathComponent("Tests/Fixtures/make_certs.sh").path,
+                                                   dir, "localhost"]).status, 0)
+        let issuer = TestJWT()
+        try issuer.jwks.write(toFile: "\(dir)/jwks.json", atomically: true, encoding: .utf8)
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        server.arguments = ["python3", "-c", """
+            import http.server, ssl, os
+            os.chdir('\(dir)')
+            httpd = http.server.HTTPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain('localhost.crt', 'localhost.key')
+            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+            print(httpd.server_address[1], flush=True)
+            httpd.serve_forever()
+            """]
+        let out = Pipe()
+        server.standardOutput = out
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        cleanups.append { server.terminate(); server.waitUntilExit() }
+        let line = String(decoding: out.fileHandleForReading.availableData, as: UTF8.self)
+        let port = try XCTUnwrap(UInt16(line.trimmingCharacters(in: .whitespacesAndNewlines)))
+        let cache = JWKSCache { try JWKSFetcher.fetch($0, extraTrust: "\(dir)/ca.crt") }
+        let ports = try backends(["v1"])
+        func rule(_ iss: String, _ uri: String) -> String {
+            "  - {issuer: \(iss), audiences: [shop], jwksUri: \"\(uri)\"}"
+        }
+        let p = try proxy(Self.mesh([("v1", ports[0])], routes: "- route: [{destination: {host: app.test.svc.cluster.local}}]",
+                                    extra: """
+
+            ---
+            apiVersion: security.istio.io/v1
+            kind: RequestAuthentication
+            metadata: {name: jwt, namespace: test}
+            spec:
+              jwtRules:
+            \(rule("https://issuer.example", "https://localhost:\(port)/jwks.json"))
+            \(rule("https://gone.example", "https://localhost:\(Harness.deadPort())/jwks.json"))
+            """), jwks: cache)
+        let exp = Int(Date().timeIntervalSince1970) + 600
+        func code(_ token: String) throws -> String {
+            try curl(["-o", "/dev/null", "-w", "%{http_code}", "-H", "Authorization: Bearer \(token)",
+                      "http://127.0.0.1:\(p.port)/"]).lines.first ?? ""
+        }
+        XCTAssertEqual(try code(issuer.token(["iss": "https://issuer.example", "sub": "a", "aud": "shop", "exp": exp])), "200")
+        XCTAssertEqual(try code(issuer.token(["iss": "https://issuer.example", "sub": "a", "aud": "shop", "exp": exp],
+                                             signer: TestJWT().key)), "401", "not the issuer's key")
+        XCTAssertEqual(try code(issuer.token(["iss": "https://gone.example", "sub": "a", "aud": "shop", "exp": exp])), "401",
+                       "keys that could not be fetched verify nothing")
+        // The issuer rotates its keys.
+        XCTAssertFalse(cache.refresh(), "nothing changed yet")
+        let next = TestJWT()
+        try next.jwks.write(toFile: "\(dir)/jwks.json", atomically: true, encoding: .utf8)
+        XCTAssertTrue(cache.refresh())
+        XCTAssertEqual(cache.text(for: "https://localhost:\(port)/jwks.json"), next.jwks)
     }
 
     func testLocalRateLimitAnswers429BeyondTheBucketOverAllWorkers() throws {

@@ -93,7 +93,7 @@ enum Harness {
 
     /// Compiles `yaml` (listener ports are replaced by free ones) and starts a proxy on it.
     static func proxy(_ yaml: String, workers: Int = 2, connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256,
-                      splice: Bool = true, headerTimeout: Duration = .seconds(10)) throws -> Proxy
+                      splice: Bool = true, headerTimeout: Duration = .seconds(10), jwks: JWKSCache? = nil) throws -> Proxy
     {
         let (resources, diagnostics) = ResourceDecoder.decode(yaml, file: "test.yaml")
         let errors = diagnostics.filter { $0.severity == .error }
@@ -101,7 +101,7 @@ enum Harness {
         var snap = try SnapshotCompiler().compile(resources)
         for i in snap.listeners.indices { snap.listeners[i].address.port = 0 }
         let registry = MetricsRegistry()
-        let runtime = try ProxyRuntime(snapshot: snap, registry: registry)
+        let runtime = try ProxyRuntime(snapshot: snap, registry: registry, jwks: jwks)
         let server = L4Server(options: .init(workers: workers, connectionLimit: connectionLimit, bufferCount: bufferCount,
                                              splice: splice, headerTimeout: headerTimeout),
                               registry: registry)
