@@ -31,6 +31,11 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
     };
     struct sl_service *found = bpf_map_lookup_elem(&sl_services, &key);
     if (!found) {
+        // A workload of this node dialled directly: its AuthorizationPolicies decide.
+        if (sl_l4_denied(bpf_get_current_cgroup_id(), ctx->user_ip4, (__u16)ctx->user_port)) {
+            sl_count(SL_COUNT_AUTHZ);
+            return 0;
+        }
         // Not a mesh service: untouched, unless the mesh admits only its registry (loopback always passes).
         if (sl_registry_only() && (bpf_ntohl(ctx->user_ip4) >> 24) != 127) {
             sl_count(SL_COUNT_DENIED);
@@ -54,6 +59,11 @@ int sl_connect4(struct bpf_sock_addr *ctx) {
         if (sl_pick_backend(svc, cgroup_id, &b) < 0) {
             sl_count(SL_COUNT_MISSES);
             return 1;
+        }
+        // A backend that is a workload of this node: its AuthorizationPolicies decide, here, with no proxy hop.
+        if (sl_l4_denied(cgroup_id, b.addr, b.port)) {
+            sl_count(SL_COUNT_AUTHZ);
+            return 0;
         }
         // Remembered so that getpeername shows the service address the application dialled.
         dst.flags = SL_DST_BALANCED;

@@ -139,6 +139,8 @@ public final class Agent: @unchecked Sendable {
     public private(set) var datapath: Datapath?
     /// The listener the programs send captured connections to.
     private var capture: OutboundCapture?
+    /// The captured cgroup's id (processes placed in it directly, not in a workload's own cgroup).
+    private var capturedCgroupID: UInt64 = 0
     /// Answer the captured workloads' DNS queries for mesh hosts (IPv4 and IPv6 loopback).
     private var dns: [DNSServer] = []
 
@@ -194,6 +196,8 @@ public final class Agent: @unchecked Sendable {
                     dns.append(server)
                 }
             }
+            var st = stat()
+            if stat(path, &st) == 0 { capturedCgroupID = UInt64(st.st_ino) }
             capture = OutboundCapture(
                 addresses: [EndpointAddress(ip: .v4(UInt32(0x7f00_0001).bigEndian), port: options.outboundPort),
                             EndpointAddress(ip: IPAddress("::1")!, port: options.outboundPort)],
@@ -228,6 +232,8 @@ public final class Agent: @unchecked Sendable {
             ("sluice_bpf_denied_total", "Connects refused: not a service while the mesh is REGISTRY_ONLY", c.denied),
             ("sluice_bpf_peer_authentication_dropped_total",
              "Packets from outside the node to workload ports whose PeerAuthentication is STRICT, dropped", c.strictDropped),
+            ("sluice_bpf_authorization_denied_total",
+             "Connects to workloads of this node refused at connect() by their AuthorizationPolicies", c.authorizationDenied),
         ] {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(value)\n"
         }
@@ -240,6 +246,31 @@ public final class Agent: @unchecked Sendable {
                         dnsPort: options.dnsPort == 0 ? nil : options.dnsPort,
                         registryOnly: snapshot.mesh.outboundTrafficPolicy == .registryOnly)
         try dp.setPeerAuthentication(Self.peerAuthentication(snapshot))
+    }
+
+    /// Writes the decisions connect() applies to calls between workloads of this node. The callers: each workload
+    /// cgroup (`sluice.dev/cgroup`) with its identity (none when it holds several), the captured cgroup itself
+    /// (the node's only identity, if it has one), and 0 for anything else.
+    private func applyLocalAuthorization(_ dp: Datapath, _ runtime: ProxyRuntime) throws(BPFError) {
+        var identities: [UInt64: Set<String>] = [:]
+        var addresses: [UInt64: IPAddress] = [:]
+        for w in runtime.snapshot.workloads {
+            guard let path = w.cgroup, let id = capture?.cgroupID(path) else { continue }
+            identities[id, default: []].insert(w.identity)
+            addresses[id] = IPAddress(w.address)
+        }
+        var callers = identities.map { id, set in
+            ProxyRuntime.LocalCaller(cgroup: id, identity: set.count == 1 ? set.first : nil, address: set.count == 1 ? addresses[id] : nil)
+        }
+        let all = Set(runtime.snapshot.workloads.map(\.identity))
+        if capturedCgroupID != 0 && identities[capturedCgroupID] == nil {
+            callers.append(.init(cgroup: capturedCgroupID, identity: all.count == 1 ? all.first : nil, address: nil))
+        }
+        callers.append(.init(cgroup: 0, identity: nil, address: nil))
+        let (guarded, decisions) = runtime.localAuthorization(callers: callers)
+        try dp.setLocalAuthorization(guarded: guarded, decisions: decisions.map {
+            Datapath.LocalAuthorization(cgroup: $0.cgroup, address: $0.address, port: $0.port, allow: $0.allow)
+        })
     }
 
     /// The kernel's PeerAuthentication entries for the node's workloads: each workload's mode, and its ports' own.
@@ -289,6 +320,13 @@ public final class Agent: @unchecked Sendable {
                                        credentials: options.credentialsDirectory, tunnels: tunnels, jwks: jwks)
         } catch {
             throw StartError(description: error.description)
+        }
+        if let datapath {
+            do {
+                try applyLocalAuthorization(datapath, runtime)
+            } catch {
+                throw StartError(description: "BPF: \(error)")
+            }
         }
         current.withLock { $0 = runtime }
         var limits = HTTP1Limits()
@@ -427,6 +465,15 @@ public final class Agent: @unchecked Sendable {
         } catch {
             logger.error("configuration update rejected: \(error); still serving the last good configuration")
             return false
+        }
+        if let datapath {
+            do {
+                // Decisions for calls within the node follow the policies, which any reload may change.
+                try applyLocalAuthorization(datapath, runtime)
+            } catch {
+                logger.error("configuration update rejected: BPF: \(error); still serving the last good configuration")
+                return false
+            }
         }
         if let datapath, current.withLock({ ($0?.snapshot.bpfServices, $0?.snapshot.mesh, $0?.snapshot.workloads) })
             != (snapshot.bpfServices, snapshot.mesh, snapshot.workloads)

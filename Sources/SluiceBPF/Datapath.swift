@@ -52,8 +52,12 @@ public final class Datapath: @unchecked Sendable {
     let excludedCIDRsFD: Int32
     let excludedPortsFD: Int32
     let inboundFD: Int32
-    /// What ``setPeerAuthentication(_:)`` last wrote.
+    let guardedFD: Int32
+    let authzFD: Int32
+    /// What ``setPeerAuthentication(_:)`` and ``setLocalAuthorization(guarded:decisions:)`` last wrote.
     private var inbound: [InboundKey: UInt8] = [:]
+    private var guarded: Set<UInt32> = []
+    private var decisions: [AuthzKey: UInt8] = [:]
     private var exclusions: (cidrs: [sl_cidr_key], ports: [UInt16]) = ([], [])
     /// What ``apply(_:)`` last wrote, to write only differences next time.
     var installed: [ServiceKey: Installed] = [:]
@@ -115,8 +119,10 @@ public final class Datapath: @unchecked Sendable {
         excludedCIDRsFD = fd("sl_exclude_cidrs")
         excludedPortsFD = fd("sl_exclude_ports")
         inboundFD = fd("sl_inbound")
+        guardedFD = fd("sl_guarded")
+        authzFD = fd("sl_l4_authz")
         if [servicesFD, slotsFD, configFD, countersFD, peersFD, excludedCIDRsFD, excludedPortsFD, services6FD, slots6FD, peers6FD,
-            inboundFD]
+            inboundFD, guardedFD, authzFD]
             .contains(where: { $0 < 0 }) {
             // Every stored property is set here, so deinit runs and closes the objects.
             throw BPFError("\(objectDirectory)/\(Self.programs[0].object) lacks one of Sluice's maps; rebuild it (make bpf)")
@@ -311,6 +317,66 @@ public final class Datapath: @unchecked Sendable {
         inbound = next
     }
 
+    /// One decision for calls between workloads of one node: may the caller in cgroup `cgroup` (0: a caller that is
+    /// no workload) connect to `address`:`port` (0: any port not listed)?
+    public struct LocalAuthorization: Sendable, Hashable {
+        public var cgroup: UInt64
+        public var address: IPAddress
+        public var port: UInt16
+        public var allow: Bool
+        public init(cgroup: UInt64, address: IPAddress, port: UInt16, allow: Bool) {
+            self.cgroup = cgroup
+            self.address = address
+            self.port = port
+            self.allow = allow
+        }
+    }
+
+    struct AuthzKey: Hashable {
+        let cgroup: UInt64
+        let addr: UInt32
+        let port: UInt16
+    }
+
+    /// Replaces what connect4 checks for calls to workloads of this node: the `guarded` addresses (IPv4) and the
+    /// decisions for their callers. Decisions are written before the addresses that need them, and stale addresses
+    /// go before their decisions, so a connect never finds a guarded address without its decisions.
+    public func setLocalAuthorization(guarded addresses: [IPAddress], decisions entries: [LocalAuthorization]) throws(BPFError) {
+        var nextGuarded: Set<UInt32> = []
+        for a in addresses { if case .v4(let v) = a { nextGuarded.insert(v) } }
+        var next: [AuthzKey: UInt8] = [:]
+        for e in entries {
+            guard case .v4(let a) = e.address else { continue }
+            next[AuthzKey(cgroup: e.cgroup, addr: a, port: e.port.bigEndian)] =
+                UInt8(e.allow ? SL_AUTHZ_ALLOW.rawValue : SL_AUTHZ_DENY.rawValue)
+        }
+        guard next.count <= Int(SL_MAX_AUTHZ), nextGuarded.count <= Int(SL_MAX_INBOUND) else {
+            throw BPFError("more than \(SL_MAX_AUTHZ) authorization decisions")
+        }
+        for (k, v) in next where decisions[k] != v {
+            var key = sl_authz_key(cgroup_id: k.cgroup, addr: k.addr, port: k.port, pad: 0)
+            var value = v
+            let rc = bpf_map_update_elem(authzFD, &key, &value, 0)
+            if rc != 0 { throw .errno("write sl_l4_authz", rc) }
+        }
+        var one: UInt8 = 1
+        for a in nextGuarded where !guarded.contains(a) {
+            var key = a
+            let rc = bpf_map_update_elem(guardedFD, &key, &one, 0)
+            if rc != 0 { throw .errno("write sl_guarded", rc) }
+        }
+        for a in guarded where !nextGuarded.contains(a) {
+            var key = a
+            bpf_map_delete_elem(guardedFD, &key)
+        }
+        for k in decisions.keys where next[k] == nil {
+            var key = sl_authz_key(cgroup_id: k.cgroup, addr: k.addr, port: k.port, pad: 0)
+            bpf_map_delete_elem(authzFD, &key)
+        }
+        guarded = nextGuarded
+        decisions = next
+    }
+
     /// Detaches every program and removes every pin: the host is as before the agent ran.
     public func uninstall() throws(BPFError) {
         // Close this agent's link descriptors; removing the pins then lets the kernel detach the programs.
@@ -394,7 +460,7 @@ public final class Datapath: @unchecked Sendable {
         return Counters(connects: read(SL_COUNT_CONNECTS), balanced: read(SL_COUNT_BALANCED),
                         redirected: read(SL_COUNT_REDIRECTED), misses: read(SL_COUNT_MISSES),
                         excluded: read(SL_COUNT_EXCLUDED), dnsQueries: read(SL_COUNT_DNS), denied: read(SL_COUNT_DENIED),
-                        strictDropped: read(SL_COUNT_STRICT))
+                        strictDropped: read(SL_COUNT_STRICT), authorizationDenied: read(SL_COUNT_AUTHZ))
     }
 
     public struct Counters: Sendable, Equatable {
@@ -407,6 +473,8 @@ public final class Datapath: @unchecked Sendable {
         public var denied: UInt64
         /// Packets from outside the node to STRICT workload ports, dropped.
         public var strictDropped: UInt64
+        /// Connects to workloads of the node refused by their AuthorizationPolicies.
+        public var authorizationDenied: UInt64
     }
 
     /// Programs attached to `cgroup` (0 after ``uninstall()``), through the kernel's own query.

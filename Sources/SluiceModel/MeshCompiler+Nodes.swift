@@ -32,25 +32,12 @@ extension MeshCompiler {
             // The AuthorizationPolicies selecting the workload are named on it: its inbound tunnel streams are
             // checked against them.
             var authorization: [String] = []
-            // PeerAuthentication by Istio's precedence: the first (in key order) selecting the workload, else its
-            // namespace's, else the mesh's (root namespace, no selector); UNSET defers to the next.
-            var own: PeerAuthentication?
-            var namespaceMode = PeerAuthentication.Mode.unset, meshMode = PeerAuthentication.Mode.unset
             for k in policyKeys(for: ns) {
                 guard let r = resources[k], policy(r, selects: ns, labels: w.entry.labels) else { continue }
                 policies.insert(k)
-                switch r.spec {
-                case .authorizationPolicy: authorization.append("\(k.namespace)/\(k.name)")
-                case .peerAuthentication(let p) where p.selector != nil:
-                    if own == nil { own = p }
-                case .peerAuthentication(let p) where k.namespace == ns && ns != mesh.rootNamespace:
-                    if namespaceMode == .unset { namespaceMode = p.mode }
-                case .peerAuthentication(let p):
-                    if meshMode == .unset { meshMode = p.mode }
-                default: break
-                }
+                if case .authorizationPolicy = r.spec { authorization.append("\(k.namespace)/\(k.name)") }
             }
-            let mode = [own?.mode ?? .unset, namespaceMode, meshMode].first { $0 != .unset } ?? .permissive
+            let (mode, portModes) = peerAuthentication(namespace: ns, labels: w.entry.labels)
             var item = NodeSnapshot.Workload(
                 namespace: ns, name: w.resource.name, address: w.entry.address, labels: w.entry.labels,
                 serviceAccount: w.entry.serviceAccount ?? "default",
@@ -58,7 +45,7 @@ extension MeshCompiler {
                 cgroup: w.cgroup, unit: w.unit)
             item.authorizationPolicies = authorization.sorted()
             item.peerAuthentication = mode
-            item.peerAuthenticationPorts = (own?.portLevel ?? [:]).mapValues { $0 == .unset ? mode : $0 }
+            item.peerAuthenticationPorts = portModes
             local.items.append(.workload(item))
         }
         let running = gatewaysRunning(on: node)
@@ -100,6 +87,26 @@ extension MeshCompiler {
             }
         }
         return local
+    }
+
+    /// The PeerAuthentication in effect for a workload, by Istio's precedence: the first (in key order) selecting
+    /// it, else its namespace's, else the mesh's (root namespace, no selector); UNSET defers to the next; PERMISSIVE
+    /// when none sets one. Its ports' own modes come from the selecting policy's `portLevelMtls`.
+    func peerAuthentication(namespace ns: String, labels: [String: String]) -> (PeerAuthentication.Mode, [UInt16: PeerAuthentication.Mode]) {
+        var own: PeerAuthentication?
+        var namespaceMode = PeerAuthentication.Mode.unset, meshMode = PeerAuthentication.Mode.unset
+        for k in policyKeys(for: ns) {
+            guard let r = resources[k], case .peerAuthentication(let p) = r.spec, policy(r, selects: ns, labels: labels) else { continue }
+            if p.selector != nil {
+                if own == nil { own = p }
+            } else if k.namespace == ns && ns != mesh.rootNamespace {
+                if namespaceMode == .unset { namespaceMode = p.mode }
+            } else if meshMode == .unset {
+                meshMode = p.mode
+            }
+        }
+        let mode = [own?.mode ?? .unset, namespaceMode, meshMode].first { $0 != .unset } ?? .permissive
+        return (mode, (own?.portLevel ?? [:]).mapValues { $0 == .unset ? mode : $0 })
     }
 
     /// The SPIFFE identities of the workloads that run on `node` (what the CA may sign for it), without

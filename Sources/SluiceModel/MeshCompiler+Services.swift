@@ -132,10 +132,17 @@ extension MeshCompiler {
         for port in se.ports {
             // Every endpoint of the port once; subsets pick from these by label.
             var allEndpoints = candidates.map { c in
-                NodeSnapshot.Endpoint(
-                    address: EndpointAddress(ip: c.ip, port: c.entry.ports[port.name] ?? port.targetPort ?? port.number),
+                let target = c.entry.ports[port.name] ?? port.targetPort ?? port.number
+                var e = NodeSnapshot.Endpoint(
+                    address: EndpointAddress(ip: c.ip, port: target),
                     weight: UInt32(c.entry.weight ?? 1), labels: c.entry.labels, node: c.workload?.node,
                     identity: c.identity)
+                // A workload whose PeerAuthentication is DISABLE on the port takes plaintext (Istio's auto mTLS).
+                if let w = c.workload {
+                    let (mode, ports) = peerAuthentication(namespace: w.resource.namespace, labels: w.entry.labels)
+                    if (ports[target] ?? mode) == .disable { e.plaintext = true }
+                }
+                return e
             }
             allEndpoints.sort { ($0.address, $0.weight) < ($1.address, $1.weight) }
             let subsets = dr?.subsets ?? []
@@ -224,7 +231,10 @@ extension MeshCompiler {
         for k in keys {
             guard let r = resources[k], policy(r, selects: namespace, labels: labels) else { continue }
             switch r.spec {
-            case .authorizationPolicy: return "\(k) authorizes its workloads"
+            case .authorizationPolicy(let p):
+                // Rules on connection attributes are checked by the kernel at connect() (the agent writes the
+                // decisions for the node's callers); rules on the request need the proxy.
+                if p.needsRequest { return "\(k) authorizes its workloads' requests" }
             case .requestAuthentication: return "\(k) checks JWTs for its workloads"
             case .peerAuthentication(let pa):
                 if (pa.portLevel[port.number] ?? pa.mode) == .strict { return "\(k) requires mutual TLS" }

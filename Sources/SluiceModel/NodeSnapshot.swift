@@ -129,6 +129,8 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         /// and the identity its certificate must carry.
         public var node: String?
         public var identity: String?
+        /// Set when the workload's PeerAuthentication is DISABLE on this port: callers send plaintext, no tunnel.
+        public var plaintext: Bool?
     }
 
     /// A workload that runs on this node.
@@ -220,7 +222,7 @@ extension NodeSnapshot {
         var copy = self
         for (i, b) in bpfServices.enumerated() where b.isL4Only {
             let endpoints = clustersByName[Cluster.name(port: b.address.port, subset: nil, host: b.host)]?.endpoints ?? []
-            if endpoints.contains(where: { $0.identity != nil && $0.node != nil && $0.node != node }) {
+            if endpoints.contains(where: { $0.identity != nil && $0.node != nil && $0.node != node && $0.plaintext != true }) {
                 copy.bpfServices[i].action = .proxy(reason: "mutual TLS to workloads on other nodes (HBONE)")
             }
         }

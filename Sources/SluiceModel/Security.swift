@@ -110,3 +110,23 @@ public struct RequestAuthentication: Sendable, Hashable, Encodable {
     public var selector: [String: String]?
     public var jwtRules: [JWTRule]
 }
+
+extension AuthorizationPolicy.Rule {
+    /// Whether the rule names request attributes (HTTP method, path, host, headers, JWT): only a proxy that parses
+    /// the request can check it; on a connection, Istio's L4 semantics apply.
+    public var namesRequestAttributes: Bool {
+        from.contains { !$0.requestPrincipals.isEmpty || !$0.notRequestPrincipals.isEmpty || !$0.remoteIpBlocks.isEmpty
+            || !$0.notRemoteIpBlocks.isEmpty }
+            || to.contains { !$0.hosts.isEmpty || !$0.notHosts.isEmpty || !$0.methods.isEmpty || !$0.notMethods.isEmpty
+                || !$0.paths.isEmpty || !$0.notPaths.isEmpty }
+            || when.contains { Self.isRequestKey($0.key) }
+    }
+
+    /// `when` keys about the request rather than the connection.
+    public static func isRequestKey(_ key: String) -> Bool { key.hasPrefix("request.") || key == "remote.ip" }
+}
+
+extension AuthorizationPolicy {
+    /// Whether checking it needs the request (a rule naming request attributes, or a CUSTOM provider).
+    public var needsRequest: Bool { action == .custom || (rules ?? []).contains { $0.namesRequestAttributes } }
+}

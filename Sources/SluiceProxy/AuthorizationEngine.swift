@@ -97,30 +97,19 @@ public final class AuthorizationEngine: Sendable {
         // No `rules` field: matches nothing (for ALLOW that is Istio's allow-nothing).
         guard let rules = p.rules else { return false }
         return rules.contains { rule in
-            if r.layer4 && needsRequest(rule) {
+            if r.layer4 && rule.namesRequestAttributes {
                 // A connection has no request to check these against (as Istio's ztunnel): an ALLOW rule cannot be
                 // satisfied, a DENY rule applies on its connection attributes alone (failing closed).
                 guard p.action == .deny else { return false }
                 return (rule.from.isEmpty || rule.from.contains { connectionSource($0, r) })
                     && (rule.to.isEmpty || rule.to.contains { (($0.ports.isEmpty || $0.ports.contains(r.port)) && !$0.notPorts.contains(r.port)) })
-                    && rule.when.filter { !isRequestKey($0.key) }.allSatisfy { condition($0, r) }
+                    && rule.when.filter { !AuthorizationPolicy.Rule.isRequestKey($0.key) }.allSatisfy { condition($0, r) }
             }
             return (rule.from.isEmpty || rule.from.contains { source($0, r) })
                 && (rule.to.isEmpty || rule.to.contains { operation($0, r) })
                 && rule.when.allSatisfy { condition($0, r) }
         }
     }
-
-    /// Whether a rule names request attributes (HTTP method, path, host, headers, JWT).
-    static func needsRequest(_ rule: AuthorizationPolicy.Rule) -> Bool {
-        rule.from.contains { !$0.requestPrincipals.isEmpty || !$0.notRequestPrincipals.isEmpty || !$0.remoteIpBlocks.isEmpty
-            || !$0.notRemoteIpBlocks.isEmpty }
-            || rule.to.contains { !$0.hosts.isEmpty || !$0.notHosts.isEmpty || !$0.methods.isEmpty || !$0.notMethods.isEmpty
-                || !$0.paths.isEmpty || !$0.notPaths.isEmpty }
-            || rule.when.contains { isRequestKey($0.key) }
-    }
-
-    static func isRequestKey(_ key: String) -> Bool { key.hasPrefix("request.") || key == "remote.ip" }
 
     static func connectionSource(_ s: AuthorizationPolicy.Source, _ r: AuthorizationRequest) -> Bool {
         field(s.principals, s.notPrincipals, r.principal)

@@ -54,7 +54,7 @@ public final class ClusterRuntime: @unchecked Sendable {
         self.config = config
         let n = config.endpoints.count
         tunnelTargets = config.endpoints.map { e in
-            guard let tunnels, let peer = e.node, peer != node, let identity = e.identity,
+            guard let tunnels, let peer = e.node, peer != node, let identity = e.identity, e.plaintext != true,
                 let agent = Socket.Address(ip: e.address.ip.description, port: tunnels.port)
             else { return nil }
             return TunnelTarget(node: peer, identity: identity, agent: agent, authority: e.address.description)

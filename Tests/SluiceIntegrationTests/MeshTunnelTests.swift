@@ -420,8 +420,9 @@ final class MeshTunnelTests: XCTestCase {
         XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 1000), 1)
     }
 
-    /// A call between two workloads of one node goes through no tunnel, but still through the destination's
-    /// AuthorizationPolicy (checked by the node's agent, which the kernel now sends the service's connections to).
+    /// A call between two workloads of one node goes through no tunnel and no proxy, but still through the
+    /// destination's AuthorizationPolicy: the kernel checks it at connect() (the service stays kernel-balanced), by
+    /// the service address and by the workload's own address, with the decisions the agent wrote per caller cgroup.
     func testCallsWithinANodeAreAuthorizedByTheDestinationsPolicy() throws {
         let net = try startMesh(policy: { net in """
             ---
@@ -461,7 +462,33 @@ final class MeshTunnelTests: XCTestCase {
         }
         XCTAssertTrue(Harness.wait(5) { (try? calls("client")) == 2 }, read("n1.log"))
         XCTAssertEqual(try calls("intruder"), 0)
-        XCTAssertGreaterThanOrEqual(metric(net, 1, ["sluice_authorization_denied_total"]), 2)
+        XCTAssertEqual(metric(net, 1, ["sluice_bpf_authorization_denied_total"]), 2, metrics(net, 1))
+        // Dialling the workload's address instead of the service's changes nothing.
+        func direct(_ cgroup: String) throws -> Bool {
+            let script = "import socket;s=socket.create_connection(('\(net.subnet).103',7000),timeout=2);s.sendall(b'hi');print(s.recv(10).decode())"
+            return try net.runWorkload(1, ["python3", "-c", script], cgroup: cgroup).output.contains("hi")
+        }
+        XCTAssertTrue(try direct("client"))
+        XCTAssertFalse(try direct("intruder"))
+        XCTAssertEqual(metric(net, 1, ["sluice_bpf_authorization_denied_total"]), 3)
+        XCTAssertEqual(metric(net, 1, ["sluice_bpf_redirected_total"]), 0, "no proxy hop")
         XCTAssertEqual(metric(net, 1, ["sluice_hbone_streams_total"]), 0, "no tunnel within the node")
+    }
+
+    /// PeerAuthentication DISABLE on a workload: callers on other nodes send it plaintext, as Istio's auto mTLS
+    /// does — no tunnel, and the kernel balances the service again.
+    func testDisabledPeerAuthenticationTakesPlaintext() throws {
+        let net = try startMesh(policy: { _ in """
+            ---
+            apiVersion: security.istio.io/v1
+            kind: PeerAuthentication
+            metadata: {name: echo-plaintext, namespace: shop}
+            spec:
+              selector: {matchLabels: {app: echo}}
+              mtls: {mode: DISABLE}
+            """ })
+        XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 10_000, count: 2), 2)
+        XCTAssertEqual(metric(net, 1, ["sluice_hbone_streams_total"]), 0, "no tunnel")
+        XCTAssertEqual(metric(net, 1, ["sluice_bpf_balanced_total"]), 2, metrics(net, 1))
     }
 }

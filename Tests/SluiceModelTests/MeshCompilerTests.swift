@@ -155,10 +155,19 @@ final class MeshCompilerTests: XCTestCase {
                       + policy("ratings", "shop", "{selector: {matchLabels: {app: ratings}}, mtls: {mode: UNSET}, portLevelMtls: {8000: {mode: STRICT}}}"))
         XCTAssertEqual(m["shop/ratings-2"]?.0, .permissive, "UNSET defers to the namespace's")
         XCTAssertEqual(m["shop/ratings-2"]?.1, [8000: .strict])
+        // DISABLE on the endpoint's port: its callers send plaintext (no tunnel).
+        let disabled = try MeshCompiler(Self.decode(Self.twoNamespaces + policy("ratings", "shop",
+            "{selector: {matchLabels: {app: ratings}}, mtls: {mode: STRICT}, portLevelMtls: {8000: {mode: DISABLE}}}")))
+        let c = try XCTUnwrap(disabled.snapshot(for: "node-a").cluster(named: "outbound|9000||ratings.shop.svc.cluster.local"))
+        XCTAssertEqual(c.endpoints.map(\.plaintext), [true, true])
+        let plain = try XCTUnwrap(try MeshCompiler(Self.decode(Self.twoNamespaces)).snapshot(for: "node-a")
+            .cluster(named: "outbound|9000||ratings.shop.svc.cluster.local"))
+        XCTAssertEqual(plain.endpoints.map(\.plaintext), [nil, nil])
     }
 
     /// With tunnels, kernel balancing is given up for a service with a mesh backend on another node; a service the
-    /// compiler already sends to the agent keeps its reason.
+    /// compiler already sends to the agent (an AuthorizationPolicy on requests) keeps its reason; one on connection
+    /// attributes alone leaves the service to the kernel, which checks it at connect().
     func testServicesWithGuardedOrRemoteBackendsGoThroughTheAgent() throws {
         let plain = try MeshCompiler(Self.decode(Self.twoNamespaces)).snapshot(for: "node-a")
         XCTAssertTrue(plain.servedByAgent(tunnels: false).bpfServices[0].isL4Only)
@@ -170,10 +179,19 @@ final class MeshCompilerTests: XCTestCase {
             apiVersion: security.istio.io/v1
             kind: AuthorizationPolicy
             metadata: {name: ratings, namespace: shop}
-            spec: {selector: {matchLabels: {app: ratings}}, rules: [{from: [{source: {namespaces: [shop]}}]}]}
+            spec: {selector: {matchLabels: {app: ratings}}, rules: [{to: [{operation: {methods: [GET]}}]}]}
             """)).snapshot(for: "node-a")
         XCTAssertEqual(guarded.servedByAgent(tunnels: true).bpfServices[0].action,
-                       .proxy(reason: "AuthorizationPolicy shop/ratings authorizes its workloads"))
+                       .proxy(reason: "AuthorizationPolicy shop/ratings authorizes its workloads' requests"))
+        let connectionOnly = try MeshCompiler(Self.decode(Self.twoNamespaces + """
+
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: ratings, namespace: shop}
+            spec: {selector: {matchLabels: {app: ratings}}, rules: [{from: [{source: {namespaces: [shop]}}]}]}
+            """)).snapshot(for: "node-a")
+        XCTAssertTrue(connectionOnly.bpfServices[0].isL4Only)
     }
 
     // MARK: - BPF services map

@@ -118,6 +118,25 @@ struct {
     __uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_inbound SEC(".maps");
 
+/* Workload addresses of this node that AuthorizationPolicies guard (their callers are looked up in sl_l4_authz). */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, SL_MAX_INBOUND);
+    __type(key, __u32);
+    __type(value, __u8);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_guarded SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, SL_MAX_AUTHZ);
+    __type(key, struct sl_authz_key);
+    __type(value, __u8);
+    __uint(map_flags, BPF_F_NO_PREALLOC);
+    __uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_l4_authz SEC(".maps");
+
 static __always_inline void sl_count(__u32 which) {
     __u64 *v = bpf_map_lookup_elem(&sl_counters, &which);
     if (v) *v += 1;
@@ -172,6 +191,29 @@ static __always_inline int sl_restore_original6(struct bpf_sock_addr *ctx) {
     ctx->user_ip6[3] = dst->addr[3];
     ctx->user_port = dst->port;
     return 1;
+}
+
+/* Whether a connect from `cgroup_id` to a workload of this node at addr:port is refused by its AuthorizationPolicies:
+ * the caller's own decision, else the one for a caller that is no workload; a guarded workload without a decision
+ * refuses (fail closed). */
+static __always_inline int sl_l4_denied(__u64 cgroup_id, __u32 addr, __u16 port) {
+    if (!bpf_map_lookup_elem(&sl_guarded, &addr)) return 0;
+    struct sl_authz_key k = {.cgroup_id = cgroup_id, .addr = addr, .port = port};
+    __u8 *v = bpf_map_lookup_elem(&sl_l4_authz, &k);
+    if (!v) {
+        k.port = 0;
+        v = bpf_map_lookup_elem(&sl_l4_authz, &k);
+    }
+    if (!v) {
+        k.cgroup_id = 0;
+        k.port = port;
+        v = bpf_map_lookup_elem(&sl_l4_authz, &k);
+    }
+    if (!v) {
+        k.port = 0;
+        v = bpf_map_lookup_elem(&sl_l4_authz, &k);
+    }
+    return v ? *v != SL_AUTHZ_ALLOW : 1;
 }
 
 /* True when connects to this destination port are never touched. */

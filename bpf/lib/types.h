@@ -40,7 +40,8 @@ enum sl_counter {
     SL_COUNT_DNS = 5,        /* DNS queries (UDP to port 53) sent to the agent's DNS listener */
     SL_COUNT_DENIED = 6,     /* connects refused: not a service while the mesh is REGISTRY_ONLY */
     SL_COUNT_STRICT = 7,     /* packets from outside the node to a STRICT (mTLS only) workload port, dropped */
-    SL_COUNT_MAX = 8,
+    SL_COUNT_AUTHZ = 8,      /* connects to a workload of the node refused by its AuthorizationPolicies (EPERM) */
+    SL_COUNT_MAX = 16,
 };
 
 /* services map key: the destination as the application dialled it. */
@@ -155,6 +156,21 @@ struct sl_inbound_key {
     sl_u16 pad;
 };
 
+/* AuthorizationPolicy for calls between workloads of one node, decided by the agent for every (caller's cgroup,
+ * workload address, port) and checked at connect(): `port` 0 is any port the agent did not list, `cgroup_id` 0 a
+ * caller that is no workload. */
+enum sl_authz_verdict {
+    SL_AUTHZ_ALLOW = 1,
+    SL_AUTHZ_DENY = 2,
+};
+
+struct sl_authz_key {
+    sl_u64 cgroup_id;
+    sl_u32 addr;
+    sl_u16 port;
+    sl_u16 pad;
+};
+
 /* Capacities, shared so that user space can refuse an update that would not fit. */
 #define SL_MAX_SERVICES 65536
 #define SL_MAX_SLOTS (1 << 20)
@@ -162,6 +178,7 @@ struct sl_inbound_key {
 #define SL_MAX_EXCLUSIONS 1024
 #define SL_MAX_SLOTS6 (1 << 18)
 #define SL_MAX_INBOUND 65536
+#define SL_MAX_AUTHZ 262144
 
 #define SL_STATIC_ASSERT(c, m) _Static_assert(c, m)
 SL_STATIC_ASSERT(sizeof(struct sl_service_key) == 8, "sl_service_key layout");
@@ -172,6 +189,7 @@ SL_STATIC_ASSERT(sizeof(struct sl_original_dst) == 16, "sl_original_dst layout")
 SL_STATIC_ASSERT(sizeof(struct sl_peer_key) == 8, "sl_peer_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_cidr_key) == 8, "sl_cidr_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_inbound_key) == 8, "sl_inbound_key layout");
+SL_STATIC_ASSERT(sizeof(struct sl_authz_key) == 16, "sl_authz_key layout");
 SL_STATIC_ASSERT(sizeof(struct sl_service_key6) == 20, "sl_service_key6 layout");
 SL_STATIC_ASSERT(sizeof(struct sl_backend6) == 20, "sl_backend6 layout");
 SL_STATIC_ASSERT(sizeof(struct sl_original_dst6) == 32, "sl_original_dst6 layout");
