@@ -31,11 +31,12 @@ extension MeshCompiler {
             let ns = w.resource.namespace
             // The AuthorizationPolicies selecting the workload are named on it: its inbound tunnel streams are
             // checked against them.
-            var authorization: [String] = []
+            var authorization: [String] = [], authentication: [String] = []
             for k in policyKeys(for: ns) {
                 guard let r = resources[k], policy(r, selects: ns, labels: w.entry.labels) else { continue }
                 policies.insert(k)
                 if case .authorizationPolicy = r.spec { authorization.append("\(k.namespace)/\(k.name)") }
+                if case .requestAuthentication = r.spec { authentication.append("\(k.namespace)/\(k.name)") }
             }
             let (mode, portModes) = peerAuthentication(namespace: ns, labels: w.entry.labels)
             var item = NodeSnapshot.Workload(
@@ -44,6 +45,7 @@ extension MeshCompiler {
                 identity: identity(namespace: ns, serviceAccount: w.entry.serviceAccount), ports: w.entry.ports,
                 cgroup: w.cgroup, unit: w.unit)
             item.authorizationPolicies = authorization.sorted()
+            item.requestAuthentications = authentication.sorted()
             item.peerAuthentication = mode
             item.peerAuthenticationPorts = portModes
             local.items.append(.workload(item))

@@ -146,8 +146,10 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         /// How the agent recognises the workload's processes (`sluice.dev/cgroup`, `sluice.dev/unit`).
         public var cgroup: String?
         public var unit: String?
-        /// `namespace/name` of the AuthorizationPolicies (in the snapshot) that select this workload.
+        /// `namespace/name` of the AuthorizationPolicies and RequestAuthentications (in the snapshot) that select
+        /// this workload.
         public var authorizationPolicies: [String] = []
+        public var requestAuthentications: [String] = []
         /// Its PeerAuthentication in effect (Istio's precedence: the workload's own policy, its namespace's, the
         /// mesh's; PERMISSIVE when none sets one), and its ports' own modes (`portLevelMtls`).
         public var peerAuthentication: PeerAuthentication.Mode = .permissive

@@ -28,16 +28,17 @@ extension L4Worker {
     // MARK: - accept
 
     /// - Parameter identity: a captured client's workload identity (a gateway's is its listener's).
+    @discardableResult
     func acceptHTTP(fd: Int32, listener li: Int, table: HTTPRouteTable, captured: ClusterRuntime?, port: UInt16,
                     tls: TLSServerNames? = nil, httpsRedirect: Bool = false, labels: [String: String] = [:],
-                    identity: String? = nil) {
+                    identity: String? = nil) -> UInt32? {
         let slot = allocateHTTP()
         let i = Int(slot)
         if let tls, !startTLS(slot, tls) {
             listeners[li].counter.add(-1)
             close(fd)
             hfree.append(slot)
-            return
+            return nil
         }
         hconns[i].httpsRedirect = httpsRedirect
         // A gateway's requests come from the gateway workload: `sourceLabels` match its labels (as in Istio).
@@ -63,6 +64,7 @@ extension L4Worker {
         openCount += 1
         shard.addSigned(stats.activeConnections, 1)
         receiveDown(slot)
+        return slot
     }
 
     private func allocateHTTP() -> UInt32 {

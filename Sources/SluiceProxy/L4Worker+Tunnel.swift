@@ -326,6 +326,11 @@ extension L4Worker {
         guard let w = inbound[destination.ip.description],
             t.tls.serverName == MeshCredentials.serverName(for: w.workload.identity)
         else { return refuse("404", tunnelStats.streams.unknownDestination) }
+        if let http = w.http[destination.port] {
+            // The workload's policies need the requests: they go through the L7 pipeline, checked one by one.
+            return tunnelRequestThroughHTTP(t, stream: id, http, client: Self.forwardedFor(fields) ?? t.peerIP,
+                                            port: destination.port)
+        }
         var request = AuthorizationRequest(sourceIP: Self.forwardedFor(fields) ?? t.peerIP, principal: t.peer,
                                            port: destination.port)
         request.destinationIP = destination.ip
@@ -352,6 +357,37 @@ extension L4Worker {
         let to = loop.uring.sqe()
         io_uring_prep_link_timeout(to, tunnelConnectTimeout, 0)
         trackStream(to, s, .sConnectTimeout)
+    }
+
+    /// An inbound stream to a workload port whose policies need the request: one end of a socket pair is the
+    /// stream's plain side, the other an HTTP connection of this worker (as if accepted) whose client is the caller
+    /// — its identity from the tunnel's certificate, its address from `forwarded` — routed to the workload alone
+    /// through its AuthorizationPolicies and RequestAuthentications (403/401 answers go back through the stream).
+    private func tunnelRequestThroughHTTP(_ t: Tunnel, stream id: Int32, _ http: InboundHTTP, client: IPAddress?, port: UInt16) {
+        var pair: [Int32] = [-1, -1]
+        guard t.listener >= 0,
+            socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue | SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0, &pair) == 0
+        else {
+            shard.add(tunnelStats.streams.workloadUnreachable)
+            t.h2.respond(stream: id, H2Fields([(":status", "503")]), endStream: true)
+            return
+        }
+        let li = Int(t.listener)
+        // The HTTP connection counts against the listener as an accepted one would (given back when it closes).
+        listeners[li].counter.add(1)
+        guard let slot = acceptHTTP(fd: pair[1], listener: li, table: http.table, captured: http.cluster, port: port) else {
+            close(pair[0])
+            t.h2.respond(stream: id, H2Fields([(":status", "503")]), endStream: true)
+            return
+        }
+        hconns[Int(slot)].principal = t.peer
+        hconns[Int(slot)].client = client.map { "\($0)" } ?? ""
+        let s = newTunnelStream(fd: pair[0], tunnel: t, phase: .open)
+        s.id = id
+        t.streams[id] = s
+        shard.add(tunnelStats.streams.accepted)
+        t.h2.respond(stream: id, H2Fields([(":status", "200")]), endStream: false)
+        receivePlain(s)
     }
 
     static func forwardedFor(_ fields: H2Fields) -> IPAddress? {

@@ -181,6 +181,17 @@ public struct TunnelSettings: Sendable {
 struct InboundWorkload {
     let workload: NodeSnapshot.Workload
     let authorization: AuthorizationEngine
+    /// Ports that speak HTTP (HTTP, HTTP2, GRPC) when a policy of the workload needs the request (AuthorizationPolicy
+    /// rules on request attributes, RequestAuthentication): a stream to such a port goes through the L7 pipeline
+    /// here, checked request by request, on to the workload alone.
+    var http: [UInt16: InboundHTTP] = [:]
+}
+
+/// The L7 pipeline in front of one workload port: a one-endpoint cluster and a route table carrying the
+/// workload's policies.
+struct InboundHTTP {
+    let cluster: ClusterRuntime
+    let table: HTTPRouteTable
 }
 
 /// One listener's routing: weighted clusters of its TCP route, per-request routes of an HTTP listener, or, for the
@@ -287,7 +298,7 @@ public struct OutboundCapture: Sendable {
 /// Everything the workers serve, built once per snapshot off the data plane and then published.
 public final class ProxyRuntime: @unchecked Sendable {
     public let snapshot: NodeSnapshot
-    public let clusters: [ClusterRuntime]
+    public private(set) var clusters: [ClusterRuntime]
     public let listeners: [ListenerRuntime]
     /// Labels of the node's workloads by address: the source of a captured connection.
     let workloadLabels: [String: [String: String]]
@@ -388,11 +399,32 @@ public final class ProxyRuntime: @unchecked Sendable {
             }
         }
         var inbound: [String: InboundWorkload] = [:]
+        var inboundClusters: [ClusterRuntime] = []
         for w in snapshot.workloads where inbound[w.address] == nil {
-            let names = Set(w.authorizationPolicies)
-            inbound[w.address] = InboundWorkload(
-                workload: w, authorization: AuthorizationEngine(snapshot.authorizationPolicies.filter { names.contains($0.qualifiedName) }))
+            let names = Set(w.authorizationPolicies), authn = Set(w.requestAuthentications)
+            let policies = snapshot.authorizationPolicies.filter { names.contains($0.qualifiedName) }
+            var entry = InboundWorkload(workload: w, authorization: AuthorizationEngine(policies))
+            if policies.contains(where: \.spec.needsRequest) || !authn.isEmpty {
+                let authenticator = RequestAuthenticator(snapshot.requestAuthentications.filter { authn.contains($0.qualifiedName) },
+                                                         jwks: jwks)
+                for c in snapshot.clusters where c.subset == nil && [.http, .http2, .grpc].contains(c.protocol) {
+                    for e in c.endpoints where e.address.ip.description == w.address && entry.http[e.address.port] == nil {
+                        var config = c
+                        config.name = "inbound|\(e.address.port)||\(c.serviceHost)"
+                        config.endpoints = [e]
+                        config.healthCheck = nil
+                        config.outlierDetection = nil
+                        let cr = reusable[config] ?? ClusterRuntime(config: config, registry: registry)
+                        inboundClusters.append(cr)
+                        entry.http[e.address.port] = InboundHTTP(cluster: cr, table: HTTPRouteTable(
+                            virtualServices: [], gateway: nil, snapshot: snapshot, clusters: [config.name: cr], rateLimits: [:],
+                            authorization: entry.authorization, authentication: authenticator))
+                    }
+                }
+            }
+            inbound[w.address] = entry
         }
+        clusters += inboundClusters
         localWorkloads = inbound
         localPolicies = inbound.values.contains { !$0.authorization.isEmpty }
         if let tunnels {

@@ -1,5 +1,6 @@
 import Foundation
 import SluiceIdentity
+import SluiceTestSupport
 import XCTest
 
 /// HBONE between nodes (root): three network namespaces — the CA, node n1 with a client workload (captured by its
@@ -490,5 +491,56 @@ final class MeshTunnelTests: XCTestCase {
         XCTAssertEqual(try exchanges(net, from: net.address(1), bytes: 10_000, count: 2), 2)
         XCTAssertEqual(metric(net, 1, ["sluice_hbone_streams_total"]), 0, "no tunnel")
         XCTAssertEqual(metric(net, 1, ["sluice_bpf_balanced_total"]), 2, metrics(net, 1))
+    }
+
+    /// A workload whose AuthorizationPolicy names request attributes has its requests checked one by one by its own
+    /// node's agent (the tunnel's stream goes through the L7 pipeline there): the caller's identity comes from the
+    /// tunnel, the method and path from each request; a denied request gets Envoy's 403 back through the tunnel.
+    /// Its RequestAuthentication is checked there too (a bad token: 401).
+    func testRequestsToAWorkloadAreCheckedOneByOneByItsNodesAgent() throws {
+        let issuer = TestJWT()
+        let jwks = issuer.jwks.replacingOccurrences(of: "\"", with: "\\\"")
+        let net = try startMesh(policy: { _ in """
+            ---
+            apiVersion: security.istio.io/v1
+            kind: RequestAuthentication
+            metadata: {name: web-jwt, namespace: shop}
+            spec:
+              selector: {matchLabels: {app: web}}
+              jwtRules: [{issuer: "https://issuer.example", jwks: "\(jwks)"}]
+            ---
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: web-readers, namespace: shop}
+            spec:
+              selector: {matchLabels: {app: web}}
+              action: ALLOW
+              rules:
+              - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]
+                to: [{operation: {methods: [GET], paths: ["/page.txt"]}}]
+            """ })
+        try FileManager.default.createDirectory(atPath: "\(dir)/www", withIntermediateDirectories: true)
+        try "hello".write(toFile: "\(dir)/www/page.txt", atomically: true, encoding: .utf8)
+        try "other".write(toFile: "\(dir)/www/other.txt", atomically: true, encoding: .utf8)
+        try net.start(2, ["python3", "-m", "http.server", "8080", "--bind", webAddress(net), "--directory", "\(dir)/www"],
+                      workload: true)
+        XCTAssertTrue(wait(10) {
+            (try? net.run(2, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://\(self.webAddress(net)):8080/page.txt"]).output) == "200"
+        })
+        func get(_ path: String, as cgroup: String, method: String = "GET", token: String? = nil) throws -> String {
+            try net.runWorkload(1, ["curl", "-s", "--max-time", "5", "-X", method, "-w", " %{http_code}"]
+                                + (token.map { ["-H", "Authorization: Bearer \($0)"] } ?? []) + ["http://\(webVIP):8080\(path)"],
+                                cgroup: cgroup).output
+        }
+        XCTAssertEqual(try get("/page.txt", as: "client"), "hello 200", metrics(net, 1) + metrics(net, 2))
+        XCTAssertEqual(try get("/other.txt", as: "client"), "RBAC: access denied 403", "the path is not allowed")
+        XCTAssertEqual(try get("/page.txt", as: "client", method: "DELETE"), "RBAC: access denied 403", "nor the method")
+        XCTAssertEqual(try get("/page.txt", as: "intruder"), "RBAC: access denied 403", "nor another identity")
+        XCTAssertEqual(try get("/page.txt", as: "client"), "hello 200", "the tunnel still serves")
+        let exp = Int(Date().timeIntervalSince1970) + 600
+        XCTAssertEqual(try get("/page.txt", as: "client", token: issuer.token(["iss": "https://issuer.example", "sub": "a", "exp": exp])),
+                       "hello 200", "a valid token")
+        XCTAssertTrue(try get("/page.txt", as: "client", token: "garbage").hasSuffix(" 401"), "a bad token")
+        XCTAssertEqual(metric(net, 2, ["sluice_authorization_denied_total"]), 3)
     }
 }
