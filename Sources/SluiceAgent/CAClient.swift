@@ -12,6 +12,8 @@ struct CAClient {
     /// The roots the control plane's certificate must chain to (the configured root, then the bundle the CA
     /// last sent: while the root rotates, the control plane's certificate may come from the new one).
     var rootCA: String
+    /// More roots to trust (a JWKS server's private CA besides the system's).
+    var alsoTrusting: [String] = []
     var timeout: TimeInterval = 5
 
     struct Failure: Error, CustomStringConvertible {
@@ -40,16 +42,8 @@ struct CAClient {
         let host = authority.hasPrefix("[") ? String(authority.prefix { $0 != "]" }.dropFirst())
             : String(authority.prefix { $0 != ":" })
         let address = authority.contains(":") && !authority.hasSuffix("]") ? authority : "\(authority):443"
-        // The system bundle, plus the extra roots when given (one file for OpenSSL: concatenated).
-        var trust = "/etc/ssl/certs/ca-certificates.crt"
-        if let extraTrust {
-            let combined = NSTemporaryDirectory() + "sluice-jwks-trust-\(getpid()).pem"
-            let system = (try? String(contentsOfFile: trust, encoding: .utf8)) ?? ""
-            let extra = (try? String(contentsOfFile: extraTrust, encoding: .utf8)) ?? ""
-            try (system + "\n" + extra).write(toFile: combined, atomically: true, encoding: .utf8)
-            trust = combined
-        }
-        var client = CAClient(address: address, serverName: host, rootCA: trust)
+        var client = CAClient(address: address, serverName: host, rootCA: "/etc/ssl/certs/ca-certificates.crt")
+        client.alsoTrusting = extraTrust.map { [$0] } ?? []
         client.timeout = timeout
         let head = "GET \(path) HTTP/1.1\r\nhost: \(authority)\r\naccept: application/json\r\nconnection: close\r\n\r\n"
         let (status, body) = try split(try client.exchange(Array(head.utf8), clientCertificate: nil, minVersion: .v1_2))
@@ -61,7 +55,7 @@ struct CAClient {
     func exchange(_ request: [UInt8], clientCertificate: (String, String)?, minVersion: TLSVersion = .v1_3) throws -> [UInt8] {
         let context: TLSContext
         do {
-            context = try TLSContext(clientTrusting: rootCA, certificateChain: clientCertificate?.0,
+            context = try TLSContext(clientTrusting: rootCA, alsoTrusting: alsoTrusting, certificateChain: clientCertificate?.0,
                                      privateKey: clientCertificate?.1, minVersion: minVersion)
         } catch {
             throw Failure(description: "TLS setup: \(error)")

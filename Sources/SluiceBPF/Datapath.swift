@@ -56,7 +56,7 @@ public final class Datapath: @unchecked Sendable {
     let authzFD: Int32
     /// What ``setPeerAuthentication(_:)`` and ``setLocalAuthorization(guarded:decisions:)`` last wrote.
     private var inbound: [InboundKey: UInt8] = [:]
-    private var guarded: Set<UInt32> = []
+    private var guarded: [UInt32: UInt8] = [:]
     private var decisions: [AuthzKey: UInt8] = [:]
     private var exclusions: (cidrs: [sl_cidr_key], ports: [UInt16]) = ([], [])
     /// What ``apply(_:)`` last wrote, to write only differences next time.
@@ -304,17 +304,30 @@ public final class Datapath: @unchecked Sendable {
             next[InboundKey(addr: a, port: e.port.bigEndian)] = UInt8(e.strict ? SL_PEER_STRICT.rawValue : SL_PEER_PERMISSIVE.rawValue)
         }
         guard next.count <= Int(SL_MAX_INBOUND) else { throw BPFError("more than \(SL_MAX_INBOUND) PeerAuthentication entries") }
-        for (k, v) in next where inbound[k] != v {
-            var key = sl_inbound_key(addr: k.addr, port: k.port, pad: 0)
-            var value = v
-            let rc = bpf_map_update_elem(inboundFD, &key, &value, 0)
-            if rc != 0 { throw .errno("write sl_inbound", rc) }
-        }
-        for k in inbound.keys where next[k] == nil {
-            var key = sl_inbound_key(addr: k.addr, port: k.port, pad: 0)
-            bpf_map_delete_elem(inboundFD, &key)
-        }
+        let raw = { (k: InboundKey) in sl_inbound_key(addr: k.addr, port: k.port, pad: 0) }
+        try Self.write(inboundFD, "sl_inbound", next, over: inbound, raw)
+        Self.delete(inboundFD, inbound, missingFrom: next, raw)
         inbound = next
+    }
+
+    /// Writes the entries of `next` that `current` (what the map holds) lacks or holds with another value.
+    private static func write<Key: Hashable, Raw>(_ fd: Int32, _ name: String, _ next: [Key: UInt8], over current: [Key: UInt8],
+                                                  _ raw: (Key) -> Raw) throws(BPFError) {
+        for (k, v) in next where current[k] != v {
+            var key = raw(k)
+            var value = v
+            let rc = bpf_map_update_elem(fd, &key, &value, 0)
+            if rc != 0 { throw .errno("write \(name)", rc) }
+        }
+    }
+
+    /// Deletes the entries of `current` that `next` no longer has.
+    private static func delete<Key: Hashable, Raw>(_ fd: Int32, _ current: [Key: UInt8], missingFrom next: [Key: UInt8],
+                                                   _ raw: (Key) -> Raw) {
+        for k in current.keys where next[k] == nil {
+            var key = raw(k)
+            bpf_map_delete_elem(fd, &key)
+        }
     }
 
     /// One decision for calls between workloads of one node: may the caller in cgroup `cgroup` (0: a caller that is
@@ -342,8 +355,8 @@ public final class Datapath: @unchecked Sendable {
     /// decisions for their callers. Decisions are written before the addresses that need them, and stale addresses
     /// go before their decisions, so a connect never finds a guarded address without its decisions.
     public func setLocalAuthorization(guarded addresses: [IPAddress], decisions entries: [LocalAuthorization]) throws(BPFError) {
-        var nextGuarded: Set<UInt32> = []
-        for a in addresses { if case .v4(let v) = a { nextGuarded.insert(v) } }
+        var nextGuarded: [UInt32: UInt8] = [:]
+        for a in addresses { if case .v4(let v) = a { nextGuarded[v] = 1 } }
         var next: [AuthzKey: UInt8] = [:]
         for e in entries {
             guard case .v4(let a) = e.address else { continue }
@@ -353,26 +366,11 @@ public final class Datapath: @unchecked Sendable {
         guard next.count <= Int(SL_MAX_AUTHZ), nextGuarded.count <= Int(SL_MAX_INBOUND) else {
             throw BPFError("more than \(SL_MAX_AUTHZ) authorization decisions")
         }
-        for (k, v) in next where decisions[k] != v {
-            var key = sl_authz_key(cgroup_id: k.cgroup, addr: k.addr, port: k.port, pad: 0)
-            var value = v
-            let rc = bpf_map_update_elem(authzFD, &key, &value, 0)
-            if rc != 0 { throw .errno("write sl_l4_authz", rc) }
-        }
-        var one: UInt8 = 1
-        for a in nextGuarded where !guarded.contains(a) {
-            var key = a
-            let rc = bpf_map_update_elem(guardedFD, &key, &one, 0)
-            if rc != 0 { throw .errno("write sl_guarded", rc) }
-        }
-        for a in guarded where !nextGuarded.contains(a) {
-            var key = a
-            bpf_map_delete_elem(guardedFD, &key)
-        }
-        for k in decisions.keys where next[k] == nil {
-            var key = sl_authz_key(cgroup_id: k.cgroup, addr: k.addr, port: k.port, pad: 0)
-            bpf_map_delete_elem(authzFD, &key)
-        }
+        let raw = { (k: AuthzKey) in sl_authz_key(cgroup_id: k.cgroup, addr: k.addr, port: k.port, pad: 0) }
+        try Self.write(authzFD, "sl_l4_authz", next, over: decisions, raw)
+        try Self.write(guardedFD, "sl_guarded", nextGuarded, over: guarded, { $0 })
+        Self.delete(guardedFD, guarded, missingFrom: nextGuarded, { $0 })
+        Self.delete(authzFD, decisions, missingFrom: next, raw)
         guarded = nextGuarded
         decisions = next
     }

@@ -59,7 +59,7 @@ extension L4Worker {
         hconns[i].client = peer.hasPrefix("[") ? String(peer.dropFirst().prefix { $0 != "]" })
             : String(peer.prefix { $0 != ":" })
         // Captured: the client is a workload of this node, whose labels `sourceLabels` matches select on.
-        if captured != nil, let labels = runtime.workloadLabels[hconns[i].client] { hconns[i].sourceLabels = labels }
+        if captured != nil, let w = runtime.localWorkloads[hconns[i].client] { hconns[i].sourceLabels = w.workload.labels }
         if captured != nil { hconns[i].sourceIdentity = identity }
         openCount += 1
         shard.addSigned(stats.activeConnections, 1)

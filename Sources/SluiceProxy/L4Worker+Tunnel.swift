@@ -29,8 +29,10 @@ final class Tunnel {
     let key: TunnelKey?
     /// The credentials generation the session's certificate comes from.
     let credentials: UInt64
-    /// Inbound: the caller's SPIFFE identity (its client certificate) and address.
+    /// Inbound: the caller's SPIFFE identity (its client certificate), the name it asked for by SNI (the workload
+    /// identity whose certificate this side presented), and its address.
     var peer: String?
+    var requestedName: String?
     var peerIP: IPAddress?
     /// Inbound: which listener accepted it (its connection count).
     var listener: Int32 = -1
@@ -201,17 +203,17 @@ extension L4Worker {
             teardown(slot, reset: true)
             return
         }
+        // The client's address goes in the CONNECT (`forwarded`), which may be submitted at once.
         let s = attachTunnelStream(fd: conns[i].down, source: identity, credentials: credentials, target: target,
-                                   counting: .takenOver)
+                                   counting: .takenOver, clientIP: Self.ipString(Socket.peerAddress(conns[i].down)))
         guard let s else {
             shard.add(tunnelStats.tunnelFailures.connect)
-            upstreamFailedTunnel(slot)
+            upstreamFailed(slot, reset: true)
             return
         }
         s.listener = conns[i].listener
         s.cluster = conns[i].cluster
         s.endpoint = Int32(e)
-        s.clientIP = Self.ipString(Socket.peerAddress(conns[i].down))
         // The connection's counts moved to the stream; the slot is reused.
         conns[i].down = -1
         conns[i].cluster = nil
@@ -221,7 +223,7 @@ extension L4Worker {
     /// Puts `fd`'s bytes on a CONNECT stream of the pooled tunnel for (`source`, the target's node and identity),
     /// opening the tunnel if needed. Nil when no tunnel could be started (the caller still owns `fd`).
     func attachTunnelStream(fd: Int32, source: MeshCredentials.Identity, credentials: MeshCredentials.Generation,
-                            target: TunnelTarget, counting: StreamCounting) -> TunnelStream? {
+                            target: TunnelTarget, counting: StreamCounting, clientIP: String? = nil) -> TunnelStream? {
         let key = TunnelKey(source: source.uri, node: target.node, destination: target.identity)
         var tunnel = tunnelPool[key]
         if let t = tunnel, t.phase == .closing || t.goingAway || t.credentials != credentials.number {
@@ -238,6 +240,7 @@ extension L4Worker {
         let t = tunnel!
         let s = newTunnelStream(fd: fd, tunnel: t, phase: .awaitingResponse, counting: counting)
         s.authority = target.authority
+        s.clientIP = clientIP
         if t.phase == .open {
             submitConnect(s)
             flushTunnel(t)
@@ -247,15 +250,10 @@ extension L4Worker {
         return s
     }
 
-    private func upstreamFailedTunnel(_ slot: UInt32) {
-        shard.add(conns[Int(slot)].cluster!.runtime.metrics.closedUpstreamFailure)
-        teardown(slot, reset: true)
-    }
-
     private func connectTunnel(key: TunnelKey, target: TunnelTarget, identity: MeshCredentials.Identity,
                                credentials: UInt64) -> Tunnel? {
         // Sessions are resumed per (node, identity): any worker's next tunnel there skips the full handshake.
-        guard let tls = try? TLSStream(client: identity.client, serverName: MeshCredentials.serverName(for: target.identity),
+        guard let tls = try? TLSStream(client: identity.client, serverName: target.serverName,
                                        checkHostName: false, sessionKey: "\(target.node)|\(target.identity)")
         else { return nil }
         let fd = Socket.stream(family: target.agent.family)
@@ -296,7 +294,8 @@ extension L4Worker {
     /// A connection on the HBONE listener: mutual TLS, the certificate of the workload identity the caller names by
     /// SNI.
     func acceptTunnel(fd: Int32, listener li: Int) {
-        guard let names = runtime.tunnels?.credentials.current.serverNames,
+        // One generation for both the certificates and the number the tunnel is filed under.
+        guard let credentials = runtime.tunnels?.credentials.current, let names = credentials.serverNames,
             let tls = try? TLSStream(serving: names)
         else {
             // No certificate yet: nothing can be served securely.
@@ -306,7 +305,7 @@ extension L4Worker {
             return
         }
         Socket.setNoDelay(fd)
-        let t = newTunnel(fd: fd, outbound: false, tls: tls, key: nil, credentials: runtime.tunnels!.credentials.current.number)
+        let t = newTunnel(fd: fd, outbound: false, tls: tls, key: nil, credentials: credentials.number)
         t.listener = Int32(li)
         t.peerIP = IPAddress(Self.ipString(Socket.peerAddress(fd)))
         receiveTunnel(t)
@@ -324,7 +323,7 @@ extension L4Worker {
             let inbound = runtime.listeners[listeners[Int(t.listener)].runtimeIndex].inbound
         else { return refuse("400", tunnelStats.streams.unknownDestination) }
         guard let w = inbound[destination.ip.description],
-            t.tls.serverName == MeshCredentials.serverName(for: w.workload.identity)
+            t.requestedName == w.serverName
         else { return refuse("404", tunnelStats.streams.unknownDestination) }
         if let http = w.http[destination.port] {
             // The workload's policies need the requests: they go through the L7 pipeline, checked one by one.
@@ -527,6 +526,7 @@ extension L4Worker {
                 return false
             }
             t.peer = peer
+            t.requestedName = t.tls.serverName
             shard.add(tunnelStats.tunnelsOpened.inbound)
         }
         t.phase = .open

@@ -549,9 +549,9 @@ public final class L4Worker: RingHandler {
     }
 
     /// No endpoint could be reached: close the client (Istio's response flag UF).
-    private func upstreamFailed(_ slot: UInt32) {
+    func upstreamFailed(_ slot: UInt32, reset: Bool = false) {
         shard.add(conns[Int(slot)].cluster!.runtime.metrics.closedUpstreamFailure)
-        teardown(slot, reset: false)
+        teardown(slot, reset: reset)
     }
 
     // MARK: - completions

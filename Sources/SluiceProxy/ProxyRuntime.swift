@@ -57,7 +57,8 @@ public final class ClusterRuntime: @unchecked Sendable {
             guard let tunnels, let peer = e.node, peer != node, let identity = e.identity, e.plaintext != true,
                 let agent = Socket.Address(ip: e.address.ip.description, port: tunnels.port)
             else { return nil }
-            return TunnelTarget(node: peer, identity: identity, agent: agent, authority: e.address.description)
+            return TunnelTarget(node: peer, identity: identity, agent: agent, authority: e.address.description,
+                                serverName: MeshCredentials.serverName(for: identity))
         }
         addresses = .allocate(capacity: max(1, n))
         for (i, e) in config.endpoints.enumerated() {
@@ -157,6 +158,8 @@ struct TunnelTarget {
     let identity: String
     let agent: Socket.Address
     let authority: String
+    /// The SNI that asks the agent for `identity`'s certificate.
+    let serverName: String
 }
 
 /// HBONE: mutual TLS between agents with the workloads' certificates, HTTP/2 CONNECT streams inside.
@@ -181,6 +184,8 @@ public struct TunnelSettings: Sendable {
 struct InboundWorkload {
     let workload: NodeSnapshot.Workload
     let authorization: AuthorizationEngine
+    /// The SNI a caller sends for this workload's certificate (compared once per stream, so built once here).
+    let serverName: String
     /// Ports that speak HTTP (HTTP, HTTP2, GRPC) when a policy of the workload needs the request (AuthorizationPolicy
     /// rules on request attributes, RequestAuthentication): a stream to such a port goes through the L7 pipeline
     /// here, checked request by request, on to the workload alone.
@@ -300,15 +305,13 @@ public final class ProxyRuntime: @unchecked Sendable {
     public let snapshot: NodeSnapshot
     public private(set) var clusters: [ClusterRuntime]
     public let listeners: [ListenerRuntime]
-    /// Labels of the node's workloads by address: the source of a captured connection.
-    let workloadLabels: [String: [String: String]]
-    /// Identities of the node's workloads by address, and by cgroup id where a cgroup holds workloads of one
-    /// identity only; the identity when the node's workloads all have one (see ``sourceIdentity(cgroup:address:)``).
-    let workloadIdentities: [String: String]
+    /// Identities of the node's workloads by cgroup id where a cgroup holds workloads of one identity only; the
+    /// identity when the node's workloads all have one (see ``sourceIdentity(cgroup:address:)``).
     let identitiesByCgroup: [UInt64: String]
     let soleIdentity: String?
-    /// The node's workloads by address with the AuthorizationPolicies that select them; `localPolicies` when any
-    /// has one (a captured connection to such a workload is checked before it is connected).
+    /// The node's workloads by address (the first listed, when several share one) with the AuthorizationPolicies
+    /// that select them: who a captured client is, and what may call a workload; `localPolicies` when any has one
+    /// (a captured connection to such a workload is checked before it is connected).
     let localWorkloads: [String: InboundWorkload]
     let localPolicies: Bool
     let tunnels: TunnelSettings?
@@ -327,8 +330,6 @@ public final class ProxyRuntime: @unchecked Sendable {
                 tunnels: TunnelSettings? = nil, jwks: JWKSCache? = nil) throws(RuntimeError) {
         self.snapshot = snapshot
         self.tunnels = tunnels
-        workloadLabels = Dictionary(snapshot.workloads.map { ($0.address, $0.labels) }, uniquingKeysWith: { a, _ in a })
-        workloadIdentities = Dictionary(snapshot.workloads.map { ($0.address, $0.identity) }, uniquingKeysWith: { a, _ in a })
         var byCgroup: [UInt64: Set<String>] = [:]
         if let capture {
             for w in snapshot.workloads {
@@ -403,7 +404,8 @@ public final class ProxyRuntime: @unchecked Sendable {
         for w in snapshot.workloads where inbound[w.address] == nil {
             let names = Set(w.authorizationPolicies), authn = Set(w.requestAuthentications)
             let policies = snapshot.authorizationPolicies.filter { names.contains($0.qualifiedName) }
-            var entry = InboundWorkload(workload: w, authorization: AuthorizationEngine(policies))
+            var entry = InboundWorkload(workload: w, authorization: AuthorizationEngine(policies),
+                                        serverName: MeshCredentials.serverName(for: w.identity))
             if policies.contains(where: \.spec.needsRequest) || !authn.isEmpty {
                 let authenticator = RequestAuthenticator(snapshot.requestAuthentications.filter { authn.contains($0.qualifiedName) },
                                                          jwks: jwks)
@@ -441,6 +443,6 @@ public final class ProxyRuntime: @unchecked Sendable {
     /// identity. Nil: the client cannot be told apart, and nothing is sent on its behalf to another node.
     func sourceIdentity(cgroup: UInt64, address: String) -> String? {
         if cgroup != 0, let id = identitiesByCgroup[cgroup] { return id }
-        return workloadIdentities[address] ?? soleIdentity
+        return localWorkloads[address]?.workload.identity ?? soleIdentity
     }
 }

@@ -97,9 +97,12 @@ public final class TLSContext: @unchecked Sendable {
     /// A client's context.
     /// - Parameters:
     ///   - trusted: PEM file of the CAs the server must chain to; nil skips verification (tests only).
+    ///   - alsoTrusting: more PEM files of CAs to trust along with `trusted` (e.g. a private root besides the
+    ///     system's).
     ///   - certificateChain, privateKey: presented when the server asks (mutual TLS).
-    public init(clientTrusting trusted: String?, certificateChain: String? = nil, privateKey: String? = nil,
-                minVersion: TLSVersion? = nil, maxVersion: TLSVersion? = nil, alpn: [String] = []) throws(TLSError) {
+    public init(clientTrusting trusted: String?, alsoTrusting: [String] = [], certificateChain: String? = nil,
+                privateKey: String? = nil, minVersion: TLSVersion? = nil, maxVersion: TLSVersion? = nil,
+                alpn: [String] = []) throws(TLSError) {
         ERR_clear_error()
         guard let ctx = SSL_CTX_new(TLS_client_method()) else { throw .openSSL("SSL_CTX_new") }
         self.ctx = ctx
@@ -109,7 +112,9 @@ public final class TLSContext: @unchecked Sendable {
             throw .openSSL("TLS versions")
         }
         if let trusted {
-            guard SSL_CTX_load_verify_locations(ctx, trusted, nil) == 1 else { throw .openSSL("trusted CAs \(trusted)") }
+            for file in [trusted] + alsoTrusting {
+                guard SSL_CTX_load_verify_locations(ctx, file, nil) == 1 else { throw .openSSL("trusted CAs \(file)") }
+            }
             SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
         }
         if let certificateChain, let privateKey {
