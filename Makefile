@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 SWIFT ?= swift
 # Debian packages the build, the tests, the demo and the benchmarks need.
-DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev pkgconf bpftool python3 curl iproute2 \
+DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev libsqlite3-dev pkgconf bpftool python3 curl iproute2 \
                 procps nghttp2-client python3-pip tcpdump
 # PyPI packages the tests use (real gRPC clients and servers).
 PY_PACKAGES := grpcio
@@ -21,6 +21,8 @@ deps:
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@command -v kubectl >/dev/null || { echo "installing: kubernetes-client (kubectl, for the config API tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }
 	@python3 -c "import grpc" 2>/dev/null || { echo "installing: $(PY_PACKAGES) (pip)"; \
 	  python3 -m pip install -q $(PY_PACKAGES) 2>/dev/null || python3 -m pip install -q --break-system-packages $(PY_PACKAGES); }
 

@@ -24,6 +24,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-asn1", from: "1.1.0"),
+        // The control plane's embedded store (SQLite).
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
     ],
     targets: [
         .target(
@@ -79,6 +81,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "GRDB", package: "GRDB.swift"),
             ]
         ),
         .executableTarget(
@@ -91,6 +94,7 @@ let package = Package(
         .executableTarget(name: "SluiceBench", dependencies: ["SluiceModel", "SluiceIdentity"], path: "Benchmarks/SluiceBench"),
         .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
+        .testTarget(name: "SluiceControlTests", dependencies: ["SluiceControl", "SluiceModel"]),
         .testTarget(name: "SluiceHTTPTests", dependencies: ["SluiceHTTP"]),
         .target(name: "SluiceTestSupport", dependencies: ["SluiceTLS", .product(name: "Crypto", package: "swift-crypto")],
                 path: "Tests/SluiceTestSupport"),

@@ -3,16 +3,23 @@ import Logging
 import SluiceIdentity
 import SluiceModel
 
-/// `sluice control` as it stands: the mesh CA served on 15012. Reads the mesh configuration to know which
-/// workload identities each node hosts; keeps its root (or uses a plug-in CA) and its serving certificate in
-/// the state directory.
+/// `sluice control`: the mesh CA on 15012 and the config API on 15017, over one store of the mesh (SQLite by
+/// default). The CA grants each node the identities of the workloads the stored mesh places on it; the API's writes
+/// change that live. Keeps its root (or uses a plug-in CA), its serving certificate, the admin token and
+/// `admin.kubeconfig` in the state directory.
 public final class ControlPlane: Sendable {
     public struct Options: Sendable {
         public var trustDomain = "cluster.local"
         public var listen = "0.0.0.0:15012"
         public var stateDirectory = "/var/lib/sluice-control"
-        /// Mesh configuration (Istio YAML), for node -> workload identities.
+        /// Istio YAML applied to the store at start (created, or replaced where it differs).
         public var config: String?
+        /// `sqlite:PATH[?sync=full]`; default `sqlite:STATE_DIR/mesh.db`.
+        public var store: String?
+        /// Where the config API listens (HTTPS); nil: not served.
+        public var api: String? = "0.0.0.0:15017"
+        /// `TOKEN,NAME,ROLE` lines (see ``APIAuthenticator``).
+        public var tokens: String?
         /// Lines `TOKEN NODE`: each token admits that node once.
         public var joinTokens: String?
         /// Istio's `cacerts` layout: `ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, optional `cert-chain.pem`.
@@ -30,6 +37,10 @@ public final class ControlPlane: Sendable {
     let server: ControlServer
     public let service: CAService
     public let port: Int
+    public let mesh: MeshState
+    let apiServer: APIServer?
+    /// The config API's bound port (0 when it is not served).
+    public let apiPort: Int
 
     public init(options o: Options, logger: Logger) throws {
         let fm = FileManager.default
@@ -85,15 +96,24 @@ public final class ControlPlane: Sendable {
                 tokens[String(parts[0])] = String(parts[1])
             }
         }
-        var hosted: [String: Set<String>] = [:]
-        if let config = o.config {
-            let loaded = ConfigLoader.load(path: config)
-            guard loaded.errors.isEmpty else {
-                throw StartError(description: loaded.errors.map(\.description).joined(separator: "\n"))
-            }
-            hosted = CAService.hostedIdentities(try MeshCompiler(loaded.resources))
+        let store: any ConfigStore
+        do {
+            store = try SQLiteStore(url: o.store ?? "sqlite:\(o.stateDirectory)/mesh.db")
+            mesh = try MeshState(store: store)
+        } catch {
+            throw StartError(description: "\(error)")
         }
+        if let config = o.config { try Self.seed(mesh, from: config, logger: logger) }
+        let hosted = CAService.hostedIdentities(mesh.compiler)
         service = CAService(ca: ca, joinTokens: tokens, hostedIdentities: hosted, defaultLifetime: o.maxCertificateLifetime)
+        // Grants follow the stored mesh: a write that moves a workload re-reads which node hosts which identity.
+        mesh.observe { [service, mesh] _, delta in
+            let movesWorkloads = delta.nodes.contains { d in
+                d.upserted.contains { if case .workload = $0 { true } else { false } }
+                    || d.removed.contains { $0.kind == .workload }
+            }
+            if movesWorkloads { service.updateHosted(CAService.hostedIdentities(mesh.compiler)) }
+        }
 
         // The control plane's own serving certificate, from its own CA.
         let key = WorkloadKey()
@@ -110,9 +130,95 @@ public final class ControlPlane: Sendable {
             throw StartError(description: "--listen '\(o.listen)' is not HOST:PORT")
         }
         port = try server.start(host: String(o.listen[..<colon]), port: p)
-        logger.info("control plane ready", metadata: ["listen": "\(o.listen)", "port": "\(port)",
+
+        if let address = o.api {
+            var auth = try o.tokens.map(APIAuthenticator.init(file:)) ?? APIAuthenticator()
+            let tokenFile = "\(o.stateDirectory)/admin-token"
+            if !fm.fileExists(atPath: tokenFile) { try write(APIAuthenticator.newToken() + "\n", tokenFile, mode: 0o600) }
+            let adminToken = try read(tokenFile).trimmingCharacters(in: .whitespacesAndNewlines)
+            auth.add(adminToken, .init(name: "admin", role: .admin))
+            let api = ConfigAPI(mesh: mesh, auth: auth, logger: logger)
+            let apiServer = try APIServer(api: api, certificateChain: chainFile, privateKey: keyFile, clientCA: rootFile,
+                                          logger: logger)
+            guard let c = address.lastIndex(of: ":"), let ap = Int(address[address.index(after: c)...]) else {
+                throw StartError(description: "--api '\(address)' is not HOST:PORT")
+            }
+            let host = String(address[..<c])
+            do { apiPort = try apiServer.start(host: host, port: ap) } catch {
+                throw StartError(description: "cannot serve the config API on \(address): \(error)")
+            }
+            self.apiServer = apiServer
+            let reach = host == "0.0.0.0" || host == "::" || host.isEmpty ? "127.0.0.1" : host
+            try write(Self.kubeconfig(server: "https://\(reach):\(apiPort)", rootPEM: try read(rootFile), token: adminToken),
+                      "\(o.stateDirectory)/admin.kubeconfig", mode: 0o600)
+        } else {
+            apiServer = nil
+            apiPort = 0
+        }
+        logger.info("control plane ready", metadata: ["listen": "\(o.listen)", "port": "\(port)", "api_port": "\(apiPort)",
+                                                      "store": "\(store.location)", "revision": "\(mesh.revision)",
+                                                      "objects": "\(mesh.count)",
                                                       "trust_domain": "\(o.trustDomain)", "nodes": "\(hosted.count)"])
     }
 
-    public func stop() { server.shutdown() }
+    public func stop() {
+        apiServer?.shutdown()
+        server.shutdown()
+    }
+
+    /// A kubeconfig for the admin: kubectl and `sluice` reach the API with it and no other set-up.
+    static func kubeconfig(server: String, rootPEM: String, token: String) -> String {
+        """
+        apiVersion: v1
+        kind: Config
+        clusters:
+        - name: sluice
+          cluster:
+            server: \(server)
+            certificate-authority-data: \(Data(rootPEM.utf8).base64EncodedString())
+            tls-server-name: sluice-control
+        users:
+        - name: admin
+          user:
+            token: \(token)
+        contexts:
+        - name: sluice
+          context:
+            cluster: sluice
+            user: admin
+            namespace: default
+        current-context: sluice
+
+        """
+    }
+
+    /// Applies the YAML under `path` to the store (`--config`): objects missing are created, objects that differ
+    /// replaced; the rest of the store is left as it is. The whole directory must validate first.
+    static func seed(_ mesh: MeshState, from path: String, logger: Logger) throws {
+        let loaded = ConfigLoader.load(path: path)
+        guard loaded.errors.isEmpty else {
+            throw StartError(description: loaded.errors.map(\.description).joined(separator: "\n"))
+        }
+        var objects: [JSONValue] = []
+        for file in ConfigLoader.files(at: path) ?? [] {
+            let text = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+            do { objects += try JSONValue.documents(yaml: text) } catch {
+                throw StartError(description: "\(file): \(error.message)")
+            }
+        }
+        var changed = 0
+        for o in APIObjects.dependencyOrder(objects) {
+            guard let (resource, version) = APIObjects.resource(of: o) else { continue }
+            let ns = o["metadata"]?["namespace"]?.stringValue ?? "default"
+            let name = o["metadata"]?["name"]?.stringValue ?? ""
+            let key = StoreKey(group: resource.group, resource: resource.plural, namespace: ns, name: name)
+            do {
+                let r = try mesh.write(key, resource, version: version) { _ in o }
+                if r.changed { changed += 1 }
+            } catch {
+                throw StartError(description: "\(path): \(resource.kind) \(ns)/\(name): \(error.message)")
+            }
+        }
+        logger.info("seeded the store", metadata: ["config": "\(path)", "objects": "\(objects.count)", "changed": "\(changed)"])
+    }
 }

@@ -150,7 +150,7 @@ struct YAMLReader {
         switch c.node {
         case .sequence(let seq, _):
             return seq.enumerated().map { i, n in YAMLReader(node: n, path: "\(c.path)[\(i)]", sink: sink) }
-        case .scalar(let s, _) where s.isEmpty || s == "null" || s == "~":
+        case .scalar(let s, _, _) where s.isEmpty || s == "null" || s == "~":
             return []
         default:
             sink.error(c.path, c.line, "expected a list")

@@ -4,17 +4,18 @@ import CLibYAML
 /// 1-based line. Built straight from libyaml's events: no tags, no resolver, no per-node objects, which halves
 /// decoding time against a general-purpose YAML library's tree.
 indirect enum YAMLNode: Sendable {
-    case scalar(String, line: Int)
+    /// `plain`: written without quotes (so YAML's schema may read it as a number, a boolean or null).
+    case scalar(String, line: Int, plain: Bool = true)
     case sequence([YAMLNode], line: Int)
     case mapping([YAMLPair], line: Int)
 
     var line: Int {
         switch self {
-        case .scalar(_, let l), .sequence(_, let l), .mapping(_, let l): l
+        case .scalar(_, let l, _), .sequence(_, let l), .mapping(_, let l): l
         }
     }
 
-    var scalar: String? { if case .scalar(let s, _) = self { s } else { nil } }
+    var scalar: String? { if case .scalar(let s, _, _) = self { s } else { nil } }
 
     /// Nodes in this subtree, for the alias budget.
     var size: Int {
@@ -100,7 +101,7 @@ enum YAMLTree {
             case YAML_SCALAR_EVENT:
                 let s = e.data.scalar
                 let text = String(decoding: UnsafeBufferPointer(start: s.value, count: s.length), as: UTF8.self)
-                try add(.scalar(text, line: line), anchor: Self.string(s.anchor))
+                try add(.scalar(text, line: line, plain: s.style == YAML_PLAIN_SCALAR_STYLE), anchor: Self.string(s.anchor))
             case YAML_SEQUENCE_START_EVENT:
                 try push(.sequence([], line: line, anchor: Self.string(e.data.sequence_start.anchor)), line: line)
             case YAML_MAPPING_START_EVENT:

@@ -206,12 +206,18 @@ Sluice.main()
 
 struct ControlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "control", abstract: "Run the control plane (for now: the mesh CA on 15012).")
+        commandName: "control", abstract: "Run the control plane: the mesh CA (15012) and the config API (15017).")
     @Option(name: .customLong("trust-domain"), help: "The mesh's SPIFFE trust domain.") var trustDomain = "cluster.local"
     @Option(help: "Address to serve on (TLS).") var listen = "0.0.0.0:15012"
     @Option(name: .customLong("state-dir"), help: "Where the root CA (if generated) and the serving certificate are kept.")
     var stateDir = "/var/lib/sluice-control"
-    @Option(help: "Mesh configuration (Istio YAML): which workload identities each node hosts.") var config: String?
+    @Option(help: "Istio YAML to apply to the store at start (objects created, or replaced where they differ).")
+    var config: String?
+    @Option(help: "Where the mesh is kept: sqlite:PATH[?sync=full] (default sqlite:STATE_DIR/mesh.db).") var store: String?
+    @Option(help: "Address of the config API (HTTPS, Kubernetes conventions; kubectl works with STATE_DIR/admin.kubeconfig).")
+    var api = "0.0.0.0:15017"
+    @Option(help: "File of TOKEN,NAME,ROLE lines (role admin or view; a spiffe:// ID instead of a token grants a mesh certificate).")
+    var tokens: String?
     @Option(name: .customLong("join-tokens"), help: "File of 'TOKEN NODE' lines; each token admits its node once.")
     var joinTokens: String?
     @Option(name: .customLong("ca-dir"), help: "Plug-in CA (Istio's cacerts): ca-cert.pem, ca-key.pem, root-cert.pem[, cert-chain.pem].")
@@ -234,6 +240,9 @@ struct ControlCommand: ParsableCommand {
         o.listen = listen
         o.stateDirectory = stateDir
         o.config = config
+        o.store = store
+        o.api = api
+        o.tokens = tokens
         o.joinTokens = joinTokens
         o.caDirectory = caDir
         o.maxCertificateLifetime = parseIstioDuration(maxCertLifetime)!
