@@ -46,7 +46,7 @@ struct OpenAPIDocuments: Sendable {
             "paths": .object(v2Paths), "definitions": .object(v2Definitions),
         ])
         v2JSON = v2.data
-        v2Protobuf = GnosticV2.encode(title: "Sluice config API", version: "v1")
+        v2Protobuf = GnosticV2.encode(title: "Sluice config API", version: "v1", resources: APIResource.all)
     }
 
     static func hash(_ d: Data) -> String {
@@ -253,18 +253,52 @@ struct OpenAPIDocuments: Sendable {
     }
 }
 
-/// The smallest valid `openapi_v2.Document` (gnostic's protobuf form of Swagger 2.0) that kubectl before 1.27 reads
-/// from `/openapi/v2`: `swagger` and `info`. With no definitions kubectl finds no schema for these kinds, skips its
-/// client-side checks and leaves validation to the server (which runs Sluice's decoder on every write).
-/// Hand-written: two string fields do not justify generating the whole gnostic schema.
+/// The `openapi_v2.Document` (gnostic's protobuf form of Swagger 2.0) that kubectl before 1.27 reads from
+/// `/openapi/v2`: `swagger`, `info`, and per kind the PATCH operation of its object path with the
+/// `x-kubernetes-group-version-kind` extension and the `dryRun` and `fieldManager` query parameters (kubectl 1.20's
+/// `diff` looks for exactly that before it asks for a server-side dry run). No definitions: kubectl then finds no
+/// schema for these kinds, skips its client-side checks and leaves validation to the server (which runs Sluice's
+/// decoder on every write). Hand-written: these few messages do not justify generating the whole gnostic schema.
 enum GnosticV2 {
-    static func encode(title: String, version: String) -> Data {
+    static func encode(title: String, version: String, resources: [APIResource]) -> Data {
         var info = Data()
         field(1, Array(title.utf8), into: &info)      // Info.title
-        field(3, Array(version.utf8), into: &info)    // Info.version
+        field(2, Array(version.utf8), into: &info)    // Info.version
+        var paths = Data()
+        for r in resources {
+            for v in r.versions {
+                var op = Data()
+                for name in ["dryRun", "fieldManager"] {
+                    var query = Data()
+                    field(2, Array("query".utf8), into: &query)  // QueryParameterSubSchema.in
+                    field(4, Array(name.utf8), into: &query)     // .name
+                    field(6, Array("string".utf8), into: &query) // .type
+                    var nonBody = Data()
+                    field(3, Array(query), into: &nonBody)       // NonBodyParameter.query_parameter_sub_schema
+                    var parameter = Data()
+                    field(2, Array(nonBody), into: &parameter)   // Parameter.non_body_parameter
+                    var item = Data()
+                    field(1, Array(parameter), into: &item)      // ParametersItem.parameter
+                    field(8, Array(item), into: &op)             // Operation.parameters
+                }
+                var any = Data()
+                field(2, Array("group: \(r.group)\nkind: \(r.kind)\nversion: \(v)\n".utf8), into: &any)  // Any.yaml
+                var named = Data()
+                field(1, Array("x-kubernetes-group-version-kind".utf8), into: &named)  // NamedAny.name
+                field(2, Array(any), into: &named)                                     // NamedAny.value
+                field(13, Array(named), into: &op)                                     // Operation.vendor_extension
+                var pathItem = Data()
+                field(8, Array(op), into: &pathItem)             // PathItem.patch
+                var namedPath = Data()
+                field(1, Array("/apis/\(r.group)/\(v)/namespaces/{namespace}/\(r.plural)/{name}".utf8), into: &namedPath)
+                field(2, Array(pathItem), into: &namedPath)      // NamedPathItem.value
+                field(2, Array(namedPath), into: &paths)         // Paths.path
+            }
+        }
         var doc = Data()
         field(1, Array("2.0".utf8), into: &doc)       // Document.swagger
         field(2, Array(info), into: &doc)             // Document.info
+        field(8, Array(paths), into: &doc)            // Document.paths
         return doc
     }
 
