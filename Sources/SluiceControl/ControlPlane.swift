@@ -138,8 +138,7 @@ public final class ControlPlane: Sendable {
             let adminToken = try read(tokenFile).trimmingCharacters(in: .whitespacesAndNewlines)
             auth.add(adminToken, .init(name: "admin", role: .admin))
             let api = ConfigAPI(mesh: mesh, auth: auth, logger: logger)
-            let apiServer = try APIServer(api: api, certificateChain: chainFile, privateKey: keyFile, clientCA: rootFile,
-                                          logger: logger)
+            let apiServer = try APIServer(api: api, certificateChain: chainFile, privateKey: keyFile, clientCA: rootFile)
             guard let c = address.lastIndex(of: ":"), let ap = Int(address[address.index(after: c)...]) else {
                 throw StartError(description: "--api '\(address)' is not HOST:PORT")
             }

@@ -257,8 +257,6 @@ public final class MeshState: Sendable {
 
     func unwatch(_ id: Int) { _ = state.withLock { $0.watchers.removeValue(forKey: id) } }
 
-    var watcherCount: Int { state.withLock { $0.watchers.count } }
-
     private static func matches(_ w: Watcher, _ c: StoreChange) -> Bool {
         let k = c.object.key
         if let r = w.resource, r.group != k.group || r.plural != k.resource { return false }

@@ -167,13 +167,8 @@ extension JSONValue {
                 return .double(d)
             }
         }
-        switch s {
-        case ".inf", ".Inf", ".INF", "+.inf", "-.inf", ".nan", ".NaN", ".NAN":
-            // JSON has no such numbers: keep the text rather than invent a value.
-            return .string(s)
-        default:
-            return .string(s)
-        }
+        // Anything else, YAML's `.inf` and `.nan` included (JSON has no such numbers), stays text.
+        return .string(s)
     }
 
     /// YAML for people (`-o yaml`): block style, keys sorted, strings quoted only where YAML would read them as

@@ -1,5 +1,4 @@
 import Foundation
-import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -14,14 +13,12 @@ public final class APIServer: Sendable {
     let group: MultiThreadedEventLoopGroup
     let api: ConfigAPI
     let names: TLSServerNames
-    let logger: Logger
     /// Seconds between BOOKMARK events on watches that asked for them.
     let bookmarkInterval: TimeAmount
 
-    public init(api: ConfigAPI, certificateChain: String, privateKey: String, clientCA: String, logger: Logger,
+    public init(api: ConfigAPI, certificateChain: String, privateKey: String, clientCA: String,
                 threads: Int = 2, bookmarkInterval: TimeAmount = .seconds(15)) throws {
         self.api = api
-        self.logger = logger
         self.bookmarkInterval = bookmarkInterval
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         let context = try TLSContext(certificateChain: certificateChain, privateKey: privateKey, clientCA: clientCA,
@@ -38,7 +35,9 @@ public final class APIServer: Sendable {
             .childChannelInitializer { channel in
                 do {
                     let tls = TLSChannelHandler(try TLSStream(serving: names))
-                    return channel.pipeline.addHandlers([tls]).flatMap {
+                    // A client that sends nothing for 30 s (a stalled handshake, head or body) is cut; a watch
+                    // only receives, so its connection is exempt once it streams.
+                    return channel.pipeline.addHandlers([IdleStateHandler(readTimeout: .seconds(30)), tls]).flatMap {
                         channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true)
                     }.flatMap {
                         channel.pipeline.addHandler(Handler(api: api, tls: tls, bookmarkInterval: interval))
@@ -191,6 +190,14 @@ public final class APIServer: Sendable {
                 loop.scheduleTask(in: .nanoseconds(ns)) {
                     channel.writeAndFlush(HTTPServerResponsePart.end(nil)).whenComplete { _ in channel.close(promise: nil) }
                 }
+            }
+        }
+
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if event is IdleStateHandler.IdleStateEvent {
+                if watchID == nil { context.close(promise: nil) }
+            } else {
+                context.fireUserInboundEventTriggered(event)
             }
         }
 

@@ -454,7 +454,7 @@ public final class ConfigAPI: Sendable {
             "user": "\(ctx.user)", "verb": "\(verb)", "resource": "\(ctx.resource.plural).\(ctx.resource.group)",
             "namespace": "\(ctx.namespace ?? "")", "name": "\(name)", "before": "\(r.previousRevision)",
             "after": "\(r.changed ? r.object.revision : r.previousRevision)", "dry_run": "\(ctx.dryRun)",
-            "changed": "\(r.changed)",
+            "changed": "\(r.changed)", "field_manager": "\(ctx.request.query["fieldManager"] ?? "")",
         ])
     }
 
