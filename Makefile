@@ -10,7 +10,7 @@ BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables nghttp2-client linux-p
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 
-.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf bench-http bench-hbone fuzz clean
+.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf bench-http bench-hbone fuzz clean proto
 
 all: build
 
@@ -49,6 +49,23 @@ build: deps bpf
 
 build-release: deps
 	$(SWIFT) build $(RELEASE_FLAGS)
+
+# The agent stream's Swift code from Sources/SluiceProtocol/Proto (run after editing a .proto; the output is
+# committed, so builds never need the plugins, whose own build takes ~10 minutes).
+PLUGINS := .build-plugins
+proto:
+	@command -v protoc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null; }
+	@mkdir -p $(PLUGINS) && printf '%s\n' '// swift-tools-version:6.1' 'import PackageDescription' \
+	  'let package = Package(name: "plugins", dependencies: [' \
+	  '  .package(url: "https://github.com/apple/swift-protobuf", exact: "1.39.0"),' \
+	  '  .package(url: "https://github.com/grpc/grpc-swift-protobuf", exact: "2.4.1"),' '], targets: [])' \
+	  > $(PLUGINS)/Package.swift
+	cd $(PLUGINS) && $(SWIFT) build -c release --product protoc-gen-swift && $(SWIFT) build -c release --product protoc-gen-grpc-swift-2
+	protoc --plugin=protoc-gen-swift=$(PLUGINS)/.build/release/protoc-gen-swift \
+	  --plugin=protoc-gen-grpc-swift-2=$(PLUGINS)/.build/release/protoc-gen-grpc-swift-2 \
+	  -I Sources/SluiceProtocol/Proto --swift_out=Sources/SluiceProtocol/Generated --swift_opt=Visibility=Public \
+	  --grpc-swift-2_out=Sources/SluiceProtocol/Generated --grpc-swift-2_opt=Visibility=Public \
+	  Sources/SluiceProtocol/Proto/*.proto
 
 # All tiers: pure unit tests, loopback integration tests (in-process and the sluice binary), then a short fuzz run
 # of the HTTP/1.1 wire layer from its corpus of smuggling shapes.

@@ -26,6 +26,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-asn1", from: "1.1.0"),
         // The control plane's embedded store (SQLite).
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        // The agent stream (and later Envoy's ext_authz and rate-limit protocols): gRPC over HTTP/2 on NIO.
+        .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.9.2"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
     ],
     targets: [
         .target(
@@ -61,11 +66,24 @@ let package = Package(
         .target(name: "SluiceProxy", dependencies: ["SluiceRing", "SluiceModel", "SluiceTelemetry", "SluiceHTTP", "SluiceTLS",
                                                     "SluiceIdentity", "CSluiceLinux"],
                 swiftSettings: workerCode),
+        // The agent stream's messages and gRPC service (generated from Proto/ by `make proto`, committed).
+        .target(
+            name: "SluiceProtocol",
+            dependencies: [
+                "SluiceModel",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            exclude: ["Proto"]
+        ),
         .target(
             name: "SluiceAgent",
             dependencies: [
                 "SluiceProxy", "SluiceModel", "SluiceTelemetry", "SluiceRing", "SluiceBPF", "SluiceHTTP", "SluiceTLS",
-                "SluiceIdentity",
+                "SluiceIdentity", "SluiceProtocol",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -76,12 +94,13 @@ let package = Package(
         .target(
             name: "SluiceControl",
             dependencies: [
-                "SluiceIdentity", "SluiceModel", "SluiceTLS",
+                "SluiceIdentity", "SluiceModel", "SluiceTLS", "SluiceProtocol",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "X509", package: "swift-certificates"),
             ]
         ),
         .executableTarget(
@@ -92,9 +111,14 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "SluiceBench", dependencies: ["SluiceModel", "SluiceIdentity"], path: "Benchmarks/SluiceBench"),
-        .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel"]),
+        .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel", "SluiceTestSupport"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
-        .testTarget(name: "SluiceControlTests", dependencies: ["SluiceControl", "SluiceModel"]),
+        .testTarget(name: "SluiceControlTests", dependencies: [
+            "SluiceControl", "SluiceModel", "SluiceProtocol", "SluiceIdentity", "SluiceTestSupport",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+        ]),
         .testTarget(name: "SluiceHTTPTests", dependencies: ["SluiceHTTP"]),
         .target(name: "SluiceTestSupport", dependencies: ["SluiceTLS", .product(name: "Crypto", package: "swift-crypto")],
                 path: "Tests/SluiceTestSupport"),

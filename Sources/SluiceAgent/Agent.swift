@@ -12,7 +12,12 @@ import Synchronization
 /// and drains on SIGTERM.
 public final class Agent: @unchecked Sendable {
     public struct Options: Sendable {
-        public var localConfig: String
+        /// The mesh configuration from files; nil: pushed by the control plane (``control``).
+        public var localConfig: String?
+        /// The control plane's agent stream: where the snapshot comes from when there is no local config.
+        public var control: ControlOptions?
+        /// Where the agent keeps what must survive a restart (the last accepted snapshot).
+        public var stateDirectory = "/var/lib/sluice"
         public var node: String?
         public var workers: Int
         public var metricsAddress: String
@@ -56,7 +61,7 @@ public final class Agent: @unchecked Sendable {
         public var jwksTrust: String?
         public var jwksRefresh: Duration = .seconds(300)
 
-        public init(localConfig: String, node: String? = nil, workers: Int = Agent.defaultWorkers,
+        public init(localConfig: String?, node: String? = nil, workers: Int = Agent.defaultWorkers,
                     metricsAddress: String = "0.0.0.0:15020", readinessAddress: String = "0.0.0.0:15021",
                     adminAddress: String = "127.0.0.1:15000", drainTimeout: Duration = .seconds(5),
                     connectionLimit: Int = 1 << 20, bufferCount: UInt16 = 256, bufferSize: Int = 64 << 10) {
@@ -72,6 +77,25 @@ public final class Agent: @unchecked Sendable {
             self.bufferSize = bufferSize
         }
     }
+
+    /// The agent stream's endpoint (the CA's host; the stream's own port).
+    public struct ControlOptions: Sendable {
+        public var host: String
+        public var port: Int
+        public var serverName: String
+        public var rootCA: String
+        /// The trust domain of the node certificate before any snapshot names one.
+        public var trustDomain: String
+        public init(host: String, port: Int, serverName: String, rootCA: String, trustDomain: String) {
+            self.host = host
+            self.port = port
+            self.serverName = serverName
+            self.rootCA = rootCA
+            self.trustDomain = trustDomain
+        }
+    }
+
+    public static let version = "0.13.0-dev"
 
     /// One worker per core.
     public static var defaultWorkers: Int { max(1, ProcessInfo.processInfo.activeProcessorCount) }
@@ -308,11 +332,31 @@ public final class Agent: @unchecked Sendable {
         snapshot.servedByAgent(tunnels: tunnels != nil)
     }
 
+    /// The snapshot to serve at start: the local config's, else the one the last run accepted from the control plane
+    /// (served while the control plane is unreachable), else an empty one until the first push.
+    private func initialSnapshot() throws -> (raw: NodeSnapshot, version: Int64, ready: Bool) {
+        if let path = options.localConfig {
+            return (try Self.loadSnapshot(path, node: nodeName, logger: logger), 0, true)
+        }
+        if let (snapshot, version) = ControlStream.loadPersisted(snapshotFile), snapshot.node == nodeName {
+            logger.info("serving the snapshot persisted by the last run until the control plane answers",
+                        metadata: ["file": "\(snapshotFile)", "version": "\(version)"])
+            return (snapshot, version, true)
+        }
+        var empty = NodeSnapshot(node: nodeName)
+        if let td = options.control?.trustDomain { empty.mesh.trustDomain = td }
+        return (empty, 0, false)
+    }
+
+    var snapshotFile: String { options.stateDirectory + "/snapshot.json" }
+
     public func start() throws {
-        let snapshot = served(try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger))
+        let (raw, version, haveConfig) = try initialSnapshot()
+        lastRaw.withLock { $0 = raw }
+        let snapshot = served(raw)
         try startDatapath(snapshot)
-        if snapshot.listeners.isEmpty {
-            logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig)"])
+        if snapshot.listeners.isEmpty && options.localConfig != nil {
+            logger.warning("the configuration opens no listener", metadata: ["config": "\(options.localConfig ?? "")"])
         }
         let runtime: ProxyRuntime
         do {
@@ -397,8 +441,26 @@ public final class Agent: @unchecked Sendable {
             health.stop()
             throw StartError(description: "\(error)")
         }
-        ready.store(true, ordering: .relaxed)
+        ready.store(haveConfig, ordering: .relaxed)
         startWatching()
+        if let control = options.control, options.localConfig == nil, let c = certificates {
+            let node = c.files(for: c.nodeIdentity)
+            let stream = ControlStream(
+                options: .init(host: control.host, port: control.port, serverName: control.serverName,
+                               rootCA: control.rootCA, chain: node.chain, key: node.key, node: nodeName,
+                               snapshotFile: snapshotFile, agentVersion: Self.version),
+                holding: raw, version: version, logger: logger) { [weak self] snapshot in
+                guard let self else { return .failure(.init(message: "the agent is stopping")) }
+                switch self.install(snapshot) {
+                case .success(let warnings):
+                    self.ready.store(true, ordering: .relaxed)
+                    return .success(warnings)
+                case .failure(let e): return .failure(.init(message: e.message))
+                }
+            }
+            stream.start()
+            controlStream = stream
+        }
         for (l, port) in zip(snapshot.listeners, listenerPorts) {
             logger.info("listening", metadata: ["listener": "\(l.name)", "address": "\(l.address.ip):\(port)",
                                                 "routes": "\(l.routes.map(\.cluster))"])
@@ -421,14 +483,16 @@ public final class Agent: @unchecked Sendable {
         let path = options.localConfig
         let interval = options.reloadInterval
         _ = startThread(name: "sluice-config") { [self] in
-            var last = ConfigLoader.fingerprint(path)
+            var last = path.map(ConfigLoader.fingerprint)
             var jwksFetched = ContinuousClock.now
             while watching.load(ordering: .relaxed) {
                 usleep(UInt32(clamping: interval.milliseconds * 1000))
-                let now = ConfigLoader.fingerprint(path)
-                if now != last {
-                    last = now
-                    reload()
+                if let path {
+                    let now = ConfigLoader.fingerprint(path)
+                    if now != last {
+                        last = now
+                        reload()
+                    }
                 }
                 // Remote key sets again every so often; a changed one rebuilds the runtime with it.
                 if ContinuousClock.now - jwksFetched >= options.jwksRefresh {
@@ -447,63 +511,97 @@ public final class Agent: @unchecked Sendable {
     /// - Parameter force: rebuild the runtime even when the configuration did not change (new remote keys).
     @discardableResult
     public func reload(force: Bool = false) -> Bool {
-        let snapshot: NodeSnapshot
-        do {
-            snapshot = served(try Self.loadSnapshot(options.localConfig, node: nodeName, logger: logger))
-        } catch {
-            for line in "\(error)".split(separator: "\n") { logger.error("\(line)") }
-            logger.error("configuration update rejected; still serving the last good configuration")
-            return false
-        }
-        if !force && current.withLock({ $0?.snapshot == snapshot }) { return true }
-        // Everything that can refuse the snapshot runs before anything changes (certificates load here).
-        let runtime: ProxyRuntime
-        do {
-            runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 },
-                                       capture: capture, credentials: options.credentialsDirectory, tunnels: tunnels,
-                                       jwks: jwks)
-        } catch {
-            logger.error("configuration update rejected: \(error); still serving the last good configuration")
-            return false
-        }
-        if let datapath {
+        let raw: NodeSnapshot
+        if let path = options.localConfig {
             do {
-                // Decisions for calls within the node follow the policies, which any reload may change.
-                try applyLocalAuthorization(datapath, runtime)
+                raw = try Self.loadSnapshot(path, node: nodeName, logger: logger)
             } catch {
-                logger.error("configuration update rejected: BPF: \(error); still serving the last good configuration")
+                for line in "\(error)".split(separator: "\n") { logger.error("\(line)") }
+                logger.error("configuration update rejected; still serving the last good configuration")
                 return false
             }
+        } else {
+            guard let held = lastRaw.withLock({ $0 }) else { return false }
+            raw = held
         }
-        if let datapath, current.withLock({ ($0?.snapshot.bpfServices, $0?.snapshot.mesh, $0?.snapshot.workloads) })
-            != (snapshot.bpfServices, snapshot.mesh, snapshot.workloads)
-        {
-            do {
-                try datapath.apply(snapshot.bpfServices)
-                try setAgent(datapath, snapshot)
-            } catch {
-                logger.error("configuration update rejected: BPF: \(error); still serving the last good configuration")
-                return false
-            }
-        }
-        do {
-            try server?.update(runtime)
-        } catch {
-            logger.error("configuration update rejected: \(error); still serving the last good configuration")
+        if case .failure(let e) = install(raw, force: force) {
+            logger.error("configuration update rejected: \(e.message); still serving the last good configuration")
             return false
         }
-        health.update(runtime)
-        if !dns.isEmpty {
-            let hosts = Self.meshHosts(snapshot)
-            for d in dns { d.update(hosts: hosts) }
-        }
-        current.withLock { $0 = runtime }
-        reloads.add(1, ordering: .relaxed)
-        certificates?.update(identities: snapshot.workloads.map(\.identity))
-        logger.info("configuration applied", metadata: ["listeners": "\(snapshot.listeners.count)",
-                                                        "clusters": "\(snapshot.clusters.count)"])
         return true
     }
+
+    public struct InstallError: Error, CustomStringConvertible {
+        public let message: String
+        public var description: String { message }
+    }
+
+    /// Serves `raw` (a compiled snapshot, local or pushed): builds its runtime, BPF maps and DNS, and swaps them in.
+    /// Everything that can refuse it runs before anything changes: on failure the last good snapshot keeps serving.
+    /// Returns the warnings of an accepted snapshot.
+    func install(_ raw: NodeSnapshot, force: Bool = false) -> Result<[String], InstallError> {
+        installing.withLock { _ in
+            let snapshot = served(raw)
+            if !force && current.withLock({ $0?.snapshot == snapshot }) {
+                lastRaw.withLock { $0 = raw }
+                return .success([])
+            }
+            let runtime: ProxyRuntime
+            do {
+                runtime = try ProxyRuntime(snapshot: snapshot, registry: registry, previous: current.withLock { $0 },
+                                           capture: capture, credentials: options.credentialsDirectory, tunnels: tunnels,
+                                           jwks: jwks)
+            } catch {
+                return .failure(InstallError(message: "\(error)"))
+            }
+            if let datapath {
+                do {
+                    // Decisions for calls within the node follow the policies, which any reload may change.
+                    try applyLocalAuthorization(datapath, runtime)
+                } catch {
+                    return .failure(InstallError(message: "BPF: \(error)"))
+                }
+            }
+            if let datapath, current.withLock({ ($0?.snapshot.bpfServices, $0?.snapshot.mesh, $0?.snapshot.workloads) })
+                != (snapshot.bpfServices, snapshot.mesh, snapshot.workloads)
+            {
+                do {
+                    try datapath.apply(snapshot.bpfServices)
+                    try setAgent(datapath, snapshot)
+                } catch {
+                    return .failure(InstallError(message: "BPF: \(error)"))
+                }
+            }
+            do {
+                try server?.update(runtime)
+            } catch {
+                return .failure(InstallError(message: "\(error)"))
+            }
+            health.update(runtime)
+            if !dns.isEmpty {
+                let hosts = Self.meshHosts(snapshot)
+                for d in dns { d.update(hosts: hosts) }
+            }
+            current.withLock { $0 = runtime }
+            lastRaw.withLock { $0 = raw }
+            reloads.add(1, ordering: .relaxed)
+            certificates?.update(identities: snapshot.workloads.map(\.identity))
+            logger.info("configuration applied", metadata: ["listeners": "\(snapshot.listeners.count)",
+                                                            "clusters": "\(snapshot.clusters.count)"])
+            return .success([])
+        }
+    }
+
+    /// One install at a time (the config thread's JWKS refresh and the agent stream may both ask).
+    private let installing = Mutex<Void>(())
+    /// The compiled snapshot being served, before ``served(_:)``.
+    private let lastRaw = Mutex<NodeSnapshot?>(nil)
+    /// With a control plane: the stream the snapshot comes from.
+    private var controlStream: ControlStream?
+    /// The agent stream is up and has delivered at least one delta (tests and `sluice check`).
+    public var controlConnected: Bool { controlStream?.connected.load(ordering: .relaxed) ?? false }
+    /// The version of the last snapshot accepted from the control plane (0: none).
+    public var controlVersion: Int64 { controlStream?.version ?? 0 }
 
     /// Configurations applied since start (not counting the first).
     public let reloads = Atomic<Int>(0)
@@ -512,6 +610,7 @@ public final class Agent: @unchecked Sendable {
     public func drainAndStop() {
         ready.store(false, ordering: .relaxed)
         watching.store(false, ordering: .relaxed)
+        controlStream?.stop()
         logger.info("draining", metadata: ["timeout": "\(options.drainTimeout)"])
         server?.drain(timeout: options.drainTimeout)
         server?.wait()

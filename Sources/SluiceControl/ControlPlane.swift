@@ -1,5 +1,9 @@
 import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
 import Logging
+import SluiceProtocol
+import Synchronization
 import SluiceIdentity
 import SluiceModel
 
@@ -16,6 +20,13 @@ public final class ControlPlane: Sendable {
         public var config: String?
         /// `sqlite:PATH[?sync=full]`; default `sqlite:STATE_DIR/mesh.db`.
         public var store: String?
+        /// Where agents hold their streams (gRPC, mutual TLS with node certificates).
+        public var stream = "0.0.0.0:\(agentStreamPort)"
+        /// How long changes settle before a delta is pushed, and the most a change waits under a stream of them.
+        public var pushDebounce: Duration = .milliseconds(100)
+        public var pushMaxDelay: Duration = .seconds(1)
+        /// Items one agent may have pending before it is dropped to a full resync.
+        public var pushMaxPending = 20_000
         /// Where the config API listens (HTTPS); nil: not served.
         public var api: String? = "0.0.0.0:15017"
         /// `TOKEN,NAME,ROLE` lines (see ``APIAuthenticator``).
@@ -39,6 +50,10 @@ public final class ControlPlane: Sendable {
     public let port: Int
     public let mesh: MeshState
     let apiServer: APIServer?
+    /// The agents' streams.
+    public let hub: AgentHub
+    let streamServer: GRPCServer<HTTP2ServerTransport.Posix>
+    public let streamPort: Int
     /// The config API's bound port (0 when it is not served).
     public let apiPort: Int
 
@@ -107,12 +122,12 @@ public final class ControlPlane: Sendable {
         let hosted = CAService.hostedIdentities(mesh.compiler)
         service = CAService(ca: ca, joinTokens: tokens, hostedIdentities: hosted, defaultLifetime: o.maxCertificateLifetime)
         // Grants follow the stored mesh: a write that moves a workload re-reads which node hosts which identity.
-        mesh.observe { [service, mesh] _, delta in
+        mesh.observe { [service] _, delta, compiler in
             let movesWorkloads = delta.nodes.contains { d in
                 d.upserted.contains { if case .workload = $0 { true } else { false } }
                     || d.removed.contains { $0.kind == .workload }
             }
-            if movesWorkloads { service.updateHosted(CAService.hostedIdentities(mesh.compiler)) }
+            if movesWorkloads { service.updateHosted(CAService.hostedIdentities(compiler)) }
         }
 
         // The control plane's own serving certificate, from its own CA.
@@ -131,13 +146,22 @@ public final class ControlPlane: Sendable {
         }
         port = try server.start(host: String(o.listen[..<colon]), port: p)
 
+        var hubOptions = AgentHub.Options()
+        hubOptions.trustDomain = o.trustDomain
+        hubOptions.debounce = o.pushDebounce
+        hubOptions.maxDelay = o.pushMaxDelay
+        hubOptions.maxPending = o.pushMaxPending
+        hub = AgentHub(mesh: mesh, options: hubOptions, logger: logger)
+        (streamServer, streamPort) = try Self.serveStream(hub, at: o.stream, chain: chainFile, key: keyFile, root: rootFile,
+                                                          logger: logger)
+
         if let address = o.api {
             var auth = try o.tokens.map(APIAuthenticator.init(file:)) ?? APIAuthenticator()
             let tokenFile = "\(o.stateDirectory)/admin-token"
             if !fm.fileExists(atPath: tokenFile) { try write(APIAuthenticator.newToken() + "\n", tokenFile, mode: 0o600) }
             let adminToken = try read(tokenFile).trimmingCharacters(in: .whitespacesAndNewlines)
             auth.add(adminToken, .init(name: "admin", role: .admin))
-            let api = ConfigAPI(mesh: mesh, auth: auth, logger: logger)
+            let api = ConfigAPI(mesh: mesh, auth: auth, logger: logger) { [hub] in hub.status }
             let apiServer = try APIServer(api: api, certificateChain: chainFile, privateKey: keyFile, clientCA: rootFile)
             guard let c = address.lastIndex(of: ":"), let ap = Int(address[address.index(after: c)...]) else {
                 throw StartError(description: "--api '\(address)' is not HOST:PORT")
@@ -155,14 +179,61 @@ public final class ControlPlane: Sendable {
             apiPort = 0
         }
         logger.info("control plane ready", metadata: ["listen": "\(o.listen)", "port": "\(port)", "api_port": "\(apiPort)",
+                                                      "stream_port": "\(streamPort)",
                                                       "store": "\(store.location)", "revision": "\(mesh.revision)",
                                                       "objects": "\(mesh.count)",
                                                       "trust_domain": "\(o.trustDomain)", "nodes": "\(hosted.count)"])
     }
 
     public func stop() {
+        streamServer.beginGracefulShutdown()
         apiServer?.shutdown()
         server.shutdown()
+    }
+
+    /// Starts the agent stream's gRPC server (mutual TLS: a client must present a certificate of the mesh) and waits
+    /// until it listens.
+    static func serveStream(_ hub: AgentHub, at address: String, chain: String, key: String, root: String,
+                            logger: Logger) throws -> (GRPCServer<HTTP2ServerTransport.Posix>, Int)
+    {
+        guard let c = address.lastIndex(of: ":"), let p = Int(address[address.index(after: c)...]) else {
+            throw StartError(description: "--stream '\(address)' is not HOST:PORT")
+        }
+        let host = String(address[..<c])
+        var config = HTTP2ServerTransport.Posix.Config.defaults
+        // Broken connections are found by pings, not left to TCP's hours-long timeouts.
+        config.connection.keepalive.time = .seconds(30)
+        config.connection.keepalive.timeout = .seconds(10)
+        config.connection.keepalive.clientBehavior.allowWithoutCalls = true
+        config.connection.keepalive.clientBehavior.minPingIntervalWithoutCalls = .seconds(10)
+        let transport = HTTP2ServerTransport.Posix(
+            address: .ipv4(host: host.isEmpty ? "0.0.0.0" : host, port: p),
+            transportSecurity: .mTLS(certificateChain: [.file(path: chain, format: .pem)],
+                                     privateKey: .file(path: key, format: .pem)) { tls in
+                tls.trustRoots = .certificates([.file(path: root, format: .pem)])
+                tls.clientCertificateVerification = .noHostnameVerification
+            },
+            config: config)
+        let server = GRPCServer(transport: transport, services: [hub])
+        Task {
+            do { try await server.serve() } catch { logger.error("the agent stream server stopped: \(error)") }
+        }
+        let bound = Mutex<Result<Int, any Error>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            do {
+                let a = try await transport.listeningAddress
+                bound.withLock { $0 = .success(a.ipv4?.port ?? p) }
+            } catch {
+                bound.withLock { $0 = .failure(error) }
+            }
+            done.signal()
+        }
+        done.wait()
+        switch bound.withLock({ $0 })! {
+        case .success(let port): return (server, port)
+        case .failure(let e): throw StartError(description: "cannot serve the agent stream on \(address): \(e)")
+        }
     }
 
     /// A kubeconfig for the admin: kubectl and `sluice` reach the API with it and no other set-up.

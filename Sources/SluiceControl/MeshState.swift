@@ -30,7 +30,7 @@ public final class MeshState: Sendable {
     let state: Mutex<State>
     let keep: Int
     /// Called after every accepted write with its revision and what it changes per node (for the push).
-    let onChange: Mutex<[@Sendable (Int64, MeshDelta) -> Void]> = Mutex([])
+    let onChange: Mutex<[@Sendable (Int64, MeshDelta, MeshCompiler) -> Void]> = Mutex([])
 
     /// Opens the mesh kept in `store`. Throws when what is stored does not compile (it names every problem).
     public init(store: any ConfigStore, keepHistory: Int = 10_000) throws {
@@ -67,8 +67,23 @@ public final class MeshState: Sendable {
     /// Namespaces that hold objects, and `default`, sorted.
     public var namespaces: [String] { state.withLock { Set($0.objects.keys.map(\.namespace) + ["default"]).sorted() } }
 
-    /// Registers `body` to run after every accepted write.
-    public func observe(_ body: @escaping @Sendable (Int64, MeshDelta) -> Void) { onChange.withLock { $0.append(body) } }
+    /// Registers `body` to run after every accepted write, in revision order. It runs while writes are held, so it
+    /// must be quick (queue the work, do not do it).
+    /// `body` gets the compiler as it is after the write (it must not call back into this object: writes are held).
+    public func observe(_ body: @escaping @Sendable (Int64, MeshDelta, MeshCompiler) -> Void) {
+        onChange.withLock { $0.append(body) }
+    }
+
+    private func notify(_ revision: Int64, _ delta: MeshDelta, _ compiler: MeshCompiler) {
+        for body in onChange.withLock({ $0 }) { body(revision, delta, compiler) }
+    }
+
+    /// Runs `body` with the compiler and the revision it is at, while writes are held: what `body` reads is exactly
+    /// the mesh at that revision, and every later delta reaches the observers after it returns. (An agent's session
+    /// takes its node's snapshot here, so no change falls between the snapshot and the deltas that follow it.)
+    public func withCompiler<T>(_ body: (inout MeshCompiler, Int64) throws -> T) rethrows -> T {
+        try state.withLock { s in try body(&s.compiler, s.revision) }
+    }
 
     // MARK: - reads
 
@@ -127,7 +142,10 @@ public final class MeshState: Sendable {
                                                  .delete(ResourceKey(kind: model, namespace: key.namespace, name: key.name)))
                     }
                     let change = StoreChange(kind: .deleted, object: gone)
-                    if !dryRun { try commit(change, &s) }
+                    if !dryRun {
+                        try commit(change, &s)
+                        if let delta { notify(revision, delta, s.compiler) }
+                    }
                     result = WriteResult(object: gone, previousRevision: current.revision, kind: .deleted, changed: true,
                                          warnings: [])
                     return .success(())
@@ -162,7 +180,10 @@ public final class MeshState: Sendable {
                 }
                 let stored = StoredObject(key: key, object: object, revision: revision)
                 let change = StoreChange(kind: current == nil ? .added : .modified, object: stored)
-                if !dryRun { try commit(change, &s) }
+                if !dryRun {
+                    try commit(change, &s)
+                    if let delta { notify(revision, delta, s.compiler) }
+                }
                 result = WriteResult(object: stored, previousRevision: current?.revision ?? 0, kind: change.kind,
                                      changed: true, warnings: warnings)
             } catch {
@@ -171,9 +192,6 @@ public final class MeshState: Sendable {
             return .success(())
         }
         if case .failure(let e) = outcome { throw e }
-        if let delta, let result, !dryRun {
-            for body in onChange.withLock({ $0 }) { body(result.object.revision, delta) }
-        }
         return result!
     }
 

@@ -9,6 +9,8 @@ extension HTTPRoute {
         guard r.expectMapping() else { return nil }
         r.checkKeys(["name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout", "retries",
                      "fault", "mirror", "mirrorPercentage", "mirrorPercent", "mirrors", "corsPolicy", "headers"])
+        r.notEnforced(["corsPolicy", "delegate", "mirrors", "mirrorPercent"],
+                      hint: "mirror with mirror and mirrorPercentage; CORS headers come from the application")
         let matches = r.array("match").compactMap { HTTPMatch.decode($0) }
         let route = VirtualService.RouteDestination.decodeList(r)
         let redirect = r.child("redirect").flatMap { HTTPRedirect.decode($0) }

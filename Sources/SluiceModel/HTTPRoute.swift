@@ -1,6 +1,6 @@
 /// Istio's `VirtualService.http` routes: match, route or redirect or direct response, rewrite, headers,
 /// timeout, retries, fault injection and mirroring. The L7 pipeline consumes these (issue 5).
-public struct HTTPRoute: Sendable, Hashable, Encodable {
+public struct HTTPRoute: Sendable, Hashable, Codable {
     public var name: String?
     public var match: [HTTPMatch]
     public var route: [VirtualService.RouteDestination]
@@ -16,13 +16,13 @@ public struct HTTPRoute: Sendable, Hashable, Encodable {
     public var headers: HeaderOperations?
 }
 
-public enum StringMatch: Sendable, Hashable, Encodable {
+public enum StringMatch: Sendable, Hashable, Codable {
     case exact(String)
     case prefix(String)
     case regex(String)
 }
 
-public struct HTTPMatch: Sendable, Hashable, Encodable {
+public struct HTTPMatch: Sendable, Hashable, Codable {
     public var name: String?
     public var uri: StringMatch?
     public var scheme: StringMatch?
@@ -37,7 +37,7 @@ public struct HTTPMatch: Sendable, Hashable, Encodable {
     public var ignoreUriCase: Bool
 }
 
-public struct HTTPRedirect: Sendable, Hashable, Encodable {
+public struct HTTPRedirect: Sendable, Hashable, Codable {
     public var uri: String?
     public var authority: String?
     public var port: UInt16?
@@ -45,24 +45,24 @@ public struct HTTPRedirect: Sendable, Hashable, Encodable {
     public var redirectCode: Int
 }
 
-public struct DirectResponse: Sendable, Hashable, Encodable {
+public struct DirectResponse: Sendable, Hashable, Codable {
     public var status: Int
     public var body: String?
 }
 
-public struct HTTPRewrite: Sendable, Hashable, Encodable {
+public struct HTTPRewrite: Sendable, Hashable, Codable {
     public var uri: String?
     public var authority: String?
     /// Istio's `uriRegexRewrite`: replace what `match` matches in the path with `rewrite` (`\1` groups).
     public var uriRegexRewrite: RegexRewrite?
 
-    public struct RegexRewrite: Sendable, Hashable, Encodable {
+    public struct RegexRewrite: Sendable, Hashable, Codable {
         public var match: String
         public var rewrite: String
     }
 }
 
-public struct HTTPRetry: Sendable, Hashable, Encodable {
+public struct HTTPRetry: Sendable, Hashable, Codable {
     public var attempts: Int
     public var perTryTimeout: Duration?
     /// Envoy retry conditions (`5xx`, `gateway-error`, `connect-failure`, `retriable-4xx`, `reset`, ...) and
@@ -76,13 +76,13 @@ public struct HTTPRetry: Sendable, Hashable, Encodable {
     }
 }
 
-public struct HTTPFault: Sendable, Hashable, Encodable {
-    public struct Delay: Sendable, Hashable, Encodable {
+public struct HTTPFault: Sendable, Hashable, Codable {
+    public struct Delay: Sendable, Hashable, Codable {
         public var fixedDelay: Duration
         public var percentage: Double
     }
-    public struct Abort: Sendable, Hashable, Encodable {
-        public enum Kind: Sendable, Hashable, Encodable { case httpStatus(Int), grpcStatus(String) }
+    public struct Abort: Sendable, Hashable, Codable {
+        public enum Kind: Sendable, Hashable, Codable { case httpStatus(Int), grpcStatus(String) }
         public var kind: Kind
         public var percentage: Double
     }
@@ -90,8 +90,8 @@ public struct HTTPFault: Sendable, Hashable, Encodable {
     public var abort: Abort?
 }
 
-public struct HeaderOperations: Sendable, Hashable, Encodable {
-    public struct Ops: Sendable, Hashable, Encodable {
+public struct HeaderOperations: Sendable, Hashable, Codable {
+    public struct Ops: Sendable, Hashable, Codable {
         public var set: [String: String]
         public var add: [String: String]
         public var remove: [String]

@@ -172,8 +172,12 @@ extension TrafficPolicy {
         r.checkKeys(["loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings", "tunnel",
                      "proxyProtocol"])
         var policy = TrafficPolicy()
+        r.notEnforced(["tunnel", "proxyProtocol"])
+        // Per-port settings can carry limits and TLS: accepting them unapplied would leave ports unprotected.
+        r.refuseUnenforced(["portLevelSettings"], hint: "put the settings in trafficPolicy, or in a subset")
         if let lb = r.child("loadBalancer"), lb.expectMapping() {
             lb.checkKeys(["simple", "consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"])
+            lb.notEnforced(["localityLbSetting", "warmupDurationSecs", "warmup"])
             if lb.child("simple") != nil, lb.child("consistentHash") != nil {
                 lb.sink.error(lb.path, lb.line, "'simple' and 'consistentHash' are mutually exclusive")
             } else if let simple = lb.enumValue("simple", LoadBalancerSettings.Simple.self) {
@@ -274,6 +278,7 @@ extension ServiceEntry {
     static func decode(_ r: YAMLReader) -> ServiceEntry? {
         r.checkKeys(["hosts", "addresses", "ports", "location", "resolution", "endpoints", "workloadSelector",
                      "exportTo", "subjectAltNames"])
+        r.notEnforced(["subjectAltNames"], hint: "mesh endpoints are verified against the identity of their serviceAccount")
         let hosts = r.strings("hosts")
         if hosts.isEmpty { r.sink.error("\(r.path).hosts", r.line, "a ServiceEntry needs at least one host") }
         for (i, h) in hosts.enumerated() where !isValidHost(h) {

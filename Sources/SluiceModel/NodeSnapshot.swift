@@ -3,7 +3,7 @@
 ///
 /// Every list is sorted by its items' ``SnapshotItem/Key``, so equal inputs give equal snapshots and
 /// ``canonicalJSON()`` gives byte-identical output.
-public struct NodeSnapshot: Sendable, Hashable, Encodable {
+public struct NodeSnapshot: Sendable, Hashable, Codable {
     public var node: String
     public var mesh: MeshConfig
     /// The workloads this node runs, with their SPIFFE identities.
@@ -36,7 +36,7 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         self.clusters = clusters
     }
 
-    public struct Listener: Sendable, Hashable, Encodable {
+    public struct Listener: Sendable, Hashable, Codable {
         public var name: String
         public var address: EndpointAddress
         public var `protocol`: PortProtocol
@@ -74,7 +74,7 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
     }
 
     /// What a TLS-terminating gateway server presents and expects.
-    public struct ServerCertificate: Sendable, Hashable, Encodable {
+    public struct ServerCertificate: Sendable, Hashable, Codable {
         /// The server's `hosts`, without namespace prefixes: the SNI names this certificate answers.
         public var hosts: [String]
         public var mode: ServerTLSSettings.Mode
@@ -89,13 +89,13 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         public var cipherSuites: [String]
     }
 
-    public struct WeightedCluster: Sendable, Hashable, Encodable {
+    public struct WeightedCluster: Sendable, Hashable, Codable {
         /// A ``Cluster/name`` of the same snapshot.
         public var cluster: String
         public var weight: Int
     }
 
-    public struct Cluster: Sendable, Hashable, Encodable {
+    public struct Cluster: Sendable, Hashable, Codable {
         /// Istio's naming: `outbound|PORT|SUBSET|HOST`.
         public var name: String
         public var serviceHost: String
@@ -121,7 +121,7 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
         }
     }
 
-    public struct Endpoint: Sendable, Hashable, Encodable {
+    public struct Endpoint: Sendable, Hashable, Codable {
         public var address: EndpointAddress
         public var weight: UInt32
         public var labels: [String: String]
@@ -134,7 +134,7 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
     }
 
     /// A workload that runs on this node.
-    public struct Workload: Sendable, Hashable, Encodable {
+    public struct Workload: Sendable, Hashable, Codable {
         public var namespace: String
         public var name: String
         public var address: String
@@ -157,7 +157,7 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
     }
 
     /// A service as the node's outbound side sees it.
-    public struct Service: Sendable, Hashable, Encodable {
+    public struct Service: Sendable, Hashable, Codable {
         public var host: String
         public var namespace: String
         public var addresses: [String]
@@ -168,15 +168,15 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
 
     /// One entry of the BPF services map: connections to `address` are balanced in the kernel or sent to the
     /// agent.
-    public struct BPFService: Sendable, Hashable, Encodable {
-        public enum Action: Sendable, Hashable, Encodable {
+    public struct BPFService: Sendable, Hashable, Codable {
+        public enum Action: Sendable, Hashable, Codable {
             /// L4-only: the kernel picks a backend and rewrites the destination; the agent never sees the bytes.
             case balance(loadBalancing: LoadBalancing, backends: [Backend])
             /// The agent must see the connection; `reason` says why (for `config_dump` and the docs).
             case proxy(reason: String)
         }
-        public enum LoadBalancing: String, Sendable, Hashable, Encodable { case random, maglev }
-        public struct Backend: Sendable, Hashable, Encodable {
+        public enum LoadBalancing: String, Sendable, Hashable, Codable { case random, maglev }
+        public struct Backend: Sendable, Hashable, Codable {
             public var address: EndpointAddress
             public var weight: UInt32
             public init(address: EndpointAddress, weight: UInt32) {
@@ -201,7 +201,7 @@ public struct NodeSnapshot: Sendable, Hashable, Encodable {
 }
 
 /// A resource's spec with its namespace and name, as policy and route lists carry them.
-public struct Named<Spec: Sendable & Hashable & Encodable>: Sendable, Hashable, Encodable {
+public struct Named<Spec: Sendable & Hashable & Codable>: Sendable, Hashable, Codable {
     public var namespace: String
     public var name: String
     public var spec: Spec

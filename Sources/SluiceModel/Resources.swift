@@ -87,11 +87,11 @@ public struct Resource: Sendable, Hashable {
 
 // MARK: - networking.istio.io/v1 Gateway
 
-public struct Gateway: Sendable, Hashable, Encodable {
+public struct Gateway: Sendable, Hashable, Codable {
     public var selector: [String: String]
     public var servers: [Server]
 
-    public struct Server: Sendable, Hashable, Encodable {
+    public struct Server: Sendable, Hashable, Codable {
         public var port: Port
         /// Address to bind; Istio's `bind`. Default: all addresses.
         public var bind: String?
@@ -100,14 +100,14 @@ public struct Gateway: Sendable, Hashable, Encodable {
         public var tls: ServerTLSSettings?
     }
 
-    public struct Port: Sendable, Hashable, Encodable {
+    public struct Port: Sendable, Hashable, Codable {
         public var number: UInt16
         public var `protocol`: PortProtocol
         public var name: String
     }
 }
 
-public enum PortProtocol: String, Sendable, Hashable, CaseIterable, Encodable {
+public enum PortProtocol: String, Sendable, Hashable, CaseIterable, Codable {
     case http = "HTTP", https = "HTTPS", grpc = "GRPC", http2 = "HTTP2", mongo = "MONGO", tcp = "TCP", tls = "TLS"
     case udp = "UDP"
     /// Neither declared nor implied by the port's name: the agent detects it from the client's first bytes
@@ -143,7 +143,7 @@ public enum PortProtocol: String, Sendable, Hashable, CaseIterable, Encodable {
 
 // MARK: - VirtualService
 
-public struct VirtualService: Sendable, Hashable, Encodable {
+public struct VirtualService: Sendable, Hashable, Codable {
     public var hosts: [String]
     public var gateways: [String]
     public var http: [HTTPRoute]
@@ -152,18 +152,18 @@ public struct VirtualService: Sendable, Hashable, Encodable {
     /// Namespaces that see this resource: `*` (all, the default), `.` (its own) or names.
     public var exportTo: [String]
 
-    public struct TCPRoute: Sendable, Hashable, Encodable {
+    public struct TCPRoute: Sendable, Hashable, Codable {
         public var match: [L4Match]
         public var route: [RouteDestination]
     }
 
     /// Routes for TLS or HTTPS traffic that is passed through, matched by SNI.
-    public struct TLSRoute: Sendable, Hashable, Encodable {
+    public struct TLSRoute: Sendable, Hashable, Codable {
         public var match: [TLSMatch]
         public var route: [RouteDestination]
     }
 
-    public struct TLSMatch: Sendable, Hashable, Encodable {
+    public struct TLSMatch: Sendable, Hashable, Codable {
         public var sniHosts: [String]
         public var port: UInt16?
         public var destinationSubnets: [String]
@@ -171,20 +171,20 @@ public struct VirtualService: Sendable, Hashable, Encodable {
         public var gateways: [String]
     }
 
-    public struct L4Match: Sendable, Hashable, Encodable {
+    public struct L4Match: Sendable, Hashable, Codable {
         public var port: UInt16?
         public var destinationSubnets: [String]
         public var sourceLabels: [String: String]
         public var gateways: [String]
     }
 
-    public struct RouteDestination: Sendable, Hashable, Encodable {
+    public struct RouteDestination: Sendable, Hashable, Codable {
         public var destination: Destination
         public var weight: Int?
         public var headers: HeaderOperations?
     }
 
-    public struct Destination: Sendable, Hashable, Encodable {
+    public struct Destination: Sendable, Hashable, Codable {
         public var host: String
         public var subset: String?
         public var port: UInt16?
@@ -193,20 +193,20 @@ public struct VirtualService: Sendable, Hashable, Encodable {
 
 // MARK: - DestinationRule
 
-public struct DestinationRule: Sendable, Hashable, Encodable {
+public struct DestinationRule: Sendable, Hashable, Codable {
     public var host: String
     public var trafficPolicy: TrafficPolicy?
     public var subsets: [Subset]
     public var exportTo: [String]
 
-    public struct Subset: Sendable, Hashable, Encodable {
+    public struct Subset: Sendable, Hashable, Codable {
         public var name: String
         public var labels: [String: String]
         public var trafficPolicy: TrafficPolicy?
     }
 }
 
-public struct TrafficPolicy: Sendable, Hashable, Encodable {
+public struct TrafficPolicy: Sendable, Hashable, Codable {
     public var loadBalancer: LoadBalancerSettings?
     public var connectionPool: ConnectionPoolSettings?
     public var outlierDetection: OutlierDetection?
@@ -230,12 +230,12 @@ public struct TrafficPolicy: Sendable, Hashable, Encodable {
     }
 }
 
-public enum LoadBalancerSettings: Sendable, Hashable, Encodable {
-    public enum Simple: String, Sendable, Hashable, Encodable {
+public enum LoadBalancerSettings: Sendable, Hashable, Codable {
+    public enum Simple: String, Sendable, Hashable, Codable {
         case unspecified = "UNSPECIFIED", roundRobin = "ROUND_ROBIN", leastRequest = "LEAST_REQUEST"
         case random = "RANDOM", passthrough = "PASSTHROUGH", leastConn = "LEAST_CONN"
     }
-    public enum HashKey: Sendable, Hashable, Encodable {
+    public enum HashKey: Sendable, Hashable, Codable {
         case sourceIP
         /// HTTP only: a request header (lower-case name), cookie, or query parameter.
         case header(String)
@@ -247,7 +247,7 @@ public enum LoadBalancerSettings: Sendable, Hashable, Encodable {
     case consistentHash(key: HashKey, tableSize: Int?)
 }
 
-public struct ConnectionPoolSettings: Sendable, Hashable, Encodable {
+public struct ConnectionPoolSettings: Sendable, Hashable, Codable {
     public var maxConnections: Int?
     public var connectTimeout: Duration?
     public var idleTimeout: Duration?
@@ -261,7 +261,7 @@ public struct ConnectionPoolSettings: Sendable, Hashable, Encodable {
     }
 
     /// Istio's `connectionPool.http`: the circuit-breaker limits of the L7 path.
-    public struct HTTP: Sendable, Hashable, Encodable {
+    public struct HTTP: Sendable, Hashable, Codable {
         public var http1MaxPendingRequests: Int?
         public var http2MaxRequests: Int?
         public var maxRequestsPerConnection: Int?
@@ -272,7 +272,7 @@ public struct ConnectionPoolSettings: Sendable, Hashable, Encodable {
     }
 }
 
-public struct OutlierDetection: Sendable, Hashable, Encodable {
+public struct OutlierDetection: Sendable, Hashable, Codable {
     /// Consecutive errors before an endpoint is ejected (Istio's `consecutive5xxErrors`): any 5xx response,
     /// and connect failures and resets (which are all TCP has). 0: this detector is off.
     public var consecutiveErrors: Int
@@ -295,7 +295,7 @@ public struct OutlierDetection: Sendable, Hashable, Encodable {
 
 // MARK: - ServiceEntry / WorkloadEntry
 
-public struct ServiceEntry: Sendable, Hashable, Encodable {
+public struct ServiceEntry: Sendable, Hashable, Codable {
     public var hosts: [String]
     public var addresses: [String]
     public var ports: [ServicePort]
@@ -305,20 +305,20 @@ public struct ServiceEntry: Sendable, Hashable, Encodable {
     public var workloadSelector: [String: String]?
     public var exportTo: [String]
 
-    public enum Location: String, Sendable, Hashable, Encodable { case meshExternal = "MESH_EXTERNAL", meshInternal = "MESH_INTERNAL" }
-    public enum Resolution: String, Sendable, Hashable, Encodable {
+    public enum Location: String, Sendable, Hashable, Codable { case meshExternal = "MESH_EXTERNAL", meshInternal = "MESH_INTERNAL" }
+    public enum Resolution: String, Sendable, Hashable, Codable {
         case none = "NONE", `static` = "STATIC", dns = "DNS", dnsRoundRobin = "DNS_ROUND_ROBIN"
     }
 }
 
-public struct ServicePort: Sendable, Hashable, Encodable {
+public struct ServicePort: Sendable, Hashable, Codable {
     public var number: UInt16
     public var `protocol`: PortProtocol
     public var name: String
     public var targetPort: UInt16?
 }
 
-public struct WorkloadEntry: Sendable, Hashable, Encodable {
+public struct WorkloadEntry: Sendable, Hashable, Codable {
     public var address: String
     public var ports: [String: UInt16]
     public var labels: [String: String]
@@ -343,7 +343,7 @@ public struct WorkloadEntry: Sendable, Hashable, Encodable {
 
 /// Active health checking of a service's endpoints. Istio has no such resource (Envoy does, per cluster), so
 /// Sluice adds one in Istio's shape: it selects a host like a DestinationRule does.
-public struct HealthCheck: Sendable, Hashable, Encodable {
+public struct HealthCheck: Sendable, Hashable, Codable {
     public var host: String
     public var interval: Duration
     public var timeout: Duration
@@ -354,14 +354,14 @@ public struct HealthCheck: Sendable, Hashable, Encodable {
     /// Set for gRPC checks: `grpc.health.v1.Health/Check` must answer SERVING (Envoy's `grpc_health_check`).
     public var grpc: GRPCCheck?
 
-    public struct GRPCCheck: Sendable, Hashable, Encodable {
+    public struct GRPCCheck: Sendable, Hashable, Codable {
         /// The service asked about; empty: the server as a whole.
         public var serviceName: String
         /// `:authority` sent with the check (the service host unless set).
         public var authority: String?
     }
 
-    public struct HTTPCheck: Sendable, Hashable, Encodable {
+    public struct HTTPCheck: Sendable, Hashable, Codable {
         public var path: String
         /// `Host` sent with the check (the service host unless set).
         public var host: String?

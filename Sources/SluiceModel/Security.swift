@@ -1,9 +1,9 @@
 /// `security.istio.io/v1`: AuthorizationPolicy, PeerAuthentication, RequestAuthentication.
 
-public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
-    public enum Action: String, Sendable, Hashable, Encodable { case allow = "ALLOW", deny = "DENY", audit = "AUDIT", custom = "CUSTOM" }
+public struct AuthorizationPolicy: Sendable, Hashable, Codable {
+    public enum Action: String, Sendable, Hashable, Codable { case allow = "ALLOW", deny = "DENY", audit = "AUDIT", custom = "CUSTOM" }
 
-    public struct Source: Sendable, Hashable, Encodable {
+    public struct Source: Sendable, Hashable, Codable {
         public var principals: [String] = [], notPrincipals: [String] = []
         public var requestPrincipals: [String] = [], notRequestPrincipals: [String] = []
         public var namespaces: [String] = [], notNamespaces: [String] = []
@@ -27,7 +27,7 @@ public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
         }
     }
 
-    public struct Operation: Sendable, Hashable, Encodable {
+    public struct Operation: Sendable, Hashable, Codable {
         public var hosts: [String] = [], notHosts: [String] = []
         public var ports: [UInt16] = [], notPorts: [UInt16] = []
         public var methods: [String] = [], notMethods: [String] = []
@@ -46,7 +46,7 @@ public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
         }
     }
 
-    public struct Condition: Sendable, Hashable, Encodable {
+    public struct Condition: Sendable, Hashable, Codable {
         public var key: String
         public var values: [String]
         public var notValues: [String]
@@ -58,7 +58,7 @@ public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
         }
     }
 
-    public struct Rule: Sendable, Hashable, Encodable {
+    public struct Rule: Sendable, Hashable, Codable {
         public var from: [Source]
         public var to: [Operation]
         public var when: [Condition]
@@ -85,15 +85,15 @@ public struct AuthorizationPolicy: Sendable, Hashable, Encodable {
     }
 }
 
-public struct PeerAuthentication: Sendable, Hashable, Encodable {
-    public enum Mode: String, Sendable, Hashable, Encodable { case unset = "UNSET", disable = "DISABLE", permissive = "PERMISSIVE", strict = "STRICT" }
+public struct PeerAuthentication: Sendable, Hashable, Codable {
+    public enum Mode: String, Sendable, Hashable, Codable { case unset = "UNSET", disable = "DISABLE", permissive = "PERMISSIVE", strict = "STRICT" }
     public var selector: [String: String]?
     public var mode: Mode
     public var portLevel: [UInt16: Mode]
 }
 
-public struct RequestAuthentication: Sendable, Hashable, Encodable {
-    public struct JWTRule: Sendable, Hashable, Encodable {
+public struct RequestAuthentication: Sendable, Hashable, Codable {
+    public struct JWTRule: Sendable, Hashable, Codable {
         public var issuer: String
         public var audiences: [String]
         public var jwksUri: String?

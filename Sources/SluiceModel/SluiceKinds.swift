@@ -3,8 +3,8 @@
 /// Rate limits for a service (Istio configures these through EnvoyFilter patches; Sluice gives them a resource).
 /// `local` limits are token buckets each agent enforces on its own; `quotas` are mesh-wide budgets the control
 /// plane apportions.
-public struct RateLimitPolicy: Sendable, Hashable, Encodable {
-    public enum Key: Sendable, Hashable, Encodable {
+public struct RateLimitPolicy: Sendable, Hashable, Codable {
+    public enum Key: Sendable, Hashable, Codable {
         /// One bucket for all traffic that matches.
         case none
         case sourceIP
@@ -12,7 +12,7 @@ public struct RateLimitPolicy: Sendable, Hashable, Encodable {
         case sourcePrincipal
     }
 
-    public struct TokenBucket: Sendable, Hashable, Encodable {
+    public struct TokenBucket: Sendable, Hashable, Codable {
         public var maxTokens: Int
         public var tokensPerFill: Int
         public var fillInterval: Duration
@@ -23,7 +23,7 @@ public struct RateLimitPolicy: Sendable, Hashable, Encodable {
         }
     }
 
-    public struct Local: Sendable, Hashable, Encodable {
+    public struct Local: Sendable, Hashable, Codable {
         public var name: String?
         /// Applies to requests matching any of these (all requests when empty).
         public var match: [HTTPMatch]
@@ -33,7 +33,7 @@ public struct RateLimitPolicy: Sendable, Hashable, Encodable {
         public var status: Int
     }
 
-    public struct Quota: Sendable, Hashable, Encodable {
+    public struct Quota: Sendable, Hashable, Codable {
         public var name: String
         public var limit: Int
         public var per: Duration
@@ -46,8 +46,8 @@ public struct RateLimitPolicy: Sendable, Hashable, Encodable {
 }
 
 /// Mesh-wide settings (Istio's MeshConfig, as a resource).
-public struct MeshConfig: Sendable, Hashable, Encodable {
-    public enum OutboundPolicy: String, Sendable, Hashable, Encodable { case allowAny = "ALLOW_ANY", registryOnly = "REGISTRY_ONLY" }
+public struct MeshConfig: Sendable, Hashable, Codable {
+    public enum OutboundPolicy: String, Sendable, Hashable, Codable { case allowAny = "ALLOW_ANY", registryOnly = "REGISTRY_ONLY" }
     public var trustDomain: String
     public var connectTimeout: Duration
     public var tcpIdleTimeout: Duration

@@ -2,8 +2,8 @@
 /// (`servers[].tls`) presents and expects.
 
 /// DestinationRule `tls`: how connections to the destination are secured.
-public struct ClientTLSSettings: Sendable, Hashable, Encodable {
-    public enum Mode: String, Sendable, Hashable, Encodable {
+public struct ClientTLSSettings: Sendable, Hashable, Codable {
+    public enum Mode: String, Sendable, Hashable, Codable {
         case disable = "DISABLE", simple = "SIMPLE", mutual = "MUTUAL", istioMutual = "ISTIO_MUTUAL"
     }
     public var mode: Mode
@@ -17,12 +17,12 @@ public struct ClientTLSSettings: Sendable, Hashable, Encodable {
 }
 
 /// Gateway `servers[].tls`: what the gateway terminates or passes through.
-public struct ServerTLSSettings: Sendable, Hashable, Encodable {
-    public enum Mode: String, Sendable, Hashable, Encodable {
+public struct ServerTLSSettings: Sendable, Hashable, Codable {
+    public enum Mode: String, Sendable, Hashable, Codable {
         case passthrough = "PASSTHROUGH", simple = "SIMPLE", mutual = "MUTUAL", autoPassthrough = "AUTO_PASSTHROUGH"
         case istioMutual = "ISTIO_MUTUAL", optionalMutual = "OPTIONAL_MUTUAL"
     }
-    public enum ProtocolVersion: String, Sendable, Hashable, Encodable {
+    public enum ProtocolVersion: String, Sendable, Hashable, Codable {
         case auto = "TLS_AUTO", v1_0 = "TLSV1_0", v1_1 = "TLSV1_1", v1_2 = "TLSV1_2", v1_3 = "TLSV1_3"
     }
     public var mode: Mode
@@ -47,6 +47,18 @@ extension ClientTLSSettings {
             clientCertificate: r.string("clientCertificate"), privateKey: r.string("privateKey"),
             caCertificates: r.string("caCertificates"), subjectAltNames: r.strings("subjectAltNames"),
             sni: r.string("sni"), insecureSkipVerify: r.bool("insecureSkipVerify") ?? false)
+        // The proxy does not originate TLS yet: accepting SIMPLE or MUTUAL would send the bytes in plaintext to a
+        // destination the user asked to reach encrypted.
+        if s.mode == .simple || s.mode == .mutual {
+            r.sink.error("\(r.path).mode", r.child("mode")?.line ?? r.line,
+                         "tls mode \(s.mode.rawValue) is refused: this version of Sluice does not originate TLS, and "
+                             + "the connection would leave in plaintext",
+                         hint: "let the application speak TLS itself (the bytes pass through as TCP), or use "
+                             + "ISTIO_MUTUAL for mesh workloads")
+        }
+        r.refuseUnenforced(["subjectAltNames", "caCrl"],
+                           hint: "mesh endpoints are verified against the identity of their serviceAccount")
+        r.notEnforced(["sni", "insecureSkipVerify"])
         if s.mode == .mutual && s.credentialName == nil && (s.clientCertificate == nil || s.privateKey == nil) {
             r.sink.error("\(r.path).mode", r.child("mode")?.line ?? r.line,
                          "MUTUAL needs the client's certificate and key",
@@ -76,6 +88,9 @@ extension ServerTLSSettings {
             minProtocolVersion: r.enumValue("minProtocolVersion", ProtocolVersion.self),
             maxProtocolVersion: r.enumValue("maxProtocolVersion", ProtocolVersion.self),
             cipherSuites: r.strings("cipherSuites"))
+        // Each narrows which clients or certificates are accepted: not applying one would accept more than asked.
+        r.refuseUnenforced(["subjectAltNames", "caCrl", "verifyCertificateSpki", "verifyCertificateHash", "credentialNames"],
+                           hint: "credentialNames: use credentialName")
         let terminates = s.mode == .simple || s.mode == .mutual || s.mode == .optionalMutual
         if terminates && s.credentialName == nil && (s.serverCertificate == nil || s.privateKey == nil) {
             r.sink.error("\(r.path).mode", r.child("mode")?.line ?? r.line,

@@ -55,6 +55,24 @@ struct YAMLReader {
         }
     }
 
+    /// Warns, naming the field, for each of `keys` present here: Sluice reads it but does not act on it yet, and the
+    /// user must not believe it does.
+    func notEnforced(_ keys: [String], hint: String? = nil) {
+        for k in keys {
+            guard let c = child(k) else { continue }
+            sink.warning(c.path, c.line, "'\(k)' is not enforced by this version of Sluice; it has no effect", hint: hint)
+        }
+    }
+
+    /// Refuses each of `keys` present here: a restriction or a protection Sluice does not apply yet, which would
+    /// leave the user with less than asked for if it were accepted.
+    func refuseUnenforced(_ keys: [String], hint: String? = nil) {
+        for k in keys {
+            guard let c = child(k) else { continue }
+            sink.error(c.path, c.line, "'\(k)' is not enforced by this version of Sluice, so it is refused", hint: hint)
+        }
+    }
+
     /// True when this node is a mapping; reports an error naming the expectation otherwise.
     func expectMapping() -> Bool {
         if case .mapping = node { return true }

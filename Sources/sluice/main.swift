@@ -19,7 +19,12 @@ struct AgentCommand: ParsableCommand {
 
     @Option(name: .customLong("local-config"), help: "Directory of Istio YAML to serve (mesh config from files).")
     var localConfig: String?
-    @Option(help: "Control plane address HOST:15012: workload certificates come from its CA.") var control: String?
+    @Option(help: "Control plane address HOST:15012: certificates come from its CA and, without --local-config, the mesh from its agent stream.")
+    var control: String?
+    @Option(name: .customLong("stream-port"), help: "The control plane's agent stream port (gRPC, mutual TLS; same host as --control).")
+    var streamPort: Int = 15010
+    @Option(name: .customLong("trust-domain"), help: "The mesh's trust domain, until the control plane sends one (with --control).")
+    var trustDomain = "cluster.local"
     @Option(name: .customLong("ca-root"), help: "The mesh root (PEM) the control plane's certificate chains to (with --control).")
     var caRoot: String?
     @Option(name: .customLong("join-token"), help: "File with this node's one-time join token (with --control).")
@@ -76,9 +81,13 @@ struct AgentCommand: ParsableCommand {
 
     func validate() throws {
         if uninstallBPF { return }
-        if localConfig == nil {
-            throw ValidationError("give --local-config DIR (the mesh configuration; --control serves certificates only, for now)")
+        if localConfig == nil && control == nil {
+            throw ValidationError("give --local-config DIR (the mesh from files) or --control HOST:15012 (the mesh from the control plane)")
         }
+        if let control, EndpointAddress(parsing: control) == nil && !control.contains(":") {
+            throw ValidationError("--control '\(control)' is not HOST:PORT")
+        }
+        if !(1...65535).contains(streamPort) { throw ValidationError("--stream-port must be 1...65535") }
         if let u = dnsUpstream, EndpointAddress(parsing: u) == nil {
             throw ValidationError("--dns-upstream '\(u)' is not HOST:PORT")
         }
@@ -120,7 +129,7 @@ struct AgentCommand: ParsableCommand {
         }
         Agent.blockTerminationSignals()
         let logger = startLogging(logLevel, label: "sluice.agent")
-        var options = Agent.Options(localConfig: localConfig!, node: node, workers: workers ?? Agent.defaultWorkers,
+        var options = Agent.Options(localConfig: localConfig, node: node, workers: workers ?? Agent.defaultWorkers,
                                     metricsAddress: metrics, readinessAddress: readiness, adminAddress: admin,
                                     drainTimeout: parseIstioDuration(drainTimeout)!,
                                     connectionLimit: maxConnections, bufferCount: UInt16(buffers),
@@ -138,6 +147,9 @@ struct AgentCommand: ParsableCommand {
                                                trustDomain: "", directory: stateDir + "/certs")
             c.serverName = controlServerName
             options.certificates = c
+            let host = String(control[..<(control.lastIndex(of: ":") ?? control.endIndex)])
+            options.control = .init(host: host, port: streamPort, serverName: controlServerName, rootCA: caRoot!,
+                                    trustDomain: trustDomain)
             options.tunnelPort = tunnelPort
         }
         options.bpfDirectory = bpfDir
@@ -146,6 +158,7 @@ struct AgentCommand: ParsableCommand {
         options.outboundPort = outboundPort
         options.dnsPort = dnsPort
         options.dnsUpstream = dnsUpstream.flatMap(EndpointAddress.init(parsing:))
+        options.stateDirectory = stateDir
         let agent = Agent(options: options, logger: logger)
         do {
             try agent.start()
@@ -206,7 +219,8 @@ Sluice.main()
 
 struct ControlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "control", abstract: "Run the control plane: the mesh CA (15012) and the config API (15017).")
+        commandName: "control",
+        abstract: "Run the control plane: the mesh CA (15012), the agent stream (15010) and the config API (15017).")
     @Option(name: .customLong("trust-domain"), help: "The mesh's SPIFFE trust domain.") var trustDomain = "cluster.local"
     @Option(help: "Address to serve on (TLS).") var listen = "0.0.0.0:15012"
     @Option(name: .customLong("state-dir"), help: "Where the root CA (if generated) and the serving certificate are kept.")
@@ -216,6 +230,7 @@ struct ControlCommand: ParsableCommand {
     @Option(help: "Where the mesh is kept: sqlite:PATH[?sync=full] (default sqlite:STATE_DIR/mesh.db).") var store: String?
     @Option(help: "Address of the config API (HTTPS, Kubernetes conventions; kubectl works with STATE_DIR/admin.kubeconfig).")
     var api = "0.0.0.0:15017"
+    @Option(help: "Address of the agent stream (gRPC, mutual TLS with node certificates).") var stream = "0.0.0.0:15010"
     @Option(help: "File of TOKEN,NAME,ROLE lines (role admin or view; a spiffe:// ID instead of a token grants a mesh certificate).")
     var tokens: String?
     @Option(name: .customLong("join-tokens"), help: "File of 'TOKEN NODE' lines; each token admits its node once.")
@@ -242,6 +257,7 @@ struct ControlCommand: ParsableCommand {
         o.config = config
         o.store = store
         o.api = api
+        o.stream = stream
         o.tokens = tokens
         o.joinTokens = joinTokens
         o.caDirectory = caDir

@@ -1,5 +1,6 @@
 import Foundation
 import SluiceModel
+import SluiceTestSupport
 import XCTest
 
 /// Hostile and malformed input: every case ends in diagnostics, never a crash or a hang.
@@ -89,18 +90,5 @@ final class HostileInputTests: XCTestCase {
             _ = try? SnapshotCompiler().compile(resources)
         }
         XCTAssertGreaterThan(errors, 1000, "mutations should mostly be caught")
-    }
-}
-
-/// SplitMix64: a tiny seeded generator so fuzz rounds reproduce.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

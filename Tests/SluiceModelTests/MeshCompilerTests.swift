@@ -1,5 +1,6 @@
 import Foundation
 import SluiceModel
+import SluiceTestSupport
 import XCTest
 
 /// Per-node compilation: scoping, identities, BPF map entries, determinism and incremental deltas.

@@ -72,25 +72,77 @@ final class TrafficPolicyTests: XCTestCase {
     }
 
     func testClientTLSModesAndTheirRequirements() throws {
-        let ok = Self.mesh("""
-                tls: {mode: SIMPLE, sni: httpbin.example.com, subjectAltNames: [httpbin.example.com]}
+        let mesh = Self.mesh("""
+                tls: {mode: ISTIO_MUTUAL}
             """)
-        let (resources, diagnostics) = ResourceDecoder.decode(ok, file: "tls.yaml")
+        let (resources, diagnostics) = ResourceDecoder.decode(mesh, file: "tls.yaml")
         XCTAssertEqual(diagnostics, [])
         guard case .destinationRule(let dr) = resources[1].spec else { return XCTFail() }
-        XCTAssertEqual(dr.trafficPolicy?.tls?.mode, .simple)
-        XCTAssertEqual(dr.trafficPolicy?.tls?.sni, "httpbin.example.com")
+        XCTAssertEqual(dr.trafficPolicy?.tls?.mode, .istioMutual)
 
+        // The proxy does not originate TLS: a client that asks for it is refused, never sent out in plaintext.
+        for mode in ["SIMPLE", "MUTUAL"] {
+            let refused = ResourceDecoder.decode(Self.mesh("""
+                    tls: {mode: \(mode), credentialName: c}
+                """), file: "tls.yaml").diagnostics
+            XCTAssertEqual(refused.map(\.path), ["spec.trafficPolicy.tls.mode"], "\(refused)")
+            XCTAssertTrue(refused.first?.message.contains("does not originate TLS") == true, "\(refused)")
+            XCTAssertEqual(refused.first?.severity, .error)
+        }
         let mutual = Self.mesh("""
                 tls: {mode: MUTUAL}
             """)
         let errors = ResourceDecoder.decode(mutual, file: "tls.yaml").diagnostics
-        XCTAssertEqual(errors.map(\.path), ["spec.trafficPolicy.tls.mode"])
-        XCTAssertEqual(errors.first?.message, "MUTUAL needs the client's certificate and key")
-        XCTAssertEqual(errors.first?.line, 18)
+        XCTAssertEqual(errors.map(\.path), ["spec.trafficPolicy.tls.mode", "spec.trafficPolicy.tls.mode"])
+        XCTAssertEqual(errors.last?.message, "MUTUAL needs the client's certificate and key")
+        XCTAssertEqual(errors.last?.line, 18)
+        // Restrictions not applied are refused; settings without effect are warned about, by name.
+        let sans = ResourceDecoder.decode(Self.mesh("""
+                tls: {mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/a/sa/b], sni: x.example}
+            """), file: "tls.yaml").diagnostics
+        XCTAssertEqual(sans.map(\.severity), [.error, .warning])
+        XCTAssertEqual(sans.map(\.path), ["spec.trafficPolicy.tls.subjectAltNames", "spec.trafficPolicy.tls.sni"])
 
         let bogus = ResourceDecoder.decode(Self.mesh("    tls: {mode: SOMETIMES}"), file: "tls.yaml").diagnostics
         XCTAssertEqual(bogus.map(\.message), ["'SOMETIMES' is not a valid value"])
+    }
+
+    func testFieldsReadButNotEnforcedAreNamed() {
+        let yaml = """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: r}
+            spec:
+              hosts: [r.default.svc.cluster.local]
+              http:
+              - route: [{destination: {host: r.default.svc.cluster.local}}]
+                corsPolicy: {allowOrigins: [{exact: https://a.example}]}
+                mirrors: [{destination: {host: r.default.svc.cluster.local}}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: r}
+            spec:
+              host: r.default.svc.cluster.local
+              trafficPolicy:
+                loadBalancer: {simple: ROUND_ROBIN, localityLbSetting: {enabled: true}, warmup: {duration: 10s}}
+            """
+        let d = ResourceDecoder.decode(yaml, file: "f.yaml").diagnostics
+        XCTAssertEqual(d.map(\.path), ["spec.http[0].corsPolicy", "spec.http[0].mirrors",
+                                        "spec.trafficPolicy.loadBalancer.localityLbSetting",
+                                        "spec.trafficPolicy.loadBalancer.warmup"])
+        XCTAssertTrue(d.allSatisfy { $0.severity == .warning && $0.message.contains("not enforced by this version") }, "\(d)")
+        let perPort = ResourceDecoder.decode("""
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: r}
+            spec:
+              host: r.default.svc.cluster.local
+              trafficPolicy:
+                portLevelSettings: [{port: {number: 80}, connectionPool: {tcp: {maxConnections: 1}}}]
+            """, file: "f.yaml").diagnostics
+        XCTAssertEqual(perPort.map(\.severity), [.error])
+        XCTAssertEqual(perPort.map(\.path), ["spec.trafficPolicy.portLevelSettings"])
     }
 
     func testGatewayServerTLS() {

@@ -85,11 +85,26 @@ public final class ConfigAPI: Sendable {
     let logger: Logger
     let openAPI: OpenAPIDocuments
 
-    public init(mesh: MeshState, auth: APIAuthenticator, logger: Logger) {
+    /// The connected agents, for `GET /sluice/v1/status` (`sluice status`).
+    let nodeStatus: @Sendable () -> [AgentHub.NodeStatus]
+
+    public init(mesh: MeshState, auth: APIAuthenticator, logger: Logger,
+                nodeStatus: @escaping @Sendable () -> [AgentHub.NodeStatus] = { [] }) {
         self.mesh = mesh
         self.auth = auth
         self.logger = logger
+        self.nodeStatus = nodeStatus
         openAPI = OpenAPIDocuments()
+    }
+
+    /// `{"kind": "NodeStatusList", "revision": N, "items": [...]}`: one item per connected agent.
+    func statusList() -> JSONValue {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.sortedKeys]
+        let items = (try? encoder.encode(nodeStatus())).flatMap { try? JSONDecoder().decode(JSONValue.self, from: $0) }
+        return .object(["kind": "NodeStatusList", "apiVersion": "sluice.dev/v1", "revision": .int(mesh.revision),
+                        "items": items ?? .array([])])
     }
 
     public func handle(_ request: Request) -> Outcome {
@@ -115,6 +130,8 @@ public final class ConfigAPI: Sendable {
         }
         switch (parts.first, parts.count) {
         case ("version", 1): return .response(Response(200, Self.version))
+        case ("sluice", 3) where parts[1] == "v1" && parts[2] == "status" && !write:
+            return .response(Response(200, statusList()))
         case ("api", 1): return .response(Response(200, Discovery.coreVersions))
         case ("api", 2) where parts[1] == "v1": return .response(Response(200, Discovery.coreResources))
         case ("api", 3) where parts[1] == "v1" && parts[2] == "namespaces" && !write:

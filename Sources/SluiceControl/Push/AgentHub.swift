@@ -1,0 +1,381 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import SluiceModel
+import SluiceProtocol
+import Synchronization
+import X509
+
+/// The agent stream's server side (Pilot's push): one session per connected node, fed by the mesh's per-node deltas.
+///
+/// - A session starts from what the agent says it holds (a digest per item, as Delta xDS's
+///   `initial_resource_versions`): only items that differ are sent, so a reconnect after a control-plane restart
+///   resumes rather than resyncs.
+/// - Changes are merged per item while a delta is being applied by the agent (one delta in flight per session), and
+///   a new delta leaves once the changes have been quiet for `debounce`, or `maxDelay` after the first.
+/// - Each session sends from its own task: a slow or stalled agent holds only its own. What it has not received is
+///   bounded (`maxPending` items); beyond that it is dropped and the agent gets a full resync when it catches up.
+public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendable {
+    public struct Options: Sendable {
+        public var debounce: Duration = .milliseconds(100)
+        public var maxDelay: Duration = .seconds(1)
+        public var maxPending = 20_000
+        /// The trust domain node certificates must carry.
+        public var trustDomain = "cluster.local"
+        public init() {}
+    }
+
+    let mesh: MeshState
+    let options: Options
+    let logger: Logger
+    let sessions = Mutex<[String: Session]>([:])
+    let nextSession = Atomic<Int>(0)
+
+    public init(mesh: MeshState, options: Options = Options(), logger: Logger) {
+        self.mesh = mesh
+        self.options = options
+        self.logger = logger
+        // Runs while writes are held, in revision order: only merges into the sessions' pending sets.
+        mesh.observe { [weak self] revision, delta, _ in
+            guard let self else { return }
+            self.sessions.withLock { all in
+                for d in delta.nodes { all[d.node]?.merge(revision, d, limit: self.options.maxPending) }
+            }
+        }
+    }
+
+    // MARK: - status
+
+    /// What `sluice status` shows of one node.
+    public struct NodeStatus: Sendable, Codable {
+        public enum Sync: String, Sendable, Codable { case synced = "SYNCED", stale = "STALE", nacked = "NACKED" }
+        public var node: String
+        public var agentVersion: String
+        public var connectedSince: Date
+        /// The mesh revision of the last delta sent, and of the last one the agent accepted.
+        public var sent: Int64
+        public var acked: Int64
+        public var sync: Sync
+        public var error: String?
+        public var warnings: [String]
+        public var workloads: Int
+        public var nearestCertificateExpiry: Date?
+    }
+
+    public var status: [NodeStatus] {
+        sessions.withLock { Array($0.values) }.map(\.status).sorted { $0.node < $1.node }
+    }
+
+    public var connectedNodes: [String] { sessions.withLock { $0.keys.sorted() } }
+
+    // MARK: - the stream
+
+    public func stream(request: RPCAsyncSequence<Sluice_V1_AgentMessage, any Error>,
+                       response: RPCWriter<Sluice_V1_ControlMessage>, context: ServerContext) async throws
+    {
+        let node = try authenticatedNode(context)
+        var messages = request.makeAsyncIterator()
+        guard let first = try await messages.next(), case .hello(let hello)? = first.message else {
+            throw RPCError(code: .invalidArgument, message: "the first message of the stream must be a Hello")
+        }
+        guard hello.node == node else {
+            throw RPCError(code: .permissionDenied,
+                           message: "the certificate is node \(node)'s; it cannot speak for '\(hello.node)'")
+        }
+        let session = open(node: node, hello: hello)
+        logger.info("agent connected", metadata: ["node": "\(node)", "agent_version": "\(hello.agentVersion)",
+                                                  "holds": "\(hello.version)", "peer": "\(context.remotePeer)"])
+        defer {
+            close(session)
+            logger.info("agent disconnected", metadata: ["node": "\(node)"])
+        }
+        let reader = Handover(messages)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await self.send(session, to: response) }
+            group.addTask {
+                while let m = try await reader.iterator.next() { try session.received(m) }
+            }
+            // Whichever ends first (the agent hung up, a send failed, a bad message) ends the stream.
+            try await group.next()
+            group.cancelAll()
+        }
+    }
+
+    /// The node named by the client certificate (the transport has verified it chains to the mesh root).
+    func authenticatedNode(_ context: ServerContext) throws -> String {
+        guard let posix = context.transportSpecific as? HTTP2ServerTransport.Posix.Context,
+            let certificate = posix.peerCertificate
+        else { throw RPCError(code: .unauthenticated, message: "a node certificate is required") }
+        let uris = (try? certificate.extensions.subjectAlternativeNames)?.compactMap { name -> String? in
+            if case .uniformResourceIdentifier(let u) = name { u } else { nil }
+        } ?? []
+        for uri in uris {
+            if let (domain, node) = Wire.node(fromIdentity: uri), domain == options.trustDomain { return node }
+        }
+        throw RPCError(code: .permissionDenied, message: "the certificate (\(uris)) is not a node certificate of this mesh")
+    }
+
+    /// Registers the session and takes the node's snapshot in one step with the mesh held, so that every later
+    /// change reaches the session's pending set and none before it does twice.
+    func open(node: String, hello: Sluice_V1_Hello) -> Session {
+        let session = Session(node: node, id: nextSession.add(1, ordering: .relaxed).newValue, hello: hello)
+        mesh.withCompiler { compiler, revision in
+            compiler.register(node: node)
+            let snapshot = compiler.snapshot(for: node)
+            session.start(from: snapshot, revision: revision, agentHolds: hello)
+            let previous = sessions.withLock { all in
+                defer { all[node] = session }
+                return all[node]
+            }
+            previous?.end()
+        }
+        return session
+    }
+
+    func close(_ session: Session) {
+        session.end()
+        sessions.withLock { all in if all[session.node] === session { all[session.node] = nil } }
+    }
+
+    /// The session's sending loop: waits for changes, lets them settle, sends one delta, waits for its ACK.
+    func send(_ session: Session, to response: RPCWriter<Sluice_V1_ControlMessage>) async throws {
+        for await _ in session.wakes {
+            drain: while true {
+                switch session.next(debounce: options.debounce, maxDelay: options.maxDelay, now: .now) {
+                case .closed: return
+                case .idle: break drain
+                case .wait(let d): try await Task.sleep(for: d)
+                case .resync:
+                    // The session fell too far behind: its whole snapshot, as of now.
+                    let message = mesh.withCompiler { compiler, revision in
+                        session.resync(compiler.snapshot(for: session.node), revision: revision)
+                    }
+                    try await response.write(message)
+                case .send(let message):
+                    try await response.write(message)
+                }
+            }
+        }
+    }
+}
+
+/// Moves the request iterator from the handler (which reads the Hello) to the task that reads the rest: one task
+/// uses it at a time, which the compiler cannot see through the task group.
+final class Handover<Iterator>: @unchecked Sendable {
+    var iterator: Iterator
+    init(_ iterator: Iterator) { self.iterator = iterator }
+}
+
+/// One connected agent: what it still has to receive, and what it last said.
+final class Session: Sendable {
+    let node: String
+    let id: Int
+    let agentVersion: String
+    let connectedSince = Date()
+
+    struct State {
+        var upserts: [SnapshotItem.Key: SnapshotItem] = [:]
+        var removals: Set<SnapshotItem.Key> = []
+        var mesh: MeshConfig?
+        /// The mesh revision the pending changes bring the node to.
+        var version: Int64 = 0
+        var firstChange: ContinuousClock.Instant?
+        var lastChange: ContinuousClock.Instant?
+        /// Send without waiting for changes to settle (the first delta of a stream).
+        var immediate = false
+        var needsResync = false
+        /// The agent refused a delta: it lacks what that delta carried, so the next push is a full snapshot (sent
+        /// with the next change, not at once: the same snapshot would be refused again).
+        var diverged = false
+        var inFlight: (nonce: String, version: Int64)?
+        var nonces = 0
+        var sent: Int64 = 0
+        var acked: Int64 = 0
+        var error: String?
+        var warnings: [String] = []
+        var workloads = 0
+        var nearestExpiry: Date?
+        var ended = false
+    }
+
+    let state = Mutex(State())
+    let wakes: AsyncStream<Void>
+    let wake: AsyncStream<Void>.Continuation
+
+    init(node: String, id: Int, hello: Sluice_V1_Hello) {
+        self.node = node
+        self.id = id
+        agentVersion = hello.agentVersion
+        (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+    }
+
+    /// The first delta: every item of `snapshot` the agent does not hold as it is, and the removal of every item it
+    /// holds that `snapshot` lacks.
+    func start(from snapshot: NodeSnapshot, revision: Int64, agentHolds hello: Sluice_V1_Hello) {
+        state.withLock { s in
+            var names = Set(hello.items.keys)
+            for item in snapshot.items {
+                let name = Wire.name(item.key)
+                names.remove(name)
+                if hello.items[name] != Wire.digest(item.payload()) { s.upserts[item.key] = item }
+            }
+            for name in names {
+                if let key = Wire.key(name) { s.removals.insert(key) }
+            }
+            let mesh = Wire.meshJSON(snapshot.mesh)
+            if Wire.digest(mesh) != hello.meshDigest { s.mesh = snapshot.mesh }
+            s.version = revision
+            s.immediate = true
+            s.workloads = snapshot.workloads.count
+        }
+        wake.yield()
+    }
+
+    /// Folds one write's change for this node into what is pending (called with the mesh held).
+    func merge(_ revision: Int64, _ delta: NodeDelta, limit: Int) {
+        state.withLock { s in
+            guard !s.ended else { return }
+            s.version = revision
+            let now = ContinuousClock.now
+            if s.firstChange == nil { s.firstChange = now }
+            s.lastChange = now
+            if s.diverged {
+                s.diverged = false
+                s.needsResync = true
+            }
+            if s.needsResync { return }
+            for k in delta.removed {
+                s.upserts[k] = nil
+                s.removals.insert(k)
+            }
+            for item in delta.upserted {
+                s.removals.remove(item.key)
+                s.upserts[item.key] = item
+            }
+            if let m = delta.mesh { s.mesh = m }
+            if s.upserts.count + s.removals.count > limit {
+                s.needsResync = true
+                s.upserts = [:]
+                s.removals = []
+                s.mesh = nil
+            }
+        }
+        wake.yield()
+    }
+
+    enum Next {
+        case closed, idle, wait(Duration), resync, send(Sluice_V1_ControlMessage)
+    }
+
+    /// What the sending loop does now.
+    func next(debounce: Duration, maxDelay: Duration, now: ContinuousClock.Instant) -> Next {
+        state.withLock { s in
+            if s.ended { return .closed }
+            if s.inFlight != nil { return .idle }
+            let pending = !s.upserts.isEmpty || !s.removals.isEmpty || s.mesh != nil || s.needsResync || s.immediate
+            guard pending else { return .idle }
+            if !s.immediate, let first = s.firstChange, let last = s.lastChange {
+                let due = min(last + debounce, first + maxDelay)
+                if now < due { return .wait(due - now) }
+            }
+            if s.needsResync { return .resync }
+            var delta = Sluice_V1_Delta()
+            delta.version = UInt64(s.version)
+            delta.upserts = s.upserts.keys.sorted().map { Sluice_V1_Item(s.upserts[$0]!) }
+            delta.removals = s.removals.sorted().map { k in
+                var w = Sluice_V1_ItemKey()
+                w.kind = k.kind.wireName
+                w.name = k.name
+                return w
+            }
+            if let m = s.mesh { delta.mesh = Wire.meshJSON(m) }
+            s.upserts = [:]
+            s.removals = []
+            s.mesh = nil
+            s.immediate = false
+            s.firstChange = nil
+            s.lastChange = nil
+            return .send(Self.message(&s, delta))
+        }
+    }
+
+    /// A full snapshot replacing whatever the agent holds (called with the mesh held).
+    func resync(_ snapshot: NodeSnapshot, revision: Int64) -> Sluice_V1_ControlMessage {
+        state.withLock { s in
+            var delta = Sluice_V1_Delta()
+            delta.version = UInt64(revision)
+            delta.replace = true
+            delta.upserts = snapshot.items.map(Sluice_V1_Item.init)
+            delta.mesh = Wire.meshJSON(snapshot.mesh)
+            s.needsResync = false
+            s.diverged = false
+            s.upserts = [:]
+            s.removals = []
+            s.mesh = nil
+            s.version = revision
+            s.workloads = snapshot.workloads.count
+            s.firstChange = nil
+            s.lastChange = nil
+            return Self.message(&s, delta)
+        }
+    }
+
+    private static func message(_ s: inout State, _ delta: Sluice_V1_Delta) -> Sluice_V1_ControlMessage {
+        var delta = delta
+        s.nonces += 1
+        delta.nonce = "\(delta.version)-\(s.nonces)"
+        s.inFlight = (delta.nonce, Int64(delta.version))
+        s.sent = Int64(delta.version)
+        var m = Sluice_V1_ControlMessage()
+        m.delta = delta
+        return m
+    }
+
+    /// Handles one message from the agent. Throws on one that breaks the protocol (which ends the stream).
+    func received(_ m: Sluice_V1_AgentMessage) throws {
+        switch m.message {
+        case .ack(let ack):
+            state.withLock { s in
+                guard let f = s.inFlight, f.nonce == ack.nonce else { return }  // a stale ACK: ignored, as Envoy's
+                s.inFlight = nil
+                if ack.error.isEmpty {
+                    s.acked = f.version
+                    s.error = nil
+                } else {
+                    s.error = ack.error
+                    s.diverged = true
+                }
+                s.warnings = ack.warnings
+            }
+            wake.yield()
+        case .report(let r):
+            state.withLock { s in
+                s.workloads = Int(r.workloads)
+                s.nearestExpiry = r.nearestCertificateExpiry > 0
+                    ? Date(timeIntervalSince1970: TimeInterval(r.nearestCertificateExpiry)) : nil
+            }
+        case .hello:
+            throw RPCError(code: .invalidArgument, message: "Hello is the first message of a stream only")
+        case .registration, .configDump:
+            throw RPCError(code: .unimplemented, message: "this control plane does not take that message yet")
+        case nil:
+            throw RPCError(code: .invalidArgument, message: "an empty message")
+        }
+    }
+
+    func end() {
+        state.withLock { $0.ended = true }
+        wake.finish()
+    }
+
+    var status: AgentHub.NodeStatus {
+        state.withLock { s in
+            let pending = s.inFlight != nil || !s.upserts.isEmpty || !s.removals.isEmpty || s.mesh != nil || s.needsResync
+            let sync: AgentHub.NodeStatus.Sync = s.error != nil ? .nacked : pending || s.acked < s.version ? .stale : .synced
+            return AgentHub.NodeStatus(node: node, agentVersion: agentVersion, connectedSince: connectedSince, sent: s.sent,
+                                       acked: s.acked, sync: sync, error: s.error, warnings: s.warnings,
+                                       workloads: s.workloads, nearestCertificateExpiry: s.nearestExpiry)
+        }
+    }
+}

@@ -1,0 +1,140 @@
+import Foundation
+import XCTest
+
+/// The agent binary with no local config: it joins, holds the agent stream, serves what the control plane pushes,
+/// reports a refused push as NACKED in `GET /sluice/v1/status`, and keeps serving — with the control plane down, and
+/// after its own restart with the control plane still down (from the snapshot it persisted).
+final class AgentStreamBinaryTests: XCTestCase {
+    var dir = ""
+    var control: Process?
+    var agent: Process?
+    var backend: Process?
+    let caPort = Harness.deadPort(), apiPort = Harness.deadPort(), streamPort = Harness.deadPort()
+    let adminPort = Harness.deadPort()
+
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "sluice-agent-stream-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: "\(dir)/mesh", withIntermediateDirectories: true)
+        try "tok-n1 n1\n".write(toFile: "\(dir)/tokens", atomically: true, encoding: .utf8)
+        try "tok-n1\n".write(toFile: "\(dir)/n1.token", atomically: true, encoding: .utf8)
+    }
+
+    override func tearDown() {
+        for p in [agent, control, backend] {
+            p?.terminate()
+            p?.waitUntilExit()
+        }
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    func start(_ args: [String], log: String) throws -> Process {
+        let p = Process()
+        p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
+        p.arguments = args
+        FileManager.default.createFile(atPath: "\(dir)/\(log)", contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(dir)/\(log)"))
+        handle.seekToEndOfFile()
+        p.standardError = handle
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        return p
+    }
+
+    func read(_ log: String) -> String { (try? String(contentsOfFile: "\(dir)/\(log)", encoding: .utf8)) ?? "" }
+
+    func startControl() throws {
+        control = try start(["control", "--state-dir", "\(dir)/state", "--config", "\(dir)/mesh", "--join-tokens",
+                             "\(dir)/tokens", "--listen", "127.0.0.1:\(caPort)", "--api", "127.0.0.1:\(apiPort)",
+                             "--stream", "127.0.0.1:\(streamPort)", "--metrics", "127.0.0.1:0"], log: "control.log")
+        XCTAssertTrue(Harness.wait(10) { self.read("control.log").contains("control plane ready") }, read("control.log"))
+    }
+
+    func startAgent() throws {
+        agent = try start(["agent", "--control", "127.0.0.1:\(caPort)", "--stream-port", "\(streamPort)",
+                           "--ca-root", "\(dir)/state/root-cert.pem", "--join-token", "\(dir)/n1.token", "--node", "n1",
+                           "--workers", "1", "--state-dir", "\(dir)/agent", "--metrics", "127.0.0.1:0",
+                           "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:\(adminPort)", "--dns-port", "0"],
+                          log: "agent.log")
+    }
+
+    func stop(_ p: Process?) {
+        p?.terminate()
+        p?.waitUntilExit()
+    }
+
+    /// One connection through the gateway listener: the backend's tag line, or nil.
+    func tag(_ port: UInt16) -> String? {
+        guard let c = try? Client(port: port, timeout: 2) else { return nil }
+        defer { c.close() }
+        return c.receiveLine()
+    }
+
+    func api(_ method: String, _ path: String, _ json: String? = nil) throws -> (Int, String) {
+        let token = try String(contentsOfFile: "\(dir)/state/admin-token", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        var args = ["-s", "--max-time", "10", "--cacert", "\(dir)/state/root-cert.pem", "--resolve",
+                    "sluice-control:\(apiPort):127.0.0.1", "-H", "Authorization: Bearer \(token)", "-X", method,
+                    "-w", "\n%{http_code}"]
+        if let json { args += ["-H", "Content-Type: application/json", "-d", json] }
+        let (out, _) = try Harness.run("/usr/bin/curl", args + ["https://sluice-control:\(apiPort)\(path)"])
+        let lines = out.split(separator: "\n", omittingEmptySubsequences: false)
+        return (Int(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
+    }
+
+    func status() throws -> [String: Any]? {
+        let (code, body) = try api("GET", "/sluice/v1/status")
+        guard code == 200, let o = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any] else { return nil }
+        return (o["items"] as? [[String: Any]])?.first { $0["node"] as? String == "n1" }
+    }
+
+    func testTheAgentServesThePushedMeshAndKeepsServingWithoutTheControlPlane() throws {
+        let (b, ports) = try Harness.backends(["tag:0:A"])
+        backend = b
+        let gatewayPort = Harness.deadPort()
+        try Harness.mesh(ports: ports).replacingOccurrences(of: "number: 1000", with: "number: \(gatewayPort)")
+            .replacingOccurrences(of: "port: 1000", with: "port: \(gatewayPort)")
+            .write(toFile: "\(dir)/mesh/mesh.yaml", atomically: true, encoding: .utf8)
+        try startControl()
+        try startAgent()
+        XCTAssertTrue(Harness.wait(15) { self.tag(gatewayPort) == "A" }, read("agent.log") + read("control.log"))
+        XCTAssertTrue(Harness.wait(5) { (try? self.status())??["sync"] as? String == "SYNCED" }, "\((try? status()) ?? nil ?? [:])")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/agent/snapshot.json"))
+
+        // A push the agent cannot serve (its port is taken): NACKED with the agent's reason, the old listener serves.
+        let (held, heldPort) = Harness.loopbackSocket(backlog: 1)
+        defer { Glibc.close(held) }
+        let gateway = """
+            {"apiVersion":"networking.istio.io/v1","kind":"Gateway","metadata":{"name":"taken","namespace":"default"},
+             "spec":{"servers":[{"port":{"number":\(heldPort),"name":"tcp","protocol":"TCP"},"bind":"127.0.0.1","hosts":["*"]}]}}
+            """
+        let route = """
+            {"apiVersion":"networking.istio.io/v1","kind":"VirtualService","metadata":{"name":"taken","namespace":"default"},
+             "spec":{"hosts":["svc0.test.svc.cluster.local"],"gateways":["taken"],
+                     "tcp":[{"match":[{"port":\(heldPort)}],"route":[{"destination":{"host":"svc0.test.svc.cluster.local"}}]}]}}
+            """
+        XCTAssertEqual(try api("POST", "/apis/networking.istio.io/v1/namespaces/default/gateways", gateway).0, 201)
+        XCTAssertEqual(try api("POST", "/apis/networking.istio.io/v1/namespaces/default/virtualservices", route).0, 201)
+        XCTAssertTrue(Harness.wait(10) { (try? self.status())??["sync"] as? String == "NACKED" }, "\((try? status()) ?? nil ?? [:])")
+        XCTAssertTrue((try status()?["error"] as? String ?? "").contains("in use"), "\((try? status()) ?? nil ?? [:])")
+        XCTAssertEqual(tag(gatewayPort), "A")
+        // Taken away again: the next push (a full snapshot) is accepted.
+        XCTAssertEqual(try api("DELETE", "/apis/networking.istio.io/v1/namespaces/default/virtualservices/taken").0, 200)
+        XCTAssertEqual(try api("DELETE", "/apis/networking.istio.io/v1/namespaces/default/gateways/taken").0, 200)
+        XCTAssertTrue(Harness.wait(10) { (try? self.status())??["sync"] as? String == "SYNCED" }, "\((try? status()) ?? nil ?? [:])")
+
+        // The control plane goes down: traffic is unaffected.
+        stop(control)
+        for _ in 0..<5 { XCTAssertEqual(tag(gatewayPort), "A") }
+        // The agent restarts while the control plane is still down: it serves the snapshot it persisted.
+        stop(agent)
+        try startAgent()
+        XCTAssertTrue(Harness.wait(10) { self.tag(gatewayPort) == "A" }, read("agent.log"))
+        XCTAssertTrue(read("agent.log").contains("serving the snapshot persisted by the last run"))
+        // The control plane is back: the agent resumes its stream (naming the version it holds) and is in sync.
+        try startControl()
+        XCTAssertTrue(Harness.wait(15) { (try? self.status())??["sync"] as? String == "SYNCED" }, read("agent.log"))
+        let resumed = read("control.log").components(separatedBy: "\n").last { $0.contains("agent connected") } ?? ""
+        XCTAssertFalse(resumed.contains("holds=0"), resumed)
+        XCTAssertEqual(tag(gatewayPort), "A")
+    }
+}
