@@ -11,7 +11,8 @@ struct Sluice: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sluice",
         abstract: "A kernel-assisted, per-node service mesh.",
-        subcommands: [AgentCommand.self, ControlCommand.self, ValidateCommand.self, CompileCommand.self])
+        subcommands: [AgentCommand.self, ControlCommand.self, ValidateCommand.self, CompileCommand.self, ApplyCommand.self,
+                      GetCommand.self, DeleteCommand.self, DiffCommand.self, StatusCommand.self])
 }
 
 struct AgentCommand: ParsableCommand {
@@ -294,4 +295,127 @@ func startLogging(_ level: String, label: String) -> Logger {
         return h
     }
     return Logger(label: label)
+}
+
+// MARK: - the config API's client verbs (kubectl's habits)
+
+struct ClientOptions: ParsableArguments {
+    @Option(help: "kubeconfig to use (default: $KUBECONFIG, /var/lib/sluice-control/admin.kubeconfig, ~/.kube/config).")
+    var kubeconfig: String?
+    @Option(help: "The config API's URL (https://HOST:15017), instead of the kubeconfig's.") var server: String?
+    @Option(help: "Bearer token for the config API.") var token: String?
+    @Option(name: .customLong("certificate-authority"), help: "PEM file of the roots the API's certificate chains to.")
+    var certificateAuthority: String?
+    @Option(name: .shortAndLong, help: "Namespace for objects that name none (default: the kubeconfig context's).")
+    var namespace: String?
+
+    /// The CLI bound to the API these options name; exits 1 with the reason when they name none.
+    func cli() throws -> CLI {
+        let scratch = NSTemporaryDirectory() + "sluice-cli-\(getpid())"
+        try? FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true,
+                                                 attributes: [.posixPermissions: 0o700])
+        atexit { try? FileManager.default.removeItem(atPath: NSTemporaryDirectory() + "sluice-cli-\(getpid())") }
+        do {
+            let endpoint = try APIEndpoint.resolve(kubeconfig: kubeconfig, server: server, token: token,
+                                                   certificateAuthority: certificateAuthority, scratch: scratch)
+            return CLI(client: try APIClient(endpoint), namespace: namespace)
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+func readObjects(_ path: String) throws -> [(object: JSONValue, file: String)] {
+    do { return try CLI.objects(from: path) } catch {
+        FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+struct ApplyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "apply", abstract: "Create or update mesh configuration from files (as kubectl apply).")
+    @OptionGroup var client: ClientOptions
+    @Option(name: .shortAndLong, help: "File or directory of YAML, or - for standard input.") var filename: String
+    @Option(name: .customLong("dry-run"), help: "server: validate against the stored mesh and change nothing.")
+    var dryRun: String?
+
+    func validate() throws {
+        if let d = dryRun, !["server", "none"].contains(d) { throw ValidationError("--dry-run must be server or none") }
+    }
+
+    func run() throws {
+        let status = try client.cli().apply(try readObjects(filename), dryRun: dryRun == "server")
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct GetCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "get", abstract: "Show mesh configuration (as kubectl get).")
+    @OptionGroup var client: ClientOptions
+    @Argument(help: "Kind (virtualservice, vs, dr, se, we, gw, ap, pa, ra, ...), then names.") var words: [String]
+    @Flag(name: [.customShort("A"), .customLong("all-namespaces")], help: "Every namespace.") var allNamespaces = false
+    @Option(name: [.customShort("l"), .customLong("selector")], help: "Label selector.") var selector: String?
+    @Option(name: .shortAndLong, help: "yaml, json, wide or name (default: a table).") var output: String?
+
+    func validate() throws {
+        if words.isEmpty { throw ValidationError("name a kind: sluice get virtualservices") }
+        if let o = output, CLI.Output(rawValue: o) == nil { throw ValidationError("-o must be yaml, json, wide or name") }
+    }
+
+    func run() throws {
+        let status = try client.cli().get(kind: words[0], names: Array(words.dropFirst()), allNamespaces: allNamespaces,
+                                          labelSelector: selector, output: output.flatMap(CLI.Output.init) ?? .table)
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct DeleteCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "delete", abstract: "Delete mesh configuration (-f FILE, or KIND NAME...).")
+    @OptionGroup var client: ClientOptions
+    @Option(name: .shortAndLong, help: "File or directory of YAML, or - for standard input.") var filename: String?
+    @Flag(name: .customLong("ignore-not-found"), help: "Objects already gone are not errors.") var ignoreNotFound = false
+    @Argument(help: "KIND NAME... (without -f).") var words: [String] = []
+
+    func validate() throws {
+        if !((filename != nil && words.isEmpty) || (filename == nil && words.count >= 2)) {
+            throw ValidationError("give -f FILE, or KIND NAME...")
+        }
+    }
+
+    func run() throws {
+        let cli = try client.cli()
+        let status = if let filename {
+            cli.delete(try readObjects(filename), ignoreNotFound: ignoreNotFound)
+        } else {
+            cli.delete(kind: words[0], names: Array(words.dropFirst()), ignoreNotFound: ignoreNotFound)
+        }
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct DiffCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "diff", abstract: "Show what apply would change (exit 0: none, 1: differences, 2: error).")
+    @OptionGroup var client: ClientOptions
+    @Option(name: .shortAndLong, help: "File or directory of YAML, or - for standard input.") var filename: String
+
+    func run() throws {
+        let status = try client.cli().diff(try readObjects(filename))
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Each connected agent's sync state (as istioctl proxy-status).")
+    @OptionGroup var client: ClientOptions
+    @Option(name: .shortAndLong, help: "json for the raw list.") var output: String?
+
+    func run() throws {
+        let status = try client.cli().status(json: output == "json")
+        if status != 0 { throw ExitCode(status) }
+    }
 }

@@ -87,6 +87,101 @@ final class AgentStreamBinaryTests: XCTestCase {
         return (o["items"] as? [[String: Any]])?.first { $0["node"] as? String == "n1" }
     }
 
+    /// The `sluice` CLI with the control plane's kubeconfig: output (combined) and exit status.
+    func sluice(_ args: [String], stdin: String? = nil) throws -> (String, Int32) {
+        let p = Process()
+        p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
+        p.arguments = [args[0], "--kubeconfig", "\(dir)/state/admin.kubeconfig"] + args.dropFirst()
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        let input = Pipe()
+        p.standardInput = input
+        try p.run()
+        if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
+        try input.fileHandleForWriting.close()
+        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return (out, p.terminationStatus)
+    }
+
+    /// kubectl's verbs on the config API: created / unchanged / configured, tables, -o yaml, diff's exit codes,
+    /// delete in reverse dependency order, and refusals with the server's reason.
+    func testTheCLIAppliesGetsDiffsAndDeletes() throws {
+        try startControl()
+        let yaml = """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: reviews}
+            spec:
+              hosts: [reviews.shop.svc.cluster.local]
+              http: [{route: [{destination: {host: reviews.shop.svc.cluster.local, subset: v1}}]}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: reviews}
+            spec:
+              host: reviews.shop.svc.cluster.local
+              subsets: [{name: v1, labels: {version: v1}}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {name: reviews}
+            spec:
+              hosts: [reviews.shop.svc.cluster.local]
+              ports: [{number: 9080, name: http, protocol: HTTP}]
+              resolution: STATIC
+              endpoints: [{address: 10.0.0.1}]
+            """
+        try yaml.write(toFile: "\(dir)/app.yaml", atomically: true, encoding: .utf8)
+        var (out, code) = try sluice(["apply", "-f", "\(dir)/app.yaml", "-n", "shop"])
+        XCTAssertEqual(code, 0, out)
+        // Entries before the rules that name them, whatever the file's order.
+        XCTAssertEqual(out.split(separator: "\n"), ["serviceentry.networking.istio.io/reviews created",
+                                                    "destinationrule.networking.istio.io/reviews created",
+                                                    "virtualservice.networking.istio.io/reviews created"])
+        (out, code) = try sluice(["apply", "-f", "\(dir)/app.yaml", "-n", "shop"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.split(separator: "\n").allSatisfy { $0.hasSuffix(" unchanged") }, out)
+        (out, code) = try sluice(["diff", "-f", "\(dir)/app.yaml", "-n", "shop"])
+        XCTAssertEqual(code, 0, out)
+        let changed = yaml.replacingOccurrences(of: "10.0.0.1", with: "10.0.0.2")
+        (out, code) = try sluice(["diff", "-f", "-", "-n", "shop"], stdin: changed)
+        XCTAssertEqual(code, 1, out)
+        XCTAssertTrue(out.contains("-  - address: 10.0.0.1") && out.contains("+  - address: 10.0.0.2"), out)
+        (out, code) = try sluice(["apply", "-f", "-", "-n", "shop"], stdin: changed)
+        XCTAssertTrue(out.contains("serviceentry.networking.istio.io/reviews configured"), out)
+        XCTAssertEqual(code, 0, out)
+
+        (out, code) = try sluice(["get", "vs", "-n", "shop"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.hasPrefix("NAME      GATEWAYS   HOSTS"), out)
+        XCTAssertTrue(out.contains("reviews"), out)
+        (out, code) = try sluice(["get", "se", "-A"])
+        XCTAssertTrue(out.hasPrefix("NAMESPACE   NAME"), out)
+        (out, code) = try sluice(["get", "dr", "reviews", "-n", "shop", "-o", "yaml"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.contains("kind: DestinationRule") && out.contains("resourceVersion:"), out)
+        (out, code) = try sluice(["get", "nosuchkind"])
+        XCTAssertEqual(code, 1)
+        XCTAssertTrue(out.contains("doesn't have a resource type \"nosuchkind\""), out)
+
+        // A write the mesh refuses is refused with the server's reason, and exits 1.
+        (out, code) = try sluice(["apply", "-f", "-", "-n", "shop"],
+                                 stdin: yaml.replacingOccurrences(of: "subset: v1", with: "subset: v9"))
+        XCTAssertEqual(code, 1, out)
+        XCTAssertTrue(out.contains("Error from server (Invalid)") && out.contains("v9"), out)
+
+        (out, code) = try sluice(["delete", "-f", "\(dir)/app.yaml", "-n", "shop"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertEqual(out.split(separator: "\n").first, "virtualservice.networking.istio.io \"reviews\" deleted")
+        (out, code) = try sluice(["delete", "vs", "reviews", "-n", "shop"])
+        XCTAssertEqual(code, 1)
+        XCTAssertTrue(out.contains("NotFound"), out)
+        (out, code) = try sluice(["delete", "vs", "reviews", "-n", "shop", "--ignore-not-found"])
+        XCTAssertEqual(code, 0, out)
+    }
+
     func testTheAgentServesThePushedMeshAndKeepsServingWithoutTheControlPlane() throws {
         let (b, ports) = try Harness.backends(["tag:0:A"])
         backend = b
@@ -99,6 +194,12 @@ final class AgentStreamBinaryTests: XCTestCase {
         XCTAssertTrue(Harness.wait(15) { self.tag(gatewayPort) == "A" }, read("agent.log") + read("control.log"))
         XCTAssertTrue(Harness.wait(5) { (try? self.status())??["sync"] as? String == "SYNCED" }, "\((try? status()) ?? nil ?? [:])")
         XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/agent/snapshot.json"))
+        // `sluice status`, as istioctl proxy-status.
+        let (table, code) = try sluice(["status"])
+        XCTAssertEqual(code, 0)
+        let row = table.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        XCTAssertEqual(row.first?.prefix(2), ["NODE", "STATUS"], table)
+        XCTAssertEqual(row.dropFirst().first?.prefix(2), ["n1", "SYNCED"], table)
 
         // A push the agent cannot serve (its port is taken): NACKED with the agent's reason, the old listener serves.
         let (held, heldPort) = Harness.loopbackSocket(backlog: 1)
