@@ -86,6 +86,8 @@ public final class Agent: @unchecked Sendable {
         public var rootCA: String
         /// The trust domain of the node certificate before any snapshot names one.
         public var trustDomain: String
+        /// WorkloadEntry YAML of this host's workloads, registered with the control plane (`--workloads`).
+        public var workloadsDirectory: String?
         public init(host: String, port: Int, serverName: String, rootCA: String, trustDomain: String) {
             self.host = host
             self.port = port
@@ -448,7 +450,8 @@ public final class Agent: @unchecked Sendable {
             let stream = ControlStream(
                 options: .init(host: control.host, port: control.port, serverName: control.serverName,
                                rootCA: control.rootCA, chain: node.chain, key: node.key, node: nodeName,
-                               snapshotFile: snapshotFile, agentVersion: Self.version),
+                               snapshotFile: snapshotFile, agentVersion: Self.version,
+                               workloadsDirectory: control.workloadsDirectory),
                 holding: raw, version: version, logger: logger) { [weak self] snapshot in
                 guard let self else { return .failure(.init(message: "the agent is stopping")) }
                 switch self.install(snapshot) {

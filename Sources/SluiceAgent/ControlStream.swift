@@ -23,6 +23,8 @@ final class ControlStream: Sendable {
         /// `STATE_DIR/snapshot.json`.
         var snapshotFile: String
         var agentVersion: String
+        /// WorkloadEntry YAML of this host's workloads (`--workloads`): registered over the stream.
+        var workloadsDirectory: String?
     }
 
     /// What an accepted snapshot left: the warnings to report. A refusal throws its reason.
@@ -125,16 +127,60 @@ final class ControlStream: Sendable {
             let stub = Sluice_V1_AgentStream.Client(wrapping: client)
             let (outbound, send) = AsyncStream.makeStream(of: Sluice_V1_AgentMessage.self)
             send.yield(hello())
+            // The host's workloads, now and whenever the directory changes.
+            let registering = options.workloadsDirectory.map { dir in
+                Task {
+                    var last: [String]?
+                    while !Task.isCancelled {
+                        let now = ConfigLoader.fingerprint(dir)
+                        if now != last {
+                            last = now
+                            send.yield(self.registration(dir))
+                        }
+                        try? await Task.sleep(for: .seconds(1))
+                    }
+                }
+            }
+            defer { registering?.cancel() }
             try await stub.stream(requestProducer: { writer in
                 for await m in outbound { try await writer.write(m) }
             }, onResponse: { response in
                 defer { send.finish() }
                 for try await message in response.messages {
                     self.connected.store(true, ordering: .relaxed)
-                    if case .delta(let delta)? = message.message { send.yield(self.handle(delta)) }
+                    switch message.message {
+                    case .delta(let delta): send.yield(self.handle(delta))
+                    case .registrationResult(let r):
+                        for e in r.errors { self.logger.error("workload registration refused: \(e)") }
+                        if r.errors.isEmpty { self.logger.info("workloads registered") }
+                    default: break
+                    }
                 }
             })
         }
+    }
+
+    /// Every WorkloadEntry under `dir`, as JSON; entries that do not validate are logged and left out.
+    private func registration(_ dir: String) -> Sluice_V1_AgentMessage {
+        var entries: [Data] = []
+        for file in ConfigLoader.files(at: dir) ?? [] {
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { continue }
+            let (_, diagnostics) = ResourceDecoder.decode(text, file: file)
+            let errors = diagnostics.filter { $0.severity == .error }
+            if !errors.isEmpty {
+                for e in errors { logger.error("\(e)") }
+                logger.error("workload file not registered: it does not validate", metadata: ["file": "\(file)"])
+                continue
+            }
+            for doc in (try? JSONValue.documents(yaml: text)) ?? [] where doc["kind"]?.stringValue == "WorkloadEntry" {
+                entries.append(doc.data)
+            }
+        }
+        var r = Sluice_V1_Registration()
+        r.workloadEntries = entries
+        var m = Sluice_V1_AgentMessage()
+        m.registration = r
+        return m
     }
 
     private func hello() -> Sluice_V1_AgentMessage {

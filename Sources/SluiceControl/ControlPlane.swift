@@ -27,6 +27,8 @@ public final class ControlPlane: Sendable {
         public var pushMaxDelay: Duration = .seconds(1)
         /// Items one agent may have pending before it is dropped to a full resync.
         public var pushMaxPending = 20_000
+        /// How long a node may be offline before the workloads it registered are removed.
+        public var cleanupGrace: Duration = .seconds(10)
         /// Where the config API listens (HTTPS); nil: not served.
         public var api: String? = "0.0.0.0:15017"
         /// `TOKEN,NAME,ROLE` lines (see ``APIAuthenticator``).
@@ -151,6 +153,7 @@ public final class ControlPlane: Sendable {
         hubOptions.debounce = o.pushDebounce
         hubOptions.maxDelay = o.pushMaxDelay
         hubOptions.maxPending = o.pushMaxPending
+        hubOptions.cleanupGrace = o.cleanupGrace
         hub = AgentHub(mesh: mesh, options: hubOptions, logger: logger)
         (streamServer, streamPort) = try Self.serveStream(hub, at: o.stream, chain: chainFile, key: keyFile, root: rootFile,
                                                           logger: logger)

@@ -12,7 +12,7 @@ struct Sluice: ParsableCommand {
         commandName: "sluice",
         abstract: "A kernel-assisted, per-node service mesh.",
         subcommands: [AgentCommand.self, ControlCommand.self, ValidateCommand.self, CompileCommand.self, ApplyCommand.self,
-                      GetCommand.self, DeleteCommand.self, DiffCommand.self, StatusCommand.self])
+                      GetCommand.self, DeleteCommand.self, DiffCommand.self, StatusCommand.self, WorkloadCommand.self])
 }
 
 struct AgentCommand: ParsableCommand {
@@ -26,6 +26,8 @@ struct AgentCommand: ParsableCommand {
     var streamPort: Int = 15010
     @Option(name: .customLong("trust-domain"), help: "The mesh's trust domain, until the control plane sends one (with --control).")
     var trustDomain = "cluster.local"
+    @Option(help: "Directory of WorkloadEntry YAML for this host's workloads (sluice workload add writes it), registered with the control plane.")
+    var workloads: String?
     @Option(name: .customLong("ca-root"), help: "The mesh root (PEM) the control plane's certificate chains to (with --control).")
     var caRoot: String?
     @Option(name: .customLong("join-token"), help: "File with this node's one-time join token (with --control).")
@@ -89,6 +91,9 @@ struct AgentCommand: ParsableCommand {
             throw ValidationError("--control '\(control)' is not HOST:PORT")
         }
         if !(1...65535).contains(streamPort) { throw ValidationError("--stream-port must be 1...65535") }
+        if workloads != nil && (control == nil || localConfig != nil) {
+            throw ValidationError("--workloads registers workloads with the control plane: it needs --control and no --local-config")
+        }
         if let u = dnsUpstream, EndpointAddress(parsing: u) == nil {
             throw ValidationError("--dns-upstream '\(u)' is not HOST:PORT")
         }
@@ -151,6 +156,7 @@ struct AgentCommand: ParsableCommand {
             let host = String(control[..<(control.lastIndex(of: ":") ?? control.endIndex)])
             options.control = .init(host: host, port: streamPort, serverName: controlServerName, rootCA: caRoot!,
                                     trustDomain: trustDomain)
+            options.control?.workloadsDirectory = workloads
             options.tunnelPort = tunnelPort
         }
         options.bpfDirectory = bpfDir
@@ -232,6 +238,8 @@ struct ControlCommand: ParsableCommand {
     @Option(help: "Address of the config API (HTTPS, Kubernetes conventions; kubectl works with STATE_DIR/admin.kubeconfig).")
     var api = "0.0.0.0:15017"
     @Option(help: "Address of the agent stream (gRPC, mutual TLS with node certificates).") var stream = "0.0.0.0:15010"
+    @Option(name: .customLong("cleanup-grace"), help: "How long a node may be offline before the workloads it registered are removed.")
+    var cleanupGrace = "10s"
     @Option(help: "File of TOKEN,NAME,ROLE lines (role admin or view; a spiffe:// ID instead of a token grants a mesh certificate).")
     var tokens: String?
     @Option(name: .customLong("join-tokens"), help: "File of 'TOKEN NODE' lines; each token admits its node once.")
@@ -246,6 +254,9 @@ struct ControlCommand: ParsableCommand {
         guard let d = parseIstioDuration(maxCertLifetime), d >= .seconds(1) else {
             throw ValidationError("--max-cert-lifetime must be a duration of at least 1s, such as 24h")
         }
+        guard let g = parseIstioDuration(cleanupGrace), g >= .zero else {
+            throw ValidationError("--cleanup-grace must be a duration such as 10s")
+        }
     }
 
     func run() throws {
@@ -259,6 +270,7 @@ struct ControlCommand: ParsableCommand {
         o.store = store
         o.api = api
         o.stream = stream
+        o.cleanupGrace = parseIstioDuration(cleanupGrace)!
         o.tokens = tokens
         o.joinTokens = joinTokens
         o.caDirectory = caDir
@@ -417,5 +429,56 @@ struct StatusCommand: ParsableCommand {
     func run() throws {
         let status = try client.cli().status(json: output == "json")
         if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct WorkloadCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "workload", abstract: "Register this host's workloads (files the agent's --workloads reads).",
+        subcommands: [WorkloadAdd.self, WorkloadRemove.self])
+}
+
+struct WorkloadAdd: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "add", abstract: "Write a WorkloadEntry for a workload of this host.")
+    @Argument var name: String
+    @Option(name: .shortAndLong) var namespace = "default"
+    @Option(name: .customLong("service-account")) var serviceAccount: String
+    @Option var address: String
+    @Option(help: "k=v,k=v") var labels = ""
+    @Option(help: "name=port,name=port") var ports = ""
+    @Option(help: "The workload's cgroup2 directory.") var cgroup: String?
+    @Option(help: "The workload's systemd unit (NAME.service).") var unit: String?
+    @Option(help: "The agent's --workloads directory.") var dir = "/etc/sluice/workloads"
+
+    func validate() throws {
+        if (cgroup == nil) == (unit == nil) { throw ValidationError("give one of --cgroup PATH or --unit NAME.service") }
+    }
+
+    func run() throws {
+        do {
+            let file = try WorkloadFiles.add(name: name, namespace: namespace, serviceAccount: serviceAccount, address: address,
+                                             labels: labels, ports: ports, cgroup: cgroup, unit: unit, directory: dir)
+            print("workloadentry.networking.istio.io/\(name) written to \(file)")
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct WorkloadRemove: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "remove", abstract: "Remove a workload's WorkloadEntry file.")
+    @Argument var name: String
+    @Option(name: .shortAndLong) var namespace = "default"
+    @Option(help: "The agent's --workloads directory.") var dir = "/etc/sluice/workloads"
+
+    func run() throws {
+        do {
+            try WorkloadFiles.remove(name: name, namespace: namespace, directory: dir)
+            print("workloadentry.networking.istio.io/\(name) removed")
+        } catch {
+            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
     }
 }

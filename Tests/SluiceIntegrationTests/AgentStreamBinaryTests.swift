@@ -42,15 +42,15 @@ final class AgentStreamBinaryTests: XCTestCase {
 
     func read(_ log: String) -> String { (try? String(contentsOfFile: "\(dir)/\(log)", encoding: .utf8)) ?? "" }
 
-    func startControl() throws {
-        control = try start(["control", "--state-dir", "\(dir)/state", "--config", "\(dir)/mesh", "--join-tokens",
+    func startControl(grace: String = "10s") throws {
+        control = try start(["control", "--cleanup-grace", grace, "--state-dir", "\(dir)/state", "--config", "\(dir)/mesh", "--join-tokens",
                              "\(dir)/tokens", "--listen", "127.0.0.1:\(caPort)", "--api", "127.0.0.1:\(apiPort)",
                              "--stream", "127.0.0.1:\(streamPort)", "--metrics", "127.0.0.1:0"], log: "control.log")
         XCTAssertTrue(Harness.wait(10) { self.read("control.log").contains("control plane ready") }, read("control.log"))
     }
 
-    func startAgent() throws {
-        agent = try start(["agent", "--control", "127.0.0.1:\(caPort)", "--stream-port", "\(streamPort)",
+    func startAgent(_ extra: [String] = []) throws {
+        agent = try start(["agent"] + extra + ["--control", "127.0.0.1:\(caPort)", "--stream-port", "\(streamPort)",
                            "--ca-root", "\(dir)/state/root-cert.pem", "--join-token", "\(dir)/n1.token", "--node", "n1",
                            "--workers", "1", "--state-dir", "\(dir)/agent", "--metrics", "127.0.0.1:0",
                            "--readiness", "127.0.0.1:0", "--admin", "127.0.0.1:\(adminPort)", "--dns-port", "0"],
@@ -91,7 +91,8 @@ final class AgentStreamBinaryTests: XCTestCase {
     func sluice(_ args: [String], stdin: String? = nil) throws -> (String, Int32) {
         let p = Process()
         p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
-        p.arguments = [args[0], "--kubeconfig", "\(dir)/state/admin.kubeconfig"] + args.dropFirst()
+        // `workload add|remove` write files of this host; every other verb talks to the API.
+        p.arguments = args[0] == "workload" ? args : [args[0], "--kubeconfig", "\(dir)/state/admin.kubeconfig"] + args.dropFirst()
         let pipe = Pipe()
         p.standardOutput = pipe
         p.standardError = pipe
@@ -180,6 +181,55 @@ final class AgentStreamBinaryTests: XCTestCase {
         XCTAssertTrue(out.contains("NotFound"), out)
         (out, code) = try sluice(["delete", "vs", "reviews", "-n", "shop", "--ignore-not-found"])
         XCTAssertEqual(code, 0, out)
+    }
+
+    /// Registration: `sluice workload add` writes the entry, the agent registers it as owned by its node, the CA then
+    /// grants that identity to the node (and only then), `workload remove` takes it away again; a workload on another
+    /// node is refused; an offline node's workloads go after the cleanup grace.
+    func testRegistrationAndTheCAsGrantsFollowTheHostsWorkloads() throws {
+        try startControl(grace: "2s")
+        let workloads = "\(dir)/workloads"
+        var (out, code) = try sluice(["workload", "add", "reviews-1", "-n", "shop", "--service-account", "reviews",
+                                      "--address", "127.0.0.1", "--labels", "app=reviews,version=v1", "--ports", "http=9080",
+                                      "--cgroup", "/sys/fs/cgroup/reviews", "--dir", workloads])
+        XCTAssertEqual(code, 0, out)
+        try startAgent(["--workloads", workloads])
+        let cert = "\(dir)/agent/certs/shop_reviews.crt"
+        XCTAssertTrue(Harness.wait(15) { FileManager.default.fileExists(atPath: cert) }, read("agent.log") + read("control.log"))
+        (out, code) = try sluice(["get", "we", "reviews-1", "-n", "shop", "-o", "json"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.contains("\"sluice.dev/node\" : \"n1\"") && out.contains("\"sluice.dev/registered-by\" : \"n1\""), out)
+        XCTAssertTrue(read("control.log").contains("verb=register"), read("control.log"))
+
+        // An entry that names another node is refused, and the rest stays.
+        try """
+            apiVersion: networking.istio.io/v1
+            kind: WorkloadEntry
+            metadata: {name: elsewhere, namespace: shop, annotations: {sluice.dev/node: n2}}
+            spec: {address: 10.0.0.9, serviceAccount: ratings}
+            """.write(toFile: "\(workloads)/shop.elsewhere.yaml", atomically: true, encoding: .utf8)
+        XCTAssertTrue(Harness.wait(10) { self.read("agent.log").contains("cannot register a workload on node n2") }, read("agent.log"))
+        (out, code) = try sluice(["get", "we", "-n", "shop", "-o", "name"])
+        XCTAssertEqual(out.split(separator: "\n"), ["workloadentry.networking.istio.io/reviews-1"], out)
+        try FileManager.default.removeItem(atPath: "\(workloads)/shop.elsewhere.yaml")
+
+        // Removed on the host: the entry goes, and with it the node's certificate for that identity.
+        (out, code) = try sluice(["workload", "remove", "reviews-1", "-n", "shop", "--dir", workloads])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(Harness.wait(10) { !FileManager.default.fileExists(atPath: cert) }, read("agent.log"))
+        (out, _) = try sluice(["get", "we", "-n", "shop", "-o", "name"])
+        XCTAssertEqual(out.trimmingCharacters(in: .whitespacesAndNewlines), "No resources found in shop namespace.")
+
+        // Added again, then the node goes offline: after the grace its workloads are gone.
+        (out, code) = try sluice(["workload", "add", "reviews-1", "-n", "shop", "--service-account", "reviews",
+                                  "--address", "127.0.0.1", "--unit", "reviews.service", "--dir", workloads])
+        XCTAssertTrue(Harness.wait(10) { (try? self.sluice(["get", "we", "-n", "shop", "-o", "name"]))?.0.contains("reviews-1") == true })
+        stop(agent)
+        Thread.sleep(forTimeInterval: 1)
+        XCTAssertTrue(try sluice(["get", "we", "-n", "shop", "-o", "name"]).0.contains("reviews-1"), "removed before the grace")
+        XCTAssertTrue(Harness.wait(10) { (try? self.sluice(["get", "we", "-n", "shop", "-o", "name"]))?.0.contains("reviews-1") == false },
+                      read("control.log"))
+        XCTAssertTrue(read("control.log").contains("removed the workloads of an offline node"))
     }
 
     func testTheAgentServesThePushedMeshAndKeepsServingWithoutTheControlPlane() throws {

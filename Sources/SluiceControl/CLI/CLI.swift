@@ -231,6 +231,10 @@ public struct CLI: Sendable {
                 }
                 items += names.isEmpty ? json["items"]?.arrayValue ?? [] : [json]
             }
+            if items.isEmpty && output == .name {
+                err(allNamespaces ? "No resources found" : "No resources found in \(defaultNamespace) namespace.")
+                return 0
+            }
             switch output {
             case .name: for i in items { out("\(r.singular).\(r.group)/\(i[path: ["metadata", "name"]]?.stringValue ?? "")") }
             default:

@@ -23,6 +23,9 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
         public var maxPending = 20_000
         /// The trust domain node certificates must carry.
         public var trustDomain = "cluster.local"
+        /// How long a node may be offline before the workloads it registered are removed (Istio's
+        /// `cleanupGracePeriod`).
+        public var cleanupGrace: Duration = .seconds(10)
         public init() {}
     }
 
@@ -31,11 +34,13 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
     let logger: Logger
     let sessions = Mutex<[String: Session]>([:])
     let nextSession = Atomic<Int>(0)
+    let registrar: Registrar
 
     public init(mesh: MeshState, options: Options = Options(), logger: Logger) {
         self.mesh = mesh
         self.options = options
         self.logger = logger
+        registrar = Registrar(mesh: mesh, grace: options.cleanupGrace, logger: logger)
         // Runs while writes are held, in revision order: only merges into the sessions' pending sets.
         mesh.observe { [weak self] revision, delta, _ in
             guard let self else { return }
@@ -43,6 +48,8 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
                 for d in delta.nodes { all[d.node]?.merge(revision, d, limit: self.options.maxPending) }
             }
         }
+        // Nodes that registered workloads before a restart have their grace from now to come back.
+        for node in registrar.owners { registrar.disconnected(node) }
     }
 
     // MARK: - status
@@ -94,7 +101,13 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await self.send(session, to: response) }
             group.addTask {
-                while let m = try await reader.iterator.next() { try session.received(m) }
+                while let m = try await reader.iterator.next() {
+                    if case .registration(let r)? = m.message {
+                        session.post(Self.result(self.registrar.register(node: node, entries: r.workloadEntries)))
+                    } else {
+                        try session.received(m)
+                    }
+                }
             }
             // Whichever ends first (the agent hung up, a send failed, a bad message) ends the stream.
             try await group.next()
@@ -135,7 +148,20 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
 
     func close(_ session: Session) {
         session.end()
-        sessions.withLock { all in if all[session.node] === session { all[session.node] = nil } }
+        let wasCurrent = sessions.withLock { all in
+            guard all[session.node] === session else { return false }
+            all[session.node] = nil
+            return true
+        }
+        if wasCurrent && !registrar.owned(by: session.node).isEmpty { registrar.disconnected(session.node) }
+    }
+
+    static func result(_ errors: [String]) -> Sluice_V1_ControlMessage {
+        var r = Sluice_V1_RegistrationResult()
+        r.errors = errors
+        var m = Sluice_V1_ControlMessage()
+        m.registrationResult = r
+        return m
     }
 
     /// The session's sending loop: waits for changes, lets them settle, sends one delta, waits for its ACK.
@@ -152,7 +178,7 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
                         session.resync(compiler.snapshot(for: session.node), revision: revision)
                     }
                     try await response.write(message)
-                case .send(let message):
+                case .send(let message), .post(let message):
                     try await response.write(message)
                 }
             }
@@ -197,6 +223,8 @@ final class Session: Sendable {
         var workloads = 0
         var nearestExpiry: Date?
         var ended = false
+        /// Answers to send besides deltas (registration results).
+        var outbox: [Sluice_V1_ControlMessage] = []
     }
 
     let state = Mutex(State())
@@ -265,13 +293,20 @@ final class Session: Sendable {
     }
 
     enum Next {
-        case closed, idle, wait(Duration), resync, send(Sluice_V1_ControlMessage)
+        case closed, idle, wait(Duration), resync, send(Sluice_V1_ControlMessage), post(Sluice_V1_ControlMessage)
+    }
+
+    /// Queues a message that is not a delta (it does not wait for ACKs).
+    func post(_ m: Sluice_V1_ControlMessage) {
+        state.withLock { $0.outbox.append(m) }
+        wake.yield()
     }
 
     /// What the sending loop does now.
     func next(debounce: Duration, maxDelay: Duration, now: ContinuousClock.Instant) -> Next {
         state.withLock { s in
             if s.ended { return .closed }
+            if !s.outbox.isEmpty { return .post(s.outbox.removeFirst()) }
             if s.inFlight != nil { return .idle }
             let pending = !s.upserts.isEmpty || !s.removals.isEmpty || s.mesh != nil || s.needsResync || s.immediate
             guard pending else { return .idle }
@@ -357,7 +392,9 @@ final class Session: Sendable {
             }
         case .hello:
             throw RPCError(code: .invalidArgument, message: "Hello is the first message of a stream only")
-        case .registration, .configDump:
+        case .registration:
+            break  // handled by the hub, which stores it
+        case .configDump:
             throw RPCError(code: .unimplemented, message: "this control plane does not take that message yet")
         case nil:
             throw RPCError(code: .invalidArgument, message: "an empty message")

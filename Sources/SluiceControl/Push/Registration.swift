@@ -1,0 +1,125 @@
+import Foundation
+import Logging
+import SluiceModel
+import Synchronization
+
+/// Workload auto-registration (Istio's WorkloadGroup registration for VMs): each agent reports the WorkloadEntries of
+/// its host over its stream; they are stored as WorkloadEntries owned by that node, and go away when the node has
+/// been offline for the cleanup grace period (Istio's `cleanupGracePeriod`).
+///
+/// A node may register workloads only on itself: the control plane sets `sluice.dev/node` to the stream's node and
+/// refuses an entry that names another, or that would replace an entry it does not own.
+final class Registrar: Sendable {
+    /// Marks an entry as registered by a node's agent (and so removed with it).
+    static let ownerAnnotation = "sluice.dev/registered-by"
+
+    let mesh: MeshState
+    let grace: Duration
+    let logger: Logger
+    /// Nodes offline with registered entries, and the cleanup that runs when their grace is over.
+    let pending = Mutex<[String: Task<Void, Never>]>([:])
+
+    init(mesh: MeshState, grace: Duration, logger: Logger) {
+        self.mesh = mesh
+        self.grace = grace
+        self.logger = logger
+    }
+
+    static let resource = APIResource.find(group: "networking.istio.io", plural: "workloadentries")!
+
+    /// The entries `node` owns, by namespace/name.
+    func owned(by node: String) -> [StoreKey: StoredObject] {
+        let (all, _) = mesh.list(Self.resource, namespace: nil)
+        var out: [StoreKey: StoredObject] = [:]
+        for o in all where o.object[path: ["metadata", "annotations", Self.ownerAnnotation]]?.stringValue == node {
+            out[o.key] = o
+        }
+        return out
+    }
+
+    /// Nodes that own registered entries.
+    var owners: Set<String> {
+        let (all, _) = mesh.list(Self.resource, namespace: nil)
+        return Set(all.compactMap { $0.object[path: ["metadata", "annotations", Self.ownerAnnotation]]?.stringValue })
+    }
+
+    /// Stores `entries` (JSON WorkloadEntries) as the whole set `node` runs: new ones created, changed ones
+    /// replaced, the node's others deleted. Returns why each refused entry was refused.
+    func register(node: String, entries: [Data]) -> [String] {
+        connected(node)
+        var errors: [String] = []
+        var wanted: Set<StoreKey> = []
+        for data in entries {
+            guard var o = try? JSONValue(parsing: data), o["kind"]?.stringValue == "WorkloadEntry" else {
+                errors.append("an entry that is not a WorkloadEntry (JSON) was ignored")
+                continue
+            }
+            let ns = o[path: ["metadata", "namespace"]]?.stringValue ?? "default"
+            let name = o[path: ["metadata", "name"]]?.stringValue ?? ""
+            let where_ = "WorkloadEntry \(ns)/\(name)"
+            var meta = o["metadata"]?.objectValue ?? [:]
+            var annotations = meta["annotations"]?.objectValue ?? [:]
+            if let other = annotations[SluiceAnnotation.node]?.stringValue, other != node {
+                errors.append("\(where_): node \(node) cannot register a workload on node \(other)")
+                continue
+            }
+            annotations[SluiceAnnotation.node] = .string(node)
+            annotations[Self.ownerAnnotation] = .string(node)
+            meta["annotations"] = .object(annotations)
+            meta["namespace"] = .string(ns)
+            for k in ["resourceVersion", "uid", "generation", "creationTimestamp"] { meta[k] = nil }
+            o["metadata"] = .object(meta)
+            o["apiVersion"] = .string("networking.istio.io/v1")
+            let key = StoreKey(group: Self.resource.group, resource: Self.resource.plural, namespace: ns, name: name)
+            wanted.insert(key)
+            do {
+                let r = try mesh.write(key, Self.resource, version: "v1") { current throws(APIStatus) in
+                    if let current, current.object[path: ["metadata", "annotations", Self.ownerAnnotation]]?.stringValue != node {
+                        throw APIStatus(code: 409, reason: "Conflict",
+                                        message: "\(where_) exists and was not registered by node \(node)")
+                    }
+                    return o
+                }
+                if r.changed {
+                    logger.info("audit", metadata: ["requester": "node:\(node)", "verb": "register", "object": "\(where_)",
+                                                    "before": "\(r.previousRevision)", "after": "\(r.object.revision)"])
+                }
+            } catch {
+                wanted.remove(key)
+                errors.append("\(where_): \(error.message)")
+            }
+        }
+        for (key, _) in owned(by: node) where !wanted.contains(key) { remove(key, node: node, why: "deregister") }
+        return errors
+    }
+
+    private func remove(_ key: StoreKey, node: String, why: String) {
+        do {
+            let r = try mesh.write(key, Self.resource, version: "v1") { _ throws(APIStatus) in nil }
+            logger.info("audit", metadata: ["requester": "node:\(node)", "verb": "\(why)",
+                                            "object": "WorkloadEntry \(key.namespace)/\(key.name)",
+                                            "before": "\(r.previousRevision)", "after": "\(r.object.revision)"])
+        } catch {
+            logger.warning("cannot remove a registered workload", metadata: ["object": "\(key)", "error": "\(error.message)"])
+        }
+    }
+
+    /// The node is back: its cleanup, if one was waiting, is called off.
+    func connected(_ node: String) {
+        pending.withLock { $0.removeValue(forKey: node) }?.cancel()
+    }
+
+    /// The node went offline: its entries go when it has not come back within the grace period.
+    func disconnected(_ node: String) {
+        let task = Task { [grace] in
+            do { try await Task.sleep(for: grace) } catch { return }
+            guard pending.withLock({ $0.removeValue(forKey: node) }) != nil else { return }
+            for (key, _) in owned(by: node) { remove(key, node: node, why: "cleanup") }
+            logger.info("removed the workloads of an offline node", metadata: ["node": "\(node)", "grace": "\(grace)"])
+        }
+        pending.withLock { p in
+            p[node]?.cancel()
+            p[node] = task
+        }
+    }
+}
