@@ -24,22 +24,49 @@ done
 echo
 curl -s 127.0.0.1:15020/metrics | grep '^istio_tcp_connections_opened_total' | sed 's/{.*}/{...}/'
 
-# HTTP: a Gateway listener routes each request with a VirtualService (examples/l7/mesh.yaml); its HTTPS server
-# presents a certificate from a throwaway CA.
+# HTTP through the control plane: `sluice control` holds the mesh, the agent gets its node's part over its stream
+# (no --local-config), and `sluice apply` changes it live.
 PKI=$(mktemp -d)
 sh Tests/Fixtures/make_certs.sh "$PKI" shop.demo.example
 mkdir -p "$PKI/credentials/shop-cert"
 cp "$PKI/shop.demo.example.crt" "$PKI/credentials/shop-cert/tls.crt"
 cp "$PKI/shop.demo.example.key" "$PKI/credentials/shop-cert/tls.key"
-$BIN agent --local-config examples/l7 --metrics 127.0.0.1:15040 --readiness 127.0.0.1:15041 --admin 127.0.0.1:15042 \
-  --workers 1 --credentials-dir "$PKI/credentials" 2>/dev/null &
-L7=$!
-for _ in $(seq 50); do curl -sf 127.0.0.1:15041/healthz/ready >/dev/null && break; sleep 0.1; done
+echo "tok-demo demo-node" > "$PKI/join-tokens"
+echo "tok-demo" > "$PKI/demo-node.token"
+$BIN control --state-dir "$PKI/control" --join-tokens "$PKI/join-tokens" --listen 127.0.0.1:15012 \
+  --api 127.0.0.1:15017 --stream 127.0.0.1:15010 --metrics 127.0.0.1:15014 2>"$PKI/control.log" &
+CONTROL=$!
+trap 'kill $BACKENDS $HTTP_BACKENDS 2>/dev/null; kill $AGENT $L7 $CONTROL 2>/dev/null; wait 2>/dev/null' EXIT
+for _ in $(seq 100); do grep -q "control plane ready" "$PKI/control.log" 2>/dev/null && break; sleep 0.1; done
+sluice() { $BIN "$1" --kubeconfig "$PKI/control/admin.kubeconfig" "${@:2}"; }
 echo
-echo "HTTP gateway on 127.0.0.1:18090 (examples/l7/mesh.yaml):"
+echo "Control plane on 127.0.0.1:15012 (CA), :15010 (agent stream), :15017 (config API). sluice apply -f examples/l7:"
+sluice apply -f examples/l7 | sed 's/^/  /'
+$BIN agent --control 127.0.0.1:15012 --ca-root "$PKI/control/root-cert.pem" --join-token "$PKI/demo-node.token" \
+  --node demo-node --state-dir "$PKI/agent" --metrics 127.0.0.1:15040 --readiness 127.0.0.1:15041 \
+  --admin 127.0.0.1:15042 --workers 1 --credentials-dir "$PKI/credentials" 2>"$PKI/agent.log" &
+L7=$!
+for _ in $(seq 100); do curl -sf 127.0.0.1:15041/healthz/ready >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do sluice status 2>/dev/null | grep -q SYNCED && break; sleep 0.1; done
+echo "sluice status:"
+sluice status | sed 's/^/  /'
+echo
+echo "HTTP gateway on 127.0.0.1:18090, pushed by the control plane:"
 CFG=$(mktemp)
 for _ in $(seq 200); do printf 'url = "http://127.0.0.1:18090/item"\noutput = "/dev/null"\n'; done > "$CFG"
-echo "  canary 90/10 over 200 requests: $(curl -s -K "$CFG" -w '%header{x-backend}\n' | sort | uniq -c | xargs)"
+split() { curl -s -K "$CFG" -w '%header{x-backend}\n' | sort | uniq -c | xargs; }
+echo "  canary 90/10 over 200 requests: $(split)"
+# Traffic keeps flowing while the weight changes: one request every 10 ms, none may fail.
+( while :; do curl -s -o /dev/null -w '%{http_code}\n' --max-time 2 127.0.0.1:18090/item; sleep 0.01; done ) > "$PKI/during" &
+TRAFFIC=$!
+sleep 0.5
+sed -e 's/subset: v1}, weight: 90/subset: v1}, weight: 50/' -e 's/subset: v2}, weight: 10/subset: v2}, weight: 50/' \
+  examples/l7/mesh.yaml | sluice apply -f - | grep virtualservice | sed 's/^/  sluice apply (weights 50\/50): /'
+for _ in $(seq 100); do sluice status 2>/dev/null | grep -q SYNCED && break; sleep 0.05; done
+sleep 0.5
+kill $TRAFFIC; wait $TRAFFIC 2>/dev/null || true
+echo "  while it changed: $(sort "$PKI/during" | uniq -c | xargs) (HTTP status: requests)"
+echo "  canary 50/50 over 200 requests: $(split)"
 rm -f "$CFG"
 echo "  /flaky fails twice, retries hide it: $(curl -s 127.0.0.1:18090/flaky/demo-$$/2)"
 echo "  fault injection on /teapot: HTTP $(curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:18090/teapot)"
@@ -60,7 +87,7 @@ if [ "$(id -u)" = 0 ]; then
     --metrics 127.0.0.1:15030 --readiness 127.0.0.1:15031 --admin 127.0.0.1:15032 --outbound-port 15101 \
     --dns-port 15153 --dns-upstream 127.0.0.1:9 2>/dev/null &
   CAPTURE=$!
-  trap 'kill $BACKENDS $HTTP_BACKENDS $AGENT $L7 $CAPTURE 2>/dev/null; wait 2>/dev/null; $BIN agent --uninstall-bpf --pin-dir '$PIN' >/dev/null; rmdir '"$CG"' 2>/dev/null' EXIT
+  trap 'kill $BACKENDS $HTTP_BACKENDS $AGENT $L7 $CONTROL $CAPTURE 2>/dev/null; wait 2>/dev/null; $BIN agent --uninstall-bpf --pin-dir '$PIN' >/dev/null; rmdir '"$CG"' 2>/dev/null' EXIT
   for _ in $(seq 50); do curl -sf 127.0.0.1:15031/healthz/ready >/dev/null && break; sleep 0.1; done
   echo
   echo "Kernel capture: a process in cgroup $CG dials service addresses (examples/capture/mesh.yaml)."

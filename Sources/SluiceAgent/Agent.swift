@@ -452,7 +452,8 @@ public final class Agent: @unchecked Sendable {
                                rootCA: control.rootCA, chain: node.chain, key: node.key, node: nodeName,
                                snapshotFile: snapshotFile, agentVersion: Self.version,
                                workloadsDirectory: control.workloadsDirectory),
-                holding: raw, version: version, logger: logger) { [weak self] snapshot in
+                holding: raw, version: version, logger: logger, nearestExpiry: { [weak c] in c?.nearestExpiry }
+            ) { [weak self] snapshot in
                 guard let self else { return .failure(.init(message: "the agent is stopping")) }
                 switch self.install(snapshot) {
                 case .success(let warnings):

@@ -222,7 +222,12 @@ public final class CertificateManager: @unchecked Sendable {
         else { throw CAClient.Failure(description: "cannot write \(path)") }
     }
 
+    /// The nearest expiry among the certificates held (for `sluice status`); read from any thread.
+    public var nearestExpiry: Date? { nearest.withLock { $0 } }
+    private let nearest = Mutex<Date?>(nil)
+
     private func updateMetrics(now: Date) {
+        nearest.withLock { $0 = held.values.map(\.schedule.notAfter).min() }
         for (id, h) in held {
             let seconds = Int64(h.schedule.notAfter.timeIntervalSince(now))
             if expirySlots[id] == nil {

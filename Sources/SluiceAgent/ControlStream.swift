@@ -39,6 +39,8 @@ final class ControlStream: Sendable {
     let options: Options
     let logger: Logger
     let apply: Apply
+    /// What the agent reports for `sluice status`: its nearest certificate expiry.
+    let nearestExpiry: @Sendable () -> Date?
     let held: Mutex<Held>
     let stopped = Atomic<Bool>(false)
     /// Deltas applied and refused since start, and whether the stream is up (for metrics and tests).
@@ -47,10 +49,12 @@ final class ControlStream: Sendable {
     let connected = Atomic<Bool>(false)
     private let task = Mutex<Task<Void, Never>?>(nil)
 
-    init(options: Options, holding snapshot: NodeSnapshot, version: Int64, logger: Logger, apply: @escaping Apply) {
+    init(options: Options, holding snapshot: NodeSnapshot, version: Int64, logger: Logger,
+         nearestExpiry: @escaping @Sendable () -> Date?, apply: @escaping Apply) {
         self.options = options
         self.logger = logger
         self.apply = apply
+        self.nearestExpiry = nearestExpiry
         held = Mutex(Held(snapshot: snapshot, version: version))
     }
 
@@ -141,7 +145,17 @@ final class ControlStream: Sendable {
                     }
                 }
             }
-            defer { registering?.cancel() }
+            // The status report, now and then (and after every delta).
+            let reporting = Task {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(30))
+                    send.yield(self.report())
+                }
+            }
+            defer {
+                registering?.cancel()
+                reporting.cancel()
+            }
             try await stub.stream(requestProducer: { writer in
                 for await m in outbound { try await writer.write(m) }
             }, onResponse: { response in
@@ -149,7 +163,9 @@ final class ControlStream: Sendable {
                 for try await message in response.messages {
                     self.connected.store(true, ordering: .relaxed)
                     switch message.message {
-                    case .delta(let delta): send.yield(self.handle(delta))
+                    case .delta(let delta):
+                        send.yield(self.handle(delta))
+                        send.yield(self.report())
                     case .registrationResult(let r):
                         for e in r.errors { self.logger.error("workload registration refused: \(e)") }
                         if r.errors.isEmpty { self.logger.info("workloads registered") }
@@ -180,6 +196,15 @@ final class ControlStream: Sendable {
         r.workloadEntries = entries
         var m = Sluice_V1_AgentMessage()
         m.registration = r
+        return m
+    }
+
+    private func report() -> Sluice_V1_AgentMessage {
+        var r = Sluice_V1_Report()
+        r.workloads = UInt32(held.withLock { $0.snapshot.workloads.count })
+        r.nearestCertificateExpiry = nearestExpiry().map { Int64($0.timeIntervalSince1970) } ?? 0
+        var m = Sluice_V1_AgentMessage()
+        m.report = r
         return m
     }
 

@@ -12,8 +12,9 @@ import X509
 /// - A session starts from what the agent says it holds (a digest per item, as Delta xDS's
 ///   `initial_resource_versions`): only items that differ are sent, so a reconnect after a control-plane restart
 ///   resumes rather than resyncs.
-/// - Changes are merged per item while a delta is being applied by the agent (one delta in flight per session), and
-///   a new delta leaves once the changes have been quiet for `debounce`, or `maxDelay` after the first.
+/// - Changes are merged per item while a delta is being applied by the agent (one delta in flight per session). A
+///   change after a quiet spell leaves at once; changes that follow within `debounce` of the last delta leave together
+///   `debounce` after it: one delta per `debounce` at most under a stream of changes, none held back otherwise.
 /// - Each session sends from its own task: a slow or stalled agent holds only its own. What it has not received is
 ///   bounded (`maxPending` items); beyond that it is dropped and the agent gets a full resync when it catches up.
 public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendable {
@@ -208,6 +209,8 @@ final class Session: Sendable {
         var version: Int64 = 0
         var firstChange: ContinuousClock.Instant?
         var lastChange: ContinuousClock.Instant?
+        /// When the last delta left.
+        var lastSent: ContinuousClock.Instant?
         /// Send without waiting for changes to settle (the first delta of a stream).
         var immediate = false
         var needsResync = false
@@ -310,8 +313,10 @@ final class Session: Sendable {
             if s.inFlight != nil { return .idle }
             let pending = !s.upserts.isEmpty || !s.removals.isEmpty || s.mesh != nil || s.needsResync || s.immediate
             guard pending else { return .idle }
-            if !s.immediate, let first = s.firstChange, let last = s.lastChange {
-                let due = min(last + debounce, first + maxDelay)
+            // The first change after a quiet spell goes at once; changes that follow within `debounce` of the last
+            // delta are merged and leave together `debounce` after it (never more than `maxDelay` after the first).
+            if !s.immediate, let first = s.firstChange, let sent = s.lastSent {
+                let due = min(sent + debounce, first + maxDelay)
                 if now < due { return .wait(due - now) }
             }
             if s.needsResync { return .resync }
@@ -358,6 +363,7 @@ final class Session: Sendable {
 
     private static func message(_ s: inout State, _ delta: Sluice_V1_Delta) -> Sluice_V1_ControlMessage {
         var delta = delta
+        s.lastSent = .now
         s.nonces += 1
         delta.nonce = "\(delta.version)-\(s.nonces)"
         s.inFlight = (delta.nonce, Int64(delta.version))
