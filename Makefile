@@ -5,12 +5,12 @@ SWIFT ?= swift
 DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev libsqlite3-dev pkgconf bpftool python3 curl iproute2 \
                 procps nghttp2-client python3-pip tcpdump
 # PyPI packages the tests use (real gRPC clients and servers).
-PY_PACKAGES := grpcio
+PY_PACKAGES := grpcio kubernetes
 BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables nghttp2-client linux-perf openssl
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
 
-.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf bench-http bench-hbone fuzz clean proto
+.PHONY: all deps bpf bench-deps build build-release test test-unit test-integration demo bench bench-config bench-bpf bench-http bench-hbone bench-control fuzz clean proto
 
 all: build
 
@@ -23,7 +23,11 @@ deps:
 	fi
 	@command -v kubectl >/dev/null || { echo "installing: kubernetes-client (kubectl, for the config API tests)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }
-	@python3 -c "import grpc" 2>/dev/null || { echo "installing: $(PY_PACKAGES) (pip)"; \
+	@test -x .build/kubectl-1.20/usr/bin/kubectl || { echo "unpacking: Debian's kubernetes-client 1.20 (the old-kubectl tests)"; \
+	  mkdir -p .build/kubectl-1.20 && cd .build/kubectl-1.20 && \
+	  { apt-get download kubernetes-client >/dev/null 2>&1 || { apt-get update -qq && apt-get download kubernetes-client >/dev/null; }; } && \
+	  dpkg-deb -x kubernetes-client_*.deb . && rm -f kubernetes-client_*.deb; }
+	@python3 -c "import grpc, kubernetes" 2>/dev/null || { echo "installing: $(PY_PACKAGES) (pip)"; \
 	  python3 -m pip install -q $(PY_PACKAGES) 2>/dev/null || python3 -m pip install -q --break-system-packages $(PY_PACKAGES); }
 
 bench-deps: deps
@@ -128,6 +132,11 @@ bench-bpf: bench-deps bpf build-release
 # Only the control-plane figures (decode, compile, incremental): no peers needed, ~1 minute.
 bench-config: deps build-release
 	@python3 Benchmarks/bench.py --control-plane
+
+# The control plane at mesh scale (10,000 services, 100,000 endpoints, 500 simulated agents on real streams): push
+# latency, reconnect storms, RSS, API reads and writes per second (wrk). ~10 minutes.
+bench-control: bench-deps build-release
+	@ulimit -n 65536 2>/dev/null || ulimit -n "$$(ulimit -Hn)"; mkdir -p Benchmarks/out; .build/release/ControlBench --sluice .build/release/sluice | tee Benchmarks/out/control.json
 
 clean:
 	rm -rf .build

@@ -111,6 +111,15 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "SluiceBench", dependencies: ["SluiceModel", "SluiceIdentity"], path: "Benchmarks/SluiceBench"),
+        // `make bench-control`: the control plane at mesh scale with simulated agents (real stream clients).
+        .executableTarget(
+            name: "ControlBench",
+            dependencies: [
+                "SluiceModel", "SluiceIdentity", "SluiceProtocol", "SluiceTLS",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            ],
+            path: "Benchmarks/ControlBench"),
         .testTarget(name: "SluiceModelTests", dependencies: ["SluiceModel", "SluiceTestSupport"]),
         .testTarget(name: "SluiceTelemetryTests", dependencies: ["SluiceTelemetry"]),
         .testTarget(name: "SluiceControlTests", dependencies: [
@@ -132,7 +141,7 @@ let package = Package(
         .testTarget(
             name: "SluiceIntegrationTests",
             dependencies: ["SluiceProxy", "SluiceModel", "SluiceRing", "SluiceTelemetry", "SluiceAgent", "SluiceBPF",
-                           "SluiceIdentity", "SluiceTestSupport"]
+                           "SluiceIdentity", "SluiceTestSupport", "SluiceTLS"]
         ),
     ]
 )

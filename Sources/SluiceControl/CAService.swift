@@ -35,6 +35,11 @@ public final class CAService: Sendable {
     /// Replaces which identities each node hosts (after a configuration change).
     public func updateHosted(_ identities: [String: Set<String>]) { hosted.withLock { $0 = identities } }
 
+    /// Replaces what the given nodes host (the others keep theirs).
+    public func updateHosted(nodes: [String: Set<String>]) {
+        hosted.withLock { h in for (node, ids) in nodes { h[node] = ids.isEmpty ? nil : ids } }
+    }
+
     /// Node -> the SPIFFE identities of its workloads, from the mesh configuration (no node snapshots built).
     public static func hostedIdentities(_ compiler: MeshCompiler) -> [String: Set<String>] {
         Dictionary(uniqueKeysWithValues: compiler.nodes.map { ($0, compiler.workloadIdentities(on: $0)) })

@@ -125,11 +125,15 @@ public final class ControlPlane: Sendable {
         service = CAService(ca: ca, joinTokens: tokens, hostedIdentities: hosted, defaultLifetime: o.maxCertificateLifetime)
         // Grants follow the stored mesh: a write that moves a workload re-reads which node hosts which identity.
         mesh.observe { [service] _, delta, compiler in
-            let movesWorkloads = delta.nodes.contains { d in
-                d.upserted.contains { if case .workload = $0 { true } else { false } }
-                    || d.removed.contains { $0.kind == .workload }
+            // Only the nodes whose workloads the write changed (recomputing every node's would make each write cost
+            // as much as the mesh is large).
+            var moved: [String: Set<String>] = [:]
+            for d in delta.nodes where d.upserted.contains(where: { if case .workload = $0 { true } else { false } })
+                || d.removed.contains(where: { $0.kind == .workload })
+            {
+                moved[d.node] = compiler.workloadIdentities(on: d.node)
             }
-            if movesWorkloads { service.updateHosted(CAService.hostedIdentities(compiler)) }
+            if !moved.isEmpty { service.updateHosted(nodes: moved) }
         }
 
         // The control plane's own serving certificate, from its own CA.

@@ -1,4 +1,6 @@
 import Foundation
+import SluiceTLS
+import Synchronization
 import XCTest
 
 /// The agent binary with no local config: it joins, holds the agent stream, serves what the control plane pushes,
@@ -79,6 +81,17 @@ final class AgentStreamBinaryTests: XCTestCase {
         let (out, _) = try Harness.run("/usr/bin/curl", args + ["https://sluice-control:\(apiPort)\(path)"])
         let lines = out.split(separator: "\n", omittingEmptySubsequences: false)
         return (Int(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
+    }
+
+    /// A backend answering "A" behind a gateway listener of the seeded mesh; returns the listener's port.
+    func servingMesh() throws -> UInt16 {
+        let (b, ports) = try Harness.backends(["tag:0:A"])
+        backend = b
+        let gatewayPort = Harness.deadPort()
+        try Harness.mesh(ports: ports).replacingOccurrences(of: "number: 1000", with: "number: \(gatewayPort)")
+            .replacingOccurrences(of: "port: 1000", with: "port: \(gatewayPort)")
+            .write(toFile: "\(dir)/mesh/mesh.yaml", atomically: true, encoding: .utf8)
+        return gatewayPort
     }
 
     func status() throws -> [String: Any]? {
@@ -232,13 +245,74 @@ final class AgentStreamBinaryTests: XCTestCase {
         XCTAssertTrue(read("control.log").contains("removed the workloads of an offline node"))
     }
 
+    /// The Python `kubernetes` client's CustomObjectsApi: create, get, list, patch, watch, delete, a refusal.
+    func testThePythonKubernetesClientWorksUnchanged() throws {
+        try startControl()
+        let (out, status) = try Harness.run("/usr/bin/env", ["python3", Harness.root.appendingPathComponent("Tests/Fixtures/k8s_client.py").path,
+                                                             "\(dir)/state/admin.kubeconfig"])
+        XCTAssertEqual(status, 0, out + read("control.log"))
+        XCTAssertTrue(out.hasSuffix("ok\n"), out)
+    }
+
+    /// `kill -9` of the control plane in the middle of a write load: every write it acknowledged is there after the
+    /// restart, the agent kept serving meanwhile, and it resumed its stream (naming what it holds) instead of
+    /// starting over.
+    func testKill9UnderWriteLoadLosesNoAcknowledgedWrite() throws {
+        let gatewayPort = try servingMesh()
+        try startControl()
+        try startAgent()
+        XCTAssertTrue(Harness.wait(15) { self.tag(gatewayPort) == "A" }, read("agent.log"))
+        XCTAssertTrue(Harness.wait(5) { (try? self.status())??["sync"] as? String == "SYNCED" })
+
+        // Writers create WorkloadEntries as fast as the API answers; the control plane is killed under them.
+        let acknowledged = Mutex<[String]>([])
+        let stop = Atomic<Bool>(false)
+        let token = try String(contentsOfFile: "\(dir)/state/admin-token", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let writers = (0..<4).map { w in
+            Thread { [dir, apiPort] in
+                var client = HTTPSClient(address: "127.0.0.1:\(apiPort)", serverName: "sluice-control",
+                                         rootCA: "\(dir)/state/root-cert.pem")
+                client.timeout = 2
+                var n = 0
+                while !stop.load(ordering: .relaxed) {
+                    n += 1
+                    let name = "w\(w)-\(n)"
+                    let body = #"{"apiVersion":"networking.istio.io/v1","kind":"WorkloadEntry","metadata":{"name":"\#(name)"},"#
+                        + #""spec":{"address":"10.7.\#(w).\#(n % 250)"}}"#
+                    let r = try? client.request("POST", "/apis/networking.istio.io/v1/namespaces/load/workloadentries",
+                                                headers: [("authorization", "Bearer \(token)"), ("content-type", "application/json")],
+                                                body: Array(body.utf8))
+                    if r?.status == 201 { acknowledged.withLock { $0.append(name) } }
+                }
+            }
+        }
+        for t in writers { t.start() }
+        Thread.sleep(forTimeInterval: 1.5)
+        kill(control!.processIdentifier, SIGKILL)
+        control!.waitUntilExit()
+        let killedAt = acknowledged.withLock { $0.count }
+        Thread.sleep(forTimeInterval: 0.3)
+        stop.store(true, ordering: .relaxed)
+        XCTAssertGreaterThan(killedAt, 20, "the load was too light to mean anything")
+        // The agent serves on while the control plane is gone.
+        XCTAssertEqual(tag(gatewayPort), "A")
+
+        try startControl()
+        let (code, body) = try api("GET", "/apis/networking.istio.io/v1/namespaces/load/workloadentries")
+        XCTAssertEqual(code, 200)
+        let stored = Set(((try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any])?["items"] as? [[String: Any]] ?? [])
+            .compactMap { ($0["metadata"] as? [String: Any])?["name"] as? String })
+        let lost = acknowledged.withLock { $0 }.filter { !stored.contains($0) }
+        XCTAssertEqual(lost, [], "acknowledged writes lost after kill -9 (\(stored.count) stored)")
+        XCTAssertTrue(Harness.wait(15) { (try? self.status())??["sync"] as? String == "SYNCED" }, read("agent.log"))
+        let resumed = read("control.log").components(separatedBy: "\n").last { $0.contains("agent connected") } ?? ""
+        XCTAssertFalse(resumed.contains("holds=0"), resumed)
+        XCTAssertEqual(tag(gatewayPort), "A")
+    }
+
     func testTheAgentServesThePushedMeshAndKeepsServingWithoutTheControlPlane() throws {
-        let (b, ports) = try Harness.backends(["tag:0:A"])
-        backend = b
-        let gatewayPort = Harness.deadPort()
-        try Harness.mesh(ports: ports).replacingOccurrences(of: "number: 1000", with: "number: \(gatewayPort)")
-            .replacingOccurrences(of: "port: 1000", with: "port: \(gatewayPort)")
-            .write(toFile: "\(dir)/mesh/mesh.yaml", atomically: true, encoding: .utf8)
+        let gatewayPort = try servingMesh()
         try startControl()
         try startAgent()
         XCTAssertTrue(Harness.wait(15) { self.tag(gatewayPort) == "A" }, read("agent.log") + read("control.log"))

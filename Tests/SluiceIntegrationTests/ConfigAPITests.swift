@@ -59,12 +59,29 @@ final class ConfigAPITests: XCTestCase {
 
     var log: String { (try? String(contentsOfFile: "\(dir)/control.log", encoding: .utf8)) ?? "" }
 
+    /// The kubectl under test: the machine's (1.32), or Debian's 1.20 that `make deps` unpacks under .build.
+    var kubectlBinary: String?
+
     func kubectl(_ args: [String]) throws -> (String, Int32) {
-        guard let path = ["/usr/bin/kubectl", "/usr/local/bin/kubectl"].first(where: FileManager.default.isExecutableFile)
+        guard let path = kubectlBinary ?? ["/usr/bin/kubectl", "/usr/local/bin/kubectl"].first(where: FileManager.default.isExecutableFile)
         else {
             throw XCTSkip("kubectl is not installed (make deps installs it)")
         }
         return try Harness.run(path, ["--kubeconfig", "\(dir)/state/admin.kubeconfig"] + args)
+    }
+
+    /// Debian's `kubernetes-client` (kubectl 1.20), which reads OpenAPI v2 as gnostic protobuf before it applies and
+    /// diffs with a server-side dry run through the v2 document's PATCH operations.
+    func testDebiansKubectl120AppliesGetsDiffsAndDeletes() throws {
+        let old = Harness.root.appendingPathComponent(".build/kubectl-1.20/usr/bin/kubectl").path
+        guard FileManager.default.isExecutableFile(atPath: old) else {
+            if ProcessInfo.processInfo.environment["CI"] == "true" { return XCTFail("\(old) is missing: make deps unpacks it") }
+            throw XCTSkip("\(old) is missing (make deps unpacks Debian's kubernetes-client there)")
+        }
+        let (version, _) = try Harness.run(old, ["version", "--client", "--short"])
+        XCTAssertTrue(version.contains("v1.20"), version)
+        kubectlBinary = old
+        try testKubectlAppliesGetsDiffsAndDeletes()
     }
 
     var adminToken: String {

@@ -154,7 +154,7 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
             all[session.node] = nil
             return true
         }
-        if wasCurrent && !registrar.owned(by: session.node).isEmpty { registrar.disconnected(session.node) }
+        if wasCurrent && registrar.hasRegistered(session.node) { registrar.disconnected(session.node) }
     }
 
     static func result(_ errors: [String]) -> Sluice_V1_ControlMessage {

@@ -18,12 +18,19 @@ final class Registrar: Sendable {
     let logger: Logger
     /// Nodes offline with registered entries, and the cleanup that runs when their grace is over.
     let pending = Mutex<[String: Task<Void, Never>]>([:])
+    /// Nodes that own registered entries (one scan of the store at start, then kept up to date): closing a stream
+    /// must not scan the whole mesh.
+    let registered: Mutex<Set<String>>
 
     init(mesh: MeshState, grace: Duration, logger: Logger) {
         self.mesh = mesh
         self.grace = grace
         self.logger = logger
+        let (all, _) = mesh.list(Self.resource, namespace: nil)
+        registered = Mutex(Set(all.compactMap { $0.object[path: ["metadata", "annotations", Self.ownerAnnotation]]?.stringValue }))
     }
+
+    func hasRegistered(_ node: String) -> Bool { registered.withLock { $0.contains(node) } }
 
     static let resource = APIResource.find(group: "networking.istio.io", plural: "workloadentries")!
 
@@ -38,10 +45,7 @@ final class Registrar: Sendable {
     }
 
     /// Nodes that own registered entries.
-    var owners: Set<String> {
-        let (all, _) = mesh.list(Self.resource, namespace: nil)
-        return Set(all.compactMap { $0.object[path: ["metadata", "annotations", Self.ownerAnnotation]]?.stringValue })
-    }
+    var owners: Set<String> { registered.withLock { $0 } }
 
     /// Stores `entries` (JSON WorkloadEntries) as the whole set `node` runs: new ones created, changed ones
     /// replaced, the node's others deleted. Returns why each refused entry was refused.
@@ -90,6 +94,7 @@ final class Registrar: Sendable {
             }
         }
         for (key, _) in owned(by: node) where !wanted.contains(key) { remove(key, node: node, why: "deregister") }
+        registered.withLock { if wanted.isEmpty { $0.remove(node) } else { $0.insert(node) } }
         return errors
     }
 
@@ -115,6 +120,7 @@ final class Registrar: Sendable {
             do { try await Task.sleep(for: grace) } catch { return }
             guard pending.withLock({ $0.removeValue(forKey: node) }) != nil else { return }
             for (key, _) in owned(by: node) { remove(key, node: node, why: "cleanup") }
+            registered.withLock { _ = $0.remove(node) }
             logger.info("removed the workloads of an offline node", metadata: ["node": "\(node)", "grace": "\(grace)"])
         }
         pending.withLock { p in
