@@ -418,8 +418,13 @@ func run() async throws -> [String: Any] {
                                              token: token, script: nil)
     let script = "\(work)/create.lua"
     try """
+        -- Each wrk thread has its own Lua state: setup() gives each a distinct prefix so names never collide.
+        local threads = 0
+        setup = function(thread)
+          threads = threads + 1
+          thread:set("id", tostring(threads) .. "-" .. tostring(os.time()))
+        end
         local n = 0
-        local id = tostring(math.random(1, 1000000000))
         wrk.headers["Content-Type"] = "application/json"
         request = function()
           n = n + 1
