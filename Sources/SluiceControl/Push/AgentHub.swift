@@ -104,7 +104,14 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
             group.addTask {
                 while let m = try await reader.iterator.next() {
                     if case .registration(let r)? = m.message {
-                        session.post(Self.result(self.registrar.register(node: node, entries: r.workloadEntries)))
+                        // Each registration writes to the store: a node may not hold more than `Registrar.maxEntries`
+                        // workloads, and the same set again (an agent that repeats itself) costs nothing.
+                        if r.workloadEntries.count > Registrar.maxEntries {
+                            session.post(Self.result(["\(r.workloadEntries.count) workloads registered at once; a node "
+                                                      + "may register at most \(Registrar.maxEntries)"]))
+                        } else if session.isNewRegistration(r.workloadEntries) {
+                            session.post(Self.result(self.registrar.register(node: node, entries: r.workloadEntries)))
+                        }
                     } else {
                         try session.received(m)
                     }
@@ -208,7 +215,6 @@ final class Session: Sendable {
         /// The mesh revision the pending changes bring the node to.
         var version: Int64 = 0
         var firstChange: ContinuousClock.Instant?
-        var lastChange: ContinuousClock.Instant?
         /// When the last delta left.
         var lastSent: ContinuousClock.Instant?
         /// Send without waiting for changes to settle (the first delta of a stream).
@@ -231,6 +237,16 @@ final class Session: Sendable {
     }
 
     let state = Mutex(State())
+    /// The last set of WorkloadEntries the agent registered on this stream.
+    private let registration = Mutex<[Data]?>(nil)
+
+    /// Records `entries` as the agent's latest registration; false when it is the one it sent before.
+    func isNewRegistration(_ entries: [Data]) -> Bool {
+        registration.withLock { last in
+            defer { last = entries }
+            return last != entries
+        }
+    }
     let wakes: AsyncStream<Void>
     let wake: AsyncStream<Void>.Continuation
 
@@ -270,7 +286,6 @@ final class Session: Sendable {
             s.version = revision
             let now = ContinuousClock.now
             if s.firstChange == nil { s.firstChange = now }
-            s.lastChange = now
             if s.diverged {
                 s.diverged = false
                 s.needsResync = true
@@ -335,7 +350,6 @@ final class Session: Sendable {
             s.mesh = nil
             s.immediate = false
             s.firstChange = nil
-            s.lastChange = nil
             return .send(Self.message(&s, delta))
         }
     }
@@ -356,7 +370,6 @@ final class Session: Sendable {
             s.version = revision
             s.workloads = snapshot.workloads.count
             s.firstChange = nil
-            s.lastChange = nil
             return Self.message(&s, delta)
         }
     }

@@ -10,6 +10,9 @@ import Synchronization
 /// A node may register workloads only on itself: the control plane sets `sluice.dev/node` to the stream's node and
 /// refuses an entry that names another, or that would replace an entry it does not own.
 final class Registrar: Sendable {
+    /// The most workloads one node may register.
+    static let maxEntries = 1_000
+
     /// Marks an entry as registered by a node's agent (and so removed with it).
     static let ownerAnnotation = "sluice.dev/registered-by"
 
