@@ -3,6 +3,7 @@ import Logging
 import SluiceBPF
 import SluiceHTTP
 import SluiceModel
+import SluiceProtocol
 import SluiceProxy
 import SluiceRing
 import SluiceTelemetry
@@ -171,6 +172,20 @@ public final class Agent: @unchecked Sendable {
     private var dns: [DNSServer] = []
 
     /// Mesh host names and their service addresses, as the DNS listener answers them.
+    /// What this agent serves now, for `sluice proxy-config` (asked over the agent stream): the installed snapshot,
+    /// the port each of its listeners holds, each cluster's endpoint health and the certificates on this node.
+    func configDump(version: Int64) -> AgentConfigDump? {
+        guard let runtime = current.withLock({ $0 }) else { return nil }
+        let ports = listenerPorts
+        let listeners = runtime.snapshot.listeners.enumerated().map { i, l in
+            AgentConfigDump.BoundListener(name: l.name, port: i < ports.count ? ports[i] : nil)
+        }
+        var health: [String: [Bool]] = [:]
+        for c in runtime.clusters { health[c.config.name] = (0..<c.health.count).map(c.health.isHealthy) }
+        return AgentConfigDump(node: nodeName, agentVersion: Self.version, version: version, snapshot: runtime.snapshot,
+                               listeners: listeners, endpointHealth: health, secrets: certificates?.secrets() ?? [])
+    }
+
     static func meshHosts(_ snapshot: NodeSnapshot) -> [String: [IPAddress]] {
         var table: [String: [IPAddress]] = [:]
         for s in snapshot.services {
@@ -452,7 +467,10 @@ public final class Agent: @unchecked Sendable {
                                rootCA: control.rootCA, chain: node.chain, key: node.key, node: nodeName,
                                snapshotFile: snapshotFile, agentVersion: Self.version,
                                workloadsDirectory: control.workloadsDirectory),
-                holding: raw, version: version, logger: logger, nearestExpiry: { [weak c] in c?.nearestExpiry }
+                holding: raw, version: version, logger: logger, nearestExpiry: { [weak c] in c?.nearestExpiry },
+                dump: { [weak self] version in
+                    self?.configDump(version: version)?.encoded() ?? Data(#"{"error":"the agent serves no configuration yet"}"#.utf8)
+                }
             ) { [weak self] snapshot in
                 guard let self else { return .failure(.init(message: "the agent is stopping")) }
                 switch self.install(snapshot) {

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import SluiceIdentity
+import SluiceProtocol
 import SluiceRing
 import SluiceTelemetry
 import Synchronization
@@ -93,6 +94,30 @@ public final class CertificateManager: @unchecked Sendable {
         stopped.store(true, ordering: .relaxed)
         if let t = thread { pthread_join(t, nil) }
         thread = nil
+    }
+
+    /// The certificates this node holds and wants, read from disk (they are what its listeners and tunnels load),
+    /// then the roots peers must chain to: what `sluice proxy-config NODE secrets` lists. No key leaves the node.
+    public func secrets(now: Date = Date()) -> [AgentConfigDump.Secret] {
+        var ids = wanted.withLock { $0 }
+        ids.insert(nodeIdentity)
+        var out: [AgentConfigDump.Secret] = ids.sorted().map { id in
+            guard let pem = try? String(contentsOfFile: files(for: id).chain, encoding: .utf8),
+                let info = try? CertificateInfo(pem: pem), info.uris.contains(id)
+            else {
+                return .init(name: id, type: "Cert Chain", status: "MISSING", valid: false, serialNumber: nil,
+                             notBefore: nil, notAfter: nil)
+            }
+            return .init(name: id, type: "Cert Chain", status: "ACTIVE", valid: info.notBefore <= now && now < info.notAfter,
+                         serialNumber: info.serialNumber, notBefore: info.notBefore, notAfter: info.notAfter)
+        }
+        let bundle = (try? String(contentsOfFile: trustBundle, encoding: .utf8)) ?? ""
+        for block in bundle.components(separatedBy: "-----END CERTIFICATE-----").dropLast() {
+            guard let info = try? CertificateInfo(pem: block + "-----END CERTIFICATE-----") else { continue }
+            out.append(.init(name: "ROOTCA", type: "CA", status: "ACTIVE", valid: info.notBefore <= now && now < info.notAfter,
+                             serialNumber: info.serialNumber, notBefore: info.notBefore, notAfter: info.notAfter))
+        }
+        return out
     }
 
     /// File paths of an identity's certificate chain and key.

@@ -41,6 +41,8 @@ final class ControlStream: Sendable {
     let apply: Apply
     /// What the agent reports for `sluice status`: its nearest certificate expiry.
     let nearestExpiry: @Sendable () -> Date?
+    /// What the agent serves now (an `AgentConfigDump` as JSON), for `sluice proxy-config`.
+    let dump: @Sendable (_ version: Int64) -> Data
     let held: Mutex<Held>
     let stopped = Atomic<Bool>(false)
     /// Deltas applied and refused since start, and whether the stream is up (for metrics and tests).
@@ -50,11 +52,13 @@ final class ControlStream: Sendable {
     private let task = Mutex<Task<Void, Never>?>(nil)
 
     init(options: Options, holding snapshot: NodeSnapshot, version: Int64, logger: Logger,
-         nearestExpiry: @escaping @Sendable () -> Date?, apply: @escaping Apply) {
+         nearestExpiry: @escaping @Sendable () -> Date?, dump: @escaping @Sendable (_ version: Int64) -> Data,
+         apply: @escaping Apply) {
         self.options = options
         self.logger = logger
         self.apply = apply
         self.nearestExpiry = nearestExpiry
+        self.dump = dump
         held = Mutex(Held(snapshot: snapshot, version: version))
     }
 
@@ -156,7 +160,12 @@ final class ControlStream: Sendable {
                 registering?.cancel()
                 reporting.cancel()
             }
-            try await stub.stream(requestProducer: { writer in
+            // A full snapshot of a node that reaches much of a large mesh is far past gRPC's 4 MiB default; the
+            // transport applies `maxRequestMessageBytes` to what it receives.
+            var call = CallOptions.defaults
+            call.maxRequestMessageBytes = Wire.maxDeltaBytes
+            call.maxResponseMessageBytes = Wire.maxDeltaBytes
+            try await stub.stream(options: call, requestProducer: { writer in
                 for await m in outbound { try await writer.write(m) }
             }, onResponse: { response in
                 defer { send.finish() }
@@ -166,6 +175,18 @@ final class ControlStream: Sendable {
                     case .delta(let delta):
                         send.yield(self.handle(delta))
                         send.yield(self.report())
+                    case .configDumpRequest(let r):
+                        var d = Sluice_V1_ConfigDump()
+                        d.request = r.request
+                        let version = self.held.withLock { $0.version }
+                        d.version = UInt64(max(0, version))
+                        d.snapshot = self.dump(version)
+                        if d.snapshot.count > Wire.maxAgentMessageBytes - 1024 {
+                            d.snapshot = Data(#"{"error":"the configuration is larger than the stream carries; read it from the agent's admin /config_dump"}"#.utf8)
+                        }
+                        var m = Sluice_V1_AgentMessage()
+                        m.configDump = d
+                        send.yield(m)
                     case .registrationResult(let r):
                         for e in r.errors { self.logger.error("workload registration refused: \(e)") }
                         if r.errors.isEmpty { self.logger.info("workloads registered") }

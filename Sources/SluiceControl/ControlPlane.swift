@@ -168,7 +168,8 @@ public final class ControlPlane: Sendable {
             if !fm.fileExists(atPath: tokenFile) { try write(APIAuthenticator.newToken() + "\n", tokenFile, mode: 0o600) }
             let adminToken = try read(tokenFile).trimmingCharacters(in: .whitespacesAndNewlines)
             auth.add(adminToken, .init(name: "admin", role: .admin))
-            let api = ConfigAPI(mesh: mesh, auth: auth, logger: logger) { [hub] in hub.status }
+            let api = ConfigAPI(mesh: mesh, auth: auth, logger: logger, nodeStatus: { [hub] in hub.status },
+                                configDump: { [hub] node in await hub.configDump(node: node) })
             let apiServer = try APIServer(api: api, certificateChain: chainFile, privateKey: keyFile, clientCA: rootFile)
             guard let c = address.lastIndex(of: ":"), let ap = Int(address[address.index(after: c)...]) else {
                 throw StartError(description: "--api '\(address)' is not HOST:PORT")
@@ -213,6 +214,7 @@ public final class ControlPlane: Sendable {
         config.connection.keepalive.timeout = .seconds(10)
         config.connection.keepalive.clientBehavior.allowWithoutCalls = true
         config.connection.keepalive.clientBehavior.minPingIntervalWithoutCalls = .seconds(10)
+        config.rpc.maxRequestPayloadSize = Wire.maxAgentMessageBytes
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: host.isEmpty ? "0.0.0.0" : host, port: p),
             transportSecurity: .mTLS(certificateChain: [.file(path: chain, format: .pem)],

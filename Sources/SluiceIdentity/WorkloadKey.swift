@@ -31,6 +31,8 @@ public struct CertificateInfo: Sendable, Equatable {
     public var notBefore: Date
     public var notAfter: Date
     public var uris: [String]
+    /// The serial number in hex, as `openssl x509 -serial` prints it.
+    public var serialNumber: String
 
     /// Reads the first certificate of a PEM file's contents.
     public init(pem: String) throws {
@@ -38,6 +40,7 @@ public struct CertificateInfo: Sendable, Equatable {
         let cert = try Certificate(pemEncoded: String(pem[..<end.upperBound]))
         notBefore = cert.notValidBefore
         notAfter = cert.notValidAfter
+        serialNumber = cert.serialNumber.bytes.map { String(format: "%02X", $0) }.joined()
         uris = (try cert.extensions.subjectAlternativeNames)?.compactMap {
             if case .uniformResourceIdentifier(let u) = $0 { return u }
             return nil

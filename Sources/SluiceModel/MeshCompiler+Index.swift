@@ -116,7 +116,7 @@ extension MeshCompiler {
         case .healthCheck(let hc):
             if let other = healthChecksByHost[hc.host]?.first(where: { $0 != key }) {
                 problems.append(Self.error(r, "spec.host", "\(hc.host) already has a HealthCheck (\(other))",
-                                           hint: "keep one HealthCheck per host"))
+                                           hint: "keep one HealthCheck per host", code: .conflictingResource))
             }
             healthChecksByHost[hc.host, default: []].insert(key)
         case .rateLimitPolicy(let rl): rateLimitsByHost[rl.host, default: []].insert(key)
@@ -138,7 +138,7 @@ extension MeshCompiler {
         case .meshConfig(let m):
             if let first = meshConfigKey, first != key, let firstResource = resources[first] {
                 problems.append(Self.error(r, "", "a second MeshConfig (the first is \(first) in \(firstResource.source.file))",
-                                           hint: "keep one MeshConfig for the mesh"))
+                                           hint: "keep one MeshConfig for the mesh", code: .conflictingResource))
                 return
             }
             meshConfigKey = key

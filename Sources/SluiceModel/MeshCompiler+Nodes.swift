@@ -172,7 +172,8 @@ extension MeshCompiler {
                     continue
                 }
                 problems.append(Self.error(r, "spec.servers[\(si)].port", "\(addr) is declared by two servers",
-                                           hint: "only HTTPS servers that terminate TLS can share a port (by SNI)"))
+                                           hint: "only HTTPS servers that terminate TLS can share a port (by SNI)",
+                                           code: .conflictingResource))
                 continue
             }
             let where_ = server.bind.map { "\($0):\(server.port.number)" } ?? "\(server.port.number)"
@@ -182,7 +183,8 @@ extension MeshCompiler {
                 if httpHosts == nil {
                     problems.append(Self.warning(r, "spec.servers[\(si)]",
                                                  "no VirtualService http route is bound to this gateway; every request gets 404",
-                                                 hint: "bind a VirtualService with gateways: [\(ref)] and http routes"))
+                                                 hint: "bind a VirtualService with gateways: [\(ref)] and http routes",
+                                                 code: .unroutedGatewayServer))
                 }
                 hosts.formUnion(httpHosts ?? [])
                 if server.port.protocol == .https && certificate == nil {
@@ -225,7 +227,8 @@ extension MeshCompiler {
             guard let routes = chosen else {
                 problems.append(Self.warning(r, "spec.servers[\(si)]",
                                              "no VirtualService tcp route serves port \(server.port.number); no listener is opened",
-                                             hint: "bind a VirtualService to this gateway with a tcp route"))
+                                             hint: "bind a VirtualService to this gateway with a tcp route",
+                                             code: .unroutedGatewayServer))
                 continue
             }
             if routes.isEmpty { continue }
@@ -271,14 +274,16 @@ extension MeshCompiler {
         guard let seKey = serviceEntriesByHost[dest.host]?.min(), case .serviceEntry(let se)? = resources[seKey]?.spec
         else {
             problems.append(Self.error(r, "\(path).host", "no ServiceEntry defines host '\(dest.host)'",
-                                       hint: "add a ServiceEntry with hosts: [\(dest.host)] and its endpoints"))
+                                       hint: "add a ServiceEntry with hosts: [\(dest.host)] and its endpoints",
+                                       code: .referencedResourceNotFound))
             return nil
         }
         let port: UInt16
         if let n = dest.port {
             guard se.ports.contains(where: { $0.number == n }) else {
                 problems.append(Self.error(r, "\(path).port", "\(dest.host) has no port \(n)",
-                                           hint: "ports of \(dest.host): \(se.ports.map { String($0.number) }.joined(separator: ", "))"))
+                                           hint: "ports of \(dest.host): \(se.ports.map { String($0.number) }.joined(separator: ", "))",
+                                           code: .referencedResourceNotFound))
                 return nil
             }
             port = n
@@ -305,8 +310,8 @@ extension MeshCompiler {
     }
 
     static func undefinedSubset(_ subset: String, host: String, r: Resource, path: String) -> Diagnostic {
-        error(r, "\(path).subset", "subset '\(subset)' of \(host) is not defined by any DestinationRule",
-              hint: "add it under spec.subsets of the DestinationRule for \(host)")
+        error(r, "\(path).subset", "Referenced subset \(subset) of \(host) not found",
+              hint: "define it under spec.subsets of the DestinationRule for \(host)", code: .referencedResourceNotFound)
     }
 
     /// Destinations must name subsets their DestinationRule defines (istioctl analyze's IST0101). A host no
@@ -336,11 +341,66 @@ extension MeshCompiler {
                 problems.append(Self.undefinedSubset(subset, host: d.host, r: r, path: path))
             }
             if serviceEntriesByHost[d.host] == nil && !d.host.hasSuffix(".svc.cluster.local") {
-                problems.append(Self.warning(r, "\(path).host", "no ServiceEntry defines host '\(d.host)'",
-                                             hint: "add a ServiceEntry, or check the host name"))
+                problems.append(Self.warning(r, "\(path).host", "Referenced host \(d.host) not found: no ServiceEntry defines it",
+                                             hint: "add a ServiceEntry, or check the host name",
+                                             code: .referencedResourceNotFound))
             }
         }
+        problems += Self.unreachableRules(vs, r)
         virtualServiceProblems[key] = problems.isEmpty ? nil : problems
+    }
+
+    /// Rules no request reaches (istioctl analyze's IST0130): rules are tried in order, so everything after one that
+    /// matches every request, and a rule whose matches an earlier rule already has, are dead.
+    static func unreachableRules(_ vs: VirtualService, _ r: Resource) -> [Diagnostic] {
+        var problems: [Diagnostic] = []
+        func check<M: Hashable>(_ field: String, _ rules: [[M]], matchesAll: (M) -> Bool) {
+            var seen: [Set<M>: Int] = [:]
+            var catchAll: Int?
+            for (i, matches) in rules.enumerated() {
+                if let c = catchAll {
+                    problems.append(warning(r, "spec.\(field)[\(i)]",
+                                            "VirtualService rule \(field)[\(i)] is never used: rule \(field)[\(c)] before it matches every request",
+                                            hint: "move the rule without matches last, or give it a match",
+                                            code: .virtualServiceUnreachableRule))
+                    continue
+                }
+                if matches.isEmpty || matches.contains(where: matchesAll) {
+                    catchAll = i
+                    continue
+                }
+                let set = Set(matches)
+                if let earlier = seen[set] {
+                    problems.append(warning(r, "spec.\(field)[\(i)].match",
+                                            "VirtualService rule \(field)[\(i)] is never used: rule \(field)[\(earlier)] has the same matches",
+                                            hint: "merge the two rules, or change one's match",
+                                            code: .virtualServiceUnreachableRule))
+                } else {
+                    seen[set] = i
+                }
+            }
+        }
+        // Names do not take part in matching.
+        let httpRules: [[HTTPMatch]] = vs.http.map { rule in
+            rule.match.map { m -> HTTPMatch in
+                var m = m
+                m.name = nil
+                return m
+            }
+        }
+        check("http", httpRules, matchesAll: Self.matchesEveryRequest)
+        check("tcp", vs.tcp.map(\.match)) { m in
+            m.port == nil && m.destinationSubnets.isEmpty && m.sourceLabels.isEmpty && m.gateways.isEmpty
+        }
+        return problems
+    }
+
+    static func matchesEveryRequest(_ m: HTTPMatch) -> Bool {
+        var anyURI = true
+        if let uri = m.uri, uri != .prefix("/") { anyURI = false }
+        let noConditions = m.headers.isEmpty && m.withoutHeaders.isEmpty && m.queryParams.isEmpty && m.sourceLabels.isEmpty
+        let noRequestFields = m.scheme == nil && m.method == nil && m.authority == nil && m.port == nil
+        return anyURI && noConditions && noRequestFields && m.gateways.isEmpty
     }
 
     func virtualServicesVisible(to scope: NodeScope) -> [ResourceKey] {

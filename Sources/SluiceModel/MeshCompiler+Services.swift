@@ -78,7 +78,7 @@ extension MeshCompiler {
         for extra in seKeys.dropFirst() {
             guard let r = resources[extra] else { continue }
             problems.append(Self.error(r, "spec.hosts", "host '\(host)' is already defined by \(seKeys[0])",
-                                       hint: "define each host in one ServiceEntry"))
+                                       hint: "define each host in one ServiceEntry", code: .conflictingResource))
         }
         let drKeys = destinationRulesByHost[host]?.sorted() ?? []
         var dr: DestinationRule?
@@ -86,7 +86,7 @@ extension MeshCompiler {
         for extra in drKeys.dropFirst() {
             guard let r = resources[extra] else { continue }
             problems.append(Self.warning(r, "spec.host", "ignored: \(host) already has \(drKeys[0])",
-                                         hint: "merge the two DestinationRules into one"))
+                                         hint: "merge the two DestinationRules into one", code: .conflictingResource))
         }
         var healthCheck: HealthCheck?
         if let k = healthChecksByHost[host]?.min(), case .healthCheck(let hc)? = resources[k]?.spec { healthCheck = hc }
@@ -99,7 +99,7 @@ extension MeshCompiler {
                 if se.resolution == .dns || se.resolution == .dnsRoundRobin {
                     problems.append(Self.warning(seResource, "spec.endpoints[\(i)].address",
                                                  "'\(e.address)' is a DNS name; this version does not resolve endpoint names, so it gets no traffic",
-                                                 hint: "list the endpoint's IP address"))
+                                                 hint: "list the endpoint's IP address", code: .unreachableEndpoint))
                 } else {
                     problems.append(Self.error(seResource, "spec.endpoints[\(i)].address",
                                                "endpoint address '\(e.address)' is not an IP", hint: "name endpoints by IP address"))

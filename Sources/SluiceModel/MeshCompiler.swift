@@ -97,7 +97,8 @@ public struct MeshCompiler: Sendable {
         for r in resources {
             if self.resources[r.key] != nil {
                 problems.append(Self.error(r, "metadata.name", "\(r.reference) is defined twice",
-                                           hint: "give each resource of a kind a unique namespace/name"))
+                                           hint: "give each resource of a kind a unique namespace/name",
+                                           code: .conflictingResource))
                 continue
             }
             insert(r, problems: &problems)
@@ -308,14 +309,16 @@ public struct MeshCompiler: Sendable {
         }
     }
 
-    static func error(_ r: Resource, _ path: String, _ message: String, hint: String? = nil) -> Diagnostic {
+    static func error(_ r: Resource, _ path: String, _ message: String, hint: String? = nil,
+                      code: DiagnosticCode = .schemaValidation) -> Diagnostic {
         Diagnostic(.error, file: r.source.file, line: r.source.line, resource: r.reference, path: path,
-                   message: message, hint: hint)
+                   message: message, hint: hint, code: code)
     }
 
-    static func warning(_ r: Resource, _ path: String, _ message: String, hint: String? = nil) -> Diagnostic {
+    static func warning(_ r: Resource, _ path: String, _ message: String, hint: String? = nil,
+                        code: DiagnosticCode) -> Diagnostic {
         Diagnostic(.warning, file: r.source.file, line: r.source.line, resource: r.reference, path: path,
-                   message: message, hint: hint)
+                   message: message, hint: hint, code: code)
     }
 }
 

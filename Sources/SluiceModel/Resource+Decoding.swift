@@ -44,7 +44,8 @@ public enum ResourceDecoder {
         guard let kind = ResourceKind(rawValue: kindText) else {
             sink.warning("kind", root.child("kind")?.line,
                          "kind '\(kindText)' is not supported yet and is ignored",
-                         hint: "supported kinds: \(ResourceKind.allCases.map(\.rawValue).joined(separator: ", "))")
+                         hint: "supported kinds: \(ResourceKind.allCases.map(\.rawValue).joined(separator: ", "))",
+                         code: .unknownField)
             return nil
         }
         let expectedVersions: Set<String> = switch kind {

@@ -107,7 +107,8 @@ extension ServerTLSSettings {
             r.sink.error("\(r.path).minProtocolVersion", r.line, "minProtocolVersion is above maxProtocolVersion")
         }
         if s.httpsRedirect && port.protocol != .http {
-            r.sink.warning("\(r.path).httpsRedirect", r.line, "httpsRedirect applies to HTTP servers only")
+            r.sink.warning("\(r.path).httpsRedirect", r.line, "httpsRedirect applies to HTTP servers only",
+                          code: .ineffectiveSetting)
         }
         return s
     }

@@ -6,14 +6,15 @@ final class DiagnosticSink {
 
     init(file: String) { self.file = file }
 
-    func error(_ path: String, _ line: Int?, _ message: String, hint: String? = nil) {
+    func error(_ path: String, _ line: Int?, _ message: String, hint: String? = nil,
+               code: DiagnosticCode = .schemaValidation) {
         diagnostics.append(Diagnostic(.error, file: file, line: line, resource: resource, path: path, message: message,
-                                      hint: hint))
+                                      hint: hint, code: code))
     }
 
-    func warning(_ path: String, _ line: Int?, _ message: String, hint: String? = nil) {
+    func warning(_ path: String, _ line: Int?, _ message: String, hint: String? = nil, code: DiagnosticCode) {
         diagnostics.append(Diagnostic(.warning, file: file, line: line, resource: resource, path: path,
-                                      message: message, hint: hint))
+                                      message: message, hint: hint, code: code))
     }
 
     var hasErrors: Bool { diagnostics.contains { $0.severity == .error } }
@@ -50,7 +51,8 @@ struct YAMLReader {
             if !known.contains(name) {
                 sink.warning(path.isEmpty ? name : "\(path).\(name)", p.keyLine,
                              "unknown field '\(name)' is ignored",
-                             hint: "check the spelling; known fields here: \(known.sorted().joined(separator: ", "))")
+                             hint: "check the spelling; known fields here: \(known.sorted().joined(separator: ", "))",
+                             code: .unknownField)
             }
         }
     }
@@ -60,7 +62,8 @@ struct YAMLReader {
     func notEnforced(_ keys: [String], hint: String? = nil) {
         for k in keys {
             guard let c = child(k) else { continue }
-            sink.warning(c.path, c.line, "'\(k)' is not enforced by this version of Sluice; it has no effect", hint: hint)
+            sink.warning(c.path, c.line, "'\(k)' is not enforced by this version of Sluice; it has no effect", hint: hint,
+                         code: .notEnforced)
         }
     }
 
@@ -69,7 +72,8 @@ struct YAMLReader {
     func refuseUnenforced(_ keys: [String], hint: String? = nil) {
         for k in keys {
             guard let c = child(k) else { continue }
-            sink.error(c.path, c.line, "'\(k)' is not enforced by this version of Sluice, so it is refused", hint: hint)
+            sink.error(c.path, c.line, "'\(k)' is not enforced by this version of Sluice, so it is refused", hint: hint,
+                       code: .refusedNotEnforced)
         }
     }
 

@@ -8,6 +8,12 @@ public let agentStreamPort = 15010
 
 /// Names and digests of snapshot items as the agent stream carries them.
 public enum Wire {
+    /// The largest message the control plane sends an agent (a full snapshot of a node that reaches much of a big
+    /// mesh is tens of MiB; gRPC's default limit is 4 MiB).
+    public static let maxDeltaBytes = 256 << 20
+    /// The largest message an agent may send (its answers are small; a config dump is the largest).
+    public static let maxAgentMessageBytes = 16 << 20
+
     /// `kind/name`: an item's name in digest maps.
     public static func name(_ key: SnapshotItem.Key) -> String { "\(key.kind.wireName)/\(key.name)" }
 

@@ -12,7 +12,7 @@ struct Sluice: ParsableCommand {
         commandName: "sluice",
         abstract: "A kernel-assisted, per-node service mesh.",
         subcommands: [AgentCommand.self, ControlCommand.self, ValidateCommand.self, CompileCommand.self, ApplyCommand.self,
-                      GetCommand.self, DeleteCommand.self, DiffCommand.self, StatusCommand.self, WorkloadCommand.self])
+                      GetCommand.self, DeleteCommand.self, DiffCommand.self, StatusCommand.self, ProxyConfigCommand.self, AnalyzeCommand.self, WorkloadCommand.self])
 }
 
 struct AgentCommand: ParsableCommand {
@@ -428,6 +428,79 @@ struct StatusCommand: ParsableCommand {
 
     func run() throws {
         let status = try client.cli().status(json: output == "json")
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct ProxyConfigCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "proxy-config",
+        abstract: "What a node's agent serves now: listeners, clusters, routes, endpoints, secrets or all (as istioctl proxy-config).")
+    @OptionGroup var client: ClientOptions
+    @Argument(help: "NODE then the section (the other order, as istioctl's, works too).") var words: [String]
+    @Option(name: .shortAndLong, help: "json, yaml or wide (default: a table).") var output: String?
+
+    var parsed: (node: String, section: CLI.ProxyConfigSection)? {
+        guard words.count == 2 else { return nil }
+        if let s = CLI.ProxyConfigSection(rawValue: words[1]) { return (words[0], s) }
+        if let s = CLI.ProxyConfigSection(rawValue: words[0]) { return (words[1], s) }
+        return nil
+    }
+
+    func validate() throws {
+        guard parsed != nil else {
+            throw ValidationError("give NODE and one of: " + CLI.ProxyConfigSection.allCases.map(\.rawValue).joined(separator: ", "))
+        }
+        if let o = output, !["json", "yaml", "wide"].contains(o) { throw ValidationError("-o must be json, yaml or wide") }
+    }
+
+    func run() throws {
+        guard let (node, section) = parsed else { throw ExitCode(2) }
+        let status = try client.cli().proxyConfig(node: node, section: section,
+                                                  output: output.flatMap(CLI.Output.init) ?? .table)
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct AnalyzeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "analyze",
+        abstract: "Find problems in the stored mesh, or in files together with it (as istioctl analyze; exit 79 on errors).")
+    @OptionGroup var client: ClientOptions
+    @Option(name: .shortAndLong, help: "File or directory of YAML to analyze with the stored mesh (repeatable).")
+    var filename: [String] = []
+    @Argument(help: "More files or directories (as istioctl analyze takes them).") var files: [String] = []
+    @Option(name: .customLong("use-kube"), help: "false: analyze the files alone, without the server.") var useKube = true
+    @Flag(name: [.customShort("A"), .customLong("all-namespaces")], help: "Every namespace.") var allNamespaces = false
+    @Option(name: .shortAndLong, help: "json or yaml (default: one line per message).") var output: String?
+    @Option(name: .customLong("failure-threshold"), help: "Error or Warning: the least severe message that exits 79.")
+    var failureThreshold = "Error"
+
+    func validate() throws {
+        if let o = output, Analysis.Output(rawValue: o) == nil || o.isEmpty { throw ValidationError("-o must be json or yaml") }
+        if Analysis.Threshold(rawValue: failureThreshold) == nil {
+            throw ValidationError("--failure-threshold must be Error or Warning")
+        }
+        if !useKube && filename.isEmpty && files.isEmpty { throw ValidationError("--use-kube=false needs files to analyze") }
+    }
+
+    func run() throws {
+        let all = filename + files
+        for f in all where ConfigLoader.files(at: f) == nil {
+            FileHandle.standardError.write(Data("error: the path \"\(f)\" does not exist\n".utf8))
+            throw ExitCode(1)
+        }
+        let format = output.flatMap(Analysis.Output.init) ?? .text
+        let threshold = Analysis.Threshold(rawValue: failureThreshold) ?? .error
+        let status: Int32
+        if useKube {
+            status = try client.cli().analyze(files: all, allNamespaces: allNamespaces, output: format, threshold: threshold)
+        } else {
+            // The files alone: every namespace they hold unless -n names one.
+            status = Analysis.report(Analysis.run(stored: [], files: all), scope: allNamespaces ? nil : client.namespace,
+                                     output: format, threshold: threshold, out: { print($0) },
+                                     err: { FileHandle.standardError.write(Data(($0 + "\n").utf8)) })
+        }
         if status != 0 { throw ExitCode(status) }
     }
 }

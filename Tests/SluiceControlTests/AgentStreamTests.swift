@@ -278,6 +278,95 @@ final class AgentStreamTests: XCTestCase {
         assertEventuallyHolds(good, "n1")
     }
 
+    /// `sluice proxy-config` asks the agent over its stream: the answer is what the agent holds; an agent that does
+    /// not answer times out without holding back any other; an answer nobody asked for is dropped; an unknown node
+    /// is not connected.
+    func testAConfigDumpIsAskedOfTheAgentAndOneThatNeverAnswersTimesOut() async throws {
+        try write(Self.service("reviews", vip: 10))
+        try write(Self.workload("w1", node: "n1", app: "reviews", version: "v1", ip: 1))
+        let answering = try agent("n1")
+        let silent = try agent("n2")
+        silent.dumping.store(false, ordering: .relaxed)
+        assertEventuallyHolds(answering, "n1")
+        assertEventuallyHolds(silent, "n2")
+        guard case .dump(let data) = await control.hub.configDump(node: "n1") else { return XCTFail("n1 did not answer") }
+        let dump = try AgentConfigDump.decode(data)
+        XCTAssertEqual(dump.node, "n1")
+        XCTAssertEqual(dump.snapshot, answering.snapshot)
+        XCTAssertEqual(dump.version, answering.version)
+
+        let started = ContinuousClock.now
+        guard case .timedOut = await control.hub.configDump(node: "n2", timeout: .milliseconds(300)) else {
+            return XCTFail("n2 never answers, yet its dump did not time out")
+        }
+        XCTAssertLessThan(ContinuousClock.now - started, .seconds(2))
+        guard case .notConnected = await control.hub.configDump(node: "n3") else { return XCTFail("n3 has no agent") }
+        // An answer to a question never asked changes nothing, and both streams go on.
+        var stray = Sluice_V1_ConfigDump()
+        stray.request = 999
+        stray.snapshot = Data("not json".utf8)
+        var m = Sluice_V1_AgentMessage()
+        m.configDump = stray
+        answering.send.yield(m)
+        try write(Self.workload("w2", node: "n1", app: "reviews", version: "v2", ip: 2))
+        try write(Self.workload("w3", node: "n2", app: "reviews", version: "v1", ip: 3))
+        assertEventuallyHolds(answering, "n1")
+        assertEventuallyHolds(silent, "n2")
+    }
+
+    /// An agent that sends bytes that are not an AgentMessage loses its own stream only.
+    func testAnAgentSendingGarbageLosesOnlyItsOwnStream() async throws {
+        try write(Self.service("reviews", vip: 10))
+        let good = try agent("n1")
+        assertEventuallyHolds(good, "n1")
+        let files = try certificate(SPIFFEID(trustDomain: "cluster.local", namespace: "sluice-nodes", serviceAccount: "n2"),
+                                    name: "n2-garbage")
+        let seed = ProcessInfo.processInfo.environment["SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64.max)
+        var rng = SeededRandom(seed: seed)
+        print("garbage seed \(seed) (SEED=\(seed) repeats it)")
+        for round in 0..<5 {
+            // A Hello, then garbage: the server must refuse the stream, not crash or stall.
+            var hello = Sluice_V1_AgentMessage()
+            hello.hello.node = "n2"
+            let junk = (0..<Int.random(in: 1...512, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let outcome = try await Self.rawStream(port: control.streamPort, chain: files.chain, key: files.key,
+                                                   root: "\(dir)/ca/root-cert.pem",
+                                                   messages: [try hello.serializedBytes() as [UInt8], [0xFF] + junk])
+            XCTAssertEqual(outcome?.code, .invalidArgument, "round \(round): a stream of garbage was not refused as such")
+            print("round \(round): \(junk.count + 1) bytes of garbage: \(outcome.map { "\($0.code): \($0.message)" } ?? "accepted")")
+            try write(Self.workload("w\(round)", node: "n1", app: "reviews", version: "v1", ip: round + 1))
+            assertEventuallyHolds(good, "n1")
+        }
+    }
+
+    /// Sends `messages` as raw bytes on the agent stream's method; the error the stream ended with (nil: none).
+    static func rawStream(port: Int, chain: String, key: String, root: String, messages: [[UInt8]]) async throws -> RPCError? {
+        struct Raw: MessageSerializer, MessageDeserializer {
+            func serialize<Bytes: GRPCContiguousBytes>(_ message: [UInt8]) throws -> Bytes { Bytes(message) }
+            func deserialize<Bytes: GRPCContiguousBytes>(_ serializedMessageBytes: Bytes) throws -> [UInt8] {
+                serializedMessageBytes.withUnsafeBytes { Array($0) }
+            }
+        }
+        let transport = try TestAgent.transport(port: port, chain: chain, key: key, root: root)
+        return try await withGRPCClient(transport: transport) { client in
+            let request = StreamingClientRequest<[UInt8]>(producer: { writer in
+                for m in messages { try await writer.write(m) }
+                try await Task.sleep(for: .seconds(5))
+            })
+            do {
+                try await client.bidirectionalStreaming(
+                    request: request, descriptor: Sluice_V1_AgentStream.Method.Stream.descriptor, serializer: Raw(),
+                    deserializer: Raw(), options: .defaults
+                ) { response in
+                    for try await _ in response.messages {}
+                }
+                return nil
+            } catch let e as RPCError {
+                return e
+            }
+        }
+    }
+
     func eventually(_ timeout: Double = 10, _ condition: () -> Bool) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
@@ -297,6 +386,8 @@ final class TestAgent: Sendable {
     let received = Mutex<[Sluice_V1_Delta]>([])
     let deltas = Atomic<Int>(0)
     let acking = Atomic<Bool>(true)
+    /// Whether config dump requests are answered.
+    let dumping = Atomic<Bool>(true)
     /// Set: every delta is NACKed with this error.
     let refuse = Mutex<String?>(nil)
     let failure = Mutex<RPCError?>(nil)
@@ -340,23 +431,32 @@ final class TestAgent: Sendable {
         send.finish()
     }
 
+    /// A client transport to the control plane's stream on loopback with a node's certificate.
+    static func transport(port: Int, chain: String, key: String, root: String) throws -> HTTP2ClientTransport.Posix {
+        var config = HTTP2ClientTransport.Posix.Config.defaults
+        config.http2.authority = "sluice-control"
+        return try HTTP2ClientTransport.Posix(
+            target: .ipv4(address: "127.0.0.1", port: port),
+            transportSecurity: .mTLS(certificateChain: [.file(path: chain, format: .pem)],
+                                     privateKey: .file(path: key, format: .pem)) { tls in
+                tls.trustRoots = .certificates([.file(path: root, format: .pem)])
+            },
+            config: config)
+    }
+
     private func run() async {
         do {
-            var config = HTTP2ClientTransport.Posix.Config.defaults
-            config.http2.authority = "sluice-control"
-            let transport = try HTTP2ClientTransport.Posix(
-                target: .ipv4(address: "127.0.0.1", port: port),
-                transportSecurity: .mTLS(certificateChain: [.file(path: chain, format: .pem)],
-                                         privateKey: .file(path: key, format: .pem)) { tls in
-                    tls.trustRoots = .certificates([.file(path: root, format: .pem)])
-                },
-                config: config)
+            let transport = try Self.transport(port: port, chain: chain, key: key, root: root)
             try await withGRPCClient(transport: transport) { client in
                 let stub = Sluice_V1_AgentStream.Client(wrapping: client)
                 try await stub.stream(requestProducer: { writer in
                     for await m in self.outbound { try await writer.write(m) }
                 }, onResponse: { response in
                     for try await message in response.messages {
+                        if case .configDumpRequest(let r)? = message.message {
+                            if self.dumping.load(ordering: .relaxed) { self.send.yield(self.dump(r.request)) }
+                            continue
+                        }
                         guard case .delta(let delta)? = message.message else { continue }
                         self.received.withLock { $0.append(delta) }
                         self.deltas.add(1, ordering: .relaxed)
@@ -392,6 +492,18 @@ final class TestAgent: Sendable {
         var m = Sluice_V1_AgentMessage()
         m.ack = ack
         send.yield(m)
+    }
+
+    func dump(_ request: UInt64) -> Sluice_V1_AgentMessage {
+        let held = state.withLock { $0 }
+        var d = Sluice_V1_ConfigDump()
+        d.request = request
+        d.version = UInt64(held.version)
+        d.snapshot = AgentConfigDump(node: node, agentVersion: "test", version: held.version, snapshot: held.snapshot,
+                                     listeners: [], endpointHealth: [:], secrets: []).encoded()
+        var m = Sluice_V1_AgentMessage()
+        m.configDump = d
+        return m
     }
 
     func ackPending() {

@@ -196,6 +196,92 @@ final class AgentStreamBinaryTests: XCTestCase {
         XCTAssertEqual(code, 0, out)
     }
 
+    /// `sluice analyze`: the stored mesh alone, files over it (a file's object replaces the stored one), files alone;
+    /// istioctl's line form with stable codes, `-o json`, the namespace scope, exit 79 on errors (or on warnings with
+    /// `--failure-threshold Warning`), 1 when it cannot run.
+    func testAnalyzeFindsProblemsInTheStoredMeshAndInFilesOverIt() throws {
+        try startControl()
+        let stored = """
+            apiVersion: networking.istio.io/v1
+            kind: ServiceEntry
+            metadata: {name: reviews, namespace: shop}
+            spec:
+              hosts: [reviews.shop.svc.cluster.local]
+              ports: [{number: 9080, name: http, protocol: HTTP}]
+              resolution: STATIC
+              endpoints: [{address: 10.0.0.1}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: reviews, namespace: shop}
+            spec:
+              host: reviews.shop.svc.cluster.local
+              subsets: [{name: v1, labels: {version: v1}}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: reviews, namespace: shop}
+            spec:
+              hosts: [reviews.shop.svc.cluster.local]
+              http:
+              - route: [{destination: {host: reviews.shop.svc.cluster.local, subset: v1}}]
+              - match: [{uri: {prefix: /late}}]
+                route: [{destination: {host: reviews.shop.svc.cluster.local}}]
+            """
+        var (out, code) = try sluice(["apply", "-f", "-"], stdin: stored)
+        XCTAssertEqual(code, 0, out)
+        (out, code) = try sluice(["analyze", "-n", "shop"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.contains("Warning [SLC0130] (VirtualService shop/reviews) VirtualService rule http[1] is never used"), out)
+        (out, code) = try sluice(["analyze", "-n", "elsewhere"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.contains("No validation issues found when analyzing namespace: elsewhere."), out)
+        (out, code) = try sluice(["analyze", "-A", "--failure-threshold", "Warning"])
+        XCTAssertEqual(code, 79, out)
+
+        // A file that moves the route to a subset nothing defines: an error located in the file.
+        let v3 = stored.components(separatedBy: "---\n")[2].replacingOccurrences(of: "subset: v1", with: "subset: v3")
+        try v3.write(toFile: "\(dir)/reviews-v3.yaml", atomically: true, encoding: .utf8)
+        (out, code) = try sluice(["analyze", "-n", "shop", "-f", "\(dir)/reviews-v3.yaml"])
+        XCTAssertEqual(code, 79, out)
+        XCTAssertTrue(out.contains("Error [SLC0101] (VirtualService shop/reviews \(dir)/reviews-v3.yaml:1) Referenced subset v3 of reviews.shop.svc.cluster.local not found (at spec.http[0].route[0].destination.subset)"), out)
+        XCTAssertTrue(out.contains("Error: Analyzers found issues when analyzing namespace: shop."), out)
+        let p = Process()
+        p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
+        p.arguments = ["analyze", "--kubeconfig", "\(dir)/state/admin.kubeconfig", "-n", "shop", "-o", "json", "\(dir)/reviews-v3.yaml"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let json = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 79)
+        let messages = try XCTUnwrap(try JSONSerialization.jsonObject(with: json) as? [[String: String]])
+        let error = try XCTUnwrap(messages.first { $0["level"] == "Error" })
+        XCTAssertEqual(error["code"], "SLC0101")
+        XCTAssertEqual(error["name"], "ReferencedResourceNotFound")
+        XCTAssertEqual(error["origin"], "VirtualService shop/reviews")
+        XCTAssertEqual(error["reference"], "\(dir)/reviews-v3.yaml:1")
+        XCTAssertEqual(error["path"], "spec.http[0].route[0].destination.subset")
+
+        // The same file with a DestinationRule that defines v3 replaces the stored one: nothing wrong.
+        try (v3 + "\n---\n" + stored.components(separatedBy: "---\n")[1].replacingOccurrences(of: "name: v1", with: "name: v3"))
+            .write(toFile: "\(dir)/reviews-v3-dr.yaml", atomically: true, encoding: .utf8)
+        (out, code) = try sluice(["analyze", "-n", "shop", "-f", "\(dir)/reviews-v3-dr.yaml"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertFalse(out.contains("Error"), out)
+        // The file alone, without the server: no DestinationRule anywhere.
+        (out, code) = try sluice(["analyze", "--use-kube=false", "\(dir)/reviews-v3.yaml"])
+        XCTAssertEqual(code, 79, out)
+        XCTAssertTrue(out.contains("[SLC0101]"), out)
+        (out, code) = try sluice(["analyze", "-f", "\(dir)/no-such-file.yaml"])
+        XCTAssertEqual(code, 1, out)
+        XCTAssertTrue(out.contains("does not exist"), out)
+        // The stored mesh did not change.
+        (out, code) = try sluice(["get", "dr", "reviews", "-n", "shop", "-o", "yaml"])
+        XCTAssertTrue(out.contains("name: v1") && !out.contains("name: v3"), out)
+    }
+
     /// Registration: `sluice workload add` writes the entry, the agent registers it as owned by its node, the CA then
     /// grants that identity to the node (and only then), `workload remove` takes it away again; a workload on another
     /// node is refused; an offline node's workloads go after the cleanup grace.
@@ -311,6 +397,52 @@ final class AgentStreamBinaryTests: XCTestCase {
         XCTAssertEqual(tag(gatewayPort), "A")
     }
 
+    /// `sluice proxy-config`: what the agent serves, asked of it over the stream.
+    func assertProxyConfig(gatewayPort: UInt16) throws {
+        var (out, code) = try sluice(["proxy-config", "n1", "all"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertEqual(out.components(separatedBy: "\n\n").count, 5, out)
+        (out, code) = try sluice(["proxy-config", "n1", "listeners"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.hasPrefix("ADDRESS"), out)
+        let listener = out.split(separator: "\n").first { $0.contains("\(gatewayPort)") }.map(String.init) ?? ""
+        XCTAssertTrue(listener.contains("127.0.0.1") && listener.contains("TCP") && listener.contains("gateway default/gw")
+                      && listener.contains("svc0.test.svc.cluster.local"), out)
+        (out, code) = try sluice(["proxy-config", "n1", "clusters"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.contains("svc0.test.svc.cluster.local") && out.contains("ROUND_ROBIN"), out)
+        // istioctl's order (section first) works too.
+        (out, code) = try sluice(["proxy-config", "endpoints", "n1"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertTrue(out.split(separator: "\n").contains { $0.hasPrefix("127.0.0.1:") && $0.contains("HEALTHY") }, out)
+        (out, code) = try sluice(["proxy-config", "n1", "routes"])
+        XCTAssertTrue(out.contains("vs0.default") && out.contains("tcp[0]"), out)
+        (out, code) = try sluice(["proxy-config", "n1", "secrets"])
+        XCTAssertEqual(code, 0, out)
+        let node = out.split(separator: "\n").first { $0.hasPrefix("spiffe://cluster.local/ns/sluice-nodes/sa/n1") } ?? ""
+        XCTAssertTrue(node.contains("Cert Chain") && node.contains("ACTIVE") && node.contains("true"), out)
+        XCTAssertTrue(out.contains("ROOTCA"), out)
+        XCTAssertFalse(out.contains("PRIVATE KEY"), out)
+        // -o json: the agent's own account, with its version.
+        let p = Process()
+        p.executableURL = Harness.root.appendingPathComponent(".build/debug/sluice")
+        p.arguments = ["proxy-config", "--kubeconfig", "\(dir)/state/admin.kubeconfig", "n1", "all", "-o", "json"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        try p.run()
+        let json = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let dump = try XCTUnwrap(try JSONSerialization.jsonObject(with: json) as? [String: Any])
+        XCTAssertEqual(dump["node"] as? String, "n1")
+        XCTAssertGreaterThan(dump["version"] as? Int ?? 0, 0)
+        XCTAssertEqual((dump["listeners"] as? [[String: Any]])?.first?["port"] as? Int, Int(gatewayPort))
+        (out, code) = try sluice(["proxy-config", "n9", "listeners"])
+        XCTAssertEqual(code, 1, out)
+        XCTAssertTrue(out.contains("NotFound") && out.contains("no agent connected"), out)
+        (out, code) = try sluice(["proxy-config", "n1", "nonsense"])
+        XCTAssertNotEqual(code, 0, out)
+    }
+
     func testTheAgentServesThePushedMeshAndKeepsServingWithoutTheControlPlane() throws {
         let gatewayPort = try servingMesh()
         try startControl()
@@ -324,6 +456,7 @@ final class AgentStreamBinaryTests: XCTestCase {
         let row = table.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
         XCTAssertEqual(row.first?.prefix(2), ["NODE", "STATUS"], table)
         XCTAssertEqual(row.dropFirst().first?.prefix(2), ["n1", "SYNCED"], table)
+        try assertProxyConfig(gatewayPort: gatewayPort)
 
         // A push the agent cannot serve (its port is taken): NACKED with the agent's reason, the old listener serves.
         let (held, heldPort) = Harness.loopbackSocket(backlog: 1)

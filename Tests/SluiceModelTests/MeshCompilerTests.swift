@@ -292,6 +292,45 @@ final class MeshCompilerTests: XCTestCase {
         XCTAssertEqual(m.snapshot(for: "node-a"), before["node-a"], "node-a got no delta and nothing changed for it")
     }
 
+    /// istioctl analyze's IST0130: a rule after one that matches every request, or with the same matches as an
+    /// earlier one, is reported (a warning with its own code), and rules that can each be reached are not.
+    func testUnreachableVirtualServiceRulesAreReported() throws {
+        let yaml = Self.service("web", ns: "shop", vip: "10.9.0.1", proto: "HTTP") + """
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: web, namespace: shop}
+            spec:
+              hosts: [web.shop.svc.cluster.local]
+              http:
+              - name: a
+                match: [{uri: {prefix: /api}, name: first}]
+                route: [{destination: {host: web.shop.svc.cluster.local}}]
+              - name: same-as-a
+                match: [{uri: {prefix: /api}, name: renamed}]
+                route: [{destination: {host: web.shop.svc.cluster.local}}]
+              - match: [{uri: {prefix: /}}]
+                route: [{destination: {host: web.shop.svc.cluster.local}}]
+              - route: [{destination: {host: web.shop.svc.cluster.local}}]
+            ---
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: fine, namespace: shop}
+            spec:
+              hosts: [fine.example]
+              http:
+              - match: [{headers: {end-user: {exact: jason}}}]
+                route: [{destination: {host: web.shop.svc.cluster.local}}]
+              - match: [{uri: {prefix: /api}}]
+                route: [{destination: {host: web.shop.svc.cluster.local}}]
+              - route: [{destination: {host: web.shop.svc.cluster.local}}]
+            """
+        let compiler = try MeshCompiler(Self.decode(yaml))
+        let unreachable = compiler.warnings.filter { $0.code == .virtualServiceUnreachableRule }
+        XCTAssertEqual(unreachable.map(\.path), ["spec.http[1].match", "spec.http[3]"], "\(compiler.warnings)")
+        XCTAssertTrue(unreachable.allSatisfy { $0.resource == "VirtualService shop/web" && $0.code.code == "SLC0130" })
+        XCTAssertTrue(unreachable[1].message.contains("rule http[2] before it matches every request"), unreachable[1].message)
+    }
+
     func testRejectedChangeKeepsTheLastGoodConfiguration() throws {
         var m = try MeshCompiler(Self.decode(Self.twoNamespaces))
         let before = m.snapshot(for: "node-b")

@@ -98,6 +98,16 @@ public final class APIServer: Sendable {
                 switch api.handle(request) {
                 case .response(let r): respond(context, r, keepAlive: h.isKeepAlive, head: h.method == .HEAD)
                 case .watch(let w): startWatch(context, w)
+                case .deferred(let work):
+                    // Off the event loop; the answer is written back on it (the pipeline holds later requests of
+                    // this connection until then).
+                    let keepAlive = h.isKeepAlive
+                    let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                    let loop = context.eventLoop
+                    Task {
+                        let r = await work()
+                        loop.execute { bound.value.0.respond(bound.value.1, r, keepAlive: keepAlive) }
+                    }
                 }
             }
         }

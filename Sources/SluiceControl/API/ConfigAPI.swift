@@ -75,6 +75,8 @@ public final class ConfigAPI: Sendable {
     public enum Outcome: Sendable {
         case response(Response)
         case watch(Watch)
+        /// A response that waits on something else (an agent's answer): the server runs it off its event loop.
+        case deferred(@Sendable () async -> Response)
     }
 
     /// Largest object accepted (etcd's default request limit, as the Kubernetes API server enforces it).
@@ -87,13 +89,17 @@ public final class ConfigAPI: Sendable {
 
     /// The connected agents, for `GET /sluice/v1/status` (`sluice status`).
     let nodeStatus: @Sendable () -> [AgentHub.NodeStatus]
+    /// Asks a node's agent what it serves, for `GET /sluice/v1/nodes/{node}/configdump` (`sluice proxy-config`).
+    let configDump: @Sendable (_ node: String) async -> AgentHub.ConfigDumpResult
 
     public init(mesh: MeshState, auth: APIAuthenticator, logger: Logger,
-                nodeStatus: @escaping @Sendable () -> [AgentHub.NodeStatus] = { [] }) {
+                nodeStatus: @escaping @Sendable () -> [AgentHub.NodeStatus] = { [] },
+                configDump: @escaping @Sendable (_ node: String) async -> AgentHub.ConfigDumpResult = { _ in .notConnected }) {
         self.mesh = mesh
         self.auth = auth
         self.logger = logger
         self.nodeStatus = nodeStatus
+        self.configDump = configDump
         openAPI = OpenAPIDocuments()
     }
 
@@ -132,6 +138,23 @@ public final class ConfigAPI: Sendable {
         case ("version", 1): return .response(Response(200, Self.version))
         case ("sluice", 3) where parts[1] == "v1" && parts[2] == "status" && !write:
             return .response(Response(200, statusList()))
+        case ("sluice", 5) where parts[1] == "v1" && parts[2] == "nodes" && parts[4] == "configdump" && !write:
+            let node = parts[3], ask = configDump
+            return .deferred {
+                switch await ask(node) {
+                case .dump(let data) where (try? JSONSerialization.jsonObject(with: data)) != nil:
+                    return Response(status: 200, contentType: "application/json", body: data)
+                case .dump:
+                    let e = APIStatus(code: 500, reason: "InternalError", message: "node \(node)'s agent answered with something that is not JSON")
+                    return Response(e.code, e.json)
+                case .notConnected:
+                    let e = APIStatus(code: 404, reason: "NotFound", message: "node \"\(node)\" has no agent connected", name: node)
+                    return Response(e.code, e.json)
+                case .timedOut:
+                    let e = APIStatus(code: 504, reason: "Timeout", message: "node \(node)'s agent did not answer in time")
+                    return Response(e.code, e.json)
+                }
+            }
         case ("api", 1): return .response(Response(200, Discovery.coreVersions))
         case ("api", 2) where parts[1] == "v1": return .response(Response(200, Discovery.coreResources))
         case ("api", 3) where parts[1] == "v1" && parts[2] == "namespaces" && !write:

@@ -115,6 +115,7 @@ public struct APIClient: Sendable {
         public var status: Int
         public var json: JSONValue?
         public var warnings: [String]
+        public var body: Data
         /// The Status message of an error reply (or the body).
         public var message: String {
             json?["message"]?.stringValue ?? json.map(\.text) ?? ""
@@ -140,6 +141,6 @@ public struct APIClient: Sendable {
             guard let q = w.firstIndex(of: "\""), w.last == "\"" else { return w }
             return String(w[w.index(after: q)..<w.index(before: w.endIndex)])
         }
-        return Reply(status: r.status, json: json, warnings: warnings)
+        return Reply(status: r.status, json: json, warnings: warnings, body: Data(r.body))
     }
 }

@@ -77,6 +77,22 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
 
     public var connectedNodes: [String] { sessions.withLock { $0.keys.sorted() } }
 
+    public enum ConfigDumpResult: Sendable {
+        /// The agent's answer: an `AgentConfigDump` as JSON.
+        case dump(Data)
+        case notConnected
+        case timedOut
+    }
+
+    /// What `node`'s agent serves now, asked over its stream (`sluice proxy-config`).
+    public func configDump(node: String, timeout: Duration = .seconds(5)) async -> ConfigDumpResult {
+        guard let session = sessions.withLock({ $0[node] }) else { return .notConnected }
+        guard let d = await session.configDump(timeout: timeout) else {
+            return sessions.withLock({ $0[node] }) == nil ? .notConnected : .timedOut
+        }
+        return .dump(d.snapshot)
+    }
+
     // MARK: - the stream
 
     public func stream(request: RPCAsyncSequence<Sluice_V1_AgentMessage, any Error>,
@@ -232,8 +248,11 @@ final class Session: Sendable {
         var workloads = 0
         var nearestExpiry: Date?
         var ended = false
-        /// Answers to send besides deltas (registration results).
+        /// Answers to send besides deltas (registration results, config dump requests).
         var outbox: [Sluice_V1_ControlMessage] = []
+        /// Config dumps asked of the agent and not answered yet, by request number.
+        var dumps: [UInt64: CheckedContinuation<Sluice_V1_ConfigDump?, Never>] = [:]
+        var nextDump: UInt64 = 0
     }
 
     let state = Mutex(State())
@@ -413,16 +432,49 @@ final class Session: Sendable {
             throw RPCError(code: .invalidArgument, message: "Hello is the first message of a stream only")
         case .registration:
             break  // handled by the hub, which stores it
-        case .configDump:
-            throw RPCError(code: .unimplemented, message: "this control plane does not take that message yet")
+        case .configDump(let d):
+            answered(d.request, d)
         case nil:
             throw RPCError(code: .invalidArgument, message: "an empty message")
         }
     }
 
     func end() {
-        state.withLock { $0.ended = true }
+        let waiting = state.withLock { s in
+            s.ended = true
+            defer { s.dumps = [:] }
+            return Array(s.dumps.values)
+        }
+        for c in waiting { c.resume(returning: nil) }
         wake.finish()
+    }
+
+    /// Asks the agent what it serves now; nil when it does not answer within `timeout` or the stream ends.
+    func configDump(timeout: Duration) async -> Sluice_V1_ConfigDump? {
+        await withCheckedContinuation { (c: CheckedContinuation<Sluice_V1_ConfigDump?, Never>) in
+            let id: UInt64? = state.withLock { s in
+                guard !s.ended else { return nil }
+                s.nextDump += 1
+                s.dumps[s.nextDump] = c
+                var request = Sluice_V1_ConfigDumpRequest()
+                request.request = s.nextDump
+                var m = Sluice_V1_ControlMessage()
+                m.configDumpRequest = request
+                s.outbox.append(m)
+                return s.nextDump
+            }
+            guard let id else { return c.resume(returning: nil) }
+            wake.yield()
+            Task {
+                try? await Task.sleep(for: timeout)
+                self.answered(id, nil)
+            }
+        }
+    }
+
+    /// Resumes whoever waits for dump `id` (once: a late or unasked answer is dropped).
+    private func answered(_ id: UInt64, _ dump: Sluice_V1_ConfigDump?) {
+        state.withLock { $0.dumps.removeValue(forKey: id) }?.resume(returning: dump)
     }
 
     var status: AgentHub.NodeStatus {
