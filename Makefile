@@ -4,8 +4,8 @@ SWIFT ?= swift
 # Debian packages the build, the tests, the demo and the benchmarks need.
 DEB_PACKAGES := liburing-dev libbpf-dev libelf-dev libssl-dev libnghttp2-dev libyaml-dev libsqlite3-dev pkgconf bpftool python3 curl iproute2 \
                 procps nghttp2-client python3-pip tcpdump
-# PyPI packages the tests use (real gRPC clients and servers).
-PY_PACKAGES := grpcio kubernetes
+# PyPI packages the tests use (real gRPC clients and servers, the Kubernetes client, schemathesis for the config API).
+PY_PACKAGES := grpcio kubernetes schemathesis
 BENCH_PACKAGES := haproxy iperf3 wrk nginx-light iptables nghttp2-client linux-perf openssl
 # Static Swift runtime: the agent maps only the runtime code it uses (idle RSS ~25 MB instead of ~32 MB).
 RELEASE_FLAGS := -c release --static-swift-stdlib
@@ -27,7 +27,7 @@ deps:
 	  mkdir -p .build/kubectl-1.20 && cd .build/kubectl-1.20 && \
 	  { apt-get download kubernetes-client >/dev/null 2>&1 || { apt-get update -qq && apt-get download kubernetes-client >/dev/null; }; } && \
 	  dpkg-deb -x kubernetes-client_*.deb . && rm -f kubernetes-client_*.deb; }
-	@python3 -c "import grpc, kubernetes" 2>/dev/null || { echo "installing: $(PY_PACKAGES) (pip)"; \
+	@python3 -c "import grpc, kubernetes, schemathesis" 2>/dev/null || { echo "installing: $(PY_PACKAGES) (pip)"; \
 	  python3 -m pip install -q $(PY_PACKAGES) 2>/dev/null || python3 -m pip install -q --break-system-packages $(PY_PACKAGES); }
 
 bench-deps: deps

@@ -23,10 +23,13 @@ public final class CAService: Sendable {
     private let hosted: Mutex<[String: Set<String>]>
     private let counters = Mutex<[String: Int]>([:])
     public let defaultLifetime: Duration
+    /// Nodes an operator deleted: their certificates renew nothing until they join again.
+    let deleted: DeletedNodes
 
     public init(ca: CertificateAuthority, joinTokens: [String: String], hostedIdentities: [String: Set<String>],
-                defaultLifetime: Duration = .seconds(86_400)) {
+                defaultLifetime: Duration = .seconds(86_400), deletedNodes: DeletedNodes? = nil) {
         self.ca = ca
+        deleted = deletedNodes ?? DeletedNodes()
         tokens = Mutex(joinTokens)
         hosted = Mutex(hostedIdentities)
         self.defaultLifetime = defaultLifetime
@@ -84,6 +87,10 @@ public final class CAService: Sendable {
                 count("bad_token")
                 return error(403, "bad_token", "the join token is unknown, already used, or for another node")
             }
+            // A deleted node that joins again with a new token is a member once more.
+            do { try deleted.remove(node) } catch {
+                return self.error(500, "internal", "cannot record that node \(node) joined again: \(error)")
+            }
             return sign(csr, id, lifetime, requester: "join:\(node)", authorized: true)
         case "/v1/certificates":
             guard let peer, let caller = SPIFFEID(peer), caller.namespace == Self.nodeNamespace,
@@ -96,6 +103,10 @@ public final class CAService: Sendable {
                 return error(400, "malformed", "\"identity\" must be spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/ACCOUNT")
             }
             let node = caller.serviceAccount
+            guard !deleted.contains(node) else {
+                count("node_deleted")
+                return error(403, "node_deleted", "node \(node) was deleted: join it again with a new join token")
+            }
             let allowed = id == caller || hosted.withLock { $0[node]?.contains(id.description) ?? false }
             return sign(csr, id, lifetime, requester: "node:\(node)", authorized: allowed)
         default:

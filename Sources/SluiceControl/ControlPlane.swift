@@ -122,7 +122,12 @@ public final class ControlPlane: Sendable {
         }
         if let config = o.config { try Self.seed(mesh, from: config, logger: logger) }
         let hosted = CAService.hostedIdentities(mesh.compiler)
-        service = CAService(ca: ca, joinTokens: tokens, hostedIdentities: hosted, defaultLifetime: o.maxCertificateLifetime)
+        let deleted: DeletedNodes
+        do { deleted = try DeletedNodes(path: "\(o.stateDirectory)/deleted-nodes") } catch {
+            throw StartError(description: "cannot read \(o.stateDirectory)/deleted-nodes: \(error)")
+        }
+        service = CAService(ca: ca, joinTokens: tokens, hostedIdentities: hosted, defaultLifetime: o.maxCertificateLifetime,
+                            deletedNodes: deleted)
         // Grants follow the stored mesh: a write that moves a workload re-reads which node hosts which identity.
         mesh.observe { [service] _, delta, compiler in
             // Only the nodes whose workloads the write changed (recomputing every node's would make each write cost
@@ -158,7 +163,7 @@ public final class ControlPlane: Sendable {
         hubOptions.maxDelay = o.pushMaxDelay
         hubOptions.maxPending = o.pushMaxPending
         hubOptions.cleanupGrace = o.cleanupGrace
-        hub = AgentHub(mesh: mesh, options: hubOptions, logger: logger)
+        hub = AgentHub(mesh: mesh, options: hubOptions, deletedNodes: deleted, logger: logger)
         (streamServer, streamPort) = try Self.serveStream(hub, at: o.stream, chain: chainFile, key: keyFile, root: rootFile,
                                                           logger: logger)
 
@@ -169,7 +174,8 @@ public final class ControlPlane: Sendable {
             let adminToken = try read(tokenFile).trimmingCharacters(in: .whitespacesAndNewlines)
             auth.add(adminToken, .init(name: "admin", role: .admin))
             let api = ConfigAPI(mesh: mesh, auth: auth, logger: logger, nodeStatus: { [hub] in hub.status },
-                                configDump: { [hub] node in await hub.configDump(node: node) })
+                                configDump: { [hub] node in await hub.configDump(node: node) },
+                                deleteNode: { [hub] node, requester in try hub.delete(node: node, requester: requester) })
             let apiServer = try APIServer(api: api, certificateChain: chainFile, privateKey: keyFile, clientCA: rootFile)
             guard let c = address.lastIndex(of: ":"), let ap = Int(address[address.index(after: c)...]) else {
                 throw StartError(description: "--api '\(address)' is not HOST:PORT")

@@ -133,6 +133,17 @@ public struct MeshCompiler: Sendable {
         if scopes[node] == nil { scopes[node] = nodeScope(node) }
     }
 
+    /// Whether the mesh knows `node` (see `nodes`), without listing them all.
+    public func knows(node: String) -> Bool {
+        registeredNodes.contains(node) || workloads.byNode[node] != nil || gatewayProducts.values.contains { $0.node == node }
+    }
+
+    /// Forgets a registered node (it was deleted); what the stored mesh places on it stays.
+    public mutating func unregister(node: String) {
+        registeredNodes.remove(node)
+        if scopes[node]?.isEmpty == true { scopes[node] = nil }
+    }
+
     /// The snapshot `node` serves.
     public func snapshot(for node: String) -> NodeSnapshot {
         let local = nodeLocal(node)

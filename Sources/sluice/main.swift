@@ -385,7 +385,12 @@ struct GetCommand: ParsableCommand {
 
 struct DeleteCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "delete", abstract: "Delete mesh configuration (-f FILE, or KIND NAME...).")
+        commandName: "delete", abstract: "Delete mesh configuration (-f FILE, or KIND NAME...), or a node (node NAME).",
+        discussion: """
+            `sluice delete node NAME` removes the workloads the node's agent registered, ends its stream, and refuses \
+            its certificate until the node joins again with a new join token (what the stored mesh itself places on \
+            the node stays).
+            """)
     @OptionGroup var client: ClientOptions
     @Option(name: .shortAndLong, help: "File or directory of YAML, or - for standard input.") var filename: String?
     @Flag(name: .customLong("ignore-not-found"), help: "Objects already gone are not errors.") var ignoreNotFound = false

@@ -149,6 +149,9 @@ final class AgentStreamTests: XCTestCase {
         var rng = SeededRandom(seed: seed)
         try write(Self.service("reviews", vip: 10))
         let n1 = try agent("n1"), n2 = try agent("n2")
+        // n3 reconnects now and then in the middle of the writes: its first snapshot is compared and encoded while
+        // writes go on, and what they change must win over what that snapshot said.
+        var n3 = try agent("n3"), reconnects = 0
         assertEventuallyHolds(n1, "n1")
         assertEventuallyHolds(n2, "n2")
         let apps = ["reviews", "ratings", "details"]
@@ -177,11 +180,20 @@ final class AgentStreamTests: XCTestCase {
                 }
                 // Now and then a pause longer than the debounce: deltas then build on deltas the agent applied.
                 if Int.random(in: 0..<6, using: &rng) == 0 { Thread.sleep(forTimeInterval: 0.13) }
+                if Int.random(in: 0..<8, using: &rng) == 0 {
+                    // Resuming what the last stream left it holding, or from nothing.
+                    let held = Bool.random(using: &rng) ? (n3.snapshot, n3.version) : nil
+                    n3.stop()
+                    n3 = try agent("n3", holding: held)
+                    reconnects += 1
+                }
             }
-            // Mid-sequence and at the end: both nodes converge on exactly what a fresh compile gives them.
+            // Mid-sequence and at the end: every node converges on exactly what a fresh compile gives it.
             assertEventuallyHolds(n1, "n1")
             assertEventuallyHolds(n2, "n2")
-            print("round \(round): \(writes) accepted writes so far; n1 got \(n1.deltas.load(ordering: .relaxed)) deltas")
+            assertEventuallyHolds(n3, "n3")
+            print("round \(round): \(writes) accepted writes so far; n1 got \(n1.deltas.load(ordering: .relaxed)) deltas; "
+                  + "n3 reconnected \(reconnects) times")
         }
         // The writes came faster than the debounce: they were coalesced.
         XCTAssertLessThan(n1.deltas.load(ordering: .relaxed), writes / 2)
@@ -189,6 +201,32 @@ final class AgentStreamTests: XCTestCase {
         // The fresh compile is also what the whole mesh compiled from scratch gives.
         let fresh = try MeshCompiler(control.mesh.compiler.resources.values.sorted { $0.key < $1.key })
         XCTAssertEqual(fresh.snapshot(for: "n1"), n1.snapshot)
+    }
+
+    /// A session's first snapshot is compared and encoded after the mesh is released: a change merged in between
+    /// (newer than the snapshot) wins, for an upsert and for a removal, and nothing leaves before the comparison ends.
+    func testChangesMergedWhileTheFirstSnapshotIsComparedWin() throws {
+        try write(Self.service("reviews", vip: 10) + "\n---\n" + Self.service("ratings", vip: 11) + "\n---\n"
+                  + Self.workload("w1", node: "n1", app: "reviews", version: "v1", ip: 1))
+        let snapshot = control.mesh.compiler.snapshot(for: "n1")
+        guard let i = snapshot.items.firstIndex(where: { $0.key.kind == .workload }), case .workload(var w) = snapshot.items[i],
+              let gone = snapshot.items.first(where: { $0.key.kind == .service })?.key
+        else { return XCTFail("the snapshot lacks a workload or a service: \(snapshot.items.map(\.key))") }
+        w.labels["version"] = "v2"
+        let session = Session(node: "n1", id: 1, hello: Sluice_V1_Hello())
+        session.begin(at: 5)
+        session.merge(6, NodeDelta(node: "n1", upserted: [.workload(w)], removed: [gone], mesh: nil), limit: 1_000)
+        guard case .idle = session.next(debounce: .zero, maxDelay: .zero, now: .now) else {
+            return XCTFail("a delta left before the first snapshot was compared")
+        }
+        session.start(from: snapshot, agentHolds: Sluice_V1_Hello())
+        guard case .send(let m) = session.next(debounce: .zero, maxDelay: .zero, now: .now) else { return XCTFail("nothing to send") }
+        XCTAssertEqual(m.delta.version, 6)
+        let upserts = Dictionary(m.delta.upserts.map { ("\($0.kind)/\($0.name)", $0) }, uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(upserts[Wire.name(snapshot.items[i].key)]?.payload, SnapshotItem.workload(w).payload(), "the merged upsert wins")
+        XCTAssertNil(upserts[Wire.name(gone)], "the merged removal wins")
+        XCTAssertTrue(m.delta.removals.contains { $0.name == gone.name && $0.kind == gone.kind.wireName })
+        XCTAssertEqual(m.delta.upserts.count, snapshot.items.count - 1)
     }
 
     func testAResumedStreamSendsOnlyWhatChangedAndAfterARestartToo() throws {

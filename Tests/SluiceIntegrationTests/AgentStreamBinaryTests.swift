@@ -331,6 +331,47 @@ final class AgentStreamBinaryTests: XCTestCase {
         XCTAssertTrue(read("control.log").contains("removed the workloads of an offline node"))
     }
 
+    /// `sluice delete node` (as `kubectl delete node`): the workloads the node registered go at once rather than after
+    /// the grace, its agent is told and keeps serving, and its stream is refused from then on, across a restart of the
+    /// control plane too; a node deleted already, or never seen, is NotFound.
+    func testADeletedNodeLosesItsWorkloadsAndIsRefusedUntilItJoinsAgain() throws {
+        try startControl(grace: "1h")
+        let workloads = "\(dir)/workloads"
+        var (out, code) = try sluice(["workload", "add", "reviews-1", "-n", "shop", "--service-account", "reviews",
+                                      "--address", "127.0.0.1", "--unit", "reviews.service", "--dir", workloads])
+        XCTAssertEqual(code, 0, out)
+        try startAgent(["--workloads", workloads])
+        XCTAssertTrue(Harness.wait(15) { (try? self.sluice(["get", "we", "-n", "shop", "-o", "name"]))?.0.contains("reviews-1") == true },
+                      read("agent.log") + read("control.log"))
+        XCTAssertNotNil(try status())
+
+        (out, code) = try sluice(["delete", "node", "n1"])
+        XCTAssertEqual(code, 0, out)
+        XCTAssertEqual(out, "node \"n1\" deleted (1 registered workload(s) removed, its agent's stream ended)\n")
+        (out, _) = try sluice(["get", "we", "-n", "shop", "-o", "name"])
+        XCTAssertEqual(out.trimmingCharacters(in: .whitespacesAndNewlines), "No resources found in shop namespace.")
+        let log = read("control.log")
+        XCTAssertTrue(log.contains("verb=delete-node") && log.contains("resource=nodes"), log)
+        XCTAssertTrue(Harness.wait(10) { self.read("agent.log").contains("n1 was deleted: join it again") }, read("agent.log"))
+        XCTAssertNil(try status(), "a deleted node is not connected")
+
+        (out, code) = try sluice(["delete", "node", "n1"])
+        XCTAssertEqual(code, 1, out)
+        XCTAssertTrue(out.contains("nodes \"n1\" not found"), out)
+        XCTAssertEqual(try api("DELETE", "/sluice/v1/nodes/never-seen").0, 404)
+        XCTAssertEqual(try api("GET", "/sluice/v1/nodes/never-seen").0, 405)
+
+        // A restart does not undo it: the agent, still retrying, is refused again and registers nothing.
+        let refusals = read("agent.log").components(separatedBy: "was deleted").count
+        stop(control)
+        try startControl(grace: "1h")
+        XCTAssertTrue(Harness.wait(20) { self.read("agent.log").components(separatedBy: "was deleted").count > refusals },
+                      read("agent.log"))
+        XCTAssertNil(try status())
+        (out, _) = try sluice(["get", "we", "-n", "shop", "-o", "name"])
+        XCTAssertEqual(out.trimmingCharacters(in: .whitespacesAndNewlines), "No resources found in shop namespace.")
+    }
+
     /// The Python `kubernetes` client's CustomObjectsApi: create, get, list, patch, watch, delete, a refusal.
     func testThePythonKubernetesClientWorksUnchanged() throws {
         try startControl()

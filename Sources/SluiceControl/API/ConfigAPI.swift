@@ -91,15 +91,19 @@ public final class ConfigAPI: Sendable {
     let nodeStatus: @Sendable () -> [AgentHub.NodeStatus]
     /// Asks a node's agent what it serves, for `GET /sluice/v1/nodes/{node}/configdump` (`sluice proxy-config`).
     let configDump: @Sendable (_ node: String) async -> AgentHub.ConfigDumpResult
+    /// Deletes a node, for `DELETE /sluice/v1/nodes/{node}` (`sluice delete node`); nil when it is unknown.
+    let deleteNode: @Sendable (_ node: String, _ requester: String) throws -> AgentHub.NodeDeletion?
 
     public init(mesh: MeshState, auth: APIAuthenticator, logger: Logger,
                 nodeStatus: @escaping @Sendable () -> [AgentHub.NodeStatus] = { [] },
-                configDump: @escaping @Sendable (_ node: String) async -> AgentHub.ConfigDumpResult = { _ in .notConnected }) {
+                configDump: @escaping @Sendable (_ node: String) async -> AgentHub.ConfigDumpResult = { _ in .notConnected },
+                deleteNode: @escaping @Sendable (_ node: String, _ requester: String) throws -> AgentHub.NodeDeletion? = { _, _ in nil }) {
         self.mesh = mesh
         self.auth = auth
         self.logger = logger
         self.nodeStatus = nodeStatus
         self.configDump = configDump
+        self.deleteNode = deleteNode
         openAPI = OpenAPIDocuments()
     }
 
@@ -155,6 +159,8 @@ public final class ConfigAPI: Sendable {
                     return Response(e.code, e.json)
                 }
             }
+        case ("sluice", 4) where parts[1] == "v1" && parts[2] == "nodes":
+            return .response(try nodeRequest(rq, node: parts[3], user: user.name, role: role))
         case ("api", 1): return .response(Response(200, Discovery.coreVersions))
         case ("api", 2) where parts[1] == "v1": return .response(Response(200, Discovery.coreResources))
         case ("api", 3) where parts[1] == "v1" && parts[2] == "namespaces" && !write:
@@ -486,6 +492,31 @@ public final class ConfigAPI: Sendable {
         }
         audit(ctx, "delete", name, result)
         return Response(200, present(result.object.object, ctx))
+    }
+
+    /// `DELETE /sluice/v1/nodes/{node}`: the node's registered workloads go, and it is refused until it joins again.
+    private func nodeRequest(_ rq: Request, node: String, user: String, role: APIAuthenticator.Role) throws(APIStatus) -> Response {
+        guard rq.method == "DELETE" else { throw Self.methodNotAllowed(rq.method) }
+        guard role == .admin else {
+            throw APIStatus(code: 403, reason: "Forbidden", message: "nodes is forbidden: User \"\(user)\" cannot delete it (role view)",
+                            name: node)
+        }
+        let before = mesh.revision
+        let deletion: AgentHub.NodeDeletion?
+        do { deletion = try deleteNode(node, user) } catch {
+            throw APIStatus(code: 500, reason: "InternalError", message: "cannot delete node \(node): \(error)", name: node)
+        }
+        guard let deletion else {
+            throw APIStatus(code: 404, reason: "NotFound", message: "nodes \"\(node)\" not found", name: node)
+        }
+        logger.info("audit", metadata: ["user": "\(user)", "verb": "delete", "resource": "nodes", "name": "\(node)",
+                                        "before": "\(before)", "after": "\(mesh.revision)",
+                                        "removed_workloads": "\(deletion.removedWorkloads)"])
+        let message = "node \(node) deleted: \(deletion.removedWorkloads) registered workload(s) removed"
+            + (deletion.wasConnected ? ", its agent's stream ended" : "")
+        return Response(200, .object(["kind": "Status", "apiVersion": "v1", "metadata": .object([:]), "status": "Success",
+                                      "message": .string(message),
+                                      "details": .object(["name": .string(node), "kind": "nodes"])]))
     }
 
     /// One line per write: who, what, and the versions before and after.

@@ -155,6 +155,7 @@ public struct CLI: Sendable {
 
     /// `sluice delete KIND NAME...`
     public func delete(kind: String, names: [String], ignoreNotFound: Bool = false) -> Int32 {
+        if ["node", "nodes", "no"].contains(kind.lowercased()) { return deleteNodes(names, ignoreNotFound: ignoreNotFound) }
         guard let r = APIResource.named(kind) else {
             err("error: the server doesn't have a resource type \"\(kind)\"")
             return 1
@@ -163,6 +164,28 @@ public struct CLI: Sendable {
         for name in names {
             let t = Target(resource: r, version: r.preferredVersion, namespace: defaultNamespace, name: name)
             do { if try !delete(t, ignoreNotFound: ignoreNotFound) { failed = true } } catch {
+                err("\(error)")
+                failed = true
+            }
+        }
+        return failed ? 1 : 0
+    }
+
+    /// `sluice delete node NAME...`: the node's registered workloads go and its agent is refused until it joins again.
+    private func deleteNodes(_ names: [String], ignoreNotFound: Bool) -> Int32 {
+        var failed = false
+        for name in names {
+            do {
+                let r = try client.call("DELETE", "/sluice/v1/nodes/\(name)")
+                if r.status == 404 && ignoreNotFound { continue }
+                guard r.status == 200 else {
+                    err(serverError(r))
+                    failed = true
+                    continue
+                }
+                out("node \"\(name)\" deleted" + (r.json?["message"]?.stringValue.flatMap { m in
+                    m.firstRange(of: ": ").map { " (" + m[$0.upperBound...] + ")" } } ?? ""))
+            } catch {
                 err("\(error)")
                 failed = true
             }

@@ -36,12 +36,15 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
     let sessions = Mutex<[String: Session]>([:])
     let nextSession = Atomic<Int>(0)
     let registrar: Registrar
+    /// Nodes an operator deleted: their streams are refused until they join again.
+    let deleted: DeletedNodes
 
-    public init(mesh: MeshState, options: Options = Options(), logger: Logger) {
+    public init(mesh: MeshState, options: Options = Options(), deletedNodes: DeletedNodes = DeletedNodes(), logger: Logger) {
         self.mesh = mesh
         self.options = options
         self.logger = logger
-        registrar = Registrar(mesh: mesh, grace: options.cleanupGrace, logger: logger)
+        deleted = deletedNodes
+        registrar = Registrar(mesh: mesh, grace: options.cleanupGrace, deleted: deletedNodes, logger: logger)
         // Runs while writes are held, in revision order: only merges into the sessions' pending sets.
         mesh.observe { [weak self] revision, delta, _ in
             guard let self else { return }
@@ -93,6 +96,36 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
         return .dump(d.snapshot)
     }
 
+    // MARK: - deleting a node
+
+    public struct NodeDeletion: Sendable {
+        public var wasConnected: Bool
+        /// The WorkloadEntries the node had registered, removed with it.
+        public var removedWorkloads: Int
+    }
+
+    /// `sluice delete node NAME` (as `kubectl delete node`): the workloads the node registered go at once, its stream
+    /// ends, and its certificate opens no stream and renews nothing until it joins again with a new join token. What
+    /// the stored mesh itself places on the node stays (an operator wrote it). Nil when the node is unknown: no agent
+    /// connected, nothing registered or placed on it, or deleted already.
+    public func delete(node: String, requester: String) throws -> NodeDeletion? {
+        let known = sessions.withLock { $0[node] != nil } || registrar.hasRegistered(node) || mesh.compiler.knows(node: node)
+        guard known, !deleted.contains(node) else { return nil }
+        // Marked first: a stream opening from now on is refused (`open` checks with the sessions held).
+        try deleted.insert(node)
+        let session = sessions.withLock { $0.removeValue(forKey: node) }
+        session?.end()
+        let removed = registrar.remove(node: node, requester: requester)
+        mesh.withCompiler { compiler, _ in compiler.unregister(node: node) }
+        logger.info("deleted a node", metadata: ["node": "\(node)", "requester": "\(requester)",
+                                                 "was_connected": "\(session != nil)", "removed_workloads": "\(removed)"])
+        return NodeDeletion(wasConnected: session != nil, removedWorkloads: removed)
+    }
+
+    static func deletedError(_ node: String) -> RPCError {
+        RPCError(code: .permissionDenied, message: "node \(node) was deleted: join it again with a new join token")
+    }
+
     // MARK: - the stream
 
     public func stream(request: RPCAsyncSequence<Sluice_V1_AgentMessage, any Error>,
@@ -107,7 +140,7 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
             throw RPCError(code: .permissionDenied,
                            message: "the certificate is node \(node)'s; it cannot speak for '\(hello.node)'")
         }
-        let session = open(node: node, hello: hello)
+        guard let session = open(node: node, hello: hello) else { throw Self.deletedError(node) }
         logger.info("agent connected", metadata: ["node": "\(node)", "agent_version": "\(hello.agentVersion)",
                                                   "holds": "\(hello.version)", "peer": "\(context.remotePeer)"])
         defer {
@@ -137,6 +170,8 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
             try await group.next()
             group.cancelAll()
         }
+        // Ended by a deletion: the agent is told why (and keeps serving what it has, as a deleted kubelet's pods run).
+        if deleted.contains(node) { throw Self.deletedError(node) }
     }
 
     /// The node named by the client certificate (the transport has verified it chains to the mesh root).
@@ -154,19 +189,28 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
     }
 
     /// Registers the session and takes the node's snapshot in one step with the mesh held, so that every later
-    /// change reaches the session's pending set and none before it does twice.
-    func open(node: String, hello: Sluice_V1_Hello) -> Session {
+    /// change reaches the session's pending set and none before it does twice; the snapshot is compared with what
+    /// the agent holds and encoded after the mesh is released (a reconnect storm must not hold writes, nor run on one
+    /// core). Nil when the node was deleted.
+    func open(node: String, hello: Sluice_V1_Hello) -> Session? {
         let session = Session(node: node, id: nextSession.add(1, ordering: .relaxed).newValue, hello: hello)
-        mesh.withCompiler { compiler, revision in
+        let snapshot = mesh.withCompiler { compiler, revision -> NodeSnapshot? in
+            guard !deleted.contains(node) else { return nil }
             compiler.register(node: node)
             let snapshot = compiler.snapshot(for: node)
-            session.start(from: snapshot, revision: revision, agentHolds: hello)
-            let previous = sessions.withLock { all in
+            session.begin(at: revision)
+            let (admitted, previous) = sessions.withLock { all -> (Bool, Session?) in
+                // Checked again with the sessions held: a deletion marks the node before it takes them.
+                guard !deleted.contains(node) else { return (false, nil) }
                 defer { all[node] = session }
-                return all[node]
+                return (true, all[node])
             }
+            guard admitted else { return nil }
             previous?.end()
+            return snapshot
         }
+        guard let snapshot else { return nil }
+        session.start(from: snapshot, agentHolds: hello)
         return session
     }
 
@@ -197,11 +241,13 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
                 case .idle: break drain
                 case .wait(let d): try await Task.sleep(for: d)
                 case .resync:
-                    // The session fell too far behind: its whole snapshot, as of now.
-                    let message = mesh.withCompiler { compiler, revision in
-                        session.resync(compiler.snapshot(for: session.node), revision: revision)
+                    // The session fell too far behind: its whole snapshot, as of now (encoded with the mesh released;
+                    // changes from here on are pending on top of it).
+                    let (snapshot, revision) = mesh.withCompiler { compiler, revision in
+                        session.beginResync(at: revision)
+                        return (compiler.snapshot(for: session.node), revision)
                     }
-                    try await response.write(message)
+                    try await response.write(session.resync(snapshot, revision: revision))
                 case .send(let message), .post(let message):
                     try await response.write(message)
                 }
@@ -226,6 +272,11 @@ final class Session: Sendable {
 
     struct State {
         var upserts: [SnapshotItem.Key: SnapshotItem] = [:]
+        /// Items of the first snapshot, encoded already (a later change of the same key replaces its entry here by
+        /// one in `upserts` or `removals`).
+        var encoded: [SnapshotItem.Key: Sluice_V1_Item] = [:]
+        /// The first snapshot is being compared with what the agent holds: nothing is sent until it is.
+        var starting = false
         var removals: Set<SnapshotItem.Key> = []
         var mesh: MeshConfig?
         /// The mesh revision the pending changes bring the node to.
@@ -276,24 +327,39 @@ final class Session: Sendable {
         (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
-    /// The first delta: every item of `snapshot` the agent does not hold as it is, and the removal of every item it
-    /// holds that `snapshot` lacks.
-    func start(from snapshot: NodeSnapshot, revision: Int64, agentHolds hello: Sluice_V1_Hello) {
+    /// The session's first snapshot is taken as of `revision` (called with the mesh held): changes after it are
+    /// merged as they come, and nothing is sent until `start` has compared the snapshot with what the agent holds.
+    func begin(at revision: Int64) {
         state.withLock { s in
-            var names = Set(hello.items.keys)
-            for item in snapshot.items {
-                let name = Wire.name(item.key)
-                names.remove(name)
-                if hello.items[name] != Wire.digest(item.payload()) { s.upserts[item.key] = item }
-            }
-            for name in names {
-                if let key = Wire.key(name) { s.removals.insert(key) }
-            }
-            let mesh = Wire.meshJSON(snapshot.mesh)
-            if Wire.digest(mesh) != hello.meshDigest { s.mesh = snapshot.mesh }
             s.version = revision
+            s.starting = true
+        }
+    }
+
+    /// The first delta: every item of `snapshot` the agent does not hold as it is, and the removal of every item it
+    /// holds that `snapshot` lacks — except where a change merged since `begin` says newer. Each item is encoded once
+    /// here, for its digest and for the wire.
+    func start(from snapshot: NodeSnapshot, agentHolds hello: Sluice_V1_Hello) {
+        var differing: [SnapshotItem.Key: Sluice_V1_Item] = [:]
+        var names = Set(hello.items.keys)
+        for item in snapshot.items {
+            let name = Wire.name(item.key)
+            names.remove(name)
+            let wire = Sluice_V1_Item(item)
+            if hello.items[name] != wire.digest { differing[item.key] = wire }
+        }
+        let meshChanged = Wire.digest(Wire.meshJSON(snapshot.mesh)) != hello.meshDigest
+        state.withLock { s in
+            s.starting = false
             s.immediate = true
             s.workloads = snapshot.workloads.count
+            // A resync pending already carries everything.
+            guard !s.needsResync else { return }
+            for (key, wire) in differing where s.upserts[key] == nil && !s.removals.contains(key) { s.encoded[key] = wire }
+            for name in names {
+                if let key = Wire.key(name), s.upserts[key] == nil { s.removals.insert(key) }
+            }
+            if meshChanged && s.mesh == nil { s.mesh = snapshot.mesh }
         }
         wake.yield()
     }
@@ -312,16 +378,19 @@ final class Session: Sendable {
             if s.needsResync { return }
             for k in delta.removed {
                 s.upserts[k] = nil
+                s.encoded[k] = nil
                 s.removals.insert(k)
             }
             for item in delta.upserted {
                 s.removals.remove(item.key)
+                s.encoded[item.key] = nil
                 s.upserts[item.key] = item
             }
             if let m = delta.mesh { s.mesh = m }
-            if s.upserts.count + s.removals.count > limit {
+            if s.upserts.count + s.encoded.count + s.removals.count > limit {
                 s.needsResync = true
                 s.upserts = [:]
+                s.encoded = [:]
                 s.removals = []
                 s.mesh = nil
             }
@@ -344,8 +413,9 @@ final class Session: Sendable {
         state.withLock { s in
             if s.ended { return .closed }
             if !s.outbox.isEmpty { return .post(s.outbox.removeFirst()) }
-            if s.inFlight != nil { return .idle }
-            let pending = !s.upserts.isEmpty || !s.removals.isEmpty || s.mesh != nil || s.needsResync || s.immediate
+            if s.inFlight != nil || s.starting { return .idle }
+            let pending = !s.upserts.isEmpty || !s.encoded.isEmpty || !s.removals.isEmpty || s.mesh != nil || s.needsResync
+                || s.immediate
             guard pending else { return .idle }
             // The first change after a quiet spell goes at once; changes that follow within `debounce` of the last
             // delta are merged and leave together `debounce` after it (never more than `maxDelay` after the first).
@@ -356,7 +426,9 @@ final class Session: Sendable {
             if s.needsResync { return .resync }
             var delta = Sluice_V1_Delta()
             delta.version = UInt64(s.version)
-            delta.upserts = s.upserts.keys.sorted().map { Sluice_V1_Item(s.upserts[$0]!) }
+            delta.upserts = Set(s.upserts.keys).union(s.encoded.keys).sorted().map { k in
+                s.upserts[k].map(Sluice_V1_Item.init) ?? s.encoded[k]!
+            }
             delta.removals = s.removals.sorted().map { k in
                 var w = Sluice_V1_ItemKey()
                 w.kind = k.kind.wireName
@@ -365,6 +437,7 @@ final class Session: Sendable {
             }
             if let m = s.mesh { delta.mesh = Wire.meshJSON(m) }
             s.upserts = [:]
+            s.encoded = [:]
             s.removals = []
             s.mesh = nil
             s.immediate = false
@@ -373,22 +446,30 @@ final class Session: Sendable {
         }
     }
 
-    /// A full snapshot replacing whatever the agent holds (called with the mesh held).
-    func resync(_ snapshot: NodeSnapshot, revision: Int64) -> Sluice_V1_ControlMessage {
+    /// A resync's snapshot is taken as of `revision` (called with the mesh held): what was pending is in it, and
+    /// changes after it are pending on top of it.
+    func beginResync(at revision: Int64) {
         state.withLock { s in
-            var delta = Sluice_V1_Delta()
-            delta.version = UInt64(revision)
-            delta.replace = true
-            delta.upserts = snapshot.items.map(Sluice_V1_Item.init)
-            delta.mesh = Wire.meshJSON(snapshot.mesh)
             s.needsResync = false
             s.diverged = false
             s.upserts = [:]
+            s.encoded = [:]
             s.removals = []
             s.mesh = nil
             s.version = revision
-            s.workloads = snapshot.workloads.count
             s.firstChange = nil
+        }
+    }
+
+    /// A full snapshot replacing whatever the agent holds (encoded with the mesh released).
+    func resync(_ snapshot: NodeSnapshot, revision: Int64) -> Sluice_V1_ControlMessage {
+        var delta = Sluice_V1_Delta()
+        delta.version = UInt64(revision)
+        delta.replace = true
+        delta.upserts = snapshot.items.map(Sluice_V1_Item.init)
+        delta.mesh = Wire.meshJSON(snapshot.mesh)
+        return state.withLock { s in
+            s.workloads = snapshot.workloads.count
             return Self.message(&s, delta)
         }
     }

@@ -4,8 +4,8 @@ import SluiceModel
 import Synchronization
 
 /// Workload auto-registration (Istio's WorkloadGroup registration for VMs): each agent reports the WorkloadEntries of
-/// its host over its stream; they are stored as WorkloadEntries owned by that node, and go away when the node has
-/// been offline for the cleanup grace period (Istio's `cleanupGracePeriod`).
+/// its host over its stream; they are stored as WorkloadEntries owned by that node, and go away when the node is
+/// deleted or has been offline for the cleanup grace period (Istio's `cleanupGracePeriod`).
 ///
 /// A node may register workloads only on itself: the control plane sets `sluice.dev/node` to the stream's node and
 /// refuses an entry that names another, or that would replace an entry it does not own.
@@ -24,9 +24,15 @@ final class Registrar: Sendable {
     /// Nodes that own registered entries (one scan of the store at start, then kept up to date): closing a stream
     /// must not scan the whole mesh.
     let registered: Mutex<Set<String>>
+    /// Nodes an operator deleted: they register nothing.
+    let deleted: DeletedNodes
+    /// A registration and a deletion of the same node never interleave (else a deleted node's entries could outlive
+    /// it); registrations are rare, so one lock for all nodes costs nothing.
+    private let serial = Mutex(())
 
-    init(mesh: MeshState, grace: Duration, logger: Logger) {
+    init(mesh: MeshState, grace: Duration, deleted: DeletedNodes, logger: Logger) {
         self.mesh = mesh
+        self.deleted = deleted
         self.grace = grace
         self.logger = logger
         let (all, _) = mesh.list(Self.resource, namespace: nil)
@@ -53,6 +59,13 @@ final class Registrar: Sendable {
     /// Stores `entries` (JSON WorkloadEntries) as the whole set `node` runs: new ones created, changed ones
     /// replaced, the node's others deleted. Returns why each refused entry was refused.
     func register(node: String, entries: [Data]) -> [String] {
+        serial.withLock { _ in
+            guard !deleted.contains(node) else { return ["node \(node) was deleted: it registers nothing until it joins again"] }
+            return store(node: node, entries: entries)
+        }
+    }
+
+    private func store(node: String, entries: [Data]) -> [String] {
         connected(node)
         var errors: [String] = []
         var wanted: Set<StoreKey> = []
@@ -96,19 +109,32 @@ final class Registrar: Sendable {
                 errors.append("\(where_): \(error.message)")
             }
         }
-        for (key, _) in owned(by: node) where !wanted.contains(key) { remove(key, node: node, why: "deregister") }
+        for (key, _) in owned(by: node) where !wanted.contains(key) {
+            remove(key, requester: "node:\(node)", why: "deregister")
+        }
         registered.withLock { if wanted.isEmpty { $0.remove(node) } else { $0.insert(node) } }
         return errors
     }
 
-    private func remove(_ key: StoreKey, node: String, why: String) {
+    private func remove(_ key: StoreKey, requester: String, why: String) {
         do {
             let r = try mesh.write(key, Self.resource, version: "v1") { _ throws(APIStatus) in nil }
-            logger.info("audit", metadata: ["requester": "node:\(node)", "verb": "\(why)",
+            logger.info("audit", metadata: ["requester": "\(requester)", "verb": "\(why)",
                                             "object": "WorkloadEntry \(key.namespace)/\(key.name)",
                                             "before": "\(r.previousRevision)", "after": "\(r.object.revision)"])
         } catch {
             logger.warning("cannot remove a registered workload", metadata: ["object": "\(key)", "error": "\(error.message)"])
+        }
+    }
+
+    /// The node was deleted (`sluice delete node`): its entries go now, not after the grace. Returns how many.
+    func remove(node: String, requester: String) -> Int {
+        serial.withLock { _ in
+            pending.withLock { $0.removeValue(forKey: node) }?.cancel()
+            let owned = owned(by: node)
+            for (key, _) in owned.sorted(by: { $0.key < $1.key }) { remove(key, requester: requester, why: "delete-node") }
+            registered.withLock { _ = $0.remove(node) }
+            return owned.count
         }
     }
 
@@ -122,7 +148,7 @@ final class Registrar: Sendable {
         let task = Task { [grace] in
             do { try await Task.sleep(for: grace) } catch { return }
             guard pending.withLock({ $0.removeValue(forKey: node) }) != nil else { return }
-            for (key, _) in owned(by: node) { remove(key, node: node, why: "cleanup") }
+            for (key, _) in owned(by: node) { remove(key, requester: "node:\(node)", why: "cleanup") }
             registered.withLock { _ = $0.remove(node) }
             logger.info("removed the workloads of an offline node", metadata: ["node": "\(node)", "grace": "\(grace)"])
         }
