@@ -32,9 +32,34 @@ extension MeshCompiler {
                 unitsByEndpointNamespace[ns]?.remove(host)
                 if unitsByEndpointNamespace[ns]?.isEmpty == true { unitsByEndpointNamespace[ns] = nil }
             }
+            for ns in Self.exportKeys(old) {
+                unitsByExport[ns]?.remove(host)
+                if unitsByExport[ns]?.isEmpty == true { unitsByExport[ns] = nil }
+            }
         }
         units[host] = compileUnit(host)
-        for ns in units[host]?.endpointNamespaces ?? [] { unitsByEndpointNamespace[ns, default: []].insert(host) }
+        if let unit = units[host] { index(unit) }
+    }
+
+    /// Files a unit under the namespaces of its endpoints and those it is exported to.
+    mutating func index(_ unit: ServiceUnit) {
+        for ns in unit.endpointNamespaces { unitsByEndpointNamespace[ns, default: []].insert(unit.host) }
+        for ns in Self.exportKeys(unit) { unitsByExport[ns, default: []].insert(unit.host) }
+    }
+
+    /// The namespaces a unit is exported to (`.` resolved), or `*` for every namespace.
+    static func exportKeys(_ unit: ServiceUnit) -> [String] {
+        if unit.exportTo.isEmpty || unit.exportTo.contains("*") { return ["*"] }
+        return unit.exportTo.map { $0 == "." ? unit.namespace : $0 }
+    }
+
+    /// Hosts of the units a node of `scope` sees (as ``isVisible(_:to:)``), from the indexes rather than every unit.
+    func visibleUnitHosts(to scope: NodeScope) -> Set<String> {
+        var hosts = Set(scope.gatewayHosts.filter { units[$0] != nil })
+        guard !scope.namespaces.isEmpty else { return hosts }
+        hosts.formUnion(unitsByExport["*"] ?? [])
+        for ns in scope.namespaces { hosts.formUnion(unitsByExport[ns] ?? []) }
+        return hosts
     }
 
     /// Compiles many units on all cores: each unit reads the shared indexes and nothing else.

@@ -84,10 +84,16 @@ public struct MeshCompiler: Sendable {
     // Compiled products and what each reported.
     var units: [String: ServiceUnit] = [:]
     var unitsByEndpointNamespace: [String: Set<String>] = [:]
+    /// Unit hosts by the namespace they are exported to (`*`: every namespace).
+    var unitsByExport: [String: Set<String>] = [:]
     var gatewayProducts: [ResourceKey: GatewayProduct] = [:]
     var virtualServiceProblems: [ResourceKey: [Diagnostic]] = [:]
-    /// Scope of every node that has one; nodes not listed see nothing.
-    var scopes: [String: NodeScope] = [:]
+    /// Scope of every node that has one; nodes not listed see nothing. Changed only through ``setScope(_:_:)``.
+    private(set) var scopes: [String: NodeScope] = [:]
+    /// Scoped nodes by the namespaces of their scope, and those that run a gateway: which nodes a change can reach,
+    /// found without visiting every node of the mesh.
+    private(set) var nodesByScopeNamespace: [String: Set<String>] = [:]
+    private(set) var gatewayScopedNodes: Set<String> = []
 
     /// Compiles `resources`. Throws every error found; warnings are in ``warnings``.
     public init(_ resources: [Resource]) throws(ConfigErrors) {
@@ -130,7 +136,7 @@ public struct MeshCompiler: Sendable {
     /// Makes `node` known (an agent connected), so that deltas include it even if it runs no workload.
     public mutating func register(node: String) {
         registeredNodes.insert(node)
-        if scopes[node] == nil { scopes[node] = nodeScope(node) }
+        if scopes[node] == nil { setScope(node, nodeScope(node)) }
     }
 
     /// Whether the mesh knows `node` (see `nodes`), without listing them all.
@@ -141,7 +147,7 @@ public struct MeshCompiler: Sendable {
     /// Forgets a registered node (it was deleted); what the stored mesh places on it stays.
     public mutating func unregister(node: String) {
         registeredNodes.remove(node)
-        if scopes[node]?.isEmpty == true { scopes[node] = nil }
+        if scopes[node]?.isEmpty == true { setScope(node, nil) }
     }
 
     /// The snapshot `node` serves.
@@ -149,7 +155,8 @@ public struct MeshCompiler: Sendable {
         let local = nodeLocal(node)
         var items = local.items
         var keys = items.map(\.key)
-        for unit in units.values where isVisible(unit, to: local.scope) {
+        for host in visibleUnitHosts(to: local.scope) {
+            guard let unit = units[host] else { continue }
             items += unit.items
             keys += unit.keys
         }
@@ -183,9 +190,8 @@ public struct MeshCompiler: Sendable {
     }
 
     private mutating func applyInPlace(_ changes: [ResourceChange]) throws(ConfigErrors) -> MeshDelta {
-        let nodesBefore = Set(nodes)
         if changes.contains(where: { $0.key.kind == .meshConfig }) {
-            return try rebuildEverything(changes, nodesBefore: nodesBefore)
+            return try rebuildEverything(changes, nodesBefore: Set(nodes))
         }
         var touched = Touched()
         for change in changes {
@@ -223,7 +229,7 @@ public struct MeshCompiler: Sendable {
         for n in touched.nodes {
             let l = nodeLocal(n)
             localAfter[n] = l
-            scopes[n] = l.scope.isEmpty && !registeredNodes.contains(n) ? nil : l.scope
+            setScope(n, l.scope.isEmpty && !registeredNodes.contains(n) ? nil : l.scope)
         }
 
         // What changed per host, computed once and then handed to every node that sees the host.
@@ -236,8 +242,26 @@ public struct MeshCompiler: Sendable {
         }
         let sortedHosts = touched.hosts.sorted()
 
+        // Only nodes the change can reach: those it rescoped, and those whose scope sees a changed host or
+        // VirtualService before or after (the others' scopes did not move). Visiting every node would make each write
+        // cost as much as the mesh has nodes.
+        var reached = touched.nodes, everyNode = false
+        func reach(_ exportTo: [String], _ namespace: String) {
+            if let n = nodesReached(exportTo: exportTo, from: namespace) { reached.formUnion(n) } else { everyNode = true }
+        }
+        for h in sortedHosts {
+            if let u = unitsBefore[h] { reach(u.exportTo, u.namespace) }
+            if let u = units[h] { reach(u.exportTo, u.namespace) }
+        }
+        for (old, new, _) in vsChanges {
+            for r in [old, new] {
+                if let r, case .virtualService(let vs) = r.spec { reach(vs.exportTo, r.metadata.namespace) }
+            }
+        }
+        if everyNode { reached.formUnion(scopes.keys) }
+
         var deltas: [NodeDelta] = []
-        for node in nodesBefore.union(nodes).sorted() {
+        for node in reached.sorted() {
             let rescoped = touched.nodes.contains(node)
             let newScope = scopes[node] ?? NodeScope()
             let oldScope = rescoped ? scopesBefore[node] ?? NodeScope() : newScope
@@ -247,8 +271,11 @@ public struct MeshCompiler: Sendable {
             }
             if rescoped && oldScope != newScope {
                 // The node's reach moved: compare every host and VirtualService it saw or sees.
-                for (host, unit) in units where !touched.hosts.contains(host) {
-                    let was = isVisible(host: host, to: oldScope), now = isVisible(host: host, to: newScope)
+                for host in visibleUnitHosts(to: oldScope).union(visibleUnitHosts(to: newScope))
+                    where !touched.hosts.contains(host)
+                {
+                    guard let unit = units[host] else { continue }
+                    let was = isVisible(unit, to: oldScope), now = isVisible(unit, to: newScope)
                     if was != now { diff.add(ItemChange(old: unit.items, new: unit.items), was: was, now: now) }
                 }
                 let was = Set(virtualServicesVisible(to: oldScope))
@@ -298,25 +325,52 @@ public struct MeshCompiler: Sendable {
         return MeshDelta(nodes: deltas, recompiledServices: units.count, recompiledNodes: scopes.count)
     }
 
+    /// Sets (nil: drops) a node's scope and keeps the indexes of scopes in step.
+    mutating func setScope(_ node: String, _ scope: NodeScope?) {
+        if let old = scopes[node] {
+            for ns in old.namespaces {
+                nodesByScopeNamespace[ns]?.remove(node)
+                if nodesByScopeNamespace[ns]?.isEmpty == true { nodesByScopeNamespace[ns] = nil }
+            }
+            gatewayScopedNodes.remove(node)
+        }
+        scopes[node] = scope
+        guard let scope else { return }
+        for ns in scope.namespaces { nodesByScopeNamespace[ns, default: []].insert(node) }
+        if !scope.gateways.isEmpty || !scope.gatewayHosts.isEmpty { gatewayScopedNodes.insert(node) }
+    }
+
+    /// Scoped nodes that may see what `namespace` exports to `exportTo` (a superset: every gateway node is in it);
+    /// nil when that is any node.
+    func nodesReached(exportTo: [String], from namespace: String) -> Set<String>? {
+        if exportTo.isEmpty || exportTo.contains("*") { return nil }
+        var out = gatewayScopedNodes
+        for e in exportTo { out.formUnion(nodesByScopeNamespace[e == "." ? namespace : e] ?? []) }
+        return out
+    }
+
     /// Compiles every unit, gateway and node scope from the indexes.
     mutating func rebuildAll() {
         units = [:]
         unitsByEndpointNamespace = [:]
+        unitsByExport = [:]
         let hosts = Array(serviceEntriesByHost.keys)
         units.reserveCapacity(hosts.count)
         for (host, unit) in zip(hosts, compileUnits(hosts)) {
             guard let unit else { continue }
             units[host] = unit
-            for ns in unit.endpointNamespaces { unitsByEndpointNamespace[ns, default: []].insert(host) }
+            index(unit)
         }
         gatewayProducts = [:]
         for k in gatewayKeys { recompileGateway(k) }
         virtualServiceProblems = [:]
         for k in virtualServiceKeys { revalidateVirtualService(k) }
         scopes = [:]
+        nodesByScopeNamespace = [:]
+        gatewayScopedNodes = []
         for node in nodes {
             let scope = nodeScope(node)
-            if !scope.isEmpty || registeredNodes.contains(node) { scopes[node] = scope }
+            if !scope.isEmpty || registeredNodes.contains(node) { setScope(node, scope) }
         }
     }
 
