@@ -293,6 +293,62 @@ final class SimAgent: Sendable {
     }
 }
 
+/// nginx serving one file over HTTPS, the peer of the API's reads.
+struct NginxPeer {
+    let process: Process
+    let port: Int
+
+    static func start(body: Data, certificate: String, key: String, dir: String) throws -> NginxPeer {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/nginx") else { throw CLIFailure("no nginx") }
+        try FileManager.default.createDirectory(atPath: "\(dir)/www", withIntermediateDirectories: true)
+        try body.write(to: URL(fileURLWithPath: "\(dir)/www/object.json"))
+        let port = freePort()
+        try """
+            worker_processes auto;
+            daemon off;
+            pid \(dir)/nginx.pid;
+            error_log \(dir)/error.log;
+            events { worker_connections 1024; }
+            http {
+              access_log off;
+              default_type application/json;
+              client_body_temp_path \(dir)/tmp;
+              server {
+                listen 127.0.0.1:\(port) ssl;
+                ssl_certificate \(certificate);
+                ssl_certificate_key \(key);
+                ssl_protocols TLSv1.3;
+                root \(dir)/www;
+              }
+            }
+            """.write(toFile: "\(dir)/nginx.conf", atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/sbin/nginx")
+        p.arguments = ["-c", "\(dir)/nginx.conf", "-p", dir]
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var a = sockaddr_in()
+            a.sin_family = sa_family_t(AF_INET)
+            a.sin_port = UInt16(port).bigEndian
+            a.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, 16) } } == 0
+            close(fd)
+            if ok { return NginxPeer(process: p, port: port) }
+            usleep(50_000)
+        }
+        p.terminate()
+        throw CLIFailure("nginx did not listen on \(port)")
+    }
+
+    func stop() {
+        process.terminate()
+        process.waitUntilExit()
+    }
+}
+
 func percentile(_ xs: [Double], _ p: Double) -> Double {
     let s = xs.sorted()
     return s.isEmpty ? 0 : s[min(s.count - 1, Int((Double(s.count) * p).rounded(.up)) - 1)]
@@ -414,8 +470,19 @@ func run() async throws -> [String: Any] {
 
     // API throughput (wrk over HTTPS): reads of one object, and creates of new ones.
     let base = "https://127.0.0.1:\(control.apiPort)"
-    result["api_reads_per_second"] = try wrk("\(base)/apis/networking.istio.io/v1/namespaces/ns-1/serviceentries/svc-1",
-                                             token: token, script: nil)
+    let readPath = "/apis/networking.istio.io/v1/namespaces/ns-1/serviceentries/svc-1"
+    result["api_reads_per_second"] = try wrk("\(base)\(readPath)", token: token, script: nil)
+    // The peer for reads: nginx (as many workers as cores) serving the same object's bytes as a static file over
+    // HTTPS with the control plane's own certificate, under the same wrk load: what TLS and HTTP cost on this
+    // machine before any API work.
+    if let peer = try? NginxPeer.start(body: Data(try api.request("GET", readPath, headers: [("authorization", "Bearer \(token)")]).body),
+                                       certificate: "\(control.dir)/state/control.crt", key: "\(control.dir)/state/control.key",
+                                       dir: "\(work)/nginx") {
+        result["nginx_static_reads_per_second"] = try wrk("https://127.0.0.1:\(peer.port)/object.json", token: token, script: nil)
+        peer.stop()
+    } else {
+        log("nginx is not installed (make bench-deps installs it): no peer figure for reads")
+    }
     let script = "\(work)/create.lua"
     try """
         -- Each wrk thread has its own Lua state: setup() gives each a distinct prefix so names never collide.

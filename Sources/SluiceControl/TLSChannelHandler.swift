@@ -50,10 +50,36 @@ final class TLSChannelHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
+    /// Plaintext written since the last flush, and the writes' promises: a response's head, body and end go out as
+    /// one TLS record in one write, not three.
+    private var unflushed: ByteBuffer?
+    private var promises: [EventLoopPromise<Void>] = []
+
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        let buffer = unwrapOutboundIn(data)
-        buffer.withUnsafeReadableBytes { _ = tls.write($0) }
-        flushRecords(context, promise: promise)
+        var buffer = unwrapOutboundIn(data)
+        if unflushed == nil { unflushed = buffer } else { unflushed!.writeBuffer(&buffer) }
+        if let promise { promises.append(promise) }
+    }
+
+    func flush(context: ChannelHandlerContext) {
+        if let pending = unflushed {
+            unflushed = nil
+            pending.withUnsafeReadableBytes { _ = tls.write($0) }
+        }
+        let waiting = promises
+        promises = []
+        guard !waiting.isEmpty else { return flushRecords(context) }
+        let done = context.eventLoop.makePromise(of: Void.self)
+        done.futureResult.whenComplete { result in
+            for p in waiting { p.completeWith(result) }
+        }
+        flushRecords(context, promise: done)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        let waiting = promises
+        promises = []
+        for p in waiting { p.fail(ChannelError.ioOnClosedChannel) }
     }
 
     private func flushRecords(_ context: ChannelHandlerContext, promise: EventLoopPromise<Void>? = nil) {
