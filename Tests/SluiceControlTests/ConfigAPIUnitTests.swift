@@ -1,10 +1,24 @@
 import Foundation
 import SluiceModel
+import SluiceTestSupport
 import XCTest
 @testable import SluiceControl
 
 /// The config API's pure parts: YAML to JSON as kubectl sends it, the two patch formats, label selectors.
 final class ConfigAPIUnitTests: XCTestCase {
+    /// `creationTimestamp` is formatted by hand: it must read as ISO8601DateFormatter's internet date-time in UTC.
+    func testCreationTimestampsAreRFC3339InUTC() {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime]
+        let seed = ProcessInfo.processInfo.environment["SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64.max)
+        print("timestamp seed \(seed) (SEED=\(seed) repeats it)")
+        var rng = SeededRandom(seed: seed)
+        for t in [0, 951_782_400, 1_700_000_000.9, 4_102_444_799] + (0..<200).map({ _ in Double.random(in: 0..<4_102_444_800, using: &rng) }) {
+            let d = Date(timeIntervalSince1970: t)
+            XCTAssertEqual(MeshState.timestamp(d), f.string(from: Date(timeIntervalSince1970: t.rounded(.down))), "\(t)")
+        }
+    }
+
     func testYAMLScalarsAreTypedAsKubectlSendsThem() throws {
         let docs = try JSONValue.documents(yaml: """
             a: 10

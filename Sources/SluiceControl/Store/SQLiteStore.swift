@@ -86,25 +86,26 @@ public final class SQLiteStore: ConfigStore, @unchecked Sendable {
     public func commit(_ change: StoreChange) throws {
         let o = change.object, k = o.key
         let body = o.object.data
+        // Cached statements: SQLite parses each statement once per connection, not once per write.
         try pool.write { db in
-            let current = try Int64.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'revision'") ?? 0
+            let current = try Int64.fetchOne(db.cachedStatement(sql: "SELECT value FROM meta WHERE key = 'revision'")) ?? 0
             guard change.revision == current + 1 else {
                 throw StoreError("revision \(change.revision) does not follow the stored revision \(current)")
             }
             switch change.kind {
             case .added, .modified:
-                try db.execute(sql: """
+                try db.cachedStatement(sql: """
                     INSERT INTO objects (grp, resource, namespace, name, revision, body) VALUES (?, ?, ?, ?, ?, ?)
                     ON CONFLICT (grp, resource, namespace, name) DO UPDATE SET revision = excluded.revision, body = excluded.body
-                    """, arguments: [k.group, k.resource, k.namespace, k.name, o.revision, body])
+                    """).execute(arguments: [k.group, k.resource, k.namespace, k.name, o.revision, body])
             case .deleted:
-                try db.execute(sql: "DELETE FROM objects WHERE grp = ? AND resource = ? AND namespace = ? AND name = ?",
-                               arguments: [k.group, k.resource, k.namespace, k.name])
+                try db.cachedStatement(sql: "DELETE FROM objects WHERE grp = ? AND resource = ? AND namespace = ? AND name = ?")
+                    .execute(arguments: [k.group, k.resource, k.namespace, k.name])
             }
-            try db.execute(sql: "INSERT INTO changes (revision, type, grp, resource, namespace, name, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           arguments: [o.revision, change.kind.rawValue, k.group, k.resource, k.namespace, k.name, body])
-            try db.execute(sql: "INSERT INTO meta (key, value) VALUES ('revision', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                           arguments: [o.revision])
+            try db.cachedStatement(sql: "INSERT INTO changes (revision, type, grp, resource, namespace, name, body) VALUES (?, ?, ?, ?, ?, ?, ?)")
+                .execute(arguments: [o.revision, change.kind.rawValue, k.group, k.resource, k.namespace, k.name, body])
+            try db.cachedStatement(sql: "INSERT INTO meta (key, value) VALUES ('revision', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                .execute(arguments: [o.revision])
             // Drop the oldest log entries in batches rather than one per write.
             if o.revision % 256 == 0 {
                 try db.execute(sql: "DELETE FROM changes WHERE revision <= ?", arguments: [o.revision - keepChanges])
