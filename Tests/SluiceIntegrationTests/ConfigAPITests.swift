@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import XCTest
 
 /// The config API of `sluice control` (15017) end to end: the real binary, kubectl (the machine's) with the
@@ -83,6 +84,79 @@ final class ConfigAPITests: XCTestCase {
         XCTAssertTrue(version.contains("v1.20"), version)
         kubectlBinary = old
         try testKubectlAppliesGetsDiffsAndDeletes()
+    }
+
+    /// Istio's own Bookinfo rules (`../shared/istio-samples`, which CI has; a clone without it skips, or set
+    /// ISTIO_SAMPLES): kubectl applies the DestinationRules and VirtualServices, `get -w` follows reviews while `diff`
+    /// and `apply` move it from all-v1 to 80/20, and `delete` takes everything away.
+    func testKubectlDrivesIstiosBookinfoRules() throws { try bookinfo() }
+
+    func testDebiansKubectl120DrivesIstiosBookinfoRules() throws {
+        let old = Harness.root.appendingPathComponent(".build/kubectl-1.20/usr/bin/kubectl").path
+        guard FileManager.default.isExecutableFile(atPath: old) else {
+            if ProcessInfo.processInfo.environment["CI"] == "true" { return XCTFail("\(old) is missing: make deps unpacks it") }
+            throw XCTSkip("\(old) is missing (make deps unpacks Debian's kubernetes-client there)")
+        }
+        kubectlBinary = old
+        try bookinfo()
+    }
+
+    func bookinfo() throws {
+        let samples = ProcessInfo.processInfo.environment["ISTIO_SAMPLES"]
+            ?? Harness.root.deletingLastPathComponent().appendingPathComponent("shared/istio-samples").path
+        let net = "\(samples)/samples/bookinfo/networking"
+        guard FileManager.default.fileExists(atPath: "\(net)/destination-rule-all.yaml") else {
+            throw XCTSkip("Istio's samples are not at \(samples) (CI has them in ../shared; or set ISTIO_SAMPLES)")
+        }
+        var (out, status) = try kubectl(["apply", "-n", "bookinfo", "-f", "\(net)/destination-rule-all.yaml"])
+        XCTAssertEqual(status, 0, out)
+        for host in ["productpage", "reviews", "ratings", "details"] {
+            XCTAssertTrue(out.contains("destinationrule.networking.istio.io/\(host) created"), out)
+        }
+        (out, status) = try kubectl(["apply", "-n", "bookinfo", "-f", "\(net)/virtual-service-all-v1.yaml"])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("virtualservice.networking.istio.io/reviews created"), out)
+        (out, _) = try kubectl(["get", "dr", "-n", "bookinfo"])
+        XCTAssertTrue(out.contains("HOST") && out.contains("reviews") && out.contains("details"), out)
+
+        // get -w on reviews, in the background: one line per version of the object.
+        let path = kubectlBinary ?? ["/usr/bin/kubectl", "/usr/local/bin/kubectl"].first(where: FileManager.default.isExecutableFile)!
+        let watch = Process()
+        watch.executableURL = URL(fileURLWithPath: path)
+        watch.arguments = ["--kubeconfig", "\(dir)/state/admin.kubeconfig", "get", "vs", "reviews", "-n", "bookinfo", "-w",
+                           "-o", "jsonpath={.metadata.generation}{\" \"}{.spec.http[0].route[*].weight}{\"\\n\"}"]
+        let pipe = Pipe()
+        watch.standardOutput = pipe
+        watch.standardError = pipe
+        let seen = Mutex("")
+        pipe.fileHandleForReading.readabilityHandler = { h in
+            let text = String(decoding: h.availableData, as: UTF8.self)
+            seen.withLock { $0 += text }
+        }
+        try watch.run()
+        defer {
+            watch.terminate()
+            watch.waitUntilExit()
+            pipe.fileHandleForReading.readabilityHandler = nil
+        }
+        XCTAssertTrue(Harness.wait(10) { seen.withLock { $0 }.contains("1") }, seen.withLock { $0 })
+
+        (out, status) = try kubectl(["diff", "-n", "bookinfo", "-f", "\(net)/virtual-service-reviews-80-20.yaml"])
+        XCTAssertEqual(status, 1, out)
+        XCTAssertTrue(out.contains("weight: 80") && out.contains("weight: 20"), out)
+        (out, status) = try kubectl(["apply", "-n", "bookinfo", "-f", "\(net)/virtual-service-reviews-80-20.yaml"])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("virtualservice.networking.istio.io/reviews configured"), out)
+        XCTAssertTrue(Harness.wait(10) { seen.withLock { $0 }.contains("2 80 20") }, "get -w saw: \(seen.withLock { $0 })")
+
+        (out, status) = try kubectl(["delete", "-n", "bookinfo", "-f", "\(net)/virtual-service-all-v1.yaml"])
+        XCTAssertEqual(status, 0, out)
+        (out, status) = try kubectl(["delete", "-n", "bookinfo", "-f", "\(net)/destination-rule-all.yaml"])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("destinationrule.networking.istio.io \"ratings\" deleted"), out)
+        (out, status) = try kubectl(["get", "vs,dr", "-n", "bookinfo", "-o", "name"])
+        XCTAssertEqual(status, 0)
+        XCTAssertEqual(out, "", "left after delete")
     }
 
     var adminToken: String {
