@@ -253,6 +253,23 @@ final class HTTPProxyTests: XCTestCase {
         XCTAssertTrue((225...375).contains(aborted), "aborted \(aborted) of 600 at 50%")
     }
 
+    /// Each start draws its own seed: two proxies with the same mesh abort different requests of a 50% fault (with
+    /// a seed from the worker's index, both repeated one sequence, as every agent on every node did after each start).
+    func testEachStartMakesItsOwnRandomChoices() throws {
+        let ports = try backends(["v1"])
+        let mesh = Self.mesh([("v1", ports[0])], routes: """
+            - fault: {abort: {httpStatus: 500, percentage: {value: 50}}}
+              route: [{destination: {host: app.test.svc.cluster.local}}]
+            """)
+        let first = try proxy(mesh, workers: 1), second = try proxy(mesh, workers: 1)
+        let a = try requests(first.port, "/x", count: 64).map { $0.hasPrefix("500") }
+        let b = try requests(second.port, "/x", count: 64).map { $0.hasPrefix("500") }
+        XCTAssertEqual(a.count, 64)
+        XCTAssertEqual(b.count, 64)
+        // Equal by chance once in 2^64.
+        XCTAssertNotEqual(a, b, "two starts aborted the same requests of 64: the choices are not seeded per start")
+    }
+
     func testOutlierDetectionEjectsTheFailingHostAndLetsItBack() throws {
         let ports = try backends(["v1", "fail1"])
         let p = try proxy(Self.mesh([("v1", ports[0]), ("fail1", ports[1])], routes: """
