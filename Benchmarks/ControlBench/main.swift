@@ -305,11 +305,11 @@ final class SimAgent: Sendable {
 
 /// nginx serving one file over HTTPS, the peer of the API's reads.
 struct NginxPeer {
+    static let binary = "/usr/sbin/nginx"
     let process: Process
     let port: Int
 
     static func start(body: Data, certificate: String, key: String, dir: String) throws -> NginxPeer {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/nginx") else { throw CLIFailure("no nginx") }
         try FileManager.default.createDirectory(atPath: "\(dir)/www", withIntermediateDirectories: true)
         try body.write(to: URL(fileURLWithPath: "\(dir)/www/object.json"))
         let port = freePort()
@@ -333,7 +333,7 @@ struct NginxPeer {
             }
             """.write(toFile: "\(dir)/nginx.conf", atomically: true, encoding: .utf8)
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/sbin/nginx")
+        p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = ["-c", "\(dir)/nginx.conf", "-p", dir]
         p.standardError = FileHandle.nullDevice
         try p.run()
@@ -492,13 +492,14 @@ func run() async throws -> [String: Any] {
     // The peer for reads: nginx (as many workers as cores) serving the same object's bytes as a static file over
     // HTTPS with the control plane's own certificate, under the same wrk load: what TLS and HTTP cost on this
     // machine before any API work.
-    if let peer = try? NginxPeer.start(body: Data(try api.request("GET", readPath, headers: [("authorization", "Bearer \(token)")]).body),
-                                       certificate: "\(control.dir)/state/control.crt", key: "\(control.dir)/state/control.key",
-                                       dir: "\(work)/nginx") {
+    if FileManager.default.isExecutableFile(atPath: NginxPeer.binary) {
+        let body = Data(try api.request("GET", readPath, headers: [("authorization", "Bearer \(token)")]).body)
+        let peer = try NginxPeer.start(body: body, certificate: "\(control.dir)/state/control.crt",
+                                       key: "\(control.dir)/state/control.key", dir: "\(work)/nginx")
         result["nginx_static_reads_per_second"] = try wrk("https://127.0.0.1:\(peer.port)/object.json", token: token, script: nil)
         peer.stop()
     } else {
-        log("nginx is not installed (make bench-deps installs it): no peer figure for reads")
+        log("\(NginxPeer.binary) is not installed (make bench-deps installs it): no peer figure for reads")
     }
     let script = "\(work)/create.lua"
     try """

@@ -87,11 +87,14 @@ public final class CAService: Sendable {
                 count("bad_token")
                 return error(403, "bad_token", "the join token is unknown, already used, or for another node")
             }
-            // A deleted node that joins again with a new token is a member once more.
+            let signed = sign(csr, id, lifetime, requester: "join:\(node)", authorized: true)
+            // A deleted node that joined again with a new token is a member once more, but only once it holds a new
+            // certificate: a join that failed must not bring the old one back.
+            guard signed.status == 200 else { return signed }
             do { try deleted.remove(node) } catch {
                 return self.error(500, "internal", "cannot record that node \(node) joined again: \(error)")
             }
-            return sign(csr, id, lifetime, requester: "join:\(node)", authorized: true)
+            return signed
         case "/v1/certificates":
             guard let peer, let caller = SPIFFEID(peer), caller.namespace == Self.nodeNamespace,
                 caller.trustDomain == ca.trustDomain

@@ -333,15 +333,15 @@ public final class MeshState: Sendable {
         return x == y
     }
 
-    /// RFC 3339 in UTC to the second (`2026-12-04T18:20:38Z`), as Kubernetes writes `creationTimestamp`. Formatted
-    /// by hand: making an ISO8601DateFormatter (ICU) for each create was a sixth of a write's cost.
+    /// RFC 3339 in UTC to the second (`2026-12-04T18:20:38Z`), as Kubernetes writes `creationTimestamp`, with
+    /// Foundation's ISO 8601 format style (as the log handler): making an ISO8601DateFormatter (ICU) for each create
+    /// was a sixth of a write's cost.
     static func timestamp(_ d: Date) -> String {
-        var t = time_t(d.timeIntervalSince1970.rounded(.down))
-        var c = tm()
-        gmtime_r(&t, &c)
-        func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
-        return "\(c.tm_year + 1900)-\(two(c.tm_mon + 1))-\(two(c.tm_mday))T\(two(c.tm_hour)):\(two(c.tm_min)):\(two(c.tm_sec))Z"
+        Date(timeIntervalSince1970: d.timeIntervalSince1970.rounded(.down)).formatted(.iso8601)
     }
+
+    /// Reads what ``timestamp(_:)`` writes (nil for anything else).
+    static func date(_ text: String) -> Date? { try? Date(text, strategy: .iso8601) }
 
     /// Decodes a stored or proposed object with the same decoder as `sluice validate`. Metadata the server manages
     /// is read by the decoder as well, so only the fields a client may set reach it.

@@ -70,9 +70,7 @@ final class TLSChannelHandler: ChannelDuplexHandler, RemovableChannelHandler {
         promises = []
         guard !waiting.isEmpty else { return flushRecords(context) }
         let done = context.eventLoop.makePromise(of: Void.self)
-        done.futureResult.whenComplete { result in
-            for p in waiting { p.completeWith(result) }
-        }
+        for p in waiting { done.futureResult.cascade(to: p) }
         flushRecords(context, promise: done)
     }
 

@@ -78,11 +78,6 @@ extension MeshCompiler {
         return out
     }
 
-    func isVisible(host: String, to scope: NodeScope) -> Bool {
-        guard let unit = units[host] else { return false }
-        return isVisible(unit, to: scope)
-    }
-
     func isVisible(_ unit: ServiceUnit, to scope: NodeScope) -> Bool {
         scope.gatewayHosts.contains(unit.host)
             || Self.isExported(unit.exportTo, from: unit.namespace, toAnyOf: scope.namespaces)

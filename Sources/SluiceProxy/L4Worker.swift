@@ -148,8 +148,8 @@ public final class L4Worker: RingHandler {
     public private(set) var finished = false
     /// Picks among a route's weighted clusters.
     var rng: FastRandom
-    /// Drawn from the system's generator at each start: with a seed from the worker's index, every agent on every
-    /// node made the same weighted, fault, mirror and sampling choices, and the same request IDs, after each start.
+    /// Drawn from the system's generator by each worker at each start: with a seed from the worker's index, every
+    /// agent on every node made the same weighted, fault, mirror and sampling choices, and request IDs, after a start.
     let seed = UInt64.random(in: 1...UInt64.max)
 
     /// Called once the worker's listeners are armed (the server's start waits for it).
@@ -240,7 +240,7 @@ public final class L4Worker: RingHandler {
         tunnelStats = TunnelStats(registry: registry, worker: index)
         pipes = PipePool(shard: shard, gauge: stats.pipesInUse)
         self.connectionLimit = Int64(connectionLimit)
-        rng = FastRandom(seed: mix64(seed &+ UInt64(index)))
+        rng = FastRandom(seed: seed)
         listeners = []
         for (i, fd) in listenFDs.enumerated() {
             listeners.append(Listening(fd: fd, runtimeIndex: i, counter: listenerCounters[i], overflowSlot: overflowSlot(i)))
@@ -269,7 +269,7 @@ public final class L4Worker: RingHandler {
         var next: [ObjectIdentifier: WorkerCluster] = [:]
         for c in r.clusters {
             next[ObjectIdentifier(c)] = clusters[ObjectIdentifier(c)]
-                ?? WorkerCluster(runtime: c, seed: mix64(seed &+ UInt64(index) &+ UInt64(UInt(bitPattern: ObjectIdentifier(c).hashValue))))
+                ?? WorkerCluster(runtime: c, seed: mix64(seed &+ UInt64(UInt(bitPattern: ObjectIdentifier(c).hashValue))))
         }
         clusters = next
     }

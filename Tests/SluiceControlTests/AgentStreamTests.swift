@@ -229,6 +229,32 @@ final class AgentStreamTests: XCTestCase {
         XCTAssertEqual(m.delta.upserts.count, snapshot.items.count - 1)
     }
 
+    /// A stream that floods its registrations costs the store one set per interval: forty sent at once are stored as
+    /// at most two sets (the one taken first, then the newest), and the node ends up with the newest.
+    func testARegistrationFloodIsStoredOncePerInterval() throws {
+        let a = try agent("n1")
+        assertEventuallyHolds(a, "n1")
+        let before = control.mesh.revision
+        for i in 0..<40 {
+            var r = Sluice_V1_Registration()
+            r.workloadEntries = [Data(#"{"apiVersion":"networking.istio.io/v1","kind":"WorkloadEntry","metadata":{"name":"w\#(i)","namespace":"shop"},"spec":{"address":"10.1.0.\#(i + 1)"}}"#.utf8)]
+            var m = Sluice_V1_AgentMessage()
+            m.registration = r
+            a.send.yield(m)
+        }
+        let resource = APIResource.find(group: "networking.istio.io", plural: "workloadentries")!
+        let deadline = Date().addingTimeInterval(10)
+        var names: [String] = []
+        while Date() < deadline {
+            names = control.mesh.list(resource, namespace: "shop").0.map(\.key.name)
+            if names == ["w39"] { break }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        XCTAssertEqual(names, ["w39"])
+        // At most: the first set (one create), then the newest (one create, one delete).
+        XCTAssertLessThanOrEqual(control.mesh.revision - before, 3, "registrations were not coalesced")
+    }
+
     func testAResumedStreamSendsOnlyWhatChangedAndAfterARestartToo() throws {
         try write(Self.service("reviews", vip: 10) + "\n---\n" + Self.workload("w1", node: "n1", app: "reviews", version: "v1", ip: 1)
                   + "\n---\n" + Self.workload("w2", node: "n2", app: "reviews", version: "v2", ip: 2))

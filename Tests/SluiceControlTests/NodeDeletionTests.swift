@@ -16,7 +16,7 @@ final class NodeDeletionTests: XCTestCase {
         let csr = try WorkloadKey().signingRequest(for: node)
 
         func service(_ deleted: DeletedNodes) -> CAService {
-            CAService(ca: ca, joinTokens: ["first": "n1", "second": "n1"], hostedIdentities: [:], deletedNodes: deleted)
+            CAService(ca: ca, joinTokens: ["first": "n1", "second": "n1", "spoilt": "n1"], hostedIdentities: [:], deletedNodes: deleted)
         }
         func body(_ fields: [String: String]) throws -> Data { try JSONSerialization.data(withJSONObject: fields) }
         func renew(_ s: CAService) throws -> CAService.Response {
@@ -42,6 +42,12 @@ final class NodeDeletionTests: XCTestCase {
         XCTAssertTrue(deleted.contains("n1"))
         ca1 = service(deleted)
         XCTAssertEqual(try renew(ca1).status, 403)
+
+        // A join that fails (here a CSR that does not parse) spends its token and brings the old certificate back to
+        // nothing.
+        XCTAssertEqual(ca1.handle(method: "POST", path: "/v1/join", body: try body(["token": "spoilt", "node": "n1", "csr": "junk"]),
+                                  peer: nil).status, 400)
+        XCTAssertEqual(try renew(ca1).status, 403, "a failed join un-deleted the node")
 
         // Joining again with a new token makes it a member once more, also for the next restart.
         XCTAssertEqual(ca1.handle(method: "POST", path: "/v1/join", body: try body(["token": "second", "node": "n1", "csr": csr]),

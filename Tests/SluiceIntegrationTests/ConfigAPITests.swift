@@ -63,13 +63,17 @@ final class ConfigAPITests: XCTestCase {
     /// The kubectl under test: the machine's (1.32), or Debian's 1.20 that `make deps` unpacks under .build.
     var kubectlBinary: String?
 
-    func kubectl(_ args: [String]) throws -> (String, Int32) {
+    func kubectlPath() throws -> String {
         guard let path = kubectlBinary ?? ["/usr/bin/kubectl", "/usr/local/bin/kubectl"].first(where: FileManager.default.isExecutableFile)
         else {
             if ProcessInfo.processInfo.environment["CI"] == "true" { XCTFail("kubectl is missing: make deps installs it") }
             throw XCTSkip("kubectl is not installed (make deps installs it)")
         }
-        return try Harness.run(path, ["--kubeconfig", "\(dir)/state/admin.kubeconfig"] + args)
+        return path
+    }
+
+    func kubectl(_ args: [String]) throws -> (String, Int32) {
+        try Harness.run(try kubectlPath(), ["--kubeconfig", "\(dir)/state/admin.kubeconfig"] + args)
     }
 
     /// Debian's `kubernetes-client` (kubectl 1.20), which reads OpenAPI v2 as gnostic protobuf before it applies and
@@ -120,9 +124,8 @@ final class ConfigAPITests: XCTestCase {
         XCTAssertTrue(out.contains("HOST") && out.contains("reviews") && out.contains("details"), out)
 
         // get -w on reviews, in the background: one line per version of the object.
-        let path = kubectlBinary ?? ["/usr/bin/kubectl", "/usr/local/bin/kubectl"].first(where: FileManager.default.isExecutableFile)!
         let watch = Process()
-        watch.executableURL = URL(fileURLWithPath: path)
+        watch.executableURL = URL(fileURLWithPath: try kubectlPath())
         watch.arguments = ["--kubeconfig", "\(dir)/state/admin.kubeconfig", "get", "vs", "reviews", "-n", "bookinfo", "-w",
                            "-o", "jsonpath={.metadata.generation}{\" \"}{.spec.http[0].route[*].weight}{\"\\n\"}"]
         let pipe = Pipe()

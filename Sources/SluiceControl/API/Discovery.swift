@@ -206,7 +206,7 @@ enum Table {
 
     /// kubectl's short ages: 45s, 12m, 5h, 3d.
     static func age(_ timestamp: String?, now: Date) -> String {
-        guard let t = timestamp, let d = ISO8601DateFormatter().date(from: t) else { return "<unknown>" }
+        guard let t = timestamp, let d = MeshState.date(t) else { return "<unknown>" }
         let s = max(0, Int(now.timeIntervalSince(d)))
         if s < 120 { return "\(s)s" }
         if s < 3600 { return "\(s / 60)m" }

@@ -388,7 +388,7 @@ public struct CLI: Sendable {
         }
     }
 
-    static func date(_ iso: String) -> Date? { ISO8601DateFormatter().date(from: iso) }
+    static func date(_ iso: String) -> Date? { MeshState.date(iso) }
 
     static func duration(_ seconds: Double) -> String {
         let s = Int(max(0, seconds))

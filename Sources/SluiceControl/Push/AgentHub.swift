@@ -110,15 +110,13 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
     /// connected, nothing registered or placed on it, or deleted already.
     public func delete(node: String, requester: String) throws -> NodeDeletion? {
         let known = sessions.withLock { $0[node] != nil } || registrar.hasRegistered(node) || mesh.compiler.knows(node: node)
-        guard known, !deleted.contains(node) else { return nil }
-        // Marked first: a stream opening from now on is refused (`open` checks with the sessions held).
-        try deleted.insert(node)
+        // Marked first: a stream opening from now on is refused (`open` checks with the sessions held). Of two
+        // deletions at once, the one that marks it does the rest.
+        guard known, try deleted.insert(node) else { return nil }
         let session = sessions.withLock { $0.removeValue(forKey: node) }
         session?.end()
         let removed = registrar.remove(node: node, requester: requester)
         mesh.withCompiler { compiler, _ in compiler.unregister(node: node) }
-        logger.info("deleted a node", metadata: ["node": "\(node)", "requester": "\(requester)",
-                                                 "was_connected": "\(session != nil)", "removed_workloads": "\(removed)"])
         return NodeDeletion(wasConnected: session != nil, removedWorkloads: removed)
     }
 
@@ -153,14 +151,7 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
             group.addTask {
                 while let m = try await reader.iterator.next() {
                     if case .registration(let r)? = m.message {
-                        // Each registration writes to the store: a node may not hold more than `Registrar.maxEntries`
-                        // workloads, and the same set again (an agent that repeats itself) costs nothing.
-                        if r.workloadEntries.count > Registrar.maxEntries {
-                            session.post(Self.result(["\(r.workloadEntries.count) workloads registered at once; a node "
-                                                      + "may register at most \(Registrar.maxEntries)"]))
-                        } else if session.isNewRegistration(r.workloadEntries) {
-                            session.post(Self.result(self.registrar.register(node: node, entries: r.workloadEntries)))
-                        }
+                        self.registrationArrived(r.workloadEntries, on: session)
                     } else {
                         try session.received(m)
                     }
@@ -172,6 +163,30 @@ public final class AgentHub: Sluice_V1_AgentStream.SimpleServiceProtocol, Sendab
         }
         // Ended by a deletion: the agent is told why (and keeps serving what it has, as a deleted kubelet's pods run).
         if deleted.contains(node) { throw Self.deletedError(node) }
+    }
+
+    /// Each registration writes to the store, so a stream's are stored one at a time and at most one per
+    /// `registrationInterval`; a newer one replaces one still waiting (the set the host runs now is all that counts).
+    /// A node that floods its stream with registrations costs the store one set per interval and holds up no other.
+    static let registrationInterval: Duration = .seconds(1)
+
+    func registrationArrived(_ entries: [Data], on session: Session) {
+        guard session.queueRegistration(entries) else { return }
+        Task {
+            while let next = session.nextRegistration() {
+                // A node may not hold more than `Registrar.maxEntries` workloads, and the same set again (an agent that
+                // repeats itself) costs nothing.
+                if next.count > Registrar.maxEntries {
+                    session.post(Self.result(["\(next.count) workloads registered at once; a node may register at most "
+                                              + "\(Registrar.maxEntries)"]))
+                } else if session.isNewRegistration(next) {
+                    session.post(Self.result(registrar.register(node: session.node, entries: next)))
+                } else {
+                    continue
+                }
+                try? await Task.sleep(for: Self.registrationInterval)
+            }
+        }
     }
 
     /// The node named by the client certificate (the transport has verified it chains to the mesh root).
@@ -309,6 +324,31 @@ final class Session: Sendable {
     let state = Mutex(State())
     /// The last set of WorkloadEntries the agent registered on this stream.
     private let registration = Mutex<[Data]?>(nil)
+
+    /// The registration waiting to be stored, and whether a task is storing this stream's registrations.
+    private let queued = Mutex<(latest: [Data]?, draining: Bool)>((nil, false))
+
+    /// Keeps `entries` as the one to store next (replacing one still waiting); true when the caller must start the
+    /// task that stores them.
+    func queueRegistration(_ entries: [Data]) -> Bool {
+        queued.withLock { q in
+            q.latest = entries
+            defer { q.draining = true }
+            return !q.draining
+        }
+    }
+
+    /// The registration to store next; nil (and the storing task ends) when none waits.
+    func nextRegistration() -> [Data]? {
+        queued.withLock { q in
+            guard let next = q.latest else {
+                q.draining = false
+                return nil
+            }
+            q.latest = nil
+            return next
+        }
+    }
 
     /// Records `entries` as the agent's latest registration; false when it is the one it sent before.
     func isNewRegistration(_ entries: [Data]) -> Bool {

@@ -30,7 +30,6 @@ public final class DeletedNodes: Sendable {
     public func contains(_ node: String) -> Bool { names.withLock { $0.contains(node) } }
 
     /// Marks `node` deleted (saved before this returns). False when it already was.
-    @discardableResult
     public func insert(_ node: String) throws -> Bool {
         try names.withLock { n in
             guard !n.contains(node) else { return false }
